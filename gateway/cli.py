@@ -1,0 +1,74 @@
+"""The `gateway` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway.config import load_settings
+from gateway.errors import GatewayError
+
+EPILOG = """\b
+Examples:
+  gateway serve --models models --port 8001
+  gateway serve --models models --port 0 --metrics-port -1   # any free port, no metrics
+  GATEWAY_PROVIDER=cpu gateway serve --config gateway.toml
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="release-gateway")
+def main() -> None:
+    """A release-aware model-serving gateway (Open Inference Protocol over gRPC)."""
+
+
+@main.command(epilog=EPILOG)
+@click.option("--models", type=click.Path(path_type=Path), help="Model repository: <name>/<version>/model.onnx. [default: models]")
+@click.option("--host", help="Address to listen on. [default: 127.0.0.1]")
+@click.option("--port", type=int, help="Inference port; 0 picks a free one. [default: 8001]")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks one, -1 turns it off. [default: 8002]")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), help="auto: CUDA when usable, else CPU; cuda: refuse to start without CUDA. [default: auto]")
+@click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
+@click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
+@click.option("--grace", "grace_s", type=float, help="Seconds to answer in-flight requests on SIGTERM. [default: 10]")
+@click.option("--intra-op-threads", type=int, help="onnxruntime threads per session; 0 lets it decide. [default: 0]")
+@click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), help="Event loop. [default: uvloop]")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), help="[default: INFO]")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="TOML file with these settings (top level or a [serve] table).")
+def serve(config_file: Path | None, **flags: Any) -> None:
+    """Serve every model in the repository over gRPC.
+
+    Prints `listening on HOST:PORT` once every model is loaded and warm.
+    Each setting can also come from GATEWAY_<NAME> (e.g. GATEWAY_PORT) or the
+    config file; flags win over the environment, which wins over the file.
+    """
+    if flags.get("load") == ():
+        flags["load"] = None
+    try:
+        settings = load_settings(config_file, overrides=flags)
+    except GatewayError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from gateway import server
+
+    try:
+        if settings.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(server.run(settings))
+        else:
+            asyncio.run(server.run(settings))
+    except GatewayError as exc:
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

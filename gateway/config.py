@@ -1,0 +1,237 @@
+"""Settings and model specs, validated once at load.
+
+Gateway settings come from (lowest to highest precedence) built-in defaults,
+a TOML config file, `GATEWAY_*` environment variables and command-line flags.
+Model specs come from `models/<name>/model.toml`. Unknown keys are errors:
+a typo in a spec must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from gateway.errors import ConfigError
+
+ProviderMode = Literal["auto", "cuda", "cpu"]
+ExecutionMode = Literal["auto", "inline", "thread"]
+CompareKind = Literal["classification", "regression"]
+LoopKind = Literal["uvloop", "asyncio"]
+
+ENV_PREFIX = "GATEWAY_"
+MIB = 1 << 20
+
+
+def _check_choice(name: str, value: object, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    models: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int = 8002  # -1 turns the metrics endpoint off
+    provider: ProviderMode = "auto"
+    workers: int = 1  # 0: one per core on CPU
+    max_message_bytes: int = 64 * MIB
+    grace_s: float = 10.0
+    log_level: str = "INFO"
+    loop: LoopKind = "uvloop"
+    # onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
+    intra_op_threads: int = 0
+    # Names of models to load; empty loads every model in the repository.
+    load: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("provider", self.provider, ProviderMode)
+        _check_choice("loop", self.loop, LoopKind)
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not -1 <= value <= 65535 or (name == "port" and value < 0):
+                raise ConfigError(f"{name}: {value} is not a valid port")
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
+        if self.grace_s < 0:
+            raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSpec:
+    enabled: bool = True
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 4096
+    instances: int = 2  # batches in flight at once
+    default_timeout_us: int = 0  # 0: no queue timeout
+    # Where a batch runs: on the event loop (cheapest for tiny models), on a
+    # thread (onnxruntime releases the GIL), or chosen from warm-up timing.
+    execution: ExecutionMode = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("batching.execution", self.execution, ExecutionMode)
+        for name in ("max_queue_delay_us", "default_timeout_us"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"batching.{name}: must be >= 0")
+        if self.max_queue_size < 1:
+            raise ConfigError("batching.max_queue_size: must be >= 1")
+        if self.instances < 1:
+            raise ConfigError("batching.instances: must be >= 1")
+        if any(s < 1 for s in self.preferred_batch_sizes):
+            raise ConfigError("batching.preferred_batch_sizes: sizes must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class CompareSpec:
+    kind: CompareKind = "classification"
+    output: str = ""  # the output compared; empty: the model's first output
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check_choice("compare.kind", self.kind, CompareKind)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSpec:
+    stable: str = ""  # empty: the highest version
+    canary: str = ""
+    canary_weight_bp: int = 0
+    shadows: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.canary_weight_bp <= 10_000:
+            raise ConfigError(f"release.canary_weight_bp: must be in 0..10000, got {self.canary_weight_bp}")
+        for version, fraction in self.shadows.items():
+            if not 0.0 <= fraction <= 1.0:
+                raise ConfigError(f"release.shadows.{version}: mirror fraction must be in 0..1, got {fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSpec:
+    # Caps on what one request may make us allocate, checked before any buffer.
+    max_elements: int = 1 << 24  # per input tensor
+    max_request_bytes: int = 256 * MIB  # all inputs together
+
+    def __post_init__(self) -> None:
+        if self.max_elements < 1 or self.max_request_bytes < 1:
+            raise ConfigError("limits: caps must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    max_batch_size: int = 0  # 0: the model has no batch dimension
+    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    compare: CompareSpec = field(default_factory=CompareSpec)
+    release: ReleaseSpec = field(default_factory=ReleaseSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 0:
+            raise ConfigError(f"max_batch_size: must be >= 0, got {self.max_batch_size}")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Turn a TOML, environment or CLI value into the field's type."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            item = int if "int" in kind else str
+            return tuple(item(v.strip() if isinstance(v, str) else v) for v in value)
+        if kind in ("int",):
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError("expected true or false")
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if kind == "Path":
+            return Path(value)
+        if kind.startswith("Mapping"):
+            if not isinstance(value, Mapping):
+                raise ValueError("expected a table")
+            return {str(k): float(v) for k, v in value.items()}
+        return str(value) if not isinstance(value, str) else value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {value!r} is not valid ({exc})") from None
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]!s} (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        annotation = fields[key].type
+        nested = _SECTIONS.get(str(annotation))
+        if nested is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{key}: expected a table")
+            kwargs[key] = _build(nested, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, annotation)
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {
+    "BatchingSpec": BatchingSpec,
+    "CompareSpec": CompareSpec,
+    "ReleaseSpec": ReleaseSpec,
+    "LimitsSpec": LimitsSpec,
+}
+
+
+def load_model_spec(path: Path) -> ModelSpec:
+    """Read `model.toml`; a missing file gives the defaults."""
+    if not path.exists():
+        return ModelSpec()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read spec: {exc}") from None
+    try:
+        spec: ModelSpec = _build(ModelSpec, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return spec
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> GatewaySettings:
+    """Merge defaults < config file < GATEWAY_* environment < overrides (CLI flags)."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config_file}: cannot read config: {exc}") from None
+        merged.update(data.get("serve", data))
+    names = {f.name for f in dataclasses.fields(GatewaySettings)}
+    for key, value in (env if env is not None else os.environ).items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX):].lower()
+            if name in names:
+                merged[name] = value
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings: GatewaySettings = _build(GatewaySettings, merged)
+    return settings

@@ -1,0 +1,54 @@
+"""The request path: resolve the version, validate, execute, answer, record."""
+
+from __future__ import annotations
+
+import time
+
+from gateway.errors import Draining, GatewayError, InvalidInput
+from gateway.registry import Registry
+from gateway.types import InferResponse, WireRequest
+from gateway.validation import build_inputs, check_outputs
+
+
+def _timeout_s(req: WireRequest, default_us: int) -> float | None:
+    value = req.parameters.get("timeout_us")
+    if value is None:
+        return default_us / 1e6 if default_us else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput("parameter 'timeout_us' must be an integer (int64_param or uint64_param)")
+    if value <= 0:
+        raise InvalidInput(f"parameter 'timeout_us' must be > 0, got {value}")
+    return value / 1e6
+
+
+class DataPlane:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.draining = False
+
+    async def infer(self, req: WireRequest) -> InferResponse:
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        loaded = self.registry.get(req.model, req.version)
+        start = time.perf_counter_ns()
+        ok = False
+        batch = 1
+        try:
+            model = loaded.model
+            if req.outputs:
+                check_outputs(req.outputs, model.outputs, req.model)
+            feeds, batch = build_inputs(req.inputs, model.inputs, loaded.spec, req.model)
+            timeout_s = _timeout_s(req, loaded.spec.batching.default_timeout_us)
+            results = await loaded.executor.submit(feeds, batch, req.deadline, timeout_s)
+            if req.outputs:
+                wanted = set(req.outputs)
+                outputs = {n: a for n, a in zip(model.output_names, results) if n in wanted}
+            else:
+                outputs = dict(zip(model.output_names, results))
+            ok = True
+        finally:
+            loaded.stats.record_request(ok, time.perf_counter_ns() - start, batch)
+        return InferResponse(req.model, loaded.version, outputs, req.id)
+
+
+__all__ = ["DataPlane", "GatewayError"]

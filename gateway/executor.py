@@ -1,0 +1,119 @@
+"""Running model versions: where a run happens and how many run at once.
+
+`DirectExecutor` runs each request on its own (batching off). The dynamic
+batcher in gateway.batcher has the same interface. Both decide per model
+whether a run happens inline on the event loop or on a worker thread: for a
+tiny model the thread hop costs as much as the model itself, while a large
+model must not stall the loop (onnxruntime releases the GIL, so threads overlap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+
+from gateway.config import BatchingSpec
+from gateway.errors import DeadlineExceeded, Draining, Overloaded, QueueTimeout
+from gateway.runtime import OnnxModel
+from gateway.stats import VersionStats
+from gateway.types import Tensors
+
+# Models whose warm-up run takes less than this run inline on the event loop
+# when the spec says execution = "auto".
+INLINE_BELOW_S = 150e-6
+
+
+def runs_inline(spec: BatchingSpec, model: OnnxModel) -> bool:
+    if spec.execution == "auto":
+        return not model.on_cuda and model.warmup_seconds < INLINE_BELOW_S
+    return spec.execution == "inline"
+
+
+class Executor(Protocol):
+    async def submit(
+        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+    ) -> list[np.ndarray]:
+        """Run one request; returns every model output in signature order."""
+        ...
+
+    def queue_depth(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def expiry(deadline: float | None, timeout_s: float | None, now: float) -> tuple[float | None, bool]:
+    """The earlier of the client's deadline and our queue timeout; True when the timeout is earlier."""
+    if timeout_s is None:
+        return deadline, False
+    limit = now + timeout_s
+    if deadline is None or limit < deadline:
+        return limit, True
+    return deadline, False
+
+
+def expired_error(by_timeout: bool) -> Exception:
+    if by_timeout:
+        return QueueTimeout("the request waited longer than its queue timeout (timeout_us)")
+    return DeadlineExceeded("the client's deadline passed before the request could run")
+
+
+class DirectExecutor:
+    """One run per request, at most `instances` at once, a bounded wait queue."""
+
+    def __init__(
+        self, model: OnnxModel, spec: BatchingSpec, stats: VersionStats, pool: ThreadPoolExecutor
+    ) -> None:
+        self.model = model
+        self.stats = stats
+        self.inline = runs_inline(spec, model)
+        self._pool = pool
+        self._slots = asyncio.Semaphore(1 if self.inline else spec.instances)
+        self._max_waiting = spec.max_queue_size
+        self._waiting = 0
+        self._closed = False
+
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    async def submit(
+        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+    ) -> list[np.ndarray]:
+        if self._closed:
+            raise Draining("the model is unloading")
+        if self._slots.locked():
+            if self._waiting >= self._max_waiting:
+                raise Overloaded(f"queue full ({self._max_waiting} waiting): try again later")
+            queued_at = time.monotonic()
+            until, by_timeout = expiry(deadline, timeout_s, queued_at)
+            self._waiting += 1
+            try:
+                if until is None:
+                    await self._slots.acquire()
+                else:
+                    try:
+                        await asyncio.wait_for(self._slots.acquire(), max(0.0, until - queued_at))
+                    except TimeoutError:
+                        raise expired_error(by_timeout) from None
+            finally:
+                self._waiting -= 1
+            self.stats.queue.add(int((time.monotonic() - queued_at) * 1e9))
+        else:
+            await self._slots.acquire()
+        try:
+            start = time.perf_counter_ns()
+            if self.inline:
+                outputs = self.model.run(feeds)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self._pool, self.model.run, feeds)
+            self.stats.record_execution(batch, time.perf_counter_ns() - start)
+            return outputs
+        finally:
+            self._slots.release()
+
+    async def close(self) -> None:
+        self._closed = True

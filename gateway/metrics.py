@@ -1,0 +1,108 @@
+"""Prometheus collectors, created on an injected registry (no module globals).
+
+Per-version children are bound once at load time, so the request path pays a
+method call per observation and no label lookups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import errors
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+OUTCOME_BY_ERROR: dict[type[Exception], str] = {
+    errors.InvalidInput: "invalid",
+    errors.ModelNotFound: "not_found",
+    errors.Overloaded: "rejected",
+    errors.QueueTimeout: "timeout",
+    errors.DeadlineExceeded: "deadline",
+    errors.Draining: "unavailable",
+    errors.ModelNotReady: "unavailable",
+}
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    for cls in type(exc).__mro__:
+        outcome = OUTCOME_BY_ERROR.get(cls)
+        if outcome is not None:
+            return outcome
+    return "cancelled" if exc.__class__.__name__ == "CancelledError" else "error"
+
+
+@dataclass(slots=True)
+class VersionMetrics:
+    """Children bound to one (model, version)."""
+
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    batch_size: Histogram
+    _requests: Counter
+    _cache: dict[str, Counter]
+
+    def count(self, outcome: str) -> None:
+        child = self._cache.get(outcome)
+        if child is None:
+            child = self._cache[outcome] = self._requests.labels(outcome=outcome)  # type: ignore[assignment]
+        child.inc()
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        labels = ("model", "version")
+        self.requests = Counter(
+            "gateway_requests", "Inference requests by outcome", (*labels, "outcome"), registry=registry
+        )
+        self.request_seconds = Histogram(
+            "gateway_request_seconds", "Time from decode to answer", labels, buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "gateway_queue_seconds", "Time a request waited before its batch ran", labels,
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.compute_seconds = Histogram(
+            "gateway_compute_seconds", "Model run time per batch", labels, buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "gateway_batch_size", "Requests' rows per model run", labels, buckets=BATCH_BUCKETS, registry=registry
+        )
+
+    def for_version(self, model: str, version: str) -> VersionMetrics:
+        return VersionMetrics(
+            request_seconds=self.request_seconds.labels(model, version),  # type: ignore[arg-type]
+            queue_seconds=self.queue_seconds.labels(model, version),  # type: ignore[arg-type]
+            compute_seconds=self.compute_seconds.labels(model, version),  # type: ignore[arg-type]
+            batch_size=self.batch_size.labels(model, version),  # type: ignore[arg-type]
+            _requests=self.requests.labels(model=model, version=version),  # type: ignore[arg-type]
+            _cache={},
+        )
+
+    def watch_queues(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Export queue depth read at scrape time (exact, and free on the request path)."""
+        self.registry.register(_QueueDepth(depths))
+
+
+class _QueueDepth(Collector):
+    def __init__(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._depths = depths
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("gateway_queue_depth", "Requests waiting to run", labels=("model", "version"))
+        for model, version, depth in self._depths():
+            family.add_metric((model, version), depth)
+        yield family

@@ -1,0 +1,154 @@
+"""GRPCInferenceService: decode, one data-plane call, encode. Nothing else."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from gateway import __version__
+from gateway.dataplane import DataPlane
+from gateway.errors import GatewayError, InvalidInput, ModelNotFound
+from gateway.protocol import codec
+from gateway.protocol.pb import inference_pb2 as pb
+from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
+from gateway.protocol.status import status_for
+from gateway.registry import PLATFORM, LoadedVersion, Registry
+from gateway.runtime import TensorSpec
+
+Context = aio.ServicerContext[Any, Any]
+SERVER_NAME = "release-gateway"
+EXTENSIONS = ["model_repository", "statistics", "streaming", "release"]
+
+
+def deadline_of(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _tensor_metadata(specs: list[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+
+def _duration(d: Any) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _statistics(loaded: LoadedVersion) -> pb.ModelStatistics:
+    s = loaded.stats
+    return pb.ModelStatistics(
+        name=loaded.name,
+        version=loaded.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_infer=_duration(s.compute_infer),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+            for size, d in sorted(s.by_batch_size.items())
+        ],
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, registry: Registry) -> None:
+        self.dataplane = dataplane
+        self.registry = registry
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.registry.ready() and not self.dataplane.draining)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        try:
+            loaded = self.registry.get(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=loaded.ready and not self.dataplane.draining)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        entry = self.registry.entry(request.name)
+        loaded = self.registry.get(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=entry.name,
+            versions=entry.sorted_versions(),
+            platform=PLATFORM,
+            inputs=_tensor_metadata(loaded.model.inputs),
+            outputs=_tensor_metadata(loaded.model.outputs),
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        wire = codec.decode_infer(request, deadline_of(context))
+        return codec.encode_infer(await self.dataplane.infer(wire))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Errors of one request go into its response; the stream goes on.
+        async for request in request_iterator:
+            try:
+                wire = codec.decode_infer(request, deadline_of(context))
+                response = codec.encode_infer(await self.dataplane.infer(wire))
+            except GatewayError as exc:
+                yield pb.ModelStreamInferResponse(error_message=status_for(exc)[1])
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            if request.version:
+                selected = [self.registry.get(request.name, request.version)]
+            else:
+                entry = self.registry.entry(request.name)
+                selected = [entry.versions[v] for v in entry.sorted_versions()]
+        elif request.version:
+            raise InvalidInput("statistics: a version needs a model name")
+        else:
+            selected = list(self.registry)
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in selected])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        models = [
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=v.name, version=v.version, state="READY" if v.ready else "UNAVAILABLE"
+            )
+            for v in self.registry
+            if v.ready or not request.ready
+        ]
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        raise _admin_refused()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        raise _admin_refused()
+
+
+def _admin_refused() -> GatewayError:
+    from gateway.errors import PermissionDenied
+
+    return PermissionDenied(
+        "loading and unloading models are admin actions, served only by the control API on its own port"
+    )

@@ -1,0 +1,114 @@
+"""One onnxruntime session for one model version.
+
+`run` is safe to call from several threads at once: onnxruntime sessions are
+thread-safe and release the GIL while they compute. On CUDA the inputs and
+outputs go through IO binding, so each run copies host buffers once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
+from gateway.errors import ModelExecutionError, ModelLoadError
+from gateway.providers import CUDA, ProviderChooser
+from gateway.types import Tensors
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a variable dimension
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return NUMPY_BY_DATATYPE[self.datatype]
+
+
+def _tensor_spec(arg: Any, path: Path) -> TensorSpec:
+    datatype = DATATYPE_BY_ONNX.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(f"{path}: tensor {arg.name!r} has type {arg.type}, which the gateway does not serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxModel:
+    """An onnxruntime session plus the metadata the gateway needs from it."""
+
+    def __init__(self, path: Path, chooser: ProviderChooser, intra_op_threads: int = 0) -> None:
+        self.path = path
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        requested = chooser.candidates()
+        try:
+            with _quiet_onnxruntime(requested):
+                self.session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"{path}: cannot load ONNX model: {exc}") from None
+        self.providers: list[str] = self.session.get_providers()
+        chooser.accept(requested, self.providers)
+        self.on_cuda = self.providers[0] == CUDA
+        self.inputs = [_tensor_spec(a, path) for a in self.session.get_inputs()]
+        self.outputs = [_tensor_spec(a, path) for a in self.session.get_outputs()]
+        self.output_names = [o.name for o in self.outputs]
+        self.warmup_seconds = 0.0
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0]
+
+    def run(self, feeds: Tensors) -> list[np.ndarray]:
+        """Run the model; returns every output in `self.outputs` order."""
+        try:
+            if self.on_cuda:
+                return self._run_bound(feeds)
+            result: list[np.ndarray] = self.session.run(self.output_names, feeds)
+            return result
+        except Exception as exc:
+            raise ModelExecutionError(f"model {self.path.parent.parent.name} failed to run: {exc}") from exc
+
+    def _run_bound(self, feeds: Tensors) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
+        return outputs
+
+    def warm_up(self, batch: int = 1) -> float:
+        """Run once on zeros (the first run allocates and, on CUDA, tunes); returns a timed second run."""
+        feeds = {
+            spec.name: np.zeros([batch if d < 0 else d for d in spec.shape], dtype=spec.dtype)
+            for spec in self.inputs
+        }
+        self.run(feeds)
+        start = time.perf_counter()
+        self.run(feeds)
+        self.warmup_seconds = time.perf_counter() - start
+        return self.warmup_seconds
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime(requested: list[str]) -> Any:
+    """Silence the provider fallback error that onnxruntime logs when CUDA is absent."""
+    if CUDA not in requested:
+        yield
+        return
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)

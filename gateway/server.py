@@ -1,0 +1,161 @@
+"""Composition root: builds the gateway from settings, serves, drains.
+
+Only this module (and the CLI) wires concrete parts together; everything else
+receives what it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from gateway.config import GatewaySettings
+from gateway.dataplane import DataPlane
+from gateway.errors import ConfigError
+from gateway.metrics import GatewayMetrics
+from gateway.protocol.pb import inference_pb2 as pb
+from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
+from gateway.protocol.pb.pool import POOL
+from gateway.protocol.servicer import InferenceServicer
+from gateway.protocol.status import ErrorMappingInterceptor
+from gateway.providers import ProviderChooser
+from gateway.registry import Registry, direct_executor_factory, load_model
+from gateway.repository import Repository
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor) -> Registry:
+    repository = Repository(settings.models)
+    names = list(settings.load) or repository.model_names()
+    if not names:
+        raise ConfigError(f"models: no models under {repository.root} (expected <name>/<version>/model.onnx)")
+    chooser = ProviderChooser(settings.provider)
+    registry = Registry()
+    make_executor = direct_executor_factory(pool)
+    for name in names:
+        registry.add(load_model(repository, name, settings, chooser, make_executor))
+    if chooser.cuda_reason and settings.provider == "auto":
+        log.info("running on the CPU: %s", chooser.cuda_reason)
+    return registry
+
+
+class Gateway:
+    """One serving process: the inference port, health, reflection and metrics."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.metrics_port = -1
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ort")
+        self._server: aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._stopped = asyncio.Event()
+        self._metrics_httpd: object | None = None
+        self.registry: Registry | None = None
+        self.dataplane: DataPlane | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        # Loading is blocking (files, session build, warm-up); keep the loop free.
+        self.registry = registry = await loop.run_in_executor(None, build_registry, s, self._pool)
+        self.dataplane = DataPlane(registry)
+        metrics_registry = CollectorRegistry()
+        self.metrics = GatewayMetrics(metrics_registry)
+        self.metrics.watch_queues(
+            lambda: ((v.name, v.version, v.executor.queue_depth()) for v in registry)
+        )
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+        ]
+        server = aio.server(
+            migration_thread_pool=None, options=options, interceptors=[ErrorMappingInterceptor()]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, registry), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+            pool=POOL,
+        )
+        address = format_address(s.host, s.port)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"port: cannot listen on {address}: {exc}") from None
+        if self.port == 0:
+            raise ConfigError(f"port: cannot listen on {address}")
+        await server.start()
+        self._server = server
+        if s.metrics_port >= 0:
+            httpd, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics_registry)
+            self._metrics_httpd = httpd
+            self.metrics_port = httpd.server_port
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking work, answer what is in flight, then stop (within the grace period)."""
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.dataplane is not None:
+            self.dataplane.draining = True
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        if self.registry is not None:
+            await self.registry.close()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s received: draining (grace %.1f s)", sig.name, self.settings.grace_s)
+        asyncio.get_running_loop().create_task(self.drain())
+
+
+async def run(settings: GatewaySettings) -> None:
+    """Serve until SIGTERM/SIGINT, printing the address line scripts wait for."""
+    gateway = Gateway(settings)
+    gateway.install_signal_handlers()
+    port = await gateway.start()
+    metrics = f", metrics on {format_address(settings.host, gateway.metrics_port)}" if gateway.metrics_port >= 0 else ""
+    log.info("serving %d model versions%s", sum(1 for _ in gateway.registry or ()), metrics)
+    print(f"listening on {format_address(settings.host, port)}", flush=True)
+    await gateway.wait_stopped()
+
+
+__all__ = ["Gateway", "run", "grpc"]

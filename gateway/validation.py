@@ -1,0 +1,132 @@
+"""Check a request against a model's signature, then build its numpy inputs.
+
+Every check runs on metadata alone (names, datatypes, shapes, lengths) before
+any buffer is built, so a hostile request cannot make us allocate: shapes,
+element counts and byte totals are capped first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gateway.config import ModelSpec
+from gateway.dtypes import CONTENTS_FIELD, NUMPY_BY_DATATYPE
+from gateway.errors import InvalidInput
+from gateway.runtime import TensorSpec
+from gateway.types import Tensors, WireInput
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _check_shape(w: WireInput, spec: TensorSpec, max_batch_size: int) -> None:
+    if any(d < 0 for d in w.shape):
+        raise InvalidInput(f"input {w.name!r}: shape {_fmt(w.shape)} has a negative dimension")
+    if len(w.shape) != len(spec.shape):
+        raise InvalidInput(
+            f"input {w.name!r}: expected shape {_fmt(spec.shape)} ({len(spec.shape)} dimensions), "
+            f"got {_fmt(w.shape)}"
+        )
+    for axis, (got, want) in enumerate(zip(w.shape, spec.shape)):
+        if want >= 0 and got != want:
+            raise InvalidInput(
+                f"input {w.name!r}: dimension {axis} must be {want}, got {got} "
+                f"(expected shape {_fmt(spec.shape)}, got {_fmt(w.shape)})"
+            )
+    if max_batch_size > 0:
+        batch = w.shape[0]
+        if batch < 1:
+            raise InvalidInput(f"input {w.name!r}: batch dimension must be >= 1, got {batch}")
+        if batch > max_batch_size:
+            raise InvalidInput(f"input {w.name!r}: batch size {batch} exceeds max_batch_size {max_batch_size}")
+
+
+def _check_data(w: WireInput, elements: int, nbytes: int) -> None:
+    if w.raw is not None:
+        if len(w.raw) != nbytes:
+            raise InvalidInput(
+                f"input {w.name!r}: raw content is {len(w.raw)} bytes, expected {nbytes} "
+                f"({elements} x {w.datatype} for shape {_fmt(w.shape)})"
+            )
+        return
+    if w.contents is None:
+        raise InvalidInput(f"input {w.name!r}: no data (set contents or raw_input_contents)")
+    field = CONTENTS_FIELD.get(w.datatype)
+    if field is None:
+        raise InvalidInput(f"input {w.name!r}: {w.datatype} data travels only in raw_input_contents")
+    got = len(getattr(w.contents, field))
+    if got != elements:
+        raise InvalidInput(
+            f"input {w.name!r}: contents.{field} has {got} values, expected {elements} for shape {_fmt(w.shape)}"
+        )
+
+
+def build_inputs(
+    wire: Sequence[WireInput], signature: Sequence[TensorSpec], spec: ModelSpec, model: str
+) -> tuple[Tensors, int]:
+    """Validate `wire` against `signature`; return the arrays and the batch size."""
+    expected = {s.name: s for s in signature}
+    seen: set[str] = set()
+    total_bytes = 0
+    batch = 0
+    for w in wire:
+        if w.name in seen:
+            raise InvalidInput(f"input {w.name!r} appears more than once")
+        seen.add(w.name)
+        s = expected.get(w.name)
+        if s is None:
+            raise InvalidInput(
+                f"unknown input {w.name[:80]!r}: model {model!r} takes {', '.join(repr(n) for n in expected)}"
+            )
+        if w.datatype != s.datatype:
+            raise InvalidInput(f"input {w.name!r}: datatype must be {s.datatype}, got {w.datatype[:20]!r}")
+        _check_shape(w, s, spec.max_batch_size)
+        if spec.max_batch_size > 0:
+            if batch and w.shape[0] != batch:
+                raise InvalidInput(
+                    f"input {w.name!r}: batch size {w.shape[0]} differs from the other inputs' {batch}"
+                )
+            batch = w.shape[0]
+        elements = math.prod(w.shape)
+        if elements > spec.limits.max_elements:
+            raise InvalidInput(
+                f"input {w.name!r}: {elements} elements exceed the limit of {spec.limits.max_elements}"
+            )
+        nbytes = elements * s.dtype.itemsize
+        total_bytes += nbytes
+        if total_bytes > spec.limits.max_request_bytes:
+            raise InvalidInput(
+                f"input {w.name!r}: the request's inputs exceed the limit of {spec.limits.max_request_bytes} bytes"
+            )
+        _check_data(w, elements, nbytes)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise InvalidInput(f"missing input {missing[0]!r}: model {model!r} needs {', '.join(map(repr, expected))}")
+    return {w.name: _to_array(w) for w in wire}, batch or 1
+
+
+def _to_array(w: WireInput) -> np.ndarray:
+    dtype = NUMPY_BY_DATATYPE[w.datatype]
+    if w.raw is not None:
+        return np.frombuffer(w.raw, dtype=dtype).reshape(w.shape)
+    values: Any = getattr(w.contents, CONTENTS_FIELD[w.datatype])
+    try:
+        return np.array(values, dtype=dtype).reshape(w.shape)
+    except OverflowError:
+        raise InvalidInput(f"input {w.name!r}: a value is out of range for {w.datatype}") from None
+
+
+def check_outputs(requested: Sequence[str], signature: Sequence[TensorSpec], model: str) -> None:
+    names = {s.name for s in signature}
+    for name in requested:
+        if name not in names:
+            raise InvalidInput(
+                f"unknown requested output {name[:80]!r}: model {model!r} has {', '.join(sorted(map(repr, names)))}"
+            )
+    if len(set(requested)) != len(requested):
+        raise InvalidInput("an output is requested more than once")

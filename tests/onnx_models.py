@@ -1,0 +1,171 @@
+"""Writers for test-only ONNX models (no test cases live here).
+
+Integration tests use these to build model repositories that the project
+does not ship.  Each writer produces only the ``.onnx`` file; the test writes
+its own ``model.toml``.  Only numpy and onnx are needed, so the helpers work
+in environments without onnxruntime or scikit-learn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# Same opset / IR pairing as models/build.py, for the same portability reason.
+OPSET: Final = 17
+IR_VERSION: Final = 8
+BATCH: Final = "batch"
+
+# KServe v2 datatype name -> ONNX element type, for the numeric types
+# onnxruntime can pass through Identity.
+KSERVE_TO_ONNX: Final[dict[str, int]] = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+}
+IDENTITY_DTYPES: Final[tuple[str, ...]] = tuple(KSERVE_TO_ONNX)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="tests/onnx_models.py",
+    )
+    model.ir_version = IR_VERSION
+    # Catch wiring mistakes when the test builds its repository, not later
+    # as an opaque load failure inside the gateway.
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+
+
+def _value(name: str, elem_type: int, shape: list[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+def write_mixed_dtype_model(path: Path) -> None:
+    """ids INT64 [batch,4], weights FP16 [batch,4] ->
+    sum FP32 [batch] = sum_j float(ids)*float(weights), ids_twice INT64 = ids*2.
+    """
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["weights"], ["weights_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["ids_f", "weights_f"], ["products"]),
+        helper.make_node("ReduceSum", ["products", "axis1"], ["sum"], keepdims=0),
+        helper.make_node("Mul", ["ids", "two"], ["ids_twice"]),
+    ]
+    inits = [
+        # Opset 13+ takes ReduceSum axes as an input tensor, not an attribute.
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array(2, dtype=np.int64), "two"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed_dtype",
+        [
+            _value("ids", TensorProto.INT64, [BATCH, 4]),
+            _value("weights", TensorProto.FLOAT16, [BATCH, 4]),
+        ],
+        [
+            _value("sum", TensorProto.FLOAT, [BATCH]),
+            _value("ids_twice", TensorProto.INT64, [BATCH, 4]),
+        ],
+        initializer=inits,
+    )
+    _save(graph, path)
+
+
+def _spin_body(size: int) -> onnx.GraphProto:
+    """Loop body: acc <- acc @ spin_matrix (spin_matrix is an outer-scope value)."""
+    nodes = [
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("MatMul", ["acc_in", "spin_matrix"], ["acc_out"]),
+    ]
+    return helper.make_graph(
+        nodes,
+        "spin_body",
+        [
+            _value("iteration", TensorProto.INT64, []),
+            _value("cond_in", TensorProto.BOOL, []),
+            _value("acc_in", TensorProto.FLOAT, [size, size]),
+        ],
+        [
+            _value("cond_out", TensorProto.BOOL, []),
+            _value("acc_out", TensorProto.FLOAT, [size, size]),
+        ],
+    )
+
+
+def write_spin_model(path: Path, size: int = 64) -> None:
+    """x FP32 [batch,4], spin INT64 [batch,1] -> y FP32 [batch,4] == x.
+
+    The graph runs max(spin) iterations of a (size x size) MatMul before
+    producing y, so a test controls compute time through the ``spin`` input
+    (spin=0 runs the loop zero times).
+    """
+    # A cyclic permutation matrix: the MatMul does full work each iteration,
+    # but the carried values are only reordered, so they never overflow to
+    # inf/NaN (which would turn the "+ 0 * sum" below into NaN).
+    permutation = np.roll(np.eye(size, dtype=np.float32), 1, axis=1)
+    start = np.linspace(-1.0, 1.0, size * size, dtype=np.float32).reshape(size, size)
+    nodes = [
+        # No axes attribute: reduce over everything to a scalar trip count.
+        helper.make_node("ReduceMax", ["spin"], ["trip"], keepdims=0),
+        # An empty cond input makes Loop a plain for-loop over `trip`.
+        helper.make_node(
+            "Loop", ["trip", "", "spin_start"], ["spun"], body=_spin_body(size)
+        ),
+        # y = x + 0 * sum(spun): the value is x, but y data-depends on the
+        # loop, so no optimizer may drop it and the caller waits for it.
+        helper.make_node("ReduceSum", ["spun"], ["spun_sum"], keepdims=0),
+        helper.make_node("Mul", ["spun_sum", "zero"], ["nothing"]),
+        helper.make_node("Add", ["x", "nothing"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(permutation, "spin_matrix"),
+        numpy_helper.from_array(start, "spin_start"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "spin",
+        [
+            _value("x", TensorProto.FLOAT, [BATCH, 4]),
+            _value("spin", TensorProto.INT64, [BATCH, 1]),
+        ],
+        [_value("y", TensorProto.FLOAT, [BATCH, 4])],
+        initializer=inits,
+    )
+    _save(graph, path)
+
+
+def write_identity_model(path: Path, dtype_name: str) -> None:
+    """x [batch,3] of KServe type ``dtype_name`` -> y = Identity(x)."""
+    try:
+        elem_type = KSERVE_TO_ONNX[dtype_name]
+    except KeyError:
+        known = ", ".join(IDENTITY_DTYPES)
+        raise ValueError(
+            f"unsupported datatype {dtype_name!r}; use one of {known}"
+        ) from None
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"identity_{dtype_name.lower()}",
+        [_value("x", elem_type, [BATCH, 3])],
+        [_value("y", elem_type, [BATCH, 3])],
+    )
+    _save(graph, path)
