@@ -28,18 +28,29 @@ def main() -> None:
 
 
 @main.command(epilog=EPILOG)
-@click.option("--models", type=click.Path(path_type=Path), help="Model repository: <name>/<version>/model.onnx. [default: models]")
+@click.option(
+    "--models", type=click.Path(path_type=Path), help="Model repository: <name>/<version>/model.onnx. [default: models]"
+)
 @click.option("--host", help="Address to listen on. [default: 127.0.0.1]")
 @click.option("--port", type=int, help="Inference port; 0 picks a free one. [default: 8001]")
-@click.option("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks one, -1 turns it off. [default: 8002]")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), help="auto: CUDA when usable, else CPU; cuda: refuse to start without CUDA. [default: auto]")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks one, -1: off. [default: 8002]")
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    help="auto: CUDA when usable, else CPU; cuda: refuse to start without CUDA. [default: auto]",
+)
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
 @click.option("--grace", "grace_s", type=float, help="Seconds to answer in-flight requests on SIGTERM. [default: 10]")
 @click.option("--intra-op-threads", type=int, help="onnxruntime threads per session; 0 lets it decide. [default: 0]")
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), help="Event loop. [default: uvloop]")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), help="[default: INFO]")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="TOML file with these settings (top level or a [serve] table).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file with these settings (top level or a [serve] table).",
+)
 def serve(config_file: Path | None, **flags: Any) -> None:
     """Serve every model in the repository over gRPC.
 

@@ -229,7 +229,7 @@ def load_settings(
     names = {f.name for f in dataclasses.fields(GatewaySettings)}
     for key, value in (env if env is not None else os.environ).items():
         if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
+            name = key[len(ENV_PREFIX) :].lower()
             if name in names:
                 merged[name] = value
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -42,9 +42,9 @@ class DataPlane:
             results = await loaded.executor.submit(feeds, batch, req.deadline, timeout_s)
             if req.outputs:
                 wanted = set(req.outputs)
-                outputs = {n: a for n, a in zip(model.output_names, results) if n in wanted}
+                outputs = {n: a for n, a in zip(model.output_names, results, strict=False) if n in wanted}
             else:
-                outputs = dict(zip(model.output_names, results))
+                outputs = dict(zip(model.output_names, results, strict=False))
             ok = True
         finally:
             loaded.stats.record_request(ok, time.perf_counter_ns() - start, batch)

@@ -64,9 +64,7 @@ def expired_error(by_timeout: bool) -> Exception:
 class DirectExecutor:
     """One run per request, at most `instances` at once, a bounded wait queue."""
 
-    def __init__(
-        self, model: OnnxModel, spec: BatchingSpec, stats: VersionStats, pool: ThreadPoolExecutor
-    ) -> None:
+    def __init__(self, model: OnnxModel, spec: BatchingSpec, stats: VersionStats, pool: ThreadPoolExecutor) -> None:
         self.model = model
         self.stats = stats
         self.inline = runs_inline(spec, model)

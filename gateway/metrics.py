@@ -16,7 +16,22 @@ from prometheus_client.registry import Collector
 from gateway import errors
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -55,7 +70,7 @@ class VersionMetrics:
     def count(self, outcome: str) -> None:
         child = self._cache.get(outcome)
         if child is None:
-            child = self._cache[outcome] = self._requests.labels(outcome=outcome)  # type: ignore[assignment]
+            child = self._cache[outcome] = self._requests.labels(outcome=outcome)
         child.inc()
 
 
@@ -67,15 +82,24 @@ class GatewayMetrics:
             "gateway_requests", "Inference requests by outcome", (*labels, "outcome"), registry=registry
         )
         self.request_seconds = Histogram(
-            "gateway_request_seconds", "Time from decode to answer", labels, buckets=LATENCY_BUCKETS,
+            "gateway_request_seconds",
+            "Time from decode to answer",
+            labels,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.queue_seconds = Histogram(
-            "gateway_queue_seconds", "Time a request waited before its batch ran", labels,
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "gateway_queue_seconds",
+            "Time a request waited before its batch ran",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.compute_seconds = Histogram(
-            "gateway_compute_seconds", "Model run time per batch", labels, buckets=LATENCY_BUCKETS,
+            "gateway_compute_seconds",
+            "Model run time per batch",
+            labels,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
@@ -84,11 +108,11 @@ class GatewayMetrics:
 
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(
-            request_seconds=self.request_seconds.labels(model, version),  # type: ignore[arg-type]
-            queue_seconds=self.queue_seconds.labels(model, version),  # type: ignore[arg-type]
-            compute_seconds=self.compute_seconds.labels(model, version),  # type: ignore[arg-type]
-            batch_size=self.batch_size.labels(model, version),  # type: ignore[arg-type]
-            _requests=self.requests.labels(model=model, version=version),  # type: ignore[arg-type]
+            request_seconds=self.request_seconds.labels(model, version),
+            queue_seconds=self.queue_seconds.labels(model, version),
+            compute_seconds=self.compute_seconds.labels(model, version),
+            batch_size=self.batch_size.labels(model, version),
+            _requests=self.requests.labels(model=model, version=version),
             _cache={},
         )
 

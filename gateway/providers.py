@@ -40,9 +40,8 @@ def cuda_prerequisites() -> CudaCheck:
     # extra); preload_dlls finds them there. It prints on failure: keep it quiet.
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
-        with contextlib.redirect_stdout(io.StringIO()):
-            with contextlib.suppress(Exception):
-                preload()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+            preload()
     return CudaCheck(True, "")
 
 

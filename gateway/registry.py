@@ -71,8 +71,7 @@ class Registry:
         loaded = entry.versions.get(version or entry.default_version)
         if loaded is None:
             raise ModelNotFound(
-                f"model {name!r} has no loaded version {version[:40]!r} "
-                f"(loaded: {', '.join(entry.sorted_versions())})"
+                f"model {name!r} has no loaded version {version[:40]!r} (loaded: {', '.join(entry.sorted_versions())})"
             )
         return loaded
 
@@ -116,7 +115,10 @@ def load_model(
         versions[version] = LoadedVersion(name, version, spec, model, make_executor(model, spec, stats), stats)
         log.info(
             "loaded %s version %s on %s (warm-up run %.3f ms, %s)",
-            name, version, model.provider, warm * 1e3,
+            name,
+            version,
+            model.provider,
+            warm * 1e3,
             "inline on the event loop" if runs_inline(spec.batching, model) else "on worker threads",
         )
     if not versions:

@@ -22,9 +22,7 @@ SPEC_FILE = "model.toml"
 def check_name(kind: str, name: str) -> str:
     """Refuse names that could reach outside the repository (`..`, `/`, NUL, too long)."""
     if not NAME_PATTERN.fullmatch(name):
-        raise InvalidInput(
-            f"{kind} name {name[:80]!r} is not allowed: names match {NAME_PATTERN.pattern}"
-        )
+        raise InvalidInput(f"{kind} name {name[:80]!r} is not allowed: names match {NAME_PATTERN.pattern}")
     return name
 
 

@@ -91,8 +91,7 @@ class OnnxModel:
     def warm_up(self, batch: int = 1) -> float:
         """Run once on zeros (the first run allocates and, on CUDA, tunes); returns a timed second run."""
         feeds = {
-            spec.name: np.zeros([batch if d < 0 else d for d in spec.shape], dtype=spec.dtype)
-            for spec in self.inputs
+            spec.name: np.zeros([batch if d < 0 else d for d in spec.shape], dtype=spec.dtype) for spec in self.inputs
         }
         self.run(feeds)
         start = time.perf_counter()

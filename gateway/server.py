@@ -80,18 +80,16 @@ class Gateway:
         self.dataplane = DataPlane(registry)
         metrics_registry = CollectorRegistry()
         self.metrics = GatewayMetrics(metrics_registry)
-        self.metrics.watch_queues(
-            lambda: ((v.name, v.version, v.executor.queue_depth()) for v in registry)
-        )
+        self.metrics.watch_queues(lambda: ((v.name, v.version, v.executor.queue_depth()) for v in registry))
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1),
         ]
-        server = aio.server(
-            migration_thread_pool=None, options=options, interceptors=[ErrorMappingInterceptor()]
+        server = aio.server(migration_thread_pool=None, options=options, interceptors=[ErrorMappingInterceptor()])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(self.dataplane, registry), server
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane, registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -158,4 +156,4 @@ async def run(settings: GatewaySettings) -> None:
     await gateway.wait_stopped()
 
 
-__all__ = ["Gateway", "run", "grpc"]
+__all__ = ["Gateway", "grpc", "run"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
-ParamValue = Union[bool, int, float, str]
+ParamValue = bool | int | float | str
 Tensors = dict[str, np.ndarray]
 
 

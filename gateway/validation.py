@@ -29,10 +29,9 @@ def _check_shape(w: WireInput, spec: TensorSpec, max_batch_size: int) -> None:
         raise InvalidInput(f"input {w.name!r}: shape {_fmt(w.shape)} has a negative dimension")
     if len(w.shape) != len(spec.shape):
         raise InvalidInput(
-            f"input {w.name!r}: expected shape {_fmt(spec.shape)} ({len(spec.shape)} dimensions), "
-            f"got {_fmt(w.shape)}"
+            f"input {w.name!r}: expected shape {_fmt(spec.shape)} ({len(spec.shape)} dimensions), got {_fmt(w.shape)}"
         )
-    for axis, (got, want) in enumerate(zip(w.shape, spec.shape)):
+    for axis, (got, want) in enumerate(zip(w.shape, spec.shape, strict=False)):
         if want >= 0 and got != want:
             raise InvalidInput(
                 f"input {w.name!r}: dimension {axis} must be {want}, got {got} "
@@ -88,15 +87,11 @@ def build_inputs(
         _check_shape(w, s, spec.max_batch_size)
         if spec.max_batch_size > 0:
             if batch and w.shape[0] != batch:
-                raise InvalidInput(
-                    f"input {w.name!r}: batch size {w.shape[0]} differs from the other inputs' {batch}"
-                )
+                raise InvalidInput(f"input {w.name!r}: batch size {w.shape[0]} differs from the other inputs' {batch}")
             batch = w.shape[0]
         elements = math.prod(w.shape)
         if elements > spec.limits.max_elements:
-            raise InvalidInput(
-                f"input {w.name!r}: {elements} elements exceed the limit of {spec.limits.max_elements}"
-            )
+            raise InvalidInput(f"input {w.name!r}: {elements} elements exceed the limit of {spec.limits.max_elements}")
         nbytes = elements * s.dtype.itemsize
         total_bytes += nbytes
         if total_bytes > spec.limits.max_request_bytes:
@@ -110,15 +105,24 @@ def build_inputs(
     return {w.name: _to_array(w) for w in wire}, batch or 1
 
 
+# Narrow integer types travel widened (int_contents is int32, uint_contents
+# uint32): numpy would wrap out-of-range values silently, so check first.
+_WIRE_DTYPE = {"INT8": np.int32, "INT16": np.int32, "UINT8": np.uint32, "UINT16": np.uint32}
+
+
 def _to_array(w: WireInput) -> np.ndarray:
     dtype = NUMPY_BY_DATATYPE[w.datatype]
     if w.raw is not None:
         return np.frombuffer(w.raw, dtype=dtype).reshape(w.shape)
     values: Any = getattr(w.contents, CONTENTS_FIELD[w.datatype])
-    try:
+    wide = _WIRE_DTYPE.get(w.datatype)
+    if wide is None:
         return np.array(values, dtype=dtype).reshape(w.shape)
-    except OverflowError:
-        raise InvalidInput(f"input {w.name!r}: a value is out of range for {w.datatype}") from None
+    array = np.array(values, dtype=wide)
+    info = np.iinfo(dtype)  # type: ignore[type-var]
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise InvalidInput(f"input {w.name!r}: a value is out of range for {w.datatype} ({info.min}..{info.max})")
+    return array.astype(dtype).reshape(w.shape)
 
 
 def check_outputs(requested: Sequence[str], signature: Sequence[TensorSpec], model: str) -> None:

@@ -73,8 +73,7 @@ class Spec:
 
 SPECS: Final = {
     "digits": Spec(
-        "8x8 handwritten digit classifier (scikit-learn digits); v1 linear, "
-        "v2 MLP, v3 deliberately degraded linear",
+        "8x8 handwritten digit classifier (scikit-learn digits); v1 linear, v2 MLP, v3 deliberately degraded linear",
         256,
         "probabilities",
     ),
@@ -205,9 +204,7 @@ def write_npz(path: Path, arrays: dict[str, npt.NDArray[np.generic]]) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
-            np.lib.format.write_array(
-                buffer, np.ascontiguousarray(array), allow_pickle=False
-            )
+            np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.create_system = 3  # unix, whichever OS runs the build
@@ -222,9 +219,7 @@ def write_npz(path: Path, arrays: dict[str, npt.NDArray[np.generic]]) -> None:
 
 def load_digits_split() -> DigitsSplit:
     x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=SPLIT_SEED, stratify=y
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=SPLIT_SEED, stratify=y)
     return DigitsSplit(
         x_train=np.asarray(x_train, dtype=np.float64),
         x_test=np.asarray(x_test, dtype=np.float64),
@@ -284,17 +279,13 @@ def classifier_graph(layers: Sequence[Layer], doc: str) -> onnx.ModelProto:
             nodes.append(helper.make_node("Relu", [current], [f"a{i}"]))
             current = f"a{i}"
     nodes.append(helper.make_node("Softmax", [current], ["probabilities"], axis=1))
-    nodes.append(
-        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0)
-    )
+    nodes.append(helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0))
     graph = helper.make_graph(
         nodes,
         "digits",
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [BATCH, 64])],
         [
-            helper.make_tensor_value_info(
-                "probabilities", TensorProto.FLOAT, [BATCH, N_CLASSES]
-            ),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [BATCH, N_CLASSES]),
             helper.make_tensor_value_info("label", TensorProto.INT64, [BATCH]),
         ],
         initializer=inits,
@@ -302,17 +293,13 @@ def classifier_graph(layers: Sequence[Layer], doc: str) -> onnx.ModelProto:
     return _make_model(graph, doc)
 
 
-def check_digits(
-    path: Path, estimator: LogisticRegression | MLPClassifier, split: DigitsSplit
-) -> float:
+def check_digits(path: Path, estimator: LogisticRegression | MLPClassifier, split: DigitsSplit) -> float:
     """Compare ONNX to sklearn on the held-out split; return ONNX accuracy."""
     pixels = split.x_test.astype(np.float32)
     probabilities, label = _run(path, {"pixels": pixels})
     expected = estimator.predict_proba(split.x_test * PIXEL_SCALE)
     np.testing.assert_allclose(probabilities, expected, rtol=0, atol=PROBA_ATOL)
-    if label.dtype != np.int64 or not np.array_equal(
-        label, probabilities.argmax(axis=1)
-    ):
+    if label.dtype != np.int64 or not np.array_equal(label, probabilities.argmax(axis=1)):
         raise RuntimeError(f"{path}: label output disagrees with probabilities")
     return float(np.mean(label == split.y_test))
 
@@ -366,11 +353,7 @@ def mlp_graph(seed: int) -> tuple[onnx.ModelProto, list[tuple[F32, F32]]]:
         inits += [_tensor(f"fc{i}.weight", w), _tensor(f"fc{i}.bias", b)]
         last = i == len(sizes) - 1
         gemm_out = "logits" if last else f"fc{i}"
-        nodes.append(
-            helper.make_node(
-                "Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [gemm_out]
-            )
-        )
+        nodes.append(helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [gemm_out]))
         current = gemm_out
         if not last:
             nodes.append(helper.make_node("Relu", [current], [f"relu{i}"]))
@@ -379,11 +362,7 @@ def mlp_graph(seed: int) -> tuple[onnx.ModelProto, list[tuple[F32, F32]]]:
         nodes,
         "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [BATCH, 784])],
-        [
-            helper.make_tensor_value_info(
-                "logits", TensorProto.FLOAT, [BATCH, N_CLASSES]
-            )
-        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [BATCH, N_CLASSES])],
         initializer=inits,
     )
     return _make_model(graph, "benchmark MLP, random He-normal weights"), weights
@@ -421,9 +400,7 @@ def _conv3x3(src: str, prefix: str, dst: str) -> onnx.NodeProto:
 
 
 def _maxpool2x2(src: str, dst: str) -> onnx.NodeProto:
-    return helper.make_node(
-        "MaxPool", [src], [dst], kernel_shape=[2, 2], strides=[2, 2]
-    )
+    return helper.make_node("MaxPool", [src], [dst], kernel_shape=[2, 2], strides=[2, 2])
 
 
 def convnet_graph(seed: int) -> onnx.ModelProto:
@@ -454,11 +431,7 @@ def convnet_graph(seed: int) -> onnx.ModelProto:
         nodes,
         "convnet",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [BATCH, 1, 28, 28])],
-        [
-            helper.make_tensor_value_info(
-                "logits", TensorProto.FLOAT, [BATCH, N_CLASSES]
-            )
-        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [BATCH, N_CLASSES])],
         initializer=inits,
     )
     return _make_model(graph, "benchmark convnet, random He-normal weights")

@@ -30,9 +30,13 @@ POOL_IMPORT = "from gateway.protocol.pb import pool as _pool\n"
 def _generate(out: Path) -> list[Path]:
     protos = sorted(PROTOS.glob("*.proto"))
     cmd = [
-        sys.executable, "-m", "grpc_tools.protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{PACKAGE}={PROTOS}",
-        f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
         *(f"{PACKAGE}/{p.name}" for p in protos),
     ]
     subprocess.run(cmd, check=True, cwd=ROOT)

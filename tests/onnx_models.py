@@ -126,9 +126,7 @@ def write_spin_model(path: Path, size: int = 64) -> None:
         # No axes attribute: reduce over everything to a scalar trip count.
         helper.make_node("ReduceMax", ["spin"], ["trip"], keepdims=0),
         # An empty cond input makes Loop a plain for-loop over `trip`.
-        helper.make_node(
-            "Loop", ["trip", "", "spin_start"], ["spun"], body=_spin_body(size)
-        ),
+        helper.make_node("Loop", ["trip", "", "spin_start"], ["spun"], body=_spin_body(size)),
         # y = x + 0 * sum(spun): the value is x, but y data-depends on the
         # loop, so no optimizer may drop it and the caller waits for it.
         helper.make_node("ReduceSum", ["spun"], ["spun_sum"], keepdims=0),
@@ -159,9 +157,7 @@ def write_identity_model(path: Path, dtype_name: str) -> None:
         elem_type = KSERVE_TO_ONNX[dtype_name]
     except KeyError:
         known = ", ".join(IDENTITY_DTYPES)
-        raise ValueError(
-            f"unsupported datatype {dtype_name!r}; use one of {known}"
-        ) from None
+        raise ValueError(f"unsupported datatype {dtype_name!r}; use one of {known}") from None
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
         f"identity_{dtype_name.lower()}",

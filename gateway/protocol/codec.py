@@ -34,9 +34,7 @@ def decode_infer(request: pb.ModelInferRequest, deadline: float | None) -> WireR
         has_contents = t.HasField("contents")
         if raw:
             if has_contents:
-                raise InvalidInput(
-                    f"input {t.name[:80]!r}: sets contents while the request uses raw_input_contents"
-                )
+                raise InvalidInput(f"input {t.name[:80]!r}: sets contents while the request uses raw_input_contents")
             inputs.append(WireInput(t.name, t.datatype, list(t.shape), raw=raw[index]))
         else:
             inputs.append(WireInput(t.name, t.datatype, list(t.shape), contents=t.contents if has_contents else None))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
-
-from grpc import aio
+from typing import Any, TypeAlias
 
 from gateway import __version__
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, ModelNotFound
+from gateway.errors import GatewayError, InvalidInput, ModelNotFound, PermissionDenied
 from gateway.protocol import codec
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
@@ -18,7 +16,8 @@ from gateway.protocol.status import status_for
 from gateway.registry import PLATFORM, LoadedVersion, Registry
 from gateway.runtime import TensorSpec
 
-Context = aio.ServicerContext[Any, Any]
+# grpc ships no type hints; this is a grpc.aio.ServicerContext.
+Context: TypeAlias = Any
 SERVER_NAME = "release-gateway"
 EXTENSIONS = ["model_repository", "statistics", "streaming", "release"]
 
@@ -75,9 +74,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=loaded.ready and not self.dataplane.draining)
 
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: Context
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
@@ -108,9 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: Context
-    ) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if request.name:
             if request.version:
                 selected = [self.registry.get(request.name, request.version)]
@@ -123,9 +118,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             selected = list(self.registry)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in selected])
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: Context
-    ) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         models = [
             pb.RepositoryIndexResponse.ModelIndex(
                 name=v.name, version=v.version, state="READY" if v.ready else "UNAVAILABLE"
@@ -147,8 +140,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _admin_refused() -> GatewayError:
-    from gateway.errors import PermissionDenied
-
     return PermissionDenied(
         "loading and unloading models are admin actions, served only by the control API on its own port"
     )

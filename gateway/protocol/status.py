@@ -38,7 +38,7 @@ GENERIC_MESSAGE = "internal error (details are in the gateway log)"
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message the caller sees for an exception."""
     for cls in type(exc).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, GENERIC_MESSAGE
@@ -80,7 +80,7 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return guarded
 
 
-class ErrorMappingInterceptor(aio.ServerInterceptor):
+class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every handler once (cached per method) with the mapping above."""
 
     def __init__(self) -> None:

@@ -1,0 +1,125 @@
+"""Starting real gateways for tests: in a background thread or as a subprocess.
+
+Nothing here fakes the server: both ways run the same Gateway the CLI runs,
+on 127.0.0.1 with a port the OS picks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewaySettings
+from gateway.server import Gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    loop: asyncio.AbstractEventLoop
+    address: str
+    port: int
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's own loop (to inspect or steer it)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextmanager
+def gateway_in_thread(models: Path = MODELS, **settings: Any) -> Iterator[Running]:
+    settings.setdefault("port", 0)
+    settings.setdefault("metrics_port", -1)
+    settings.setdefault("provider", "cpu")
+    config = GatewaySettings(models=models, **settings)
+    loop = asyncio.new_event_loop()
+    gateway = Gateway(config)
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(gateway.start())
+        except BaseException as exc:  # report start failures to the test thread
+            failure.append(exc)
+            started.set()
+            return
+        started.set()
+        loop.run_until_complete(gateway.wait_stopped())
+
+    thread = threading.Thread(target=run, name="gateway", daemon=True)
+    thread.start()
+    started.wait(60)
+    if failure:
+        raise failure[0]
+    try:
+        yield Running(gateway, loop, f"127.0.0.1:{gateway.port}", gateway.port)
+    finally:
+        if not gateway._stopped.is_set():
+            asyncio.run_coroutine_threadsafe(gateway.drain(2.0), loop).result(30)
+        thread.join(30)
+        loop.close()
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[str]
+    address: str
+    port: int
+    lines: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def gateway_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", *args]
+
+
+@contextmanager
+def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Iterator[Process]:
+    """`gateway serve ...` as a subprocess; waits for its `listening on` line."""
+    cmd = gateway_command("serve", "--port", "0", "--metrics-port", "-1", "--provider", "cpu", *args)
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=merged, cwd=ROOT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    match = None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = LISTENING.search(line)
+        if match:
+            break
+    if match is None:
+        proc.kill()
+        raise AssertionError("gateway did not start:\n" + "".join(lines))
+    # Keep draining output so the child never blocks on a full pipe.
+    threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True).start()
+    running = Process(proc, f"{match.group(1)}:{match.group(2)}", int(match.group(2)), lines)
+    try:
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
