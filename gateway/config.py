@@ -22,6 +22,7 @@ ProviderMode = Literal["auto", "cuda", "cpu"]
 ExecutionMode = Literal["auto", "inline", "thread"]
 CompareKind = Literal["classification", "regression"]
 LoopKind = Literal["uvloop", "asyncio"]
+BatchingMode = Literal["spec", "off"]
 
 ENV_PREFIX = "GATEWAY_"
 MIB = 1 << 20
@@ -45,6 +46,8 @@ class GatewaySettings:
     grace_s: float = 10.0
     log_level: str = "INFO"
     loop: LoopKind = "uvloop"
+    # "spec": dynamic batching as each model's spec says; "off": one run per request.
+    batching: BatchingMode = "spec"
     # onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
     intra_op_threads: int = 0
     # Names of models to load; empty loads every model in the repository.
@@ -53,6 +56,7 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         _check_choice("provider", self.provider, ProviderMode)
         _check_choice("loop", self.loop, LoopKind)
+        _check_choice("batching", self.batching, BatchingMode)
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):

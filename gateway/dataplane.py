@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from gateway.errors import Draining, GatewayError, InvalidInput
+from gateway.errors import Draining, InvalidInput
+from gateway.metrics import outcome_of
 from gateway.registry import Registry
 from gateway.types import InferResponse, WireRequest
 from gateway.validation import build_inputs, check_outputs
@@ -25,14 +27,23 @@ class DataPlane:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (used by the drain)."""
+        await self._idle.wait()
 
     async def infer(self, req: WireRequest) -> InferResponse:
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         loaded = self.registry.get(req.model, req.version)
         start = time.perf_counter_ns()
-        ok = False
+        error: BaseException | None = None
         batch = 1
+        self.inflight += 1
+        self._idle.clear()
         try:
             model = loaded.model
             if req.outputs:
@@ -42,13 +53,19 @@ class DataPlane:
             results = await loaded.executor.submit(feeds, batch, req.deadline, timeout_s)
             if req.outputs:
                 wanted = set(req.outputs)
-                outputs = {n: a for n, a in zip(model.output_names, results, strict=False) if n in wanted}
+                outputs = {n: a for n, a in zip(model.output_names, results, strict=True) if n in wanted}
             else:
-                outputs = dict(zip(model.output_names, results, strict=False))
-            ok = True
+                outputs = dict(zip(model.output_names, results, strict=True))
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            loaded.stats.record_request(ok, time.perf_counter_ns() - start, batch)
+            self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
+            elapsed = time.perf_counter_ns() - start
+            loaded.stats.record_request(error is None, elapsed, batch)
+            if loaded.metrics is not None:
+                loaded.metrics.count(outcome_of(error))
+                loaded.metrics.request_seconds.observe(elapsed / 1e9)
         return InferResponse(req.model, loaded.version, outputs, req.id)
-
-
-__all__ = ["DataPlane", "GatewayError"]

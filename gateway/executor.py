@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.config import BatchingSpec
+from gateway.config import BatchingSpec, ExecutionMode
 from gateway.errors import DeadlineExceeded, Draining, Overloaded, QueueTimeout
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
@@ -27,10 +27,11 @@ from gateway.types import Tensors
 INLINE_BELOW_S = 150e-6
 
 
-def runs_inline(spec: BatchingSpec, model: OnnxModel) -> bool:
-    if spec.execution == "auto":
-        return not model.on_cuda and model.warmup_seconds < INLINE_BELOW_S
-    return spec.execution == "inline"
+def runs_inline(execution: ExecutionMode, model: OnnxModel, rows: int) -> bool:
+    """Where a run of `rows` rows happens: inline when it is cheaper than a thread hop."""
+    if execution == "auto":
+        return not model.on_cuda and model.estimate_seconds(rows) < INLINE_BELOW_S
+    return execution == "inline"
 
 
 class Executor(Protocol):
@@ -67,9 +68,9 @@ class DirectExecutor:
     def __init__(self, model: OnnxModel, spec: BatchingSpec, stats: VersionStats, pool: ThreadPoolExecutor) -> None:
         self.model = model
         self.stats = stats
-        self.inline = runs_inline(spec, model)
+        self.execution = spec.execution
         self._pool = pool
-        self._slots = asyncio.Semaphore(1 if self.inline else spec.instances)
+        self._slots = asyncio.Semaphore(spec.instances)
         self._max_waiting = spec.max_queue_size
         self._waiting = 0
         self._closed = False
@@ -103,7 +104,7 @@ class DirectExecutor:
             await self._slots.acquire()
         try:
             start = time.perf_counter_ns()
-            if self.inline:
+            if runs_inline(self.execution, self.model, batch):
                 outputs = self.model.run(feeds)
             else:
                 loop = asyncio.get_running_loop()

@@ -65,12 +65,13 @@ class VersionMetrics:
     compute_seconds: Histogram
     batch_size: Histogram
     _requests: Counter
+    _labels: tuple[str, str]
     _cache: dict[str, Counter]
 
     def count(self, outcome: str) -> None:
         child = self._cache.get(outcome)
         if child is None:
-            child = self._cache[outcome] = self._requests.labels(outcome=outcome)
+            child = self._cache[outcome] = self._requests.labels(*self._labels, outcome)
         child.inc()
 
 
@@ -112,7 +113,8 @@ class GatewayMetrics:
             queue_seconds=self.queue_seconds.labels(model, version),
             compute_seconds=self.compute_seconds.labels(model, version),
             batch_size=self.batch_size.labels(model, version),
-            _requests=self.requests.labels(model=model, version=version),
+            _requests=self.requests,
+            _labels=(model, version),
             _cache={},
         )
 

@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from gateway.batcher import DynamicBatcher
 from gateway.config import GatewaySettings, ModelSpec
 from gateway.errors import ModelNotFound
 from gateway.executor import DirectExecutor, Executor, runs_inline
+from gateway.metrics import GatewayMetrics, VersionMetrics
 from gateway.providers import ProviderChooser
 from gateway.repository import Repository, version_sort_key
 from gateway.runtime import OnnxModel
@@ -33,10 +35,11 @@ class LoadedVersion:
     model: OnnxModel
     executor: Executor
     stats: VersionStats = field(default_factory=VersionStats)
+    metrics: VersionMetrics | None = None
     ready: bool = True
 
 
-ExecutorFactory = Callable[[OnnxModel, ModelSpec, VersionStats], Executor]
+ExecutorFactory = Callable[[OnnxModel, ModelSpec, VersionStats, "VersionMetrics | None"], Executor]
 
 
 @dataclass(slots=True)
@@ -90,11 +93,26 @@ class Registry:
             await loaded.executor.close()
 
 
-def direct_executor_factory(pool: ThreadPoolExecutor) -> ExecutorFactory:
-    def build(model: OnnxModel, spec: ModelSpec, stats: VersionStats) -> Executor:
+def executor_factory(pool: ThreadPoolExecutor, batching: bool = True) -> ExecutorFactory:
+    """Dynamic batching where the spec enables it and the model has a batch dimension."""
+
+    def build(model: OnnxModel, spec: ModelSpec, stats: VersionStats, metrics: VersionMetrics | None) -> Executor:
+        if batching and spec.batching.enabled and spec.max_batch_size > 1:
+            return DynamicBatcher(model, spec.batching, spec.max_batch_size, stats, pool, metrics)
         return DirectExecutor(model, spec.batching, stats, pool)
 
     return build
+
+
+def describe(spec: ModelSpec, model: OnnxModel, executor: Executor) -> str:
+    execution = spec.batching.execution
+    where = {"inline": "inline on the event loop", "thread": "on threads"}.get(execution, "")
+    if execution == "auto":
+        limit = max(1, spec.max_batch_size)
+        inline_rows = [r for r in (1, 8, 64, 512) if r <= limit and runs_inline(execution, model, r)]
+        where = f"inline up to {inline_rows[-1]} rows, else threads" if inline_rows else "on threads"
+    kind = f"batching up to {spec.max_batch_size} rows" if isinstance(executor, DynamicBatcher) else "no batching"
+    return f"{kind}, {where}"
 
 
 def load_model(
@@ -103,6 +121,7 @@ def load_model(
     settings: GatewaySettings,
     chooser: ProviderChooser,
     make_executor: ExecutorFactory,
+    metrics: GatewayMetrics | None = None,
 ) -> ModelEntry:
     """Load every version of one model; raises ModelLoadError naming the file on failure."""
     spec = repository.spec(name)
@@ -110,16 +129,18 @@ def load_model(
     for version in repository.versions(name):
         files = repository.version_files(name, version)
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
-        warm = model.warm_up()
+        warm = model.warm_up(spec.max_batch_size)
         stats = VersionStats()
-        versions[version] = LoadedVersion(name, version, spec, model, make_executor(model, spec, stats), stats)
+        bound = metrics.for_version(name, version) if metrics is not None else None
+        executor = make_executor(model, spec, stats, bound)
+        versions[version] = LoadedVersion(name, version, spec, model, executor, stats, bound)
         log.info(
-            "loaded %s version %s on %s (warm-up run %.3f ms, %s)",
+            "loaded %s version %s on %s (warm-up run %.3f ms; %s)",
             name,
             version,
             model.provider,
             warm * 1e3,
-            "inline on the event loop" if runs_inline(spec.batching, model) else "on worker threads",
+            describe(spec, model, executor),
         )
     if not versions:
         raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")

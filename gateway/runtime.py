@@ -63,6 +63,7 @@ class OnnxModel:
         self.outputs = [_tensor_spec(a, path) for a in self.session.get_outputs()]
         self.output_names = [o.name for o in self.outputs]
         self.warmup_seconds = 0.0
+        self._cost: list[tuple[int, float]] = []
 
     @property
     def provider(self) -> str:
@@ -88,16 +89,38 @@ class OnnxModel:
         outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
         return outputs
 
-    def warm_up(self, batch: int = 1) -> float:
-        """Run once on zeros (the first run allocates and, on CUDA, tunes); returns a timed second run."""
+    def warm_up(self, max_batch: int) -> float:
+        """Run on zeros at batch 1 and at a larger batch; returns the timed batch-1 run.
+
+        The first run allocates (and on CUDA tunes kernels); the timed runs after
+        it give a per-row cost estimate that decides where batches run.
+        """
+        self._cost = [(1, self._timed_run(1))]
+        if max_batch > 1:
+            large = min(max_batch, 32)
+            self._cost.append((large, self._timed_run(large)))
+        self.warmup_seconds = self._cost[0][1]
+        return self.warmup_seconds
+
+    def _timed_run(self, batch: int) -> float:
         feeds = {
             spec.name: np.zeros([batch if d < 0 else d for d in spec.shape], dtype=spec.dtype) for spec in self.inputs
         }
         self.run(feeds)
-        start = time.perf_counter()
-        self.run(feeds)
-        self.warmup_seconds = time.perf_counter() - start
-        return self.warmup_seconds
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            self.run(feeds)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def estimate_seconds(self, rows: int) -> float:
+        """Linear cost model from the warm-up runs (fixed overhead + per-row cost)."""
+        if len(self._cost) < 2:
+            return self._cost[0][1] * rows if self._cost else 0.0
+        (b1, t1), (b2, t2) = self._cost
+        per_row = max(0.0, (t2 - t1) / (b2 - b1))
+        return t1 + per_row * (rows - b1)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ receives what it needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -30,7 +31,7 @@ from gateway.protocol.pb.pool import POOL
 from gateway.protocol.servicer import InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
 from gateway.providers import ProviderChooser
-from gateway.registry import Registry, direct_executor_factory, load_model
+from gateway.registry import Registry, executor_factory, load_model
 from gateway.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,16 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor) -> Registry:
+def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor, metrics: GatewayMetrics) -> Registry:
     repository = Repository(settings.models)
     names = list(settings.load) or repository.model_names()
     if not names:
         raise ConfigError(f"models: no models under {repository.root} (expected <name>/<version>/model.onnx)")
     chooser = ProviderChooser(settings.provider)
     registry = Registry()
-    make_executor = direct_executor_factory(pool)
+    make_executor = executor_factory(pool, batching=settings.batching == "spec")
     for name in names:
-        registry.add(load_model(repository, name, settings, chooser, make_executor))
+        registry.add(load_model(repository, name, settings, chooser, make_executor, metrics))
     if chooser.cuda_reason and settings.provider == "auto":
         log.info("running on the CPU: %s", chooser.cuda_reason)
     return registry
@@ -74,12 +75,12 @@ class Gateway:
 
     async def start(self) -> int:
         s = self.settings
-        loop = asyncio.get_running_loop()
-        # Loading is blocking (files, session build, warm-up); keep the loop free.
-        self.registry = registry = await loop.run_in_executor(None, build_registry, s, self._pool)
-        self.dataplane = DataPlane(registry)
         metrics_registry = CollectorRegistry()
         self.metrics = GatewayMetrics(metrics_registry)
+        # Loading blocks this loop (session build, warm-up), which is fine: nothing
+        # is served before it ends, and batchers must be created on this loop.
+        self.registry = registry = build_registry(s, self._pool, self.metrics)
+        self.dataplane = DataPlane(registry)
         self.metrics.watch_queues(lambda: ((v.name, v.version, v.executor.queue_depth()) for v in registry))
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -123,6 +124,9 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.dataplane is not None:
             self.dataplane.draining = True
+            # New calls now get UNAVAILABLE while those in flight are answered.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dataplane.wait_idle(), max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self.registry is not None:

@@ -1,0 +1,281 @@
+"""Dynamic batching: one batcher per loaded version.
+
+Requests queue; a single dispatcher task forms batches and runs them, at most
+`instances` at once. Event-driven: the dispatcher sleeps on an event and on
+the head request's batching delay, never on a polling interval.
+
+Every future is settled on every path:
+- result: rows sliced out of the batch's outputs (after checking the output
+  length equals the batch);
+- error: the run's exception goes to every request of the batch;
+- cancellation: a cancelled request leaves the queue at once and is never run;
+- expiry: a request whose client deadline or queue timeout passes while it
+  waits fails then (a timer per such request), and is never run;
+- shutdown: `close()` fails everything still queued.
+
+Requests whose non-batch shapes differ are never put in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.config import BatchingSpec
+from gateway.errors import Draining, ModelExecutionError, Overloaded
+from gateway.executor import expired_error, expiry, runs_inline
+from gateway.metrics import VersionMetrics
+from gateway.runtime import OnnxModel
+from gateway.stats import VersionStats
+from gateway.types import Tensors
+
+ShapeKey = tuple[tuple[int, ...], ...]
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    feeds: Tensors
+    rows: int
+    key: ShapeKey
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued: float
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+def _shape_key(feeds: Tensors) -> ShapeKey:
+    return tuple(a.shape[1:] for a in feeds.values())
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        model: OnnxModel,
+        spec: BatchingSpec,
+        max_batch_size: int,
+        stats: VersionStats,
+        pool: ThreadPoolExecutor,
+        metrics: VersionMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.stats = stats
+        self.metrics = metrics
+        self.max_rows = max_batch_size
+        self.max_queue = spec.max_queue_size
+        self.delay_s = spec.max_queue_delay_us / 1e6
+        self.preferred = tuple(sorted(s for s in spec.preferred_batch_sizes if s <= max_batch_size))
+        self.execution = spec.execution
+        self._pool = pool
+        self._queue: deque[_Pending] = deque()
+        self._rows_queued = 0
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(spec.instances)
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    # -- submission -----------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(
+        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+    ) -> list[np.ndarray]:
+        if self._closed:
+            raise Draining("the model is unloading")
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"queue full ({self.max_queue} waiting): try again later")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = _Pending(feeds, batch, _shape_key(feeds), loop.create_future(), now)
+        until, by_timeout = expiry(deadline, timeout_s, now)
+        if until is not None:
+            if until <= now:
+                raise expired_error(by_timeout)
+            item.timer = loop.call_at(loop.time() + (until - now), self._expire, item, by_timeout)
+        self._queue.append(item)
+        self._rows_queued += batch
+        self._wake.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The caller went away: free its slot now, so it is never run.
+            self._forget(item)
+            raise
+
+    def _forget(self, item: _Pending) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return  # already taken into a batch, or expired
+        self._rows_queued -= item.rows
+
+    def _expire(self, item: _Pending, by_timeout: bool) -> None:
+        item.timer = None
+        if not item.future.done():
+            self._forget(item)
+            item.future.set_exception(expired_error(by_timeout))
+
+    # -- dispatching ----------------------------------------------------------------
+
+    def _target_rows(self) -> int:
+        """Rows worth dispatching without waiting: a preferred size reached, or a full batch."""
+        reached = [p for p in self.preferred if p <= self._rows_queued]
+        return reached[-1] if reached else self.max_rows
+
+    async def _dispatch_forever(self) -> None:
+        while not self._closed:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._slots.acquire()
+            # Let handlers that are already runnable enqueue first: they join this batch.
+            await asyncio.sleep(0)
+            if self.delay_s and self._queue and self._rows_queued < self._target_rows():
+                await self._wait_for_rows(self._queue[0].enqueued + self.delay_s)
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            self._start(batch)
+
+    async def _wait_for_rows(self, until: float) -> None:
+        """Wait until the head's delay is over or enough rows are queued."""
+        while self._queue and self._rows_queued < self._target_rows():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop the head and every later request of the same shapes that fits.
+
+        The batch is capped at the largest preferred size the queue has
+        reached (else at max_batch_size); requests left behind keep their order.
+        """
+        queue = self._queue
+        if not queue:
+            return []
+        key = queue[0].key
+        limit = self._target_rows()
+        rows = 0
+        batch: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        while queue and rows < limit:
+            item = queue.popleft()
+            if item.future.done():  # cancelled or expired: never run
+                self._rows_queued -= item.rows
+                continue
+            if item.key != key or rows + item.rows > limit:
+                kept.append(item)
+                continue
+            if item.timer is not None:
+                item.timer.cancel()
+                item.timer = None
+            batch.append(item)
+            rows += item.rows
+            self._rows_queued -= item.rows
+        kept.extend(queue)
+        self._queue = kept
+        return batch
+
+    def _start(self, batch: list[_Pending]) -> None:
+        rows = sum(item.rows for item in batch)
+        feeds = self._concat(batch)
+        now = time.monotonic()
+        for item in batch:
+            waited = now - item.enqueued
+            self.stats.queue.add(int(waited * 1e9))
+            if self.metrics is not None:
+                self.metrics.queue_seconds.observe(waited)
+        if runs_inline(self.execution, self.model, rows):
+            start = time.perf_counter_ns()
+            try:
+                outputs = self.model.run(feeds)
+            except Exception as exc:
+                self._settle_error(batch, exc)
+            else:
+                self._settle(batch, rows, outputs, time.perf_counter_ns() - start)
+            finally:
+                self._slots.release()
+            return
+        task = asyncio.get_running_loop().create_task(self._run_threaded(batch, rows, feeds))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_threaded(self, batch: list[_Pending], rows: int, feeds: Tensors) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter_ns()
+        try:
+            outputs = await loop.run_in_executor(self._pool, self.model.run, feeds)
+        except Exception as exc:
+            self._settle_error(batch, exc)
+        else:
+            self._settle(batch, rows, outputs, time.perf_counter_ns() - start)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _concat(batch: list[_Pending]) -> Tensors:
+        if len(batch) == 1:
+            return batch[0].feeds
+        names = batch[0].feeds.keys()
+        return {name: np.concatenate([item.feeds[name] for item in batch]) for name in names}
+
+    def _settle(self, batch: list[_Pending], rows: int, outputs: list[np.ndarray], compute_ns: int) -> None:
+        self.stats.record_execution(rows, compute_ns)
+        if self.metrics is not None:
+            self.metrics.compute_seconds.observe(compute_ns / 1e9)
+            self.metrics.batch_size.observe(rows)
+        bad = [i for i, out in enumerate(outputs) if out.ndim == 0 or out.shape[0] != rows]
+        if bad:
+            name = self.model.output_names[bad[0]]
+            got = outputs[bad[0]].shape
+            self._settle_error(
+                batch, ModelExecutionError(f"output {name!r} has shape {got} for a batch of {rows} rows")
+            )
+            return
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            return
+        offset = 0
+        for item in batch:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result([out[offset:end] for out in outputs])
+            offset = end
+
+    @staticmethod
+    def _settle_error(batch: list[_Pending], exc: Exception) -> None:
+        error = exc if isinstance(exc, ModelExecutionError) else ModelExecutionError(f"model run failed: {exc}")
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    async def close(self) -> None:
+        """Fail what is queued, wait for running batches, stop the dispatcher."""
+        self._closed = True
+        while self._queue:
+            item = self._queue.popleft()
+            if item.timer is not None:
+                item.timer.cancel()
+            if not item.future.done():
+                item.future.set_exception(Draining("the model is unloading"))
+        self._rows_queued = 0
+        self._dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._dispatcher
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
