@@ -76,6 +76,7 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(spec.instances)
         self._running: set[asyncio.Task[None]] = set()
+        self._active = 0
         self._closed = False
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
 
@@ -83,6 +84,10 @@ class DynamicBatcher:
 
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    def running(self) -> int:
+        """Batches executing now."""
+        return self._active
 
     async def submit(
         self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
@@ -146,6 +151,7 @@ class DynamicBatcher:
             if not batch:
                 self._slots.release()
                 continue
+            self._active += 1
             self._start(batch)
 
     async def _wait_for_rows(self, until: float) -> None:
@@ -208,7 +214,7 @@ class DynamicBatcher:
             else:
                 self._settle(batch, rows, outputs, time.perf_counter_ns() - start)
             finally:
-                self._slots.release()
+                self._release()
             return
         task = asyncio.get_running_loop().create_task(self._run_threaded(batch, rows, feeds))
         self._running.add(task)
@@ -224,7 +230,11 @@ class DynamicBatcher:
         else:
             self._settle(batch, rows, outputs, time.perf_counter_ns() - start)
         finally:
-            self._slots.release()
+            self._release()
+
+    def _release(self) -> None:
+        self._active -= 1
+        self._slots.release()
 
     @staticmethod
     def _concat(batch: list[_Pending]) -> Tensors:

@@ -39,6 +39,12 @@ def main() -> None:
     type=click.Choice(["auto", "cuda", "cpu"]),
     help="auto: CUDA when usable, else CPU; cuda: refuse to start without CUDA. [default: auto]",
 )
+@click.option(
+    "--workers",
+    type=int,
+    help="Serving processes sharing the port (SO_REUSEPORT); 0: one per core on CPU, one per GPU. [default: 0]",
+)
+@click.option("--batching", type=click.Choice(["spec", "off"]), help="off: one model run per request. [default: spec]")
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
 @click.option("--grace", "grace_s", type=float, help="Seconds to answer in-flight requests on SIGTERM. [default: 10]")
@@ -68,8 +74,12 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         level=settings.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from gateway import server
+    from gateway.workers import serve_workers, worker_count
 
     try:
+        count = worker_count(settings)
+        if count > 1:
+            sys.exit(serve_workers(settings, count))
         if settings.loop == "uvloop":
             import uvloop
 

@@ -41,7 +41,7 @@ class GatewaySettings:
     port: int = 8001
     metrics_port: int = 8002  # -1 turns the metrics endpoint off
     provider: ProviderMode = "auto"
-    workers: int = 1  # 0: one per core on CPU
+    workers: int = 0  # 0: one per core on CPU, one per GPU
     max_message_bytes: int = 64 * MIB
     grace_s: float = 10.0
     log_level: str = "INFO"

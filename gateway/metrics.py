@@ -6,12 +6,9 @@ method call per observation and no label lookups.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway import errors
 
@@ -33,6 +30,7 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+QUEUE_SAMPLE_S = 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 OUTCOME_BY_ERROR: dict[type[Exception], str] = {
@@ -103,6 +101,11 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # Sampled by the server every QUEUE_SAMPLE_S; "livesum" adds the live
+        # workers' values when several processes serve one port.
+        self.queue_depth = Gauge(
+            "gateway_queue_depth", "Requests waiting to run", labels, registry=registry, multiprocess_mode="livesum"
+        )
         self.batch_size = Histogram(
             "gateway_batch_size", "Requests' rows per model run", labels, buckets=BATCH_BUCKETS, registry=registry
         )
@@ -118,17 +121,5 @@ class GatewayMetrics:
             _cache={},
         )
 
-    def watch_queues(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
-        """Export queue depth read at scrape time (exact, and free on the request path)."""
-        self.registry.register(_QueueDepth(depths))
-
-
-class _QueueDepth(Collector):
-    def __init__(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
-        self._depths = depths
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily("gateway_queue_depth", "Requests waiting to run", labels=("model", "version"))
-        for model, version, depth in self._depths():
-            family.add_metric((model, version), depth)
-        yield family
+    def set_queue_depth(self, model: str, version: str, depth: int) -> None:
+        self.queue_depth.labels(model, version).set(depth)

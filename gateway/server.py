@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from gateway.config import GatewaySettings
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb.pool import POOL
@@ -72,6 +72,8 @@ class Gateway:
         self._metrics_httpd: object | None = None
         self.registry: Registry | None = None
         self.dataplane: DataPlane | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._draining = False
 
     async def start(self) -> int:
         s = self.settings
@@ -81,7 +83,7 @@ class Gateway:
         # is served before it ends, and batchers must be created on this loop.
         self.registry = registry = build_registry(s, self._pool, self.metrics)
         self.dataplane = DataPlane(registry)
-        self.metrics.watch_queues(lambda: ((v.name, v.version, v.executor.queue_depth()) for v in registry))
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -113,12 +115,21 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
+    async def _sample_queues(self) -> None:
+        while True:
+            for v in self.registry or ():
+                self.metrics.set_queue_depth(v.name, v.version, v.executor.queue_depth())
+            await asyncio.sleep(QUEUE_SAMPLE_S)
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking work, answer what is in flight, then stop (within the grace period)."""
+        if self._draining:
+            return await self.wait_stopped()
+        self._draining = True
         grace = self.settings.grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -131,6 +142,8 @@ class Gateway:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self.registry is not None:
             await self.registry.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -145,6 +158,8 @@ class Gateway:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self._draining:
+            return
         log.info("%s received: draining (grace %.1f s)", sig.name, self.settings.grace_s)
         asyncio.get_running_loop().create_task(self.drain())
 
