@@ -111,8 +111,12 @@ class ReleaseSpec:
     canary: str = ""
     canary_weight_bp: int = 0
     shadows: Mapping[str, float] = field(default_factory=dict)
+    # Fraction of canary requests also run on the stable version (for agreement figures).
+    canary_compare_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.canary_compare_fraction <= 1.0:
+            raise ConfigError("release.canary_compare_fraction: must be in 0..1")
         if not 0 <= self.canary_weight_bp <= 10_000:
             raise ConfigError(f"release.canary_weight_bp: must be in 0..10000, got {self.canary_weight_bp}")
         for version, fraction in self.shadows.items():

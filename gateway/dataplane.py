@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+
 from gateway.errors import Draining, InvalidInput
 from gateway.metrics import outcome_of
 from gateway.registry import Registry
-from gateway.types import InferResponse, WireRequest
+from gateway.release_plane import ReleasePlane, routing_key
+from gateway.types import InferResponse, Tensors, WireRequest
 from gateway.validation import build_inputs, check_outputs
 
 
@@ -24,8 +27,9 @@ def _timeout_s(req: WireRequest, default_us: int) -> float | None:
 
 
 class DataPlane:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, releases: ReleasePlane) -> None:
         self.registry = registry
+        self.releases = releases
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -38,10 +42,13 @@ class DataPlane:
     async def infer(self, req: WireRequest) -> InferResponse:
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
-        loaded = self.registry.get(req.model, req.version)
+        key = routing_key(req.parameters, req.id)
+        loaded, role, state = self.releases.route(req.model, req.version, key)
         start = time.perf_counter_ns()
         error: BaseException | None = None
         batch = 1
+        feeds: Tensors | None = None
+        results: list[np.ndarray] | None = None
         self.inflight += 1
         self._idle.clear()
         try:
@@ -68,4 +75,9 @@ class DataPlane:
             if loaded.metrics is not None:
                 loaded.metrics.count(outcome_of(error))
                 loaded.metrics.request_seconds.observe(elapsed / 1e9)
-        return InferResponse(req.model, loaded.version, outputs, req.id)
+            # Invalid input says nothing about the version; everything after validation does.
+            if feeds is not None:
+                self.releases.record(
+                    loaded, role, state, req.id, error is None, elapsed / 1e9, batch, feeds, results, req.deadline
+                )
+        return InferResponse(req.model, loaded.version, outputs, req.id, {"role": role})

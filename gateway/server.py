@@ -32,6 +32,7 @@ from gateway.protocol.servicer import InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
 from gateway.providers import ProviderChooser
 from gateway.registry import Registry, executor_factory, load_model
+from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class Gateway:
         self.settings = settings
         self.port = 0
         self.metrics_port = -1
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ort")
+        # Threads start lazily; every batcher caps its own batches in flight
+        # (`instances`), so the pool never queues one version behind another.
+        self._pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="ort")
         self._server: aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._stopped = asyncio.Event()
@@ -82,7 +85,8 @@ class Gateway:
         # Loading blocks this loop (session build, warm-up), which is fine: nothing
         # is served before it ends, and batchers must be created on this loop.
         self.registry = registry = build_registry(s, self._pool, self.metrics)
-        self.dataplane = DataPlane(registry)
+        self.releases = ReleasePlane(registry)
+        self.dataplane = DataPlane(registry, self.releases)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),

@@ -110,12 +110,18 @@ def _spin_body(size: int) -> onnx.GraphProto:
     )
 
 
-def write_spin_model(path: Path, size: int = 64) -> None:
+def write_spin_model(
+    path: Path, size: int = 64, trip_scale: int = 1, trip_offset: int = 0, fault: str | None = None
+) -> None:
     """x FP32 [batch,4], spin INT64 [batch,1] -> y FP32 [batch,4] == x.
 
-    The graph runs max(spin) iterations of a (size x size) MatMul before
-    producing y, so a test controls compute time through the ``spin`` input
-    (spin=0 runs the loop zero times).
+    The graph runs max(spin) * trip_scale + trip_offset iterations of a
+    (size x size) MatMul before producing y, so a test controls compute time
+    through the ``spin`` input (spin=0 runs the loop zero times by default).
+
+    ``fault`` makes a misbehaving version with the same inputs, for shadow
+    tests: "raise" fails at run time (an out-of-range Gather index), "garbage"
+    answers y with the wrong shape [batch, 5].
     """
     # A cyclic permutation matrix: the MatMul does full work each iteration,
     # but the carried values are only reordered, so they never overflow to
@@ -124,16 +130,37 @@ def write_spin_model(path: Path, size: int = 64) -> None:
     start = np.linspace(-1.0, 1.0, size * size, dtype=np.float32).reshape(size, size)
     nodes = [
         # No axes attribute: reduce over everything to a scalar trip count.
-        helper.make_node("ReduceMax", ["spin"], ["trip"], keepdims=0),
+        helper.make_node("ReduceMax", ["spin"], ["max_spin"], keepdims=0),
+        helper.make_node("Mul", ["max_spin", "trip_scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "trip_offset"], ["trip"]),
         # An empty cond input makes Loop a plain for-loop over `trip`.
         helper.make_node("Loop", ["trip", "", "spin_start"], ["spun"], body=_spin_body(size)),
         # y = x + 0 * sum(spun): the value is x, but y data-depends on the
         # loop, so no optimizer may drop it and the caller waits for it.
         helper.make_node("ReduceSum", ["spun"], ["spun_sum"], keepdims=0),
         helper.make_node("Mul", ["spun_sum", "zero"], ["nothing"]),
-        helper.make_node("Add", ["x", "nothing"], ["y"]),
+        helper.make_node("Add", ["x", "nothing"], ["y" if fault is None else "x_out"]),
     ]
+    y_shape: list[int | str] = [BATCH, 4]
+    fault_inits = []
+    if fault == "raise":
+        nodes.append(helper.make_node("Gather", ["x_out", "bad_index"], ["y"], axis=1))
+        fault_inits.append(numpy_helper.from_array(np.array([0, 1, 2, 10], dtype=np.int64), "bad_index"))
+    elif fault == "garbage":
+        nodes.append(helper.make_node("Concat", ["x_out", "x_out"], ["wide"], axis=1))
+        nodes.append(helper.make_node("Slice", ["wide", "slice_start", "slice_end", "slice_axis"], ["y"]))
+        fault_inits += [
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "slice_start"),
+            numpy_helper.from_array(np.array([5], dtype=np.int64), "slice_end"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "slice_axis"),
+        ]
+        y_shape = [BATCH, 5]
+    elif fault is not None:
+        raise ValueError(f"unknown fault {fault!r}")
     inits = [
+        *fault_inits,
+        numpy_helper.from_array(np.array(trip_scale, dtype=np.int64), "trip_scale"),
+        numpy_helper.from_array(np.array(trip_offset, dtype=np.int64), "trip_offset"),
         numpy_helper.from_array(permutation, "spin_matrix"),
         numpy_helper.from_array(start, "spin_start"),
         numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
@@ -145,7 +172,7 @@ def write_spin_model(path: Path, size: int = 64) -> None:
             _value("x", TensorProto.FLOAT, [BATCH, 4]),
             _value("spin", TensorProto.INT64, [BATCH, 1]),
         ],
-        [_value("y", TensorProto.FLOAT, [BATCH, 4])],
+        [_value("y", TensorProto.FLOAT, y_shape)],
         initializer=inits,
     )
     _save(graph, path)

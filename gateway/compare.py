@@ -1,0 +1,181 @@
+"""Statistics that compare model versions: per-version windows and per-pair differences.
+
+Pure and mergeable: every structure here is plain counts and sums, so the
+windows of several worker processes add up to the window of all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.config import CompareSpec
+
+# Latency histogram: log-spaced buckets from 10 us to ~100 s, 5% apart, so
+# percentiles are exact to within 5% and a window is a fixed-size count array.
+_LOW_S = 1e-5
+_RATIO = 1.05
+_BUCKETS = int(math.log(1e7) / math.log(_RATIO)) + 2
+_LOG_RATIO = math.log(_RATIO)
+
+
+def _bucket(seconds: float) -> int:
+    if seconds <= _LOW_S:
+        return 0
+    return min(_BUCKETS - 1, 1 + int(math.log(seconds / _LOW_S) / _LOG_RATIO))
+
+
+@dataclass(slots=True)
+class LatencyHistogram:
+    counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    total: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.counts[_bucket(seconds)] += 1
+        self.total += 1
+
+    def merge(self, other: LatencyHistogram) -> None:
+        for i, c in enumerate(other.counts):
+            if c:
+                self.counts[i] += c
+        self.total += other.total
+
+    def quantile(self, q: float) -> float:
+        """Upper edge of the bucket holding the q-quantile (seconds); 0 when empty."""
+        if not self.total:
+            return 0.0
+        rank = q * self.total
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return _LOW_S * _RATIO**i
+        return _LOW_S * _RATIO ** (_BUCKETS - 1)
+
+
+@dataclass(slots=True)
+class VersionWindow:
+    """What one version did in a window: requests, errors, latency, and labels joined."""
+
+    requests: int = 0
+    errors: int = 0
+    rows: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    labelled: int = 0  # rows with ground truth
+    correct: int = 0  # classification: rows whose top-1 equals the label
+    abs_error: float = 0.0  # regression: sum of |prediction - label|
+
+    def record(self, ok: bool, seconds: float, rows: int) -> None:
+        self.requests += 1
+        if ok:
+            self.rows += rows
+            self.latency.add(seconds)
+        else:
+            self.errors += 1
+
+    def merge(self, other: VersionWindow) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.rows += other.rows
+        self.latency.merge(other.latency)
+        self.labelled += other.labelled
+        self.correct += other.correct
+        self.abs_error += other.abs_error
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.labelled if self.labelled else float("nan")
+
+
+@dataclass(slots=True)
+class PairWindow:
+    """A candidate (shadow or canary) against the stable version, on the same requests."""
+
+    requests: int = 0
+    rows: int = 0
+    agree: int = 0  # rows with the same top-1 (classification)
+    within_tolerance: int = 0  # rows whose outputs are allclose(atol, rtol)
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    elements: int = 0
+    sq_diff: float = 0.0
+    sq_base: float = 0.0
+    latency_diff_s: float = 0.0  # sum of candidate - stable latency
+
+    def merge(self, other: PairWindow) -> None:
+        self.requests += other.requests
+        self.rows += other.rows
+        self.agree += other.agree
+        self.within_tolerance += other.within_tolerance
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_abs += other.sum_abs
+        self.elements += other.elements
+        self.sq_diff += other.sq_diff
+        self.sq_base += other.sq_base
+        self.latency_diff_s += other.latency_diff_s
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / self.rows if self.rows else float("nan")
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.elements if self.elements else float("nan")
+
+    @property
+    def relative_l2(self) -> float:
+        if not self.elements:
+            return float("nan")
+        return math.sqrt(self.sq_diff) / math.sqrt(self.sq_base) if self.sq_base else math.sqrt(self.sq_diff)
+
+    @property
+    def mean_latency_diff_s(self) -> float:
+        return self.latency_diff_s / self.requests if self.requests else float("nan")
+
+
+def top1(output: np.ndarray) -> np.ndarray:
+    """Predicted class per row: argmax over the last axis (or the value itself for 1-D labels)."""
+    if output.ndim <= 1:
+        return output.reshape(-1)
+    result: np.ndarray = np.argmax(output.reshape(output.shape[0], -1), axis=1)
+    return result
+
+
+def compare_outputs(
+    pair: PairWindow, baseline: np.ndarray, candidate: np.ndarray, spec: CompareSpec, latency_diff_s: float
+) -> None:
+    """Add one request's comparison to `pair`. Shapes must match (the caller checks)."""
+    rows = baseline.shape[0] if baseline.ndim else 1
+    base = baseline.astype(np.float64, copy=False).reshape(rows, -1)
+    cand = candidate.astype(np.float64, copy=False).reshape(rows, -1)
+    diff = np.abs(cand - base)
+    pair.requests += 1
+    pair.rows += rows
+    if spec.kind == "classification":
+        pair.agree += int(np.count_nonzero(top1(baseline) == top1(candidate)))
+    close = diff <= spec.atol + spec.rtol * np.abs(base)
+    pair.within_tolerance += int(np.count_nonzero(close.all(axis=1)))
+    if diff.size:
+        pair.max_abs = max(pair.max_abs, float(diff.max()))
+    pair.sum_abs += float(diff.sum())
+    pair.elements += diff.size
+    pair.sq_diff += float(np.square(diff).sum())
+    pair.sq_base += float(np.square(base).sum())
+    pair.latency_diff_s += latency_diff_s
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (fixed-sample; for reports, not decisions)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

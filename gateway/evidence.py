@@ -1,0 +1,199 @@
+"""What the gateway has seen of each version: windows, pairs, predictions and labels.
+
+One `ModelEvidence` per logical model. The data plane records into it; the
+report (and the promotion engine) read it. Everything is counts and sums, so
+windows merge across worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.compare import PairWindow, VersionWindow, compare_outputs, top1, wilson_interval
+from gateway.config import CompareSpec
+from gateway.errors import InvalidInput
+
+
+@dataclass(slots=True)
+class Prediction:
+    version: str
+    role: str
+    values: np.ndarray  # per row: top-1 class (classification) or first output value (regression)
+
+
+@dataclass(slots=True)
+class _Logged:
+    at: float
+    predictions: list[Prediction]
+
+
+class PredictionLog:
+    """Recent predictions by request id, capped in size and age, so labels can be joined later."""
+
+    def __init__(
+        self, max_entries: int = 100_000, max_age_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._entries: OrderedDict[str, _Logged] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, request_id: str, prediction: Prediction) -> None:
+        now = self._clock()
+        entry = self._entries.get(request_id)
+        if entry is None:
+            self._entries[request_id] = _Logged(now, [prediction])
+        else:
+            entry.predictions.append(prediction)
+        self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        entries = self._entries
+        while entries and (len(entries) > self.max_entries or now - next(iter(entries.values())).at > self.max_age_s):
+            entries.popitem(last=False)
+            self.evicted += 1
+
+    def take(self, request_id: str) -> list[Prediction] | None:
+        """Remove and return the predictions made for a request id (None: unknown or expired)."""
+        self._evict(self._clock())
+        entry = self._entries.pop(request_id, None)
+        return None if entry is None else entry.predictions
+
+
+def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "classification":
+        return top1(output)
+    rows = output.shape[0] if output.ndim else 1
+    return output.reshape(rows, -1)[:, 0].astype(np.float64)
+
+
+@dataclass(slots=True)
+class FeedbackResult:
+    joined: int = 0
+    unknown: int = 0
+
+
+@dataclass
+class ModelEvidence:
+    model: str
+    spec: CompareSpec
+    output_index: int  # which model output is compared and labelled
+    log: PredictionLog = field(default_factory=PredictionLog)
+    windows: dict[str, VersionWindow] = field(default_factory=dict)
+    pairs: dict[str, PairWindow] = field(default_factory=dict)  # candidate version -> vs stable
+    feedback_joined: int = 0
+    feedback_unknown: int = 0
+    started: float = field(default_factory=time.time)
+
+    def window(self, version: str) -> VersionWindow:
+        w = self.windows.get(version)
+        if w is None:
+            w = self.windows[version] = VersionWindow()
+        return w
+
+    def record_request(self, version: str, ok: bool, seconds: float, rows: int) -> None:
+        self.window(version).record(ok, seconds, rows)
+
+    def record_prediction(self, request_id: str, version: str, role: str, outputs: Sequence[np.ndarray]) -> None:
+        if request_id:
+            values = prediction_values(outputs[self.output_index], self.spec.kind)
+            self.log.record(request_id, Prediction(version, role, values))
+
+    def record_pair(
+        self, candidate: str, baseline: Sequence[np.ndarray], other: Sequence[np.ndarray], latency_diff_s: float
+    ) -> bool:
+        """Compare a candidate's outputs with the stable's on one request; False when shapes differ."""
+        base, cand = baseline[self.output_index], other[self.output_index]
+        if base.shape != cand.shape:
+            return False
+        pair = self.pairs.get(candidate)
+        if pair is None:
+            pair = self.pairs[candidate] = PairWindow()
+        compare_outputs(pair, base, cand, self.spec, latency_diff_s)
+        return True
+
+    def feedback(self, request_id: str, labels: Sequence[float]) -> bool:
+        """Join labels (one per row) with every prediction made for the request id."""
+        predictions = self.log.take(request_id)
+        if predictions is None:
+            self.feedback_unknown += 1
+            return False
+        truth = np.asarray(labels, dtype=np.float64)
+        for p in predictions:
+            if p.values.shape[0] != truth.shape[0]:
+                raise InvalidInput(
+                    f"feedback for {request_id!r}: {truth.shape[0]} labels for a request of {p.values.shape[0]} rows"
+                )
+            w = self.window(p.version)
+            w.labelled += truth.shape[0]
+            if self.spec.kind == "classification":
+                w.correct += int(np.count_nonzero(p.values == truth))
+            else:
+                w.abs_error += float(np.abs(p.values - truth).sum())
+        self.feedback_joined += 1
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class VersionReport:
+    version: str
+    role: str
+    requests: int
+    errors: int
+    error_rate: float
+    p50_ms: float
+    p99_ms: float
+    labelled: int
+    accuracy: float  # classification; NaN without labels
+    accuracy_low: float
+    accuracy_high: float
+    mean_abs_error: float  # regression; NaN without labels
+    compared_rows: int  # rows compared with the stable version on the same requests
+    agreement: float
+    within_tolerance: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    relative_l2: float
+    latency_diff_ms: float
+
+
+def version_report(version: str, role: str, w: VersionWindow, pair: PairWindow | None) -> VersionReport:
+    low, high = wilson_interval(w.correct, w.labelled)
+    p = pair or PairWindow()
+    return VersionReport(
+        version=version,
+        role=role,
+        requests=w.requests,
+        errors=w.errors,
+        error_rate=w.error_rate,
+        p50_ms=w.latency.quantile(0.5) * 1e3,
+        p99_ms=w.latency.quantile(0.99) * 1e3,
+        labelled=w.labelled,
+        accuracy=w.accuracy,
+        accuracy_low=low,
+        accuracy_high=high,
+        mean_abs_error=w.abs_error / w.labelled if w.labelled else math.nan,
+        compared_rows=p.rows,
+        agreement=p.agreement,
+        within_tolerance=p.within_tolerance / p.rows if p.rows else math.nan,
+        max_abs_diff=p.max_abs if p.rows else math.nan,
+        mean_abs_diff=p.mean_abs,
+        relative_l2=p.relative_l2,
+        latency_diff_ms=p.mean_latency_diff_s * 1e3,
+    )
+
+
+def model_report(evidence: ModelEvidence, roles: Mapping[str, str]) -> list[VersionReport]:
+    """One row per version that has a role or has been seen."""
+    versions = sorted(set(roles) | set(evidence.windows), key=lambda v: (not v.isdigit(), v.zfill(12)))
+    return [version_report(v, roles.get(v, "idle"), evidence.window(v), evidence.pairs.get(v)) for v in versions]

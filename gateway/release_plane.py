@@ -1,0 +1,188 @@
+"""The release plane beside the request path: route, record, mirror, join labels, report.
+
+The data plane asks it which version serves a request and tells it what
+happened; everything that compares versions lives here, so the request path
+stays a short sequence of calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.errors import InvalidInput
+from gateway.evidence import ModelEvidence, VersionReport, model_report
+from gateway.registry import LoadedVersion, Registry
+from gateway.release import ReleaseState, ReleaseTable, initial_state
+from gateway.routing import Role
+from gateway.shadow import ShadowLane
+from gateway.types import ParamValue, Tensors
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    release: ReleaseState
+    versions: list[VersionReport]
+    window_s: float
+    feedback_joined: int
+    feedback_unknown: int
+    predictions_logged: int
+    shadows: dict[str, dict[str, int]]  # version -> counters (+ circuit state)
+
+
+def routing_key(parameters: dict[str, ParamValue], request_id: str) -> str | None:
+    key = parameters.get("routing_key")
+    if key is None:
+        return request_id or None
+    if not isinstance(key, str):
+        raise InvalidInput("parameter 'routing_key' must be a string (string_param)")
+    return key
+
+
+class ReleasePlane:
+    def __init__(self, registry: Registry, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self.rng = rng or random.Random()
+        self.table = ReleaseTable(lambda model: set(registry.entry(model).versions))
+        self.evidence: dict[str, ModelEvidence] = {}
+        self._lanes: dict[tuple[str, str], ShadowLane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        for name in registry.names():
+            entry = registry.entry(name)
+            state = initial_state(name, entry.spec, entry.versions, entry.default_version)
+            self.table.install(state)
+            stable = entry.versions[state.stable].model
+            compare = entry.spec.compare
+            index = stable.output_names.index(compare.output) if compare.output else 0
+            self.evidence[name] = ModelEvidence(name, compare, index)
+
+    # -- the request path ---------------------------------------------------------------
+
+    def route(self, model: str, version: str, key: str | None) -> tuple[LoadedVersion, Role, ReleaseState | None]:
+        if version:
+            return self.registry.get(model, version), "pinned", None
+        state = self.table.get(model)
+        chosen, role = state.split.choose(key, self.rng)
+        return self.registry.get(model, chosen), role, state
+
+    def record(
+        self,
+        loaded: LoadedVersion,
+        role: Role,
+        state: ReleaseState | None,
+        request_id: str,
+        ok: bool,
+        seconds: float,
+        rows: int,
+        feeds: Tensors | None = None,
+        outputs: Sequence[np.ndarray] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        evidence = self.evidence[loaded.name]
+        evidence.record_request(loaded.version, ok, seconds, rows)
+        if not ok or outputs is None or feeds is None:
+            return
+        evidence.record_prediction(request_id, loaded.version, role, outputs)
+        if state is None:
+            return  # pinned requests take no part in the release
+        if role == "stable":
+            for version, fraction in state.shadows.items():
+                if fraction >= 1.0 or self.rng.random() < fraction:
+                    self._mirror_shadow(loaded.name, version, feeds, rows, deadline, request_id, outputs, seconds)
+        elif role == "canary" and self.rng.random() < state.canary_compare_fraction:
+            self._dual_run(loaded.name, state.stable, loaded.version, feeds, rows, deadline, outputs, seconds)
+
+    def lane(self, model: str, version: str) -> ShadowLane:
+        lane = self._lanes.get((model, version))
+        if lane is None:
+            lane = self._lanes[(model, version)] = ShadowLane(self.registry.get(model, version).executor)
+        return lane
+
+    def _mirror_shadow(
+        self,
+        model: str,
+        version: str,
+        feeds: Tensors,
+        rows: int,
+        deadline: float | None,
+        request_id: str,
+        primary: Sequence[np.ndarray],
+        primary_s: float,
+    ) -> None:
+        evidence = self.evidence[model]
+
+        def on_result(outputs: list[np.ndarray], seconds: float) -> bool:
+            if not evidence.record_pair(version, primary, outputs, seconds - primary_s):
+                evidence.record_request(version, False, seconds, rows)
+                return False  # wrong shape: a failure, not evidence
+            evidence.record_request(version, True, seconds, rows)
+            evidence.record_prediction(request_id, version, "shadow", outputs)
+            return True
+
+        self.lane(model, version).mirror(feeds, rows, deadline, on_result, self._tasks)
+
+    def _dual_run(
+        self,
+        model: str,
+        stable: str,
+        canary: str,
+        feeds: Tensors,
+        rows: int,
+        deadline: float | None,
+        canary_outputs: Sequence[np.ndarray],
+        canary_s: float,
+    ) -> None:
+        evidence = self.evidence[model]
+
+        def on_result(outputs: list[np.ndarray], seconds: float) -> bool:
+            return evidence.record_pair(canary, outputs, canary_outputs, canary_s - seconds)
+
+        self.lane(model, stable).mirror(feeds, rows, deadline, on_result, self._tasks)
+
+    # -- labels and reports -------------------------------------------------------------
+
+    def feedback(self, model: str, request_id: str, labels: Sequence[float]) -> bool:
+        if not request_id:
+            raise InvalidInput("feedback needs the request id the prediction was made for")
+        if not labels:
+            raise InvalidInput(f"feedback for {request_id!r} has no labels")
+        self.table.get(model)  # NOT_FOUND for an unknown model
+        return self.evidence[model].feedback(request_id, labels)
+
+    def report(self, model: str) -> ModelReport:
+        state = self.table.get(model)
+        evidence = self.evidence[model]
+        roles = {v: state.role_of(v) for v in [state.stable, state.canary, *state.shadows] if v}
+        shadows = {}
+        for (name, version), lane in self._lanes.items():
+            if name == model:
+                c = lane.counters
+                shadows[version] = {
+                    "mirrored": c.mirrored,
+                    "dropped": c.dropped,
+                    "failed": c.failed,
+                    "timed_out": c.timed_out,
+                    "completed": c.completed,
+                    "pending": lane.pending,
+                    "circuit_open": int(lane.breaker.is_open),
+                    "circuit_opened": lane.breaker.opened,
+                }
+        return ModelReport(
+            release=state,
+            versions=model_report(evidence, roles),
+            window_s=time.time() - evidence.started,
+            feedback_joined=evidence.feedback_joined,
+            feedback_unknown=evidence.feedback_unknown,
+            predictions_logged=len(evidence.log),
+            shadows=shadows,
+        )
+
+    async def idle(self) -> None:
+        """Wait for outstanding shadow copies (tests, and a clean drain)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
