@@ -34,6 +34,10 @@ def main() -> None:
 @click.option("--host", help="Address to listen on. [default: 127.0.0.1]")
 @click.option("--port", type=int, help="Inference port; 0 picks a free one. [default: 8001]")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks one, -1: off. [default: 8002]")
+@click.option("--control-host", help="Address of the release-engineering API. [default: 127.0.0.1]")
+@click.option(
+    "--control-port", type=int, help="Port of the release-engineering API; 0 picks one, -1: off. [default: 8003]"
+)
 @click.option(
     "--provider",
     type=click.Choice(["auto", "cuda", "cpu"]),

@@ -40,6 +40,9 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 8002  # -1 turns the metrics endpoint off
+    # The release-engineering API listens apart from inference, on loopback by default.
+    control_host: str = "127.0.0.1"
+    control_port: int = 8003  # -1 turns it off
     provider: ProviderMode = "auto"
     workers: int = 0  # 0: one per core on CPU, one per GPU
     max_message_bytes: int = 64 * MIB
@@ -57,7 +60,7 @@ class GatewaySettings:
         _check_choice("provider", self.provider, ProviderMode)
         _check_choice("loop", self.loop, LoopKind)
         _check_choice("batching", self.batching, BatchingMode)
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "control_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise ConfigError(f"{name}: {value} is not a valid port")

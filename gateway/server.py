@@ -22,11 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gateway.config import GatewaySettings
+from gateway.control.servicer import ReleaseServicer
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
+from gateway.protocol.pb import release_pb2_grpc
 from gateway.protocol.pb.pool import POOL
 from gateway.protocol.servicer import InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
@@ -77,6 +79,9 @@ class Gateway:
         self.dataplane: DataPlane | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._draining = False
+        self._control: aio.Server | None = None
+        self.control_port = -1
+        self.releases: ReleasePlane | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -85,8 +90,8 @@ class Gateway:
         # Loading blocks this loop (session build, warm-up), which is fine: nothing
         # is served before it ends, and batchers must be created on this loop.
         self.registry = registry = build_registry(s, self._pool, self.metrics)
-        self.releases = ReleasePlane(registry)
-        self.dataplane = DataPlane(registry, self.releases)
+        self.releases = releases = ReleasePlane(registry)
+        self.dataplane = DataPlane(registry, releases)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -116,8 +121,28 @@ class Gateway:
             httpd, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics_registry)
             self._metrics_httpd = httpd
             self.metrics_port = httpd.server_port
+        if s.control_port >= 0:
+            await self._start_control(releases)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _start_control(self, releases: ReleasePlane) -> None:
+        s = self.settings
+        control = aio.server(
+            migration_thread_pool=None,
+            options=[("grpc.so_reuseport", 0)],
+            interceptors=[ErrorMappingInterceptor()],
+        )
+        release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            ReleaseServicer(releases), control
+        )
+        address = format_address(s.control_host, s.control_port)
+        try:
+            self.control_port = control.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"control_port: cannot listen on {address}: {exc}") from None
+        await control.start()
+        self._control = control
 
     async def _sample_queues(self) -> None:
         while True:
@@ -144,6 +169,11 @@ class Gateway:
                 await asyncio.wait_for(self.dataplane.wait_idle(), max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
+        if self._control is not None:
+            await self._control.stop(0.5)
+        if self.releases is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.releases.idle(), max(0.1, deadline - time.monotonic()))
         if self.registry is not None:
             await self.registry.close()
         if self._sampler is not None:
@@ -173,8 +203,12 @@ async def run(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     gateway.install_signal_handlers()
     port = await gateway.start()
-    metrics = f", metrics on {format_address(settings.host, gateway.metrics_port)}" if gateway.metrics_port >= 0 else ""
-    log.info("serving %d model versions%s", sum(1 for _ in gateway.registry or ()), metrics)
+    extras = ""
+    if gateway.metrics_port >= 0:
+        extras += f", metrics on {format_address(settings.host, gateway.metrics_port)}"
+    if gateway.control_port >= 0:
+        extras += f", control on {format_address(settings.control_host, gateway.control_port)}"
+    log.info("serving %d model versions%s", sum(1 for _ in gateway.registry or ()), extras)
     print(f"listening on {format_address(settings.host, port)}", flush=True)
     await gateway.wait_stopped()
 

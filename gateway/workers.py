@@ -99,15 +99,20 @@ class Supervisor:
         self.worker_settings = dataclasses.replace(
             settings, port=port, metrics_port=-1, workers=1, intra_op_threads=threads
         )
+        # Until release state and evidence live in the shared store, one worker
+        # serves the control API (and sees its own traffic's evidence only).
+        self.first_worker_settings = self.worker_settings
+        if settings.control_port >= 0:
+            log.warning("with several workers, the control API and its reports cover worker 0 only")
+            self.worker_settings = dataclasses.replace(self.worker_settings, control_port=-1)
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()
         self._procs: dict[int, BaseProcess] = {}
         self._stopping = False
 
     def _spawn(self, index: int) -> None:
-        proc = self._ctx.Process(
-            target=_worker_main, args=(self.worker_settings, index, self._events), name=f"gateway-w{index}"
-        )
+        settings = self.first_worker_settings if index == 0 else self.worker_settings
+        proc = self._ctx.Process(target=_worker_main, args=(settings, index, self._events), name=f"gateway-w{index}")
         proc.start()
         self._procs[index] = proc
 

@@ -35,6 +35,10 @@ class Running:
     address: str
     port: int
 
+    @property
+    def control(self) -> str:
+        return f"127.0.0.1:{self.gateway.control_port}"
+
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's own loop (to inspect or steer it)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -44,6 +48,7 @@ class Running:
 def gateway_in_thread(models: Path = MODELS, **settings: Any) -> Iterator[Running]:
     settings.setdefault("port", 0)
     settings.setdefault("metrics_port", -1)
+    settings.setdefault("control_port", 0)
     settings.setdefault("provider", "cpu")
     config = GatewaySettings(models=models, **settings)
     loop = asyncio.new_event_loop()
@@ -83,6 +88,14 @@ class Process:
     port: int
     lines: list[str] = field(default_factory=list)
 
+    @property
+    def control(self) -> str:
+        for line in self.lines:
+            match = re.search(r"control on (\S+:\d+)", line)
+            if match:
+                return match.group(1)
+        raise AssertionError("the gateway did not report a control address")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -96,7 +109,9 @@ def gateway_command(*args: str) -> list[str]:
 @contextmanager
 def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Iterator[Process]:
     """`gateway serve ...` as a subprocess; waits for its `listening on` line."""
-    cmd = gateway_command("serve", "--port", "0", "--metrics-port", "-1", "--provider", "cpu", *args)
+    cmd = gateway_command(
+        "serve", "--port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu", *args
+    )
     merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=merged, cwd=ROOT)
     assert proc.stdout is not None

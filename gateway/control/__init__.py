@@ -1,0 +1,1 @@
+"""The release-engineering API (ReleaseService) on its own port."""

@@ -1,0 +1,203 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Release(_message.Message):
+    __slots__ = ("model", "stable", "canary", "canary_weight_bp", "shadows", "canary_compare_fraction", "revision", "phase", "step")
+    class ShadowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STABLE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_WEIGHT_BP_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_COMPARE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    stable: str
+    canary: str
+    canary_weight_bp: int
+    shadows: _containers.ScalarMap[str, float]
+    canary_compare_fraction: float
+    revision: int
+    phase: str
+    step: int
+    def __init__(self, model: _Optional[str] = ..., stable: _Optional[str] = ..., canary: _Optional[str] = ..., canary_weight_bp: _Optional[int] = ..., shadows: _Optional[_Mapping[str, float]] = ..., canary_compare_fraction: _Optional[float] = ..., revision: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ListReleasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListReleasesResponse(_message.Message):
+    __slots__ = ("releases",)
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    releases: _containers.RepeatedCompositeFieldContainer[Release]
+    def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
+
+class GetReleaseRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class SetTrafficRequest(_message.Message):
+    __slots__ = ("model", "canary", "weight_bp", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    canary: str
+    weight_bp: int
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., canary: _Optional[str] = ..., weight_bp: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AddShadowRequest(_message.Message):
+    __slots__ = ("model", "version", "fraction", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    fraction: float
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fraction: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RemoveShadowRequest(_message.Message):
+    __slots__ = ("model", "version", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Feedback(_message.Message):
+    __slots__ = ("request_id", "labels")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    labels: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("model", "items")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    items: _containers.RepeatedCompositeFieldContainer[Feedback]
+    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Feedback, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("joined", "unknown")
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    joined: int
+    unknown: int
+    def __init__(self, joined: _Optional[int] = ..., unknown: _Optional[int] = ...) -> None: ...
+
+class GetReportRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class VersionReport(_message.Message):
+    __slots__ = ("version", "role", "requests", "errors", "error_rate", "p50_ms", "p99_ms", "labelled", "accuracy", "accuracy_low", "accuracy_high", "mean_abs_error", "compared_rows", "agreement", "within_tolerance", "max_abs_diff", "mean_abs_diff", "relative_l2", "latency_diff_ms")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_HIGH_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_L2_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_DIFF_MS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    role: str
+    requests: int
+    errors: int
+    error_rate: float
+    p50_ms: float
+    p99_ms: float
+    labelled: int
+    accuracy: float
+    accuracy_low: float
+    accuracy_high: float
+    mean_abs_error: float
+    compared_rows: int
+    agreement: float
+    within_tolerance: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    relative_l2: float
+    latency_diff_ms: float
+    def __init__(self, version: _Optional[str] = ..., role: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., accuracy: _Optional[float] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ..., mean_abs_error: _Optional[float] = ..., compared_rows: _Optional[int] = ..., agreement: _Optional[float] = ..., within_tolerance: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., mean_abs_diff: _Optional[float] = ..., relative_l2: _Optional[float] = ..., latency_diff_ms: _Optional[float] = ...) -> None: ...
+
+class ShadowCounters(_message.Message):
+    __slots__ = ("mirrored", "dropped", "failed", "timed_out", "completed", "pending", "circuit_open", "circuit_opened")
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_OPEN_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_OPENED_FIELD_NUMBER: _ClassVar[int]
+    mirrored: int
+    dropped: int
+    failed: int
+    timed_out: int
+    completed: int
+    pending: int
+    circuit_open: bool
+    circuit_opened: int
+    def __init__(self, mirrored: _Optional[int] = ..., dropped: _Optional[int] = ..., failed: _Optional[int] = ..., timed_out: _Optional[int] = ..., completed: _Optional[int] = ..., pending: _Optional[int] = ..., circuit_open: _Optional[bool] = ..., circuit_opened: _Optional[int] = ...) -> None: ...
+
+class Report(_message.Message):
+    __slots__ = ("release", "versions", "window_s", "feedback_joined", "feedback_unknown", "predictions_logged", "shadows")
+    class ShadowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ShadowCounters
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ShadowCounters, _Mapping]] = ...) -> None: ...
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_JOINED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_LOGGED_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    release: Release
+    versions: _containers.RepeatedCompositeFieldContainer[VersionReport]
+    window_s: float
+    feedback_joined: int
+    feedback_unknown: int
+    predictions_logged: int
+    shadows: _containers.MessageMap[str, ShadowCounters]
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ..., window_s: _Optional[float] = ..., feedback_joined: _Optional[int] = ..., feedback_unknown: _Optional[int] = ..., predictions_logged: _Optional[int] = ..., shadows: _Optional[_Mapping[str, ShadowCounters]] = ...) -> None: ...
