@@ -95,5 +95,14 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         sys.exit(2)
 
 
+def _add_bench() -> None:
+    from loadtests.bench import bench
+
+    main.add_command(bench)
+
+
+_add_bench()
+
+
 if __name__ == "__main__":
     main()

@@ -51,7 +51,9 @@ class ReleasePlane:
         self.table = ReleaseTable(lambda model: set(registry.entry(model).versions))
         self.evidence: dict[str, ModelEvidence] = {}
         self._lanes: dict[tuple[str, str], ShadowLane] = {}
+        self._previous: dict[str, ReleaseState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.table.subscribe(self._on_change)
         for name in registry.names():
             entry = registry.entry(name)
             state = initial_state(name, entry.spec, entry.versions, entry.default_version)
@@ -60,6 +62,16 @@ class ReleasePlane:
             compare = entry.spec.compare
             index = stable.output_names.index(compare.output) if compare.output else 0
             self.evidence[name] = ModelEvidence(name, compare, index)
+
+    def _on_change(self, state: ReleaseState) -> None:
+        # A version (re)added as a shadow is an operator's fresh start: close its circuit.
+        previous = self._previous.get(state.model)
+        for version in state.shadows:
+            if previous is not None and version not in previous.shadows:
+                lane = self._lanes.get((state.model, version))
+                if lane is not None:
+                    lane.breaker.success()
+        self._previous[state.model] = state
 
     # -- the request path ---------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from gateway.config import GatewaySettings
 from gateway.control.servicer import ReleaseServicer
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
-from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics
+from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2_grpc
@@ -87,6 +87,7 @@ class Gateway:
         s = self.settings
         metrics_registry = CollectorRegistry()
         self.metrics = GatewayMetrics(metrics_registry)
+        self.release_metrics = ReleaseMetrics(metrics_registry)
         # Loading blocks this loop (session build, warm-up), which is fine: nothing
         # is served before it ends, and batchers must be created on this loop.
         self.registry = registry = build_registry(s, self._pool, self.metrics)
@@ -145,9 +146,13 @@ class Gateway:
         self._control = control
 
     async def _sample_queues(self) -> None:
+        """Copy queue depths and release-plane counters into Prometheus, periodically."""
         while True:
             for v in self.registry or ():
                 self.metrics.set_queue_depth(v.name, v.version, v.executor.queue_depth())
+            if self.releases is not None:
+                for model in self.releases.table.models():
+                    self.release_metrics.sync(self.releases.report(model))
             await asyncio.sleep(QUEUE_SAMPLE_S)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:

@@ -120,8 +120,8 @@ def write_spin_model(
     through the ``spin`` input (spin=0 runs the loop zero times by default).
 
     ``fault`` makes a misbehaving version with the same inputs, for shadow
-    tests: "raise" fails at run time (an out-of-range Gather index), "garbage"
-    answers y with the wrong shape [batch, 5].
+    tests: "raise" fails at run time once any x > 0.5 (an out-of-range Gather index), "garbage"
+    answers y with the wrong shape [batch, 5], "hang" runs ~3 s more once any x > 0.5.
     """
     # A cyclic permutation matrix: the MatMul does full work each iteration,
     # but the carried values are only reordered, so they never overflow to
@@ -132,20 +132,35 @@ def write_spin_model(
         # No axes attribute: reduce over everything to a scalar trip count.
         helper.make_node("ReduceMax", ["spin"], ["max_spin"], keepdims=0),
         helper.make_node("Mul", ["max_spin", "trip_scale"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "trip_offset"], ["trip"]),
+        helper.make_node("Add", ["scaled", "trip_offset"], ["base_trip"]),
+        # big = 1 once any x > 0.5: the faults below trigger on it, so the
+        # gateway's warm-up (zeros) runs clean and fast.
+        helper.make_node("ReduceMax", ["x"], ["x_max"], keepdims=0),
+        helper.make_node("Greater", ["x_max", "half"], ["is_big"]),
+        helper.make_node("Cast", ["is_big"], ["big"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["big", "hang_trips"], ["extra_trip"]),
+        helper.make_node("Add", ["base_trip", "extra_trip"], ["trip"]),
         # An empty cond input makes Loop a plain for-loop over `trip`.
         helper.make_node("Loop", ["trip", "", "spin_start"], ["spun"], body=_spin_body(size)),
         # y = x + 0 * sum(spun): the value is x, but y data-depends on the
         # loop, so no optimizer may drop it and the caller waits for it.
         helper.make_node("ReduceSum", ["spun"], ["spun_sum"], keepdims=0),
         helper.make_node("Mul", ["spun_sum", "zero"], ["nothing"]),
-        helper.make_node("Add", ["x", "nothing"], ["y" if fault is None else "x_out"]),
+        helper.make_node("Add", ["x", "nothing"], ["y" if fault in (None, "hang") else "x_out"]),
     ]
     y_shape: list[int | str] = [BATCH, 4]
     fault_inits = []
     if fault == "raise":
-        nodes.append(helper.make_node("Gather", ["x_out", "bad_index"], ["y"], axis=1))
-        fault_inits.append(numpy_helper.from_array(np.array([0, 1, 2, 10], dtype=np.int64), "bad_index"))
+        # Index 10 (out of range) once any x > 0.5.
+        nodes += [
+            helper.make_node("Mul", ["big", "ten"], ["shift"]),
+            helper.make_node("Add", ["base_index", "shift"], ["bad_index"]),
+            helper.make_node("Gather", ["x_out", "bad_index"], ["y"], axis=1),
+        ]
+        fault_inits += [
+            numpy_helper.from_array(np.array(10, dtype=np.int64), "ten"),
+            numpy_helper.from_array(np.array([0, 1, 2, 3], dtype=np.int64), "base_index"),
+        ]
     elif fault == "garbage":
         nodes.append(helper.make_node("Concat", ["x_out", "x_out"], ["wide"], axis=1))
         nodes.append(helper.make_node("Slice", ["wide", "slice_start", "slice_end", "slice_axis"], ["y"]))
@@ -155,10 +170,13 @@ def write_spin_model(
             numpy_helper.from_array(np.array([1], dtype=np.int64), "slice_axis"),
         ]
         y_shape = [BATCH, 5]
-    elif fault is not None:
+    elif fault not in (None, "hang"):
         raise ValueError(f"unknown fault {fault!r}")
     inits = [
         *fault_inits,
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
+        # "hang": about 3 s of extra loop once any x > 0.5.
+        numpy_helper.from_array(np.array(1_200_000 if fault == "hang" else 0, dtype=np.int64), "hang_trips"),
         numpy_helper.from_array(np.array(trip_scale, dtype=np.int64), "trip_scale"),
         numpy_helper.from_array(np.array(trip_offset, dtype=np.int64), "trip_offset"),
         numpy_helper.from_array(permutation, "spin_matrix"),
