@@ -13,10 +13,10 @@ import numpy as np
 
 from gateway.config import CompareSpec
 
-# Latency histogram: log-spaced buckets from 10 us to ~100 s, 5% apart, so
-# percentiles are exact to within 5% and a window is a fixed-size count array.
+# Latency histogram: log-spaced buckets from 10 us to ~100 s, 2% apart, so
+# percentiles are exact to within 2% and a window is a fixed-size count array.
 _LOW_S = 1e-5
-_RATIO = 1.05
+_RATIO = 1.02
 _BUCKETS = int(math.log(1e7) / math.log(_RATIO)) + 2
 _LOG_RATIO = math.log(_RATIO)
 
@@ -25,6 +25,11 @@ def _bucket(seconds: float) -> int:
     if seconds <= _LOW_S:
         return 0
     return min(_BUCKETS - 1, 1 + int(math.log(seconds / _LOW_S) / _LOG_RATIO))
+
+
+def bucket_edges() -> list[float]:
+    """Upper edge (seconds) of each latency bucket."""
+    return [_LOW_S * _RATIO**i for i in range(_BUCKETS)]
 
 
 @dataclass(slots=True)

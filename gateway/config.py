@@ -128,6 +128,39 @@ class ReleaseSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """How a rollout moves (Flagger's vocabulary; see docs/promotion.md for the statistics)."""
+
+    interval_s: float = 30.0  # analysis period
+    step_weights: tuple[float, ...] = (1.0, 5.0, 10.0, 25.0, 50.0)  # percent of traffic per step
+    threshold: int = 2  # intervals with a failed check before rollback
+    min_samples: int = 200  # per arm, before any check decides
+    max_latency_ratio: float = 1.2  # canary p99 / stable p99
+    max_error_increase: float = 0.01  # canary error rate - stable error rate
+    min_agreement: float = 0.0  # top-1 agreement with stable (0: off)
+    max_accuracy_drop: float = -1.0  # stable accuracy - canary accuracy (negative: off; needs labels)
+    max_duration_s: float = 3600.0
+    alpha: float = 0.05  # for all checks together
+    shadow_intervals: int = 0  # >0: mirror the candidate first, traffic only after its checks pass
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ConfigError("policy.interval_s: must be > 0")
+        if not self.step_weights or any(not 0 < w <= 100 for w in self.step_weights):
+            raise ConfigError("policy.step_weights: percentages in (0, 100]")
+        if list(self.step_weights) != sorted(self.step_weights):
+            raise ConfigError("policy.step_weights: must increase")
+        if not 0 < self.alpha < 1:
+            raise ConfigError("policy.alpha: must be in (0, 1)")
+        if self.threshold < 1 or self.min_samples < 1:
+            raise ConfigError("policy.threshold and policy.min_samples: must be >= 1")
+
+    @property
+    def step_weights_bp(self) -> list[int]:
+        return [round(w * 100) for w in self.step_weights]
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsSpec:
     # Caps on what one request may make us allocate, checked before any buffer.
     max_elements: int = 1 << 24  # per input tensor
@@ -145,6 +178,7 @@ class ModelSpec:
     compare: CompareSpec = field(default_factory=CompareSpec)
     release: ReleaseSpec = field(default_factory=ReleaseSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -158,7 +192,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if kind.startswith("tuple"):
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
-            item = int if "int" in kind else str
+            item: Any = int if "int" in kind else float if "float" in kind else str
             return tuple(item(v.strip() if isinstance(v, str) else v) for v in value)
         if kind in ("int",):
             if isinstance(value, bool):
@@ -206,6 +240,7 @@ _SECTIONS: dict[str, type] = {
     "CompareSpec": CompareSpec,
     "ReleaseSpec": ReleaseSpec,
     "LimitsSpec": LimitsSpec,
+    "PolicySpec": PolicySpec,
 }
 
 

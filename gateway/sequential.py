@@ -1,0 +1,128 @@
+"""Anytime-valid confidence sequences for the promotion checks.
+
+A promotion engine looks at its evidence every interval. A fixed-horizon test
+repeated that way inflates its error rate far beyond its nominal alpha; a
+confidence sequence (CS) covers the true value at every sample size at once,
+so it may be checked as often as we like. (Howard, Ramdas, McAuliffe, Sekhon,
+Ann. Statist. 2021; Waudby-Smith, Arbour, Sinha, Kennedy, Ramdas, "Time-uniform
+central limit theory and asymptotic confidence sequences", 2021/2024; Lindon et
+al., KDD 2022, for canaries.) The method and its assumptions are written up in
+docs/promotion.md.
+
+All checks use the two-sided normal-mixture boundary with a plug-in variance
+(the asymptotic CS of Waudby-Smith et al.): with probability about 1 - alpha,
+for all t at once, the mean lies within
+
+    radius(t) = sqrt(2 (v t + rho) log(2 sqrt((v t + rho) / rho) / alpha)) / t
+
+of the running average of t samples with variance v. `rho` sets where the
+boundary is tightest. Below `min_samples` (the policy's) no check decides.
+
+Each check answers PASS (the whole CS satisfies the bound), FAIL (the whole
+CS violates it) or INCONCLUSIVE (hold and gather more evidence).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+
+
+def radius(t: int, variance: float, alpha: float, rho: float) -> float:
+    """Half-width of the CS for the mean after t samples (time-uniform, two-sided)."""
+    if t <= 0:
+        return math.inf
+    v = variance * t + rho
+    return math.sqrt(2.0 * v * math.log(2.0 * math.sqrt(v / rho) / alpha)) / t
+
+
+def tuned_rho(variance: float, alpha: float, t_opt: int) -> float:
+    """rho that makes the boundary tightest near t_opt samples."""
+    log_term = 2 * math.log(2 / alpha)
+    return max(1e-12, variance * t_opt / (log_term + math.log(log_term + 1) - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    low: float
+    high: float
+
+    def __sub__(self, other: Interval) -> Interval:
+        return Interval(self.low - other.high, self.high - other.low)
+
+    def scaled(self, factor: float) -> Interval:
+        return Interval(self.low * factor, self.high * factor)
+
+
+FULL = Interval(-math.inf, math.inf)
+
+
+def proportion_cs(successes: int, n: int, alpha: float, t_opt: int = 2000) -> Interval:
+    """CS for a proportion, with the (smoothed) plug-in Bernoulli variance."""
+    if n <= 0:
+        return Interval(0.0, 1.0)
+    mean = successes / n
+    p = (successes + 0.5) / (n + 1.0)  # keeps the variance positive at 0 or n successes
+    variance = p * (1 - p)
+    r = radius(n, variance, alpha, tuned_rho(variance, alpha, t_opt))
+    return Interval(max(0.0, mean - r), min(1.0, mean + r))
+
+
+def difference_cs(a_successes: int, a_n: int, b_successes: int, b_n: int, alpha: float, t_opt: int = 2000) -> Interval:
+    """CS for p_a - p_b from two independent arms (alpha split between them)."""
+    return proportion_cs(a_successes, a_n, alpha / 2, t_opt) - proportion_cs(b_successes, b_n, alpha / 2, t_opt)
+
+
+def quantile_cs(counts: Sequence[int], edges: Sequence[float], q: float, alpha: float, t_opt: int = 2000) -> Interval:
+    """CS for the q-quantile of values binned into a histogram (bucket i covers (edges[i-1], edges[i]]).
+
+    1[X <= x_q] is Bernoulli(q) at the true quantile x_q, so a CS of radius r
+    for that proportion brackets x_q between the empirical (q - r)- and
+    (q + r)-quantiles (Howard and Ramdas, "Sequential estimation of quantiles
+    with applications to A/B-testing and best-arm identification", Bernoulli
+    2022). Bucket edges make the bracket coarser, never narrower.
+    """
+    cumulative = np.cumsum(np.asarray(counts, dtype=np.int64))
+    n = int(cumulative[-1]) if len(cumulative) else 0
+    if n == 0:
+        return Interval(0.0, math.inf)
+    variance = q * (1 - q)
+    r = radius(n, variance, alpha, tuned_rho(variance, alpha, t_opt))
+    lo_rank, hi_rank = (q - r) * n, (q + r) * n
+    # Lower bound: the lower edge of the bucket holding rank lo_rank (0 if below the data).
+    low = 0.0
+    if lo_rank > 0:
+        i = int(np.searchsorted(cumulative, lo_rank, side="left"))
+        low = edges[i - 1] if i > 0 else 0.0
+    high = math.inf
+    if hi_rank <= n:
+        high = edges[int(np.searchsorted(cumulative, hi_rank, side="left"))]
+    return Interval(low, high)
+
+
+def at_most(interval: Interval, bound: float) -> Verdict:
+    """Is the quantity at most `bound`?"""
+    if interval.high <= bound:
+        return Verdict.PASS
+    if interval.low > bound:
+        return Verdict.FAIL
+    return Verdict.INCONCLUSIVE
+
+
+def at_least(interval: Interval, bound: float) -> Verdict:
+    """Is the quantity at least `bound`?"""
+    if interval.low >= bound:
+        return Verdict.PASS
+    if interval.high < bound:
+        return Verdict.FAIL
+    return Verdict.INCONCLUSIVE
