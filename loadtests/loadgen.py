@@ -1,0 +1,648 @@
+"""Load generation for `gateway bench`: gRPC clients in several processes, and the in-process ORT loop.
+
+The gRPC side sends one preserialized ModelInferRequest as bytes and takes
+the response as bytes, so the clients spend their CPU on gRPC alone, never on
+protobuf. Closed loop: a fixed number of requests in flight. Open loop:
+Poisson arrivals, latency measured from the scheduled send time, so a slow
+server cannot hide its queueing by slowing the client down (coordinated
+omission).
+
+Client processes are spawned once per bench and reused for every point; each
+point synchronises them on one absolute CLOCK_MONOTONIC window, which is
+shared by every process on the machine.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
+from gateway.protocol.pb import inference_pb2 as pb
+
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+Mode = Literal["closed", "open"]
+
+# Room for the processes to reach the start line after "go"; warm-up absorbs any excess.
+START_MARGIN_S = 0.05
+SETUP_TIMEOUT_S = 30.0
+
+
+# --------------------------------------------------------------------------- model signature
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a variable dimension
+
+    def concrete_shape(self, rows: int) -> tuple[int, ...]:
+        """The leading variable dimension is the batch; any other variable one becomes 1."""
+        return tuple(rows if (d < 0 and i == 0) else (1 if d < 0 else d) for i, d in enumerate(self.shape))
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return NUMPY_BY_DATATYPE[self.datatype]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    name: str
+    version: str
+    path: Path
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    @property
+    def batched(self) -> bool:
+        return all(t.shape and t.shape[0] < 0 for t in self.inputs)
+
+
+def resolve_version(models: Path, model: str, version: str | None) -> str:
+    """The version a request without a version gets: release.stable, else the highest."""
+    from gateway.repository import Repository
+
+    repository = Repository(models)
+    versions = repository.versions(model)
+    if version:
+        if version not in versions:
+            raise ValueError(f"model {model!r} has no version {version!r} (has {', '.join(versions)})")
+        return version
+    if not versions:
+        raise ValueError(f"model {model!r} has no versions under {models}")
+    stable = repository.spec(model).release.stable
+    return stable or versions[-1]
+
+
+def _tensor_info(arg: Any) -> TensorInfo:
+    datatype = DATATYPE_BY_ONNX.get(arg.type)
+    if datatype is None:
+        raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which the bench cannot generate")
+    return TensorInfo(arg.name, datatype, tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape or []))
+
+
+def load_signature(models: Path, model: str, version: str | None = None) -> ModelSignature:
+    """Inputs and outputs straight from the ONNX graph, so any model in the repository works."""
+    import onnxruntime as ort
+
+    from gateway.repository import Repository
+
+    resolved = resolve_version(models, model, version)
+    path = Repository(models).version_files(model, resolved).path
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ModelSignature(
+        name=model,
+        version=resolved,
+        path=path,
+        inputs=tuple(_tensor_info(a) for a in session.get_inputs()),
+        outputs=tuple(_tensor_info(a) for a in session.get_outputs()),
+    )
+
+
+def make_feeds(signature: ModelSignature, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs: uniform [0, 1) for floats, zeros otherwise (no model here needs more)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in signature.inputs:
+        shape = tensor.concrete_shape(rows)
+        if tensor.dtype.kind == "f":
+            feeds[tensor.name] = rng.random(shape).astype(tensor.dtype)
+        else:
+            feeds[tensor.name] = np.zeros(shape, dtype=tensor.dtype)
+    return feeds
+
+
+def build_request(signature: ModelSignature, rows: int, pin_version: bool, seed: int = 0) -> bytes:
+    """One serialized ModelInferRequest with raw_input_contents (every output returned)."""
+    request = pb.ModelInferRequest(model_name=signature.name, model_version=signature.version if pin_version else "")
+    for tensor, values in zip(signature.inputs, make_feeds(signature, rows, seed).values(), strict=True):
+        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=values.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(values).tobytes())
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def check_response(data: bytes, outputs: Sequence[TensorInfo], rows: int) -> str | None:
+    """What is wrong with a response (None when it has every output, with sane shapes and sizes)."""
+    response = pb.ModelInferResponse.FromString(data)
+    got = {o.name: (i, o) for i, o in enumerate(response.outputs)}
+    raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        return f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs"
+    for expected in outputs:
+        if expected.name not in got:
+            return f"output {expected.name!r} missing (got {sorted(got)})"
+        index, tensor = got[expected.name]
+        shape = tuple(tensor.shape)
+        if expected.shape and expected.shape[0] < 0 and (not shape or shape[0] != rows):
+            return f"output {expected.name!r} has shape {list(shape)}, expected {rows} rows"
+        if raw:
+            size = math.prod(shape) * NUMPY_BY_DATATYPE[tensor.datatype].itemsize
+            if len(raw[index]) != size:
+                return f"output {expected.name!r}: {len(raw[index])} bytes for shape {list(shape)} {tensor.datatype}"
+        elif not tensor.HasField("contents"):
+            return f"output {expected.name!r} has no data"
+    return None
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(ordered: np.ndarray, q: float) -> float:
+    """Nearest-rank percentile of an ascending array: a latency some request really had."""
+    if len(ordered) == 0:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
+def merge_samples(parts: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
+    """All processes' samples in one ascending array: percentiles of the union, never of percentiles."""
+    if not parts:
+        return np.empty(0)
+    merged = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+    merged.sort()
+    return merged
+
+
+def latency_summary_ms(samples_s: np.ndarray) -> dict[str, float]:
+    ordered = samples_s if _is_sorted(samples_s) else np.sort(samples_s)
+    ms = 1000.0
+    return {
+        "p50_ms": percentile(ordered, 50) * ms,
+        "p90_ms": percentile(ordered, 90) * ms,
+        "p99_ms": percentile(ordered, 99) * ms,
+        "max_ms": float(ordered[-1]) * ms if len(ordered) else math.nan,
+        "mean_ms": float(ordered.mean()) * ms if len(ordered) else math.nan,
+    }
+
+
+def _is_sorted(values: np.ndarray) -> bool:
+    return len(values) < 2 or bool(np.all(values[:-1] <= values[1:]))
+
+
+def arrival_times(begin: float, rate: float, seed: int) -> Iterator[float]:
+    """Poisson arrivals after `begin`: exponential gaps with mean 1/rate, the same for the same seed."""
+    rng = random.Random(seed)
+    scheduled = begin
+    while True:
+        scheduled += rng.expovariate(rate)
+        yield scheduled
+
+
+# --------------------------------------------------------------------------- one point
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """One measurement point, as every client process receives it."""
+
+    address: str
+    payload: bytes
+    rows: int
+    outputs: tuple[TensorInfo, ...]
+    mode: Mode
+    offered: float  # closed: concurrency; open: requests per second
+    duration_s: float
+    warmup_s: float
+    channels: int
+    request_timeout_s: float
+    seed: int = 0
+    max_outstanding: int = 4096  # per process, open loop: beyond it arrivals are dropped and counted
+
+
+@dataclass(slots=True)
+class WorkerResult:
+    latencies: array.array[float] = field(default_factory=lambda: array.array("d"))
+    completed_in_window: int = 0  # OK responses that arrived inside the window: the throughput
+    errors: dict[str, int] = field(default_factory=dict)
+    warmup_errors: dict[str, int] = field(default_factory=dict)  # not measured, but a sign of trouble
+    scheduled: int = 0  # open loop: arrivals inside the window
+    dropped: int = 0  # open loop: arrivals not sent because too many were outstanding
+    send_lag_s: float = 0.0  # open loop: summed lateness of actual sends behind the schedule
+    cpu_s: float = 0.0
+    late_start_s: float = 0.0
+    problem: str | None = None
+
+    def error(self, code: str, measured: bool = True) -> None:
+        errors = self.errors if measured else self.warmup_errors
+        errors[code] = errors.get(code, 0) + 1
+
+
+@dataclass(slots=True)
+class PointResult:
+    mode: Mode
+    offered: float
+    duration_s: float
+    completed: int
+    errors: dict[str, int]
+    warmup_errors: dict[str, int]
+    throughput_rps: float
+    rows_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    client_cpu_s: float
+    client_cpu_share: float
+    processes: int
+    channels: int
+    scheduled: int = 0
+    dropped: int = 0
+    success_ratio: float = 1.0
+    send_lag_ms: float = 0.0
+    late_start_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def merge_results(spec: LoadSpec, parts: Sequence[WorkerResult], client_cores: int) -> PointResult:
+    merged = merge_samples([p.latencies for p in parts])
+    errors: dict[str, int] = {}
+    warmup_errors: dict[str, int] = {}
+    for part in parts:
+        for merged_into, source in ((errors, part.errors), (warmup_errors, part.warmup_errors)):
+            for code, count in source.items():
+                merged_into[code] = merged_into.get(code, 0) + count
+    completed_in_window = sum(p.completed_in_window for p in parts)
+    cpu = sum(p.cpu_s for p in parts)
+    scheduled = sum(p.scheduled for p in parts)
+    completed = len(merged)
+    throughput = completed_in_window / spec.duration_s
+    sent = scheduled - sum(p.dropped for p in parts)
+    latency = latency_summary_ms(merged)
+    return PointResult(
+        mode=spec.mode,
+        offered=spec.offered,
+        duration_s=spec.duration_s,
+        completed=completed,
+        errors=errors,
+        warmup_errors=warmup_errors,
+        throughput_rps=throughput,
+        rows_per_s=throughput * spec.rows,
+        p50_ms=latency["p50_ms"],
+        p90_ms=latency["p90_ms"],
+        p99_ms=latency["p99_ms"],
+        max_ms=latency["max_ms"],
+        mean_ms=latency["mean_ms"],
+        client_cpu_s=cpu,
+        client_cpu_share=cpu / (spec.duration_s * max(1, client_cores)),
+        processes=len(parts),
+        channels=spec.channels,
+        scheduled=scheduled,
+        dropped=sum(p.dropped for p in parts),
+        success_ratio=(completed / scheduled) if scheduled else (1.0 if not errors else 0.0),
+        send_lag_ms=(sum(p.send_lag_s for p in parts) / sent * 1000.0) if sent > 0 else 0.0,
+        late_start_s=max((p.late_start_s for p in parts), default=0.0),
+    )
+
+
+# --------------------------------------------------------------------------- client process
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class _Recorder:
+    def __init__(self, spec: LoadSpec, window: tuple[float, float]) -> None:
+        self.spec = spec
+        self.start, self.end = window
+        self.result = WorkerResult()
+        self.verified = False
+
+    def verify(self, data: bytes) -> None:
+        self.verified = True
+        try:
+            self.result.problem = check_response(data, self.spec.outputs, self.spec.rows)
+        except Exception as exc:  # an unparseable response is a finding, not a crash
+            self.result.problem = f"response does not parse: {exc}"
+
+
+def _make_channels(spec: LoadSpec, index: int, count: int) -> list[Any]:
+    from grpc import aio
+
+    channels = []
+    for k in range(count):
+        options = [
+            # Own subchannels and a distinct argument per channel: each gets its own TCP
+            # connection, which the kernel spreads over SO_REUSEPORT server processes.
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.primary_user_agent", f"gateway-bench/p{index}c{k}"),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        channels.append(aio.insecure_channel(spec.address, options=options))
+    return channels
+
+
+async def _closed_slot(call: Any, rec: _Recorder) -> None:
+    from grpc import aio
+
+    spec, start, end = rec.spec, rec.start, rec.end
+    payload, timeout, result = spec.payload, spec.request_timeout_s, rec.result
+    samples = result.latencies
+    now = time.monotonic
+    while True:
+        t0 = now()
+        if t0 >= end:
+            return
+        try:
+            data = await call(payload, timeout=timeout)
+        except aio.AioRpcError as exc:
+            t1 = now()
+            if t1 < end:
+                result.error(exc.code().name, measured=t1 >= start)
+            continue
+        t1 = now()
+        if not rec.verified:
+            rec.verify(data)
+        if start <= t1 < end:
+            samples.append(t1 - t0)
+            result.completed_in_window += 1
+
+
+async def _open_sender(calls: Sequence[Any], rate: float, seed: int, begin: float, rec: _Recorder) -> None:
+    from grpc import aio
+
+    spec, start, end = rec.spec, rec.start, rec.end
+    payload, timeout, result = spec.payload, spec.request_timeout_s, rec.result
+    now = time.monotonic
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(call: Any, scheduled: float, counted: bool) -> None:
+        try:
+            data = await call(payload, timeout=timeout)
+        except aio.AioRpcError as exc:
+            result.error(exc.code().name, measured=counted)
+            return
+        t1 = now()
+        if not rec.verified:
+            rec.verify(data)
+        if start <= t1 < end:
+            result.completed_in_window += 1
+        if counted:
+            result.latencies.append(t1 - scheduled)
+
+    sent = 0
+    for scheduled in arrival_times(begin, rate, seed):
+        if scheduled >= end:
+            break
+        delay = scheduled - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        counted = scheduled >= start
+        if counted:
+            result.scheduled += 1
+        if len(pending) >= spec.max_outstanding:
+            if counted:
+                result.dropped += 1
+            continue
+        if counted:
+            result.send_lag_s += max(0.0, now() - scheduled)
+        task = asyncio.create_task(one(calls[sent % len(calls)], scheduled, counted))
+        sent += 1
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=timeout + 1.0)
+        for task in late:
+            task.cancel()
+
+
+async def _measure_cpu(rec: _Recorder) -> None:
+    await asyncio.sleep(max(0.0, rec.start - time.monotonic()))
+    before = _cpu_seconds()
+    await asyncio.sleep(max(0.0, rec.end - time.monotonic()))
+    rec.result.cpu_s = _cpu_seconds() - before
+
+
+async def _run_point(spec: LoadSpec, index: int, processes: int, conn: multiprocessing.connection.Connection) -> None:
+    if spec.mode == "closed":
+        slots = split_evenly(int(spec.offered), processes)[index]
+        channel_count = max(1, min(spec.channels, slots))
+    else:
+        slots = 0
+        channel_count = max(1, spec.channels)
+    channels = _make_channels(spec, index, channel_count)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), SETUP_TIMEOUT_S)
+        calls = [c.unary_unary(INFER_PATH, request_serializer=None, response_deserializer=None) for c in channels]
+        conn.send(("ready", None))
+        # Blocking here is harmless: nothing else runs on this loop until "go".
+        if not conn.poll(SETUP_TIMEOUT_S):
+            raise TimeoutError("no 'go' from the bench")
+        _, begin = conn.recv()
+        begin = float(begin)
+        window = (begin + spec.warmup_s, begin + spec.warmup_s + spec.duration_s)
+        rec = _Recorder(spec, window)
+        rec.result.late_start_s = max(0.0, time.monotonic() - begin)
+        await asyncio.sleep(max(0.0, begin - time.monotonic()))
+        tasks = [asyncio.create_task(_measure_cpu(rec))]
+        if spec.mode == "closed":
+            tasks += [asyncio.create_task(_closed_slot(calls[i % len(calls)], rec)) for i in range(slots)]
+        else:
+            rate = spec.offered / processes
+            tasks.append(asyncio.create_task(_open_sender(calls, rate, spec.seed * 1_000_003 + index, begin, rec)))
+        limit = window[1] - time.monotonic() + spec.request_timeout_s + 2.0
+        _, late = await asyncio.wait(tasks, timeout=limit)
+        for task in late:
+            task.cancel()
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        conn.send(("result", rec.result))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _run_loop(coroutine: Coroutine[Any, Any, None]) -> None:
+    # uvloop cost the clients about a tenth less CPU per request than asyncio's loop here.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)
+    else:
+        uvloop.run(coroutine)
+
+
+def _client_main(index: int, conn: multiprocessing.connection.Connection, cpus: Sequence[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "stop":
+            return
+        _, spec, processes = message
+        try:
+            _run_loop(_run_point(spec, index, processes, conn))
+        except BaseException:
+            conn.send(("error", f"client process {index}:\n{traceback.format_exc()}"))
+
+
+class ClientPool:
+    """Client processes, spawned once (pinned to the client CPUs) and reused for every point."""
+
+    def __init__(self, processes: int, cpus: Sequence[int] | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.processes = processes
+        self.cpus = list(cpus) if cpus else None
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        for index in range(processes):
+            parent, child = context.Pipe()
+            proc = context.Process(
+                target=_client_main, args=(index, child, self.cpus), name=f"bench-client-{index}", daemon=True
+            )
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    @property
+    def client_cores(self) -> int:
+        return len(self.cpus) if self.cpus else (os.cpu_count() or 1)
+
+    def _receive(self, conn: multiprocessing.connection.Connection, timeout: float, expect: str) -> Any:
+        try:
+            if not conn.poll(timeout):
+                raise TimeoutError(f"a client process sent no {expect!r} within {timeout:.0f} s")
+            kind, payload = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"a client process died (waiting for {expect!r}): {exc!r}") from None
+        if kind == "error":
+            raise RuntimeError(payload)
+        if kind != expect:
+            raise RuntimeError(f"client process sent {kind!r}, expected {expect!r}")
+        return payload
+
+    def run(self, spec: LoadSpec, on_window: Callable[[float, float], dict[str, Any]] | None = None) -> PointResult:
+        """Run one point on every process; `on_window(start, end)` runs here meanwhile (server-side samples)."""
+        for conn in self._conns:
+            conn.send(("run", spec, self.processes))
+        for conn in self._conns:
+            self._receive(conn, SETUP_TIMEOUT_S + 5.0, "ready")
+        begin = time.monotonic() + START_MARGIN_S
+        for conn in self._conns:
+            conn.send(("go", begin))
+        start = begin + spec.warmup_s
+        end = start + spec.duration_s
+        extra = on_window(start, end) if on_window else {}
+        limit = max(0.0, end - time.monotonic()) + spec.request_timeout_s + 10.0
+        parts = [self._receive(conn, limit, "result") for conn in self._conns]
+        point = merge_results(spec, parts, self.client_cores)
+        point.extra.update(extra)
+        problems = {p.problem for p in parts if p.problem}
+        if problems:
+            point.extra["response_problem"] = "; ".join(sorted(problems))
+        return point
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(("stop", None))
+        for proc in self._procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for conn in self._conns:
+            conn.close()
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- in-process onnxruntime
+
+
+_SESSIONS: dict[tuple[str, int], Any] = {}
+
+
+def pin_current_process(cpus: Sequence[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def ort_point(
+    signature: ModelSignature, batch: int, warmup_s: float, duration_s: float, intra_op_threads: int = 0
+) -> dict[str, Any]:
+    """session.run in a loop at one batch size: the compute limit, no serving at all.
+
+    Runs in a process pinned to the server's CPUs, with the session options the
+    gateway uses, so the comparison is compute against compute plus serving.
+    """
+    import onnxruntime as ort
+
+    key = (str(signature.path), intra_op_threads)
+    session = _SESSIONS.get(key)
+    if session is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        session = ort.InferenceSession(key[0], sess_options=options, providers=["CPUExecutionProvider"])
+        _SESSIONS[key] = session
+    feeds = make_feeds(signature, batch)
+    names = [o.name for o in signature.outputs]
+    now = time.monotonic
+    cpu_before = 0.0
+    begin = now()
+    start, end = begin + warmup_s, begin + warmup_s + duration_s
+    samples: list[float] = []
+    measuring = False
+    while True:
+        t0 = now()
+        if t0 >= end:
+            break
+        if not measuring and t0 >= start:
+            measuring, cpu_before = True, _cpu_seconds()
+        session.run(names, feeds)
+        if measuring:
+            samples.append(now() - t0)
+    elapsed = sum(samples)
+    cpu = _cpu_seconds() - cpu_before
+    runs = len(samples)
+    return {
+        "batch": batch,
+        "runs": runs,
+        # Back-to-back runs: throughput over the time spent in run(), the purest compute rate.
+        "runs_per_s": runs / elapsed if elapsed else 0.0,
+        "rows_per_s": runs * batch / elapsed if elapsed else 0.0,
+        "server_cpu_s": cpu,
+        **latency_summary_ms(np.sort(np.asarray(samples))),
+    }
