@@ -145,8 +145,11 @@ class DynamicBatcher:
             await self._slots.acquire()
             # Let handlers that are already runnable enqueue first: they join this batch.
             await asyncio.sleep(0)
-            if self.delay_s and self._queue and self._rows_queued < self._target_rows():
-                await self._wait_for_rows(self._queue[0].enqueued + self.delay_s)
+            # Opportunistic batching: with no batch running, waiting only adds
+            # latency, so dispatch now; while another batch runs, gather rows
+            # for up to max_queue_delay (or until a preferred/full size).
+            if self.delay_s and self._active and self._queue and self._rows_queued < self._target_rows():
+                await self._gather(self.delay_s)
             batch = self._take_batch()
             if not batch:
                 self._slots.release()
@@ -154,15 +157,22 @@ class DynamicBatcher:
             self._active += 1
             self._start(batch)
 
-    async def _wait_for_rows(self, until: float) -> None:
-        """Wait until the head's delay is over or enough rows are queued."""
-        while self._queue and self._rows_queued < self._target_rows():
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+    async def _gather(self, delay_s: float) -> None:
+        """Wait until `delay_s` passes or enough rows are queued, whichever is first."""
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._wake.set()
+
+        timer = asyncio.get_running_loop().call_later(delay_s, expire)
+        try:
+            while not expired and self._queue and self._rows_queued < self._target_rows():
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            timer.cancel()
 
     def _take_batch(self) -> list[_Pending]:
         """Pop the head and every later request of the same shapes that fits.
