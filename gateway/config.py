@@ -28,6 +28,11 @@ ENV_PREFIX = "GATEWAY_"
 MIB = 1 << 20
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _check_choice(name: str, value: object, choices: Any) -> None:
     allowed = get_args(choices)
     if value not in allowed:

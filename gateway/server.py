@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -21,7 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, usable_cores
 from gateway.control.servicer import ReleaseServicer
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
@@ -52,6 +53,10 @@ def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor, metrics:
     if not names:
         raise ConfigError(f"models: no models under {repository.root} (expected <name>/<version>/model.onnx)")
     chooser = ProviderChooser(settings.provider)
+    if not settings.intra_op_threads:
+        # onnxruntime sizes its pool by the machine, not by this process's CPU
+        # mask (taskset, cpusets): give it the cores we may actually use.
+        settings = dataclasses.replace(settings, intra_op_threads=usable_cores())
     registry = Registry()
     make_executor = executor_factory(pool, batching=settings.batching == "spec")
     for name in names:

@@ -26,7 +26,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from typing import Any
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, usable_cores
 from gateway.errors import ConfigError
 from gateway.providers import cuda_prerequisites
 
@@ -42,7 +42,7 @@ def worker_count(settings: GatewaySettings) -> int:
         return settings.workers
     if settings.provider != "cpu" and cuda_prerequisites().usable:
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cores()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -58,9 +58,19 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the supervisor dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str, int, str]]) -> None:
     from gateway import server
 
+    _die_with_parent()
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stderr,
@@ -90,8 +100,7 @@ def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str,
 
 class Supervisor:
     def __init__(self, settings: GatewaySettings, count: int) -> None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = settings.intra_op_threads or max(1, cores // count)
+        threads = settings.intra_op_threads or max(1, usable_cores() // count)
         self.count = count
         self._reserved = reserve_port(settings.host, settings.port)
         port = self._reserved.getsockname()[1]

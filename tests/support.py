@@ -136,5 +136,9 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: floa
         yield running
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+            proc.terminate()  # a drain, so worker processes exit with their supervisor
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

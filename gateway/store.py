@@ -1,0 +1,252 @@
+"""Durable release state and audit log: an interface and its SQLite implementation.
+
+One transaction writes a model's new release state and the audit record of
+the change, so after a crash at any instant the state is entirely old or
+entirely new, and its audit row exists exactly when the new state does.
+SQLite runs in WAL mode with synchronous=FULL: a committed change survives
+power loss, and readers (other worker processes) never block the writer.
+
+The interface is narrow on purpose (load, commit with a revision check,
+append a refusal, read the log, hold a lease) so that a shared database can
+implement it for several gateway replicas later.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from gateway.errors import ConfigError, FailedPrecondition
+from gateway.policy import RolloutState
+from gateway.release import ReleaseState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    model TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    rollout TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT NOT NULL,
+    outcome TEXT NOT NULL,          -- applied | refused
+    before TEXT,
+    after TEXT,
+    reason TEXT NOT NULL,
+    evidence TEXT,
+    revision INTEGER
+);
+CREATE INDEX IF NOT EXISTS audit_model_at ON audit (model, at);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRelease:
+    state: ReleaseState
+    rollout: RolloutState = field(default_factory=RolloutState)
+
+    @property
+    def revision(self) -> int:
+        return self.state.revision
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.state.to_dict(), "rollout": asdict(self.rollout)}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    actor: str
+    action: str
+    model: str
+    reason: str
+    outcome: str = "applied"
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    evidence: Any = None
+    revision: int | None = None
+    at: float = 0.0
+    id: int = 0
+
+
+class Conflict(FailedPrecondition):
+    """The release changed since it was read: read it again and retry."""
+
+
+class Store(Protocol):
+    def load_all(self) -> dict[str, StoredRelease]: ...
+
+    def changes(self) -> int:
+        """A number that grows whenever any release changes (cheap to poll)."""
+        ...
+
+    def commit(self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry) -> None: ...
+
+    def record_refused(self, audit: AuditEntry) -> None: ...
+
+    def audit_log(
+        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
+    ) -> list[AuditEntry]: ...
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def _state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
+    data = dict(data)
+    data["shadows"] = MappingProxyType(dict(data.get("shadows", {})))
+    return StoredRelease(ReleaseState(**data), RolloutState(**rollout))
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state_dir: cannot open the state database {path}: {exc}") from None
+        self.path = path
+        self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def load_all(self) -> dict[str, StoredRelease]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, rollout FROM releases").fetchall()
+        loaded = {}
+        for state, rollout in rows:
+            stored = _state_from(json.loads(state), json.loads(rollout))
+            loaded[stored.state.model] = stored
+        return loaded
+
+    def changes(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
+        return int(row[0])
+
+    def commit(self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry) -> None:
+        data = after.to_dict()
+        rollout = data.pop("rollout")
+        with self._transaction() as db:
+            row = db.execute("SELECT revision FROM releases WHERE model = ?", (after.state.model,)).fetchone()
+            current = None if row is None else int(row[0])
+            if current != expected_revision:
+                raise Conflict(
+                    f"{after.state.model}: the release changed meanwhile (revision {current}, expected "
+                    f"{expected_revision}); read it again and retry"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO releases (model, revision, state, rollout, updated) VALUES (?, ?, ?, ?, ?)",
+                (after.state.model, after.revision, json.dumps(data), json.dumps(rollout), time.time()),
+            )
+            self._insert_audit(db, audit)
+
+    def record_refused(self, audit: AuditEntry) -> None:
+        with self._transaction() as db:
+            self._insert_audit(db, audit)
+
+    @staticmethod
+    def _insert_audit(db: sqlite3.Connection, a: AuditEntry) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, action, model, outcome, before, after, reason, evidence, revision) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                a.at or time.time(),
+                a.actor,
+                a.action,
+                a.model,
+                a.outcome,
+                None if a.before is None else json.dumps(a.before),
+                None if a.after is None else json.dumps(a.after),
+                a.reason,
+                None if a.evidence is None else json.dumps(a.evidence),
+                a.revision,
+            ),
+        )
+
+    def audit_log(
+        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
+    ) -> list[AuditEntry]:
+        query = "SELECT id, at, actor, action, model, outcome, before, after, reason, evidence, revision FROM audit"
+        where: list[str] = []
+        args: list[Any] = []
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        if since:
+            where.append("at >= ?")
+            args.append(since)
+        if until:
+            where.append("at <= ?")
+            args.append(until)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY id LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [
+            AuditEntry(
+                id=r[0],
+                at=r[1],
+                actor=r[2],
+                action=r[3],
+                model=r[4],
+                outcome=r[5],
+                before=None if r[6] is None else json.loads(r[6]),
+                after=None if r[7] is None else json.loads(r[7]),
+                reason=r[8],
+                evidence=None if r[9] is None else json.loads(r[9]),
+                revision=r[10],
+            )
+            for r in rows
+        ]
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > now:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?, ?, ?)", (name, holder, now + ttl_s)
+            )
+            return True
+
+    def integrity_ok(self) -> bool:
+        with self._lock:
+            return bool(self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
