@@ -49,6 +49,8 @@ def main() -> None:
     help="Serving processes sharing the port (SO_REUSEPORT); 0: one per core on CPU, one per GPU. [default: 0]",
 )
 @click.option("--batching", type=click.Choice(["spec", "off"]), help="off: one model run per request. [default: spec]")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [.gateway-state]")
+@click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
 @click.option("--grace", "grace_s", type=float, help="Seconds to answer in-flight requests on SIGTERM. [default: 10]")

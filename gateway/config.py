@@ -58,6 +58,10 @@ class GatewaySettings:
     batching: BatchingMode = "spec"
     # onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
     intra_op_threads: int = 0
+    # Durable release state and audit log (SQLite) live here.
+    state_dir: Path = Path(".gateway-state")
+    # Run the promotion controller (one process holds its lease at a time).
+    controller: bool = True
     # Names of models to load; empty loads every model in the repository.
     load: tuple[str, ...] = ()
 

@@ -94,6 +94,34 @@ class ModelEvidence:
     feedback_joined: int = 0
     feedback_unknown: int = 0
     started: float = field(default_factory=time.time)
+    # Evidence since the current rollout began (stable and candidate windows,
+    # and the candidate-vs-stable pair); None when no rollout is active.
+    rollout: dict[str, VersionWindow] | None = None
+    rollout_pair: PairWindow | None = None
+    rollout_versions: tuple[str, str] = ("", "")
+
+    def begin_rollout(self, stable: str, candidate: str) -> None:
+        """Start gathering rollout evidence afresh (a new rollout, or a restart mid-rollout)."""
+        self.rollout = {stable: VersionWindow(), candidate: VersionWindow()}
+        self.rollout_pair = PairWindow()
+        self.rollout_versions = (stable, candidate)
+
+    def end_rollout(self) -> None:
+        self.rollout = None
+        self.rollout_pair = None
+        self.rollout_versions = ("", "")
+
+    def rollout_windows(self) -> tuple[VersionWindow, VersionWindow, PairWindow]:
+        stable, candidate = self.rollout_versions
+        if self.rollout is None or self.rollout_pair is None:
+            return VersionWindow(), VersionWindow(), PairWindow()
+        return self.rollout[stable], self.rollout[candidate], self.rollout_pair
+
+    def _targets(self, version: str) -> list[VersionWindow]:
+        targets = [self.window(version)]
+        if self.rollout is not None and version in self.rollout:
+            targets.append(self.rollout[version])
+        return targets
 
     def window(self, version: str) -> VersionWindow:
         w = self.windows.get(version)
@@ -102,7 +130,8 @@ class ModelEvidence:
         return w
 
     def record_request(self, version: str, ok: bool, seconds: float, rows: int) -> None:
-        self.window(version).record(ok, seconds, rows)
+        for w in self._targets(version):
+            w.record(ok, seconds, rows)
 
     def record_prediction(self, request_id: str, version: str, role: str, outputs: Sequence[np.ndarray]) -> None:
         if request_id:
@@ -120,6 +149,8 @@ class ModelEvidence:
         if pair is None:
             pair = self.pairs[candidate] = PairWindow()
         compare_outputs(pair, base, cand, self.spec, latency_diff_s)
+        if self.rollout_pair is not None and candidate == self.rollout_versions[1]:
+            compare_outputs(self.rollout_pair, base, cand, self.spec, latency_diff_s)
         return True
 
     def feedback(self, request_id: str, labels: Sequence[float]) -> bool:
@@ -134,12 +165,12 @@ class ModelEvidence:
                 raise InvalidInput(
                     f"feedback for {request_id!r}: {truth.shape[0]} labels for a request of {p.values.shape[0]} rows"
                 )
-            w = self.window(p.version)
-            w.labelled += truth.shape[0]
-            if self.spec.kind == "classification":
-                w.correct += int(np.count_nonzero(p.values == truth))
-            else:
-                w.abs_error += float(np.abs(p.values - truth).sum())
+            correct = int(np.count_nonzero(p.values == truth)) if self.spec.kind == "classification" else 0
+            abs_error = float(np.abs(p.values - truth).sum()) if self.spec.kind != "classification" else 0.0
+            for w in self._targets(p.version):
+                w.labelled += truth.shape[0]
+                w.correct += correct
+                w.abs_error += abs_error
         self.feedback_joined += 1
         return True
 

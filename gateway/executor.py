@@ -24,7 +24,7 @@ from gateway.types import Tensors
 
 # Models whose warm-up run takes less than this run inline on the event loop
 # when the spec says execution = "auto".
-INLINE_BELOW_S = 150e-6
+INLINE_BELOW_S = 50e-6
 
 
 def runs_inline(execution: ExecutionMode, model: OnnxModel, rows: int) -> bool:

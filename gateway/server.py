@@ -24,9 +24,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from gateway.config import GatewaySettings, usable_cores
 from gateway.control.servicer import ReleaseServicer
+from gateway.controller import Controller
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
+from gateway.operations import ReleaseOps
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2_grpc
@@ -37,6 +39,7 @@ from gateway.providers import ProviderChooser
 from gateway.registry import Registry, executor_factory, load_model
 from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository
+from gateway.store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,13 @@ class Gateway:
         self.registry: Registry | None = None
         self.dataplane: DataPlane | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.controller: Controller | None = None
         self._draining = False
         self._control: aio.Server | None = None
         self.control_port = -1
         self.releases: ReleasePlane | None = None
+        self.store: SqliteStore | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -98,6 +104,14 @@ class Gateway:
         self.registry = registry = build_registry(s, self._pool, self.metrics)
         self.releases = releases = ReleasePlane(registry)
         self.dataplane = DataPlane(registry, releases)
+        self.store = SqliteStore(s.state_dir / "state.db")
+        self.ops = ReleaseOps(releases, self.store)
+        self.ops.restore()
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._follow_store(self.store)))
+        if s.controller:
+            self.controller = Controller(self.ops)
+            self._background.append(loop.create_task(self.controller.run()))
         self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -140,7 +154,7 @@ class Gateway:
             interceptors=[ErrorMappingInterceptor()],
         )
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ReleaseServicer(releases), control
+            ReleaseServicer(releases, self.ops), control
         )
         address = format_address(s.control_host, s.control_port)
         try:
@@ -149,6 +163,19 @@ class Gateway:
             raise ConfigError(f"control_port: cannot listen on {address}: {exc}") from None
         await control.start()
         self._control = control
+
+    async def _follow_store(self, store: SqliteStore) -> None:
+        """Serve changes other processes (workers, the controller) made, within about a second."""
+        seen = await asyncio.to_thread(store.changes)
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                now = await asyncio.to_thread(store.changes)
+                if now != seen:
+                    seen = now
+                    self.ops.sync()
+            except Exception:
+                log.exception("reading the release store failed")
 
     async def _sample_queues(self) -> None:
         """Copy queue depths and release-plane counters into Prometheus, periodically."""
@@ -188,6 +215,10 @@ class Gateway:
             await self.registry.close()
         if self._sampler is not None:
             self._sampler.cancel()
+        for task in self._background:
+            task.cancel()
+        if self.store is not None:
+            self.store.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ def gateway_in_thread(models: Path = MODELS, **settings: Any) -> Iterator[Runnin
     settings.setdefault("port", 0)
     settings.setdefault("metrics_port", -1)
     settings.setdefault("control_port", 0)
+    settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))
     settings.setdefault("provider", "cpu")
     config = GatewaySettings(models=models, **settings)
     loop = asyncio.new_event_loop()
@@ -109,6 +111,8 @@ def gateway_command(*args: str) -> list[str]:
 @contextmanager
 def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Iterator[Process]:
     """`gateway serve ...` as a subprocess; waits for its `listening on` line."""
+    if "--state-dir" not in args:
+        args = ("--state-dir", tempfile.mkdtemp(prefix="gateway-state-"), *args)
     cmd = gateway_command(
         "serve", "--port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu", *args
     )

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import Any, TypeAlias
 
-from gateway.errors import FailedPrecondition
+from gateway.errors import InvalidInput
 from gateway.evidence import VersionReport
+from gateway.operations import ReleaseOps
+from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
 from gateway.release import ReleaseState
 from gateway.release_plane import ModelReport, ReleasePlane
+from gateway.store import StoredRelease
 
 log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
 
-def release_message(state: ReleaseState) -> pb.Release:
+def release_message(state: ReleaseState, rollout: RolloutState | None = None) -> pb.Release:
     return pb.Release(
+        phase=rollout.phase if rollout else "",
+        step=rollout.step if rollout else 0,
         model=state.model,
         stable=state.stable,
         canary=state.canary,
@@ -44,38 +51,66 @@ def report_message(report: ModelReport) -> pb.Report:
     )
 
 
-class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
-    def __init__(self, plane: ReleasePlane) -> None:
-        self.plane = plane
+ACTOR_METADATA = "x-gateway-actor"
 
-    def _changed(self, state: ReleaseState, action: str, reason: str) -> pb.Release:
-        log.info("%s %s -> revision %d (%s)", action, state.model, state.revision, reason or "no reason given")
-        return release_message(state)
+
+def actor_of(context: Context) -> str:
+    """Who asks: the authenticated token's name once auth runs, else what the client says, else anonymous."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ACTOR_METADATA and value:
+            return str(value)[:64]
+    return "anonymous"
+
+
+class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
+    def __init__(self, plane: ReleasePlane, ops: ReleaseOps) -> None:
+        self.plane = plane
+        self.ops = ops
+
+    def _release(self, stored: StoredRelease) -> pb.Release:
+        return release_message(stored.state, stored.rollout)
 
     async def ListReleases(self, request: pb.ListReleasesRequest, context: Context) -> pb.ListReleasesResponse:
-        table = self.plane.table
-        return pb.ListReleasesResponse(releases=[release_message(table.get(m)) for m in table.models()])
+        return pb.ListReleasesResponse(releases=[self._release(self.ops.current(m)) for m in self.plane.table.models()])
 
     async def GetRelease(self, request: pb.GetReleaseRequest, context: Context) -> pb.Release:
-        return release_message(self.plane.table.get(request.model))
+        return self._release(self.ops.current(request.model))
 
     async def SetTraffic(self, request: pb.SetTrafficRequest, context: Context) -> pb.Release:
-        state = self.plane.table.apply(request.model, canary=request.canary, canary_weight_bp=request.weight_bp)
-        return self._changed(state, "set traffic", request.reason)
+        return self._release(
+            await self.ops.set_traffic(
+                request.model, request.canary, request.weight_bp, actor_of(context), request.reason
+            )
+        )
 
     async def AddShadow(self, request: pb.AddShadowRequest, context: Context) -> pb.Release:
-        shadows = dict(self.plane.table.get(request.model).shadows)
-        shadows[request.version] = request.fraction
-        state = self.plane.table.apply(request.model, shadows=shadows)
-        return self._changed(state, f"add shadow {request.version}", request.reason)
+        return self._release(
+            await self.ops.add_shadow(
+                request.model, request.version, request.fraction, actor_of(context), request.reason
+            )
+        )
 
     async def RemoveShadow(self, request: pb.RemoveShadowRequest, context: Context) -> pb.Release:
-        shadows = dict(self.plane.table.get(request.model).shadows)
-        if request.version not in shadows:
-            raise FailedPrecondition(f"{request.model} has no shadow {request.version!r}: nothing to remove")
-        del shadows[request.version]
-        state = self.plane.table.apply(request.model, shadows=shadows)
-        return self._changed(state, f"remove shadow {request.version}", request.reason)
+        return self._release(
+            await self.ops.remove_shadow(request.model, request.version, actor_of(context), request.reason)
+        )
+
+    async def StartRollout(self, request: pb.StartRolloutRequest, context: Context) -> pb.Release:
+        return self._release(
+            await self.ops.start_rollout(request.model, request.candidate, actor_of(context), request.reason)
+        )
+
+    async def Pause(self, request: pb.ModelActionRequest, context: Context) -> pb.Release:
+        return self._release(await self.ops.pause(request.model, actor_of(context), request.reason))
+
+    async def Resume(self, request: pb.ModelActionRequest, context: Context) -> pb.Release:
+        return self._release(await self.ops.resume(request.model, actor_of(context), request.reason))
+
+    async def Promote(self, request: pb.ModelActionRequest, context: Context) -> pb.Release:
+        return self._release(await self.ops.promote(request.model, actor_of(context), request.reason))
+
+    async def Rollback(self, request: pb.ModelActionRequest, context: Context) -> pb.Release:
+        return self._release(await self.ops.rollback(request.model, actor_of(context), request.reason))
 
     async def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context: Context) -> pb.SubmitFeedbackResponse:
         joined = unknown = 0
@@ -87,4 +122,40 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         return pb.SubmitFeedbackResponse(joined=joined, unknown=unknown)
 
     async def GetReport(self, request: pb.GetReportRequest, context: Context) -> pb.Report:
-        return report_message(self.plane.report(request.model))
+        report = report_message(self.plane.report(request.model))
+        rollout = self.ops.current(request.model).rollout
+        report.release.phase = rollout.phase
+        report.release.step = rollout.step
+        return report
+
+    async def GetAuditLog(self, request: pb.GetAuditLogRequest, context: Context) -> pb.AuditLog:
+        limit = request.limit or 100
+        if not 0 < limit <= 1000:
+            raise InvalidInput(f"limit must be 1..1000, got {request.limit}")
+        if request.model:
+            self.plane.table.get(request.model)  # NOT_FOUND for an unknown model
+        entries = await asyncio.to_thread(
+            self.ops.store.audit_log, request.model, request.since, request.until, limit + 1, request.offset
+        )
+        more = len(entries) > limit
+        records = [
+            pb.AuditRecord(
+                id=e.id,
+                at=e.at,
+                actor=e.actor,
+                action=e.action,
+                model=e.model,
+                outcome=e.outcome,
+                before_json=_json(e.before),
+                after_json=_json(e.after),
+                reason=e.reason,
+                evidence_json=_json(e.evidence),
+                revision=e.revision or 0,
+            )
+            for e in entries[:limit]
+        ]
+        return pb.AuditLog(records=records, next_offset=request.offset + limit if more else 0)
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else json.dumps(value, sort_keys=True)

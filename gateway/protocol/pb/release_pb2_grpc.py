@@ -69,6 +69,36 @@ class ReleaseServiceStub:
                 request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetReportRequest.SerializeToString,
                 response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Report.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/StartRollout',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/Pause',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/Resume',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/Promote',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/Rollback',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
+        self.GetAuditLog = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/GetAuditLog',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetAuditLogRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.AuditLog.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -116,6 +146,42 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditLog(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +219,36 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.GetReport,
                     request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetReportRequest.FromString,
                     response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Report.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.StartRolloutRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'GetAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditLog,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetAuditLogRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.AuditLog.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +440,168 @@ class ReleaseService:
             '/gateway.release.v1.ReleaseService/GetReport',
             gateway_dot_protocol_dot_pb_dot_release__pb2.GetReportRequest.SerializeToString,
             gateway_dot_protocol_dot_pb_dot_release__pb2.Report.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/StartRollout',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.StartRolloutRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/Pause',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/Resume',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/Promote',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/Rollback',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/GetAuditLog',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.GetAuditLogRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.AuditLog.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,211 @@
+"""Every change to a release, manual or automatic, goes through here.
+
+An operation checks the rollout transition table, builds the new release
+state, writes it and its audit record in one store transaction, and only
+then serves it. A refused operation is audited too, with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.errors import FailedPrecondition, GatewayError
+from gateway.policy import CheckResult, Event, RolloutState
+from gateway.release import ReleaseState
+from gateway.release_plane import ReleasePlane
+from gateway.store import AuditEntry, Store, StoredRelease
+
+log = logging.getLogger(__name__)
+
+
+class ReleaseOps:
+    def __init__(self, plane: ReleasePlane, store: Store) -> None:
+        self.plane = plane
+        self.store = store
+        self.rollouts: dict[str, RolloutState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- startup and sync ---------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Serve what the store holds; store the spec's release for models it does not know yet."""
+        stored = self.store.load_all()
+        for model in self.plane.table.models():
+            current = stored.get(model)
+            if current is not None:
+                try:
+                    self._install(current)
+                    log.info("%s: restored release revision %d (%s)", model, current.revision, current.rollout.phase)
+                    continue
+                except GatewayError as exc:
+                    log.warning("%s: stored release no longer fits the loaded versions (%s): reset", model, exc)
+                    after = StoredRelease(
+                        dataclasses.replace(self.plane.table.get(model), revision=current.revision + 1)
+                    )
+                    self.store.commit(
+                        current.revision, after, self._audit("gateway", "reset", current, after, str(exc))
+                    )
+                    self._install(after)
+                    continue
+            initial = StoredRelease(self.plane.table.get(model))
+            self.store.commit(None, initial, self._audit("gateway", "init", None, initial, "release from model.toml"))
+            self.rollouts[model] = initial.rollout
+
+    def sync(self) -> int:
+        """Install releases other processes changed; returns how many."""
+        changed = 0
+        for model, stored in self.store.load_all().items():
+            if model in self.plane.evidence and stored.revision > self.plane.table.get(model).revision:
+                self._install(stored)
+                changed += 1
+        return changed
+
+    def _install(self, stored: StoredRelease) -> None:
+        model = stored.state.model
+        previous = self.rollouts.get(model)
+        self.plane.table.install(stored.state)
+        self.rollouts[model] = stored.rollout
+        evidence = self.plane.evidence[model]
+        active = stored.rollout.phase in ("shadowing", "progressing")
+        if active and (
+            previous is None or previous.started_at != stored.rollout.started_at or evidence.rollout is None
+        ):
+            # A new rollout, or one resumed after a restart: evidence starts afresh.
+            evidence.begin_rollout(stored.state.stable, stored.rollout.candidate)
+        elif not active and stored.rollout.phase != "paused":
+            evidence.end_rollout()
+
+    # -- the one way to change a release ------------------------------------------------
+
+    def current(self, model: str) -> StoredRelease:
+        return StoredRelease(self.plane.table.get(model), self.rollouts.get(model, RolloutState()))
+
+    def _audit(
+        self,
+        actor: str,
+        action: str,
+        before: StoredRelease | None,
+        after: StoredRelease | None,
+        reason: str,
+        evidence: Any = None,
+        outcome: str = "applied",
+        model: str = "",
+    ) -> AuditEntry:
+        return AuditEntry(
+            actor=actor,
+            action=action,
+            model=model or (after or before).state.model,  # type: ignore[union-attr]
+            reason=reason,
+            outcome=outcome,
+            before=None if before is None else before.to_dict(),
+            after=None if after is None else after.to_dict(),
+            evidence=evidence,
+            revision=None if after is None else after.revision,
+            at=time.time(),
+        )
+
+    async def change(
+        self,
+        model: str,
+        actor: str,
+        action: str,
+        reason: str,
+        event: Event | None,
+        state_changes: dict[str, Any],
+        rollout_changes: dict[str, Any] | None = None,
+        checks: Sequence[CheckResult] = (),
+    ) -> StoredRelease:
+        lock = self._locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            before = self.current(model)
+            evidence = [c.to_dict() for c in checks] or None
+            try:
+                rollout = before.rollout
+                if event is not None:
+                    rollout = rollout.on(event, **(rollout_changes or {}))
+                elif rollout_changes:
+                    rollout = dataclasses.replace(rollout, **rollout_changes)
+                state: ReleaseState = self.plane.table.propose(model, **state_changes)
+            except GatewayError as exc:
+                refused = self._audit(actor, action, before, None, f"refused: {exc}", evidence, "refused", model)
+                await asyncio.to_thread(self.store.record_refused, refused)
+                raise
+            after = StoredRelease(state, rollout)
+            entry = self._audit(actor, action, before, after, reason, evidence)
+            await asyncio.to_thread(self.store.commit, before.revision, after, entry)
+            self._install(after)
+            log.info("%s %s by %s -> revision %d, %s: %s", action, model, actor, state.revision, rollout.phase, reason)
+            return after
+
+    # -- manual operations --------------------------------------------------------------
+
+    async def set_traffic(self, model: str, canary: str, weight_bp: int, actor: str, reason: str) -> StoredRelease:
+        return await self.change(
+            model, actor, "set_traffic", reason, "set_weight", {"canary": canary, "canary_weight_bp": weight_bp}
+        )
+
+    async def add_shadow(self, model: str, version: str, fraction: float, actor: str, reason: str) -> StoredRelease:
+        shadows = dict(self.plane.table.get(model).shadows)
+        shadows[version] = fraction
+        return await self.change(model, actor, "add_shadow", reason, None, {"shadows": shadows})
+
+    async def remove_shadow(self, model: str, version: str, actor: str, reason: str) -> StoredRelease:
+        shadows = dict(self.plane.table.get(model).shadows)
+        if version not in shadows:
+            raise FailedPrecondition(f"{model} has no shadow {version!r}: nothing to remove")
+        del shadows[version]
+        return await self.change(model, actor, "remove_shadow", reason, None, {"shadows": shadows})
+
+    async def start_rollout(self, model: str, candidate: str, actor: str, reason: str) -> StoredRelease:
+        spec = self.plane.registry.entry(model).spec.policy
+        current = self.plane.table.get(model)
+        if candidate == current.stable:
+            raise FailedPrecondition(f"{model}: version {candidate} is already the stable version")
+        shadows = {v: f for v, f in current.shadows.items() if v != candidate}
+        rollout = {"step": 0, "failed_checks": 0, "candidate": candidate, "started_at": time.time()}
+        if spec.shadow_intervals > 0:
+            shadows[candidate] = 1.0
+            changes: dict[str, Any] = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
+            return await self.change(model, actor, "start_rollout", reason, "start_shadow", changes, rollout)
+        changes = {
+            "canary": candidate,
+            "canary_weight_bp": spec.step_weights_bp[0],
+            "shadows": shadows,
+            "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if spec.min_agreement > 0 else 0.0),
+        }
+        return await self.change(model, actor, "start_rollout", reason, "start", changes, rollout)
+
+    async def pause(self, model: str, actor: str, reason: str) -> StoredRelease:
+        return await self.change(model, actor, "pause", reason, "pause", {})
+
+    async def resume(self, model: str, actor: str, reason: str) -> StoredRelease:
+        return await self.change(model, actor, "resume", reason, "resume", {})
+
+    async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        current = self.current(model)
+        candidate = current.rollout.candidate if current.rollout.phase != "idle" else ""
+        candidate = candidate or current.state.canary
+        if not candidate:
+            refused = FailedPrecondition(f"{model} has no canary: nothing to promote")
+            entry = self._audit(actor, "promote", current, None, f"refused: {refused}", None, "refused", model)
+            await asyncio.to_thread(self.store.record_refused, entry)
+            raise refused
+        event: Event = "promote"
+        if current.rollout.phase in ("idle", "succeeded", "rolled_back"):
+            # A canary set by hand, outside a rollout: promoting it is a traffic change.
+            event = "set_weight"
+        shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
+        changes = {"stable": candidate, "canary": "", "canary_weight_bp": 0, "shadows": shadows}
+        return await self.change(model, actor, "promote", reason, event, changes, None, checks)
+
+    async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        current = self.current(model)
+        candidate = current.rollout.candidate or current.state.canary
+        shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
+        changes = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
+        return await self.change(model, actor, "rollback", reason, "rollback", changes, None, checks)
