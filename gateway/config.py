@@ -144,8 +144,8 @@ class PolicySpec:
     step_weights: tuple[float, ...] = (1.0, 5.0, 10.0, 25.0, 50.0)  # percent of traffic per step
     threshold: int = 2  # intervals with a failed check before rollback
     min_samples: int = 200  # per arm, before any check decides
-    max_latency_ratio: float = 1.2  # canary p99 / stable p99
-    max_error_increase: float = 0.01  # canary error rate - stable error rate
+    max_latency_ratio: float = 1.2  # canary p99 / stable p99 (0: off)
+    max_error_increase: float = 0.01  # canary error rate - stable error rate (negative: off)
     min_agreement: float = 0.0  # top-1 agreement with stable (0: off)
     max_accuracy_drop: float = -1.0  # stable accuracy - canary accuracy (negative: off; needs labels)
     max_duration_s: float = 3600.0

@@ -130,7 +130,10 @@ def run_checks(evidence: RolloutEvidence, spec: PolicySpec, with_traffic: bool) 
     s, c, pair = evidence.stable, evidence.candidate, evidence.pair
     enabled = []
     if with_traffic:
-        enabled += ["error_rate", "latency_p99"]
+        if spec.max_error_increase >= 0:
+            enabled.append("error_rate")
+        if spec.max_latency_ratio > 0:
+            enabled.append("latency_p99")
         if spec.max_accuracy_drop >= 0:
             enabled.append("accuracy")
     if spec.min_agreement > 0:
