@@ -49,6 +49,10 @@ def main() -> None:
     help="Serving processes sharing the port (SO_REUSEPORT); 0: one per core on CPU, one per GPU. [default: 0]",
 )
 @click.option("--batching", type=click.Choice(["spec", "off"]), help="off: one model run per request. [default: spec]")
+@click.option("--tokens-file", type=click.Path(path_type=Path), help="Control API tokens (TOML [[tokens]]).")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Server certificate (PEM): TLS on both ports.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="Server private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(path_type=Path), help="CA for client certificates: mutual TLS.")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [.gateway-state]")
 @click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")

@@ -62,6 +62,12 @@ class GatewaySettings:
     state_dir: Path = Path(".gateway-state")
     # Run the promotion controller (one process holds its lease at a time).
     controller: bool = True
+    # Control API bearer tokens (TOML [[tokens]] name/role/token); see gateway.control.auth.
+    tokens_file: Path | None = None
+    # TLS on both ports (mutual TLS when tls_client_ca is set).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     # Names of models to load; empty loads every model in the repository.
     load: tuple[str, ...] = ()
 
@@ -215,7 +221,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                     raise ValueError("expected true or false")
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
-        if kind == "Path":
+        if kind.startswith("Path"):
             return Path(value)
         if kind.startswith("Mapping"):
             if not isinstance(value, Mapping):

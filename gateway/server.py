@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gateway.config import GatewaySettings, usable_cores
+from gateway.control.auth import Authenticator, AuthInterceptor, check_bind, load_tokens
 from gateway.control.servicer import ReleaseServicer
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
@@ -67,6 +69,36 @@ def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor, metrics:
     if chooser.cuda_reason and settings.provider == "auto":
         log.info("running on the CPU: %s", chooser.cuda_reason)
     return registry
+
+
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS for both ports when a certificate is configured; mutual TLS when a client CA is too."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError("tls_cert and tls_key: set both, or neither")
+    try:
+        pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+        ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def bind(server: aio.Server, host: str, port: int, setting: str, settings: GatewaySettings) -> int:
+    address = format_address(host, port)
+    credentials = server_credentials(settings)
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise ConfigError(f"{setting}: cannot listen on {address}: {exc}") from None
+    if bound == 0:
+        raise ConfigError(f"{setting}: cannot listen on {address}")
+    return int(bound)
 
 
 class Gateway:
@@ -128,13 +160,7 @@ class Gateway:
             server,
             pool=POOL,
         )
-        address = format_address(s.host, s.port)
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(f"port: cannot listen on {address}: {exc}") from None
-        if self.port == 0:
-            raise ConfigError(f"port: cannot listen on {address}")
+        self.port = bind(server, s.host, s.port, "port", s)
         await server.start()
         self._server = server
         if s.metrics_port >= 0:
@@ -148,19 +174,19 @@ class Gateway:
 
     async def _start_control(self, releases: ReleasePlane) -> None:
         s = self.settings
+        tokens = load_tokens(s.tokens_file, os.environ)
+        check_bind(s.control_host, tokens)
+        if not tokens:
+            log.info("control API without tokens: loopback only, every caller may change releases")
         control = aio.server(
             migration_thread_pool=None,
             options=[("grpc.so_reuseport", 0)],
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[AuthInterceptor(Authenticator(tokens)), ErrorMappingInterceptor()],
         )
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ReleaseServicer(releases, self.ops), control
         )
-        address = format_address(s.control_host, s.control_port)
-        try:
-            self.control_port = control.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(f"control_port: cannot listen on {address}: {exc}") from None
+        self.control_port = bind(control, s.control_host, s.control_port, "control_port", s)
         await control.start()
         self._control = control
 

@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any, TypeAlias
 
+from gateway.control.auth import ACTOR
 from gateway.errors import InvalidInput
 from gateway.evidence import VersionReport
 from gateway.operations import ReleaseOps
@@ -55,7 +56,10 @@ ACTOR_METADATA = "x-gateway-actor"
 
 
 def actor_of(context: Context) -> str:
-    """Who asks: the authenticated token's name once auth runs, else what the client says, else anonymous."""
+    """Who asks: the authenticated token's name; without tokens, what the client says, else anonymous."""
+    authenticated = ACTOR.get()
+    if authenticated:
+        return authenticated
     for key, value in context.invocation_metadata() or ():
         if key == ACTOR_METADATA and value:
             return str(value)[:64]

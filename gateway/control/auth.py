@@ -1,0 +1,160 @@
+"""Bearer-token authentication and roles for the control API.
+
+Tokens come from a TOML file (`[[tokens]]` with name, role, token) or from
+GATEWAY_CONTROL_TOKENS ("name:role:token,..."). Roles: `read` (list, get,
+report, audit) and `write` (everything, feedback included). Tokens are
+compared in constant time, and every configured token is compared, so
+timing reveals neither the token nor which one matched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from gateway.errors import ConfigError, PermissionDenied, Unauthenticated
+
+ROLES = ("read", "write")
+# The authenticated caller of the control call being handled: a context
+# variable is scoped to the call's own task, so concurrent calls never mix.
+ACTOR: ContextVar[str | None] = ContextVar("gateway_actor", default=None)
+READ_METHODS = frozenset({"ListReleases", "GetRelease", "GetReport", "GetAuditLog"})
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    name: str
+    role: str
+    secret: bytes
+
+
+def parse_tokens(text: str, source: str) -> list[Token]:
+    """Tokens from "name:role:token,..." text."""
+    tokens = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, rest = item.partition(":")
+        role, _, secret = rest.partition(":")
+        tokens.append(_token(name, role, secret, source))
+    return tokens
+
+
+def _token(name: str, role: str, secret: str, source: str) -> Token:
+    if not name or not secret:
+        raise ConfigError(f"{source}: every token needs a name and a secret")
+    if role not in ROLES:
+        raise ConfigError(f"{source}: token {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
+    if len(secret) < 16:
+        raise ConfigError(f"{source}: token {name!r} is shorter than 16 characters")
+    return Token(name, role, secret.encode())
+
+
+def load_tokens(path: Path | None, env: Mapping[str, str]) -> list[Token]:
+    tokens: list[Token] = []
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"tokens_file: cannot read {path}: {exc}") from None
+        for entry in data.get("tokens", []):
+            tokens.append(
+                _token(str(entry.get("name", "")), str(entry.get("role", "")), str(entry.get("token", "")), str(path))
+            )
+    if env.get("GATEWAY_CONTROL_TOKENS"):
+        tokens += parse_tokens(env["GATEWAY_CONTROL_TOKENS"], "GATEWAY_CONTROL_TOKENS")
+    names = [t.name for t in tokens]
+    if len(set(names)) != len(names):
+        raise ConfigError("control tokens: names must be unique")
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, tokens: list[Token]) -> None:
+    """The control API never listens beyond this machine without authentication."""
+    if not tokens and not is_loopback(host):
+        raise ConfigError(
+            f"control_host: refusing to serve the control API on {host} without tokens "
+            "(set tokens_file or GATEWAY_CONTROL_TOKENS, or bind 127.0.0.1)"
+        )
+
+
+class Authenticator:
+    def __init__(self, tokens: list[Token]) -> None:
+        self.tokens = tokens
+
+    def identify(self, header: str) -> Token:
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise Unauthenticated("missing bearer token (authorization: Bearer <token>)")
+        secret = presented.strip().encode()
+        found: Token | None = None
+        for token in self.tokens:  # compare with every token: timing reveals nothing
+            if hmac.compare_digest(token.secret, secret):
+                found = token
+        if found is None:
+            raise Unauthenticated("unknown token")
+        return found
+
+    def authorize(self, method: str, metadata: Mapping[str, str]) -> str | None:
+        """The actor name for an allowed call; raises for a refused one. None: auth is off."""
+        if not self.tokens:
+            return None
+        token = self.identify(metadata.get("authorization", ""))
+        if method not in READ_METHODS and token.role != "write":
+            raise PermissionDenied(f"token {token.name!r} has role {token.role}; {method} needs write")
+        return token.name
+
+
+Behavior = Callable[[Any, Any], Awaitable[Any]]
+
+
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Checks every control call before it runs; the actor it finds rides in the context."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or not self.auth.tokens:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner: Behavior = handler.unary_unary
+        auth = self.auth
+
+        async def guarded(request: Any, context: Any) -> Any:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            try:
+                actor = auth.authorize(method, metadata)
+            except Unauthenticated as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            except PermissionDenied as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            ACTOR.set(actor)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
