@@ -89,6 +89,9 @@ class DynamicBatcher:
         """Batches executing now."""
         return self._active
 
+    def busy(self) -> bool:
+        return bool(self._queue) or self._active > 0
+
     async def submit(
         self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
     ) -> list[np.ndarray]:

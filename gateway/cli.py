@@ -24,7 +24,14 @@ Examples:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="release-gateway")
 def main() -> None:
-    """A release-aware model-serving gateway (Open Inference Protocol over gRPC)."""
+    """A release-aware model-serving gateway (Open Inference Protocol over gRPC).
+
+    \b
+    Start it:        gateway serve --models models
+    Try a rollout:   gateway demo
+    Release work:    gateway status | traffic set | shadow add | rollout start | report | audit
+    Exit codes:      0 done, 1 refused, 2 usage, 3 auth, 4 gateway unreachable
+    """
 
 
 @main.command(epilog=EPILOG)
@@ -101,13 +108,21 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         sys.exit(2)
 
 
-def _add_bench() -> None:
-    from loadtests.bench import bench
+def _add_commands() -> None:
+    from gateway.cli_release import COMMANDS
+    from gateway.demo import demo
 
+    for command in COMMANDS:
+        main.add_command(command)
+    main.add_command(demo)
+    try:
+        from loadtests.bench import bench
+    except ImportError:  # loadtests ships with the source tree, not every install
+        return
     main.add_command(bench)
 
 
-_add_bench()
+_add_commands()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,20 @@ class Executor(Protocol):
 
     def queue_depth(self) -> int: ...
 
+    def busy(self) -> bool:
+        """Anything queued or running."""
+        ...
+
     async def close(self) -> None: ...
+
+
+async def drain_and_close(executor: Executor, timeout_s: float = 30.0) -> None:
+    """Let an executor that no longer gets new requests answer what it has, then close it."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    # A rare admin action: a short poll is simpler than threading an event through every executor.
+    while executor.busy() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    await executor.close()
 
 
 def expiry(deadline: float | None, timeout_s: float | None, now: float) -> tuple[float | None, bool]:
@@ -73,10 +86,14 @@ class DirectExecutor:
         self._slots = asyncio.Semaphore(spec.instances)
         self._max_waiting = spec.max_queue_size
         self._waiting = 0
+        self._running = 0
         self._closed = False
 
     def queue_depth(self) -> int:
         return self._waiting
+
+    def busy(self) -> bool:
+        return self._waiting > 0 or self._slots.locked() or self._running > 0
 
     async def submit(
         self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
@@ -102,6 +119,7 @@ class DirectExecutor:
             self.stats.queue.add(int((time.monotonic() - queued_at) * 1e9))
         else:
             await self._slots.acquire()
+        self._running += 1
         try:
             start = time.perf_counter_ns()
             if runs_inline(self.execution, self.model, batch):
@@ -112,6 +130,7 @@ class DirectExecutor:
             self.stats.record_execution(batch, time.perf_counter_ns() - start)
             return outputs
         finally:
+            self._running -= 1
             self._slots.release()
 
     async def close(self) -> None:

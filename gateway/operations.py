@@ -56,11 +56,32 @@ class ReleaseOps:
             self.store.commit(None, initial, self._audit("gateway", "init", None, initial, "release from model.toml"))
             self.rollouts[model] = initial.rollout
 
+    def adopt(self, model: str) -> None:
+        """A model (re)loaded at run time: serve its stored release, or store the one it has now."""
+        stored = self.store.load_all().get(model)
+        current = StoredRelease(self.plane.table.get(model), self.rollouts.get(model, RolloutState()))
+        if stored is not None:
+            try:
+                if stored.revision >= current.revision:
+                    self._install(stored)
+                    return
+            except GatewayError:
+                pass
+            after = StoredRelease(dataclasses.replace(current.state, revision=stored.revision + 1), current.rollout)
+            self.store.commit(stored.revision, after, self._audit("gateway", "reset", stored, after, "model reloaded"))
+            self._install(after)
+            return
+        self.store.commit(None, current, self._audit("gateway", "init", None, current, "model loaded"))
+        self.rollouts[model] = current.rollout
+
+    def forget(self, model: str) -> None:
+        self.rollouts.pop(model, None)
+
     def sync(self) -> int:
         """Install releases other processes changed; returns how many."""
         changed = 0
         for model, stored in self.store.load_all().items():
-            if model in self.plane.evidence and stored.revision > self.plane.table.get(model).revision:
+            if model in self.plane.evidence and stored.revision > self.plane.table.revision_of(model):
                 self._install(stored)
                 changed += 1
         return changed

@@ -57,8 +57,16 @@ class Registry:
     def __init__(self) -> None:
         self._models: dict[str, ModelEntry] = {}
 
-    def add(self, entry: ModelEntry) -> None:
+    def add(self, entry: ModelEntry) -> ModelEntry | None:
+        """Serve `entry`; returns the entry it replaces, if any (the caller drains it)."""
+        previous = self._models.get(entry.name)
         self._models[entry.name] = entry
+        return previous
+
+    def remove(self, name: str) -> ModelEntry:
+        entry = self.entry(name)
+        del self._models[name]
+        return entry
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -115,21 +123,44 @@ def describe(spec: ModelSpec, model: OnnxModel, executor: Executor) -> str:
     return f"{kind}, {where}"
 
 
-def load_model(
-    repository: Repository,
-    name: str,
-    settings: GatewaySettings,
-    chooser: ProviderChooser,
-    make_executor: ExecutorFactory,
-    metrics: GatewayMetrics | None = None,
-) -> ModelEntry:
-    """Load every version of one model; raises ModelLoadError naming the file on failure."""
+@dataclass(slots=True)
+class LoadedSessions:
+    """A model's sessions, built and warm, before executors are attached (which needs the loop)."""
+
+    name: str
+    spec: ModelSpec
+    models: dict[str, OnnxModel]
+
+
+def load_sessions(
+    repository: Repository, name: str, settings: GatewaySettings, chooser: ProviderChooser
+) -> LoadedSessions:
+    """Build and warm every version's session; blocking, so safe to run on a worker thread.
+
+    Raises ModelLoadError naming the file on failure; nothing is served until this returns.
+    """
     spec = repository.spec(name)
-    versions: dict[str, LoadedVersion] = {}
+    models: dict[str, OnnxModel] = {}
     for version in repository.versions(name):
         files = repository.version_files(name, version)
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
-        warm = model.warm_up(spec.max_batch_size)
+        model.warm_up(spec.max_batch_size)
+        models[version] = model
+    if not models:
+        raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")
+    default = spec.release.stable or sorted(models, key=version_sort_key)[-1]
+    if default not in models:
+        raise ModelNotFound(f"model {name!r}: release.stable names version {default!r}, which does not exist")
+    return LoadedSessions(name, spec, models)
+
+
+def assemble(
+    sessions: LoadedSessions, make_executor: ExecutorFactory, metrics: GatewayMetrics | None = None
+) -> ModelEntry:
+    """Attach executors (on the event loop) and make the entry the registry serves."""
+    name, spec = sessions.name, sessions.spec
+    versions: dict[str, LoadedVersion] = {}
+    for version, model in sessions.models.items():
         stats = VersionStats()
         bound = metrics.for_version(name, version) if metrics is not None else None
         executor = make_executor(model, spec, stats, bound)
@@ -139,13 +170,20 @@ def load_model(
             name,
             version,
             model.provider,
-            warm * 1e3,
+            model.warmup_seconds * 1e3,
             describe(spec, model, executor),
         )
-    if not versions:
-        raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")
-    ordered = sorted(versions, key=version_sort_key)
-    default = spec.release.stable or ordered[-1]
-    if default not in versions:
-        raise ModelNotFound(f"model {name!r}: release.stable names version {default!r}, which does not exist")
+    default = spec.release.stable or sorted(versions, key=version_sort_key)[-1]
     return ModelEntry(name, spec, versions, default)
+
+
+def load_model(
+    repository: Repository,
+    name: str,
+    settings: GatewaySettings,
+    chooser: ProviderChooser,
+    make_executor: ExecutorFactory,
+    metrics: GatewayMetrics | None = None,
+) -> ModelEntry:
+    """Load every version of one model (startup: on the loop, before anything is served)."""
+    return assemble(load_sessions(repository, name, settings, chooser), make_executor, metrics)

@@ -117,6 +117,13 @@ class ReleaseTable:
     def models(self) -> list[str]:
         return sorted(self._states)
 
+    def revision_of(self, model: str) -> int:
+        state = self._states.get(model)
+        return 0 if state is None else state.revision
+
+    def remove(self, model: str) -> None:
+        self._states.pop(model, None)
+
     def propose(self, model: str, **changes: object) -> ReleaseState:
         """The state `changes` would make (validated, next revision), without applying it."""
         current = self.get(model)

@@ -8,6 +8,7 @@ stays a short sequence of calls.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.errors import InvalidInput
+from gateway.errors import GatewayError, InvalidInput
 from gateway.evidence import ModelEvidence, VersionReport, model_report
 from gateway.registry import LoadedVersion, Registry
 from gateway.release import ReleaseState, ReleaseTable, initial_state
@@ -55,13 +56,30 @@ class ReleasePlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():
-            entry = registry.entry(name)
-            state = initial_state(name, entry.spec, entry.versions, entry.default_version)
-            self.table.install(state)
-            stable = entry.versions[state.stable].model
-            compare = entry.spec.compare
-            index = stable.output_names.index(compare.output) if compare.output else 0
+            self.add_model(name)
+
+    def add_model(self, name: str) -> None:
+        """Give a (re)loaded model a release: the current one if it still fits, else the spec's."""
+        entry = self.registry.entry(name)
+        initial = initial_state(name, entry.spec, entry.versions, entry.default_version)
+        try:
+            current = self.table.get(name)
+            self.table.install(current)
+        except GatewayError:
+            self.table.install(dataclasses.replace(initial, revision=self.table.revision_of(name) + 1))
+        compare = entry.spec.compare
+        stable = entry.versions[self.table.get(name).stable].model
+        index = stable.output_names.index(compare.output) if compare.output else 0
+        if name not in self.evidence:
             self.evidence[name] = ModelEvidence(name, compare, index)
+        for key in [k for k in self._lanes if k[0] == name]:
+            del self._lanes[key]  # lanes point at the old executors
+
+    def remove_model(self, name: str) -> None:
+        self.table.remove(name)
+        self.evidence.pop(name, None)
+        for key in [k for k in self._lanes if k[0] == name]:
+            del self._lanes[key]
 
     def _on_change(self, state: ReleaseState) -> None:
         # A version (re)added as a shadow is an operator's fresh start: close its circuit.

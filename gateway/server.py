@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc import aio
@@ -29,6 +30,7 @@ from gateway.control.servicer import ReleaseServicer
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
+from gateway.loader import ModelLoader
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
 from gateway.operations import ReleaseOps
 from gateway.protocol.pb import inference_pb2 as pb
@@ -38,7 +40,7 @@ from gateway.protocol.pb.pool import POOL
 from gateway.protocol.servicer import InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
 from gateway.providers import ProviderChooser
-from gateway.registry import Registry, executor_factory, load_model
+from gateway.registry import ExecutorFactory, Registry, executor_factory, load_model
 from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository
 from gateway.store import SqliteStore
@@ -52,7 +54,9 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor, metrics: GatewayMetrics) -> Registry:
+def build_registry(
+    settings: GatewaySettings, pool: ThreadPoolExecutor, metrics: GatewayMetrics
+) -> tuple[Registry, ModelLoaderParts]:
     repository = Repository(settings.models)
     names = list(settings.load) or repository.model_names()
     if not names:
@@ -68,7 +72,7 @@ def build_registry(settings: GatewaySettings, pool: ThreadPoolExecutor, metrics:
         registry.add(load_model(repository, name, settings, chooser, make_executor, metrics))
     if chooser.cuda_reason and settings.provider == "auto":
         log.info("running on the CPU: %s", chooser.cuda_reason)
-    return registry
+    return registry, ModelLoaderParts(repository, settings, chooser, make_executor)
 
 
 def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
@@ -99,6 +103,14 @@ def bind(server: aio.Server, host: str, port: int, setting: str, settings: Gatew
     if bound == 0:
         raise ConfigError(f"{setting}: cannot listen on {address}")
     return int(bound)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoaderParts:
+    repository: Repository
+    settings: GatewaySettings
+    chooser: ProviderChooser
+    make_executor: ExecutorFactory
 
 
 class Gateway:
@@ -133,12 +145,23 @@ class Gateway:
         self.release_metrics = ReleaseMetrics(metrics_registry)
         # Loading blocks this loop (session build, warm-up), which is fine: nothing
         # is served before it ends, and batchers must be created on this loop.
-        self.registry = registry = build_registry(s, self._pool, self.metrics)
+        self.registry, parts = build_registry(s, self._pool, self.metrics)
+        registry = self.registry
         self.releases = releases = ReleasePlane(registry)
         self.dataplane = DataPlane(registry, releases)
         self.store = SqliteStore(s.state_dir / "state.db")
         self.ops = ReleaseOps(releases, self.store)
         self.ops.restore()
+        self.loader = ModelLoader(
+            parts.repository,
+            parts.settings,
+            parts.chooser,
+            parts.make_executor,
+            self.metrics,
+            registry,
+            releases,
+            self.ops,
+        )
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._follow_store(self.store)))
         if s.controller:
@@ -184,7 +207,7 @@ class Gateway:
             interceptors=[AuthInterceptor(Authenticator(tokens)), ErrorMappingInterceptor()],
         )
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ReleaseServicer(releases, self.ops), control
+            ReleaseServicer(releases, self.ops, self.loader), control
         )
         self.control_port = bind(control, s.control_host, s.control_port, "control_port", s)
         await control.start()

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 from gateway.control.auth import ACTOR
 from gateway.errors import InvalidInput
 from gateway.evidence import VersionReport
+from gateway.loader import ModelLoader
 from gateway.operations import ReleaseOps
 from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as pb
@@ -67,9 +68,20 @@ def actor_of(context: Context) -> str:
 
 
 class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
-    def __init__(self, plane: ReleasePlane, ops: ReleaseOps) -> None:
+    def __init__(self, plane: ReleasePlane, ops: ReleaseOps, loader: ModelLoader) -> None:
         self.plane = plane
         self.ops = ops
+        self.loader = loader
+
+    async def LoadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
+        entry = await self.loader.load(request.model)
+        log.info("load %s by %s (%s)", request.model, actor_of(context), request.reason or "no reason given")
+        return pb.ModelStatus(model=entry.name, versions=entry.sorted_versions())
+
+    async def UnloadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
+        await self.loader.unload(request.model)
+        log.info("unload %s by %s (%s)", request.model, actor_of(context), request.reason or "no reason given")
+        return pb.ModelStatus(model=request.model)
 
     def _release(self, stored: StoredRelease) -> pb.Release:
         return release_message(stored.state, stored.rollout)

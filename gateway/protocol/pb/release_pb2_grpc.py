@@ -99,6 +99,16 @@ class ReleaseServiceStub:
                 request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetAuditLogRequest.SerializeToString,
                 response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.AuditLog.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/LoadModel',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/UnloadModel',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -182,6 +192,20 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Load (or reload) a model from the repository: new sessions are built and
+        warm before they serve; the old ones answer until then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +273,16 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.GetAuditLog,
                     request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetAuditLogRequest.FromString,
                     response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.AuditLog.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +636,60 @@ class ReleaseService:
             '/gateway.release.v1.ReleaseService/GetAuditLog',
             gateway_dot_protocol_dot_pb_dot_release__pb2.GetAuditLogRequest.SerializeToString,
             gateway_dot_protocol_dot_pb_dot_release__pb2.AuditLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/LoadModel',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/UnloadModel',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.FromString,
             options,
             channel_credentials,
             insecure,
