@@ -209,8 +209,8 @@ class ReleaseOps:
 
     async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         current = self.current(model)
-        candidate = current.rollout.candidate if current.rollout.phase != "idle" else ""
-        candidate = candidate or current.state.canary
+        active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
+        candidate = (current.rollout.candidate if active else "") or current.state.canary
         if not candidate:
             refused = FailedPrecondition(f"{model} has no canary: nothing to promote")
             entry = self._audit(actor, "promote", current, None, f"refused: {refused}", None, "refused", model)
@@ -226,7 +226,10 @@ class ReleaseOps:
 
     async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         current = self.current(model)
-        candidate = current.rollout.candidate or current.state.canary
+        active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
+        candidate = (current.rollout.candidate if active else "") or current.state.canary
         shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
         changes = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
-        return await self.change(model, actor, "rollback", reason, "rollback", changes, None, checks)
+        # Outside a rollout, a rollback of a hand-set canary is a traffic change.
+        event: Event = "rollback" if active else "set_weight"
+        return await self.change(model, actor, "rollback", reason, event, changes, None, checks)
