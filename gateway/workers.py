@@ -108,12 +108,14 @@ class Supervisor:
         self.worker_settings = dataclasses.replace(
             settings, port=port, metrics_port=-1, workers=1, intra_op_threads=threads
         )
-        # Until release state and evidence live in the shared store, one worker
-        # serves the control API (and sees its own traffic's evidence only).
+        # Release state is shared through the store (every worker follows it),
+        # but evidence is not merged across processes yet: worker 0 serves the
+        # control API and runs the controller, deciding on its own share of the
+        # traffic (connections spread at random, so an unbiased subsample).
         self.first_worker_settings = self.worker_settings
+        self.worker_settings = dataclasses.replace(self.worker_settings, control_port=-1, controller=False)
         if settings.control_port >= 0:
-            log.warning("with several workers, the control API and its reports cover worker 0 only")
-            self.worker_settings = dataclasses.replace(self.worker_settings, control_port=-1)
+            log.warning("with %d workers, reports and rollout decisions use worker 0's share of the traffic", count)
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()
         self._procs: dict[int, BaseProcess] = {}
