@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -184,3 +185,39 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def window_to_dict(w: VersionWindow) -> dict[str, Any]:
+    """A window as JSON-ready data (the latency histogram sparse: bucket -> count)."""
+    return {
+        "requests": w.requests,
+        "errors": w.errors,
+        "rows": w.rows,
+        "labelled": w.labelled,
+        "correct": w.correct,
+        "abs_error": w.abs_error,
+        "latency": {str(i): c for i, c in enumerate(w.latency.counts) if c},
+    }
+
+
+def window_from_dict(data: dict[str, Any]) -> VersionWindow:
+    w = VersionWindow(
+        requests=data["requests"],
+        errors=data["errors"],
+        rows=data["rows"],
+        labelled=data["labelled"],
+        correct=data["correct"],
+        abs_error=data["abs_error"],
+    )
+    for index, count in data["latency"].items():
+        w.latency.counts[int(index)] = count
+    w.latency.total = sum(data["latency"].values())
+    return w
+
+
+def pair_to_dict(p: PairWindow) -> dict[str, Any]:
+    return {name: getattr(p, name) for name in PairWindow.__slots__}
+
+
+def pair_from_dict(data: dict[str, Any]) -> PairWindow:
+    return PairWindow(**data)

@@ -68,6 +68,9 @@ class GatewaySettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Set by `--workers N` for each worker (0..N-1): evidence and labels are then
+    # shared through the store. -1: a single serving process.
+    worker_index: int = -1
     # Names of models to load; empty loads every model in the repository.
     load: tuple[str, ...] = ()
 

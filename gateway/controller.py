@@ -63,7 +63,7 @@ class Controller:
         ops = self.ops
         rollout = ops.rollouts[model]
         spec = ops.plane.registry.entry(model).spec.policy
-        stable, candidate, pair = ops.plane.evidence[model].rollout_windows()
+        stable, candidate, pair = ops.plane.combined(model).rollout_windows()
         decision = decide(rollout, RolloutEvidence(stable, candidate, pair), spec, self.clock())
         reason = decision.reason
         try:

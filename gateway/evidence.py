@@ -12,10 +12,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from gateway.compare import PairWindow, VersionWindow, compare_outputs, top1, wilson_interval
+from gateway.compare import (
+    PairWindow,
+    VersionWindow,
+    compare_outputs,
+    pair_from_dict,
+    pair_to_dict,
+    top1,
+    wilson_interval,
+    window_from_dict,
+    window_to_dict,
+)
 from gateway.config import CompareSpec
 from gateway.errors import InvalidInput
 
@@ -92,24 +103,65 @@ class ModelEvidence:
     windows: dict[str, VersionWindow] = field(default_factory=dict)
     pairs: dict[str, PairWindow] = field(default_factory=dict)  # candidate version -> vs stable
     feedback_joined: int = 0
-    feedback_unknown: int = 0
     started: float = field(default_factory=time.time)
     # Evidence since the current rollout began (stable and candidate windows,
     # and the candidate-vs-stable pair); None when no rollout is active.
     rollout: dict[str, VersionWindow] | None = None
     rollout_pair: PairWindow | None = None
     rollout_versions: tuple[str, str] = ("", "")
+    rollout_key: str = ""  # identifies the rollout, so workers' windows merge only within one
+    labels_received: int = 0
 
-    def begin_rollout(self, stable: str, candidate: str) -> None:
+    def begin_rollout(self, stable: str, candidate: str, key: str = "") -> None:
         """Start gathering rollout evidence afresh (a new rollout, or a restart mid-rollout)."""
         self.rollout = {stable: VersionWindow(), candidate: VersionWindow()}
         self.rollout_pair = PairWindow()
         self.rollout_versions = (stable, candidate)
+        self.rollout_key = key
 
     def end_rollout(self) -> None:
         self.rollout = None
         self.rollout_pair = None
         self.rollout_versions = ("", "")
+        self.rollout_key = ""
+
+    # -- sharing between worker processes --------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything countable, as JSON-ready data (the prediction log stays local)."""
+        return {
+            "windows": {v: window_to_dict(w) for v, w in self.windows.items()},
+            "pairs": {v: pair_to_dict(p) for v, p in self.pairs.items()},
+            "feedback_joined": self.feedback_joined,
+            "labels_received": self.labels_received,
+            "rollout_key": self.rollout_key,
+            "rollout": {v: window_to_dict(w) for v, w in (self.rollout or {}).items()},
+            "rollout_pair": pair_to_dict(self.rollout_pair) if self.rollout_pair else None,
+        }
+
+    def merged_with(self, peers: Sequence[dict[str, Any]]) -> ModelEvidence:
+        """A view of this evidence plus other workers' snapshots (same rollout only)."""
+        merged = ModelEvidence(self.model, self.spec, self.output_index, log=self.log, started=self.started)
+        for data in [self.snapshot(), *peers]:
+            for version, w in data["windows"].items():
+                merged.window(version).merge(window_from_dict(w))
+            for version, p in data["pairs"].items():
+                merged.pairs.setdefault(version, PairWindow()).merge(pair_from_dict(p))
+            merged.feedback_joined += data["feedback_joined"]
+            merged.labels_received += data["labels_received"]
+        if self.rollout is not None:
+            stable, candidate = self.rollout_versions
+            merged.begin_rollout(stable, candidate, self.rollout_key)
+            assert merged.rollout is not None and merged.rollout_pair is not None
+            for data in [self.snapshot(), *peers]:
+                if data["rollout_key"] != self.rollout_key:
+                    continue
+                for version, w in data["rollout"].items():
+                    if version in merged.rollout:
+                        merged.rollout[version].merge(window_from_dict(w))
+                if data["rollout_pair"]:
+                    merged.rollout_pair.merge(pair_from_dict(data["rollout_pair"]))
+        return merged
 
     def rollout_windows(self) -> tuple[VersionWindow, VersionWindow, PairWindow]:
         stable, candidate = self.rollout_versions
@@ -153,11 +205,15 @@ class ModelEvidence:
             compare_outputs(self.rollout_pair, base, cand, self.spec, latency_diff_s)
         return True
 
-    def feedback(self, request_id: str, labels: Sequence[float]) -> bool:
-        """Join labels (one per row) with every prediction made for the request id."""
+    def feedback(self, request_id: str, labels: Sequence[float], received: bool = True) -> bool:
+        """Join labels (one per row) with every prediction made for the request id.
+
+        `received` is False for labels another worker received and shared: they
+        count where they arrived, and join wherever the prediction was made.
+        """
+        self.labels_received += int(received)
         predictions = self.log.take(request_id)
         if predictions is None:
-            self.feedback_unknown += 1
             return False
         truth = np.asarray(labels, dtype=np.float64)
         for p in predictions:

@@ -97,7 +97,8 @@ class ReleaseOps:
             previous is None or previous.started_at != stored.rollout.started_at or evidence.rollout is None
         ):
             # A new rollout, or one resumed after a restart: evidence starts afresh.
-            evidence.begin_rollout(stored.state.stable, stored.rollout.candidate)
+            key = f"{stored.state.stable}>{stored.rollout.candidate}@{stored.rollout.started_at}"
+            evidence.begin_rollout(stored.state.stable, stored.rollout.candidate, key)
         elif not active and stored.rollout.phase != "paused":
             evidence.end_rollout()
 

@@ -11,8 +11,9 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,8 @@ class ReleasePlane:
         self.evidence: dict[str, ModelEvidence] = {}
         self._lanes: dict[tuple[str, str], ShadowLane] = {}
         self._previous: dict[str, ReleaseState] = {}
+        # Other workers' evidence snapshots, when several processes serve (set by the server).
+        self.peers: Callable[[str], list[dict[str, Any]]] = lambda model: []
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():
@@ -176,17 +179,23 @@ class ReleasePlane:
 
     # -- labels and reports -------------------------------------------------------------
 
-    def feedback(self, model: str, request_id: str, labels: Sequence[float]) -> bool:
+    def feedback(self, model: str, request_id: str, labels: Sequence[float], received: bool = True) -> bool:
         if not request_id:
             raise InvalidInput("feedback needs the request id the prediction was made for")
         if not labels:
             raise InvalidInput(f"feedback for {request_id!r} has no labels")
         self.table.get(model)  # NOT_FOUND for an unknown model
-        return self.evidence[model].feedback(request_id, labels)
+        return self.evidence[model].feedback(request_id, labels, received)
+
+    def combined(self, model: str) -> ModelEvidence:
+        """This process's evidence plus the other workers' (when several share the port)."""
+        evidence = self.evidence[model]
+        peers = self.peers(model)
+        return evidence.merged_with(peers) if peers else evidence
 
     def report(self, model: str) -> ModelReport:
         state = self.table.get(model)
-        evidence = self.evidence[model]
+        evidence = self.combined(model)
         roles = {v: state.role_of(v) for v in [state.stable, state.canary, *state.shadows] if v}
         shadows = {}
         for (name, version), lane in self._lanes.items():
@@ -207,7 +216,7 @@ class ReleasePlane:
             versions=model_report(evidence, roles),
             window_s=time.time() - evidence.started,
             feedback_joined=evidence.feedback_joined,
-            feedback_unknown=evidence.feedback_unknown,
+            feedback_unknown=max(0, evidence.labels_received - evidence.feedback_joined),
             predictions_logged=len(evidence.log),
             shadows=shadows,
         )

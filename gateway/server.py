@@ -47,6 +47,8 @@ from gateway.store import SqliteStore
 
 log = logging.getLogger(__name__)
 
+SHARE_EVERY_S = 0.5
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -164,6 +166,11 @@ class Gateway:
         )
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._follow_store(self.store)))
+        if s.worker_index >= 0:
+            worker = str(s.worker_index)
+            store = self.store
+            releases.peers = lambda model: store.peer_evidence(model, worker)
+            self._background.append(loop.create_task(self._share_evidence(store, worker)))
         if s.controller:
             self.controller = Controller(self.ops)
             self._background.append(loop.create_task(self.controller.run()))
@@ -207,11 +214,28 @@ class Gateway:
             interceptors=[AuthInterceptor(Authenticator(tokens)), ErrorMappingInterceptor()],
         )
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ReleaseServicer(releases, self.ops, self.loader), control
+            ReleaseServicer(releases, self.ops, self.loader, share_feedback=s.worker_index >= 0), control
         )
         self.control_port = bind(control, s.control_host, s.control_port, "control_port", s)
         await control.start()
         self._control = control
+
+    async def _share_evidence(self, store: SqliteStore, worker: str) -> None:
+        """Several workers: publish this one's counts, and join labels any worker received."""
+        assert self.releases is not None
+        plane = self.releases
+        last = await asyncio.to_thread(store.last_feedback_id)
+        while True:
+            await asyncio.sleep(SHARE_EVERY_S)
+            try:
+                snapshots = {m: plane.evidence[m].snapshot() for m in plane.table.models()}
+                await asyncio.to_thread(store.put_evidence, worker, snapshots)
+                for row_id, model, request_id, labels in await asyncio.to_thread(store.feedback_after, last):
+                    last = row_id
+                    if model in plane.evidence and worker != "0":  # worker 0 joined them on arrival
+                        plane.evidence[model].feedback(request_id, labels, received=False)
+            except Exception:
+                log.exception("sharing evidence through the store failed")
 
     async def _follow_store(self, store: SqliteStore) -> None:
         """Serve changes other processes (workers, the controller) made, within about a second."""

@@ -50,6 +50,20 @@ CREATE TABLE IF NOT EXISTS audit (
     revision INTEGER
 );
 CREATE INDEX IF NOT EXISTS audit_model_at ON audit (model, at);
+CREATE TABLE IF NOT EXISTS evidence (        -- each worker's cumulative counts, replaced each flush
+    model TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    data TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (model, worker)
+);
+CREATE TABLE IF NOT EXISTS feedback (        -- labels shared with every worker (several-worker mode)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -106,6 +120,14 @@ class Store(Protocol):
     ) -> list[AuditEntry]: ...
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
+
+    def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None: ...
+
+    def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]: ...
+
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> None: ...
+
+    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
 
     def close(self) -> None: ...
 
@@ -242,6 +264,46 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?, ?, ?)", (name, holder, now + ttl_s)
             )
             return True
+
+    # -- evidence and labels shared between the worker processes of one gateway ----------
+
+    def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            for model, data in snapshots.items():
+                db.execute(
+                    "INSERT OR REPLACE INTO evidence (model, worker, data, updated) VALUES (?, ?, ?, ?)",
+                    (model, worker, json.dumps(data), now),
+                )
+
+    def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]:
+        """Other workers' latest snapshots (stale rows of workers gone are left out)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM evidence WHERE model = ? AND worker != ? AND updated >= ?",
+                (model, worker, time.time() - max_age_s),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO feedback (model, request_id, labels, at) VALUES (?, ?, ?, ?)",
+                [(model, rid, json.dumps(labels), now) for rid, labels in items],
+            )
+            db.execute("DELETE FROM feedback WHERE at < ?", (now - 3600.0,))
+
+    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, model, request_id, labels FROM feedback WHERE id > ? ORDER BY id LIMIT 10000", (last_id,)
+            ).fetchall()
+        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def last_feedback_id(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
 
     def integrity_ok(self) -> bool:
         with self._lock:

@@ -85,7 +85,7 @@ def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str,
         except Exception as exc:
             events.put(("error", index, str(exc)))
             return
-        events.put(("ready", index, ""))
+        events.put(("ready", index, str(gateway.control_port)))
         await gateway.wait_stopped()
 
     if settings.loop == "uvloop":
@@ -108,21 +108,19 @@ class Supervisor:
         self.worker_settings = dataclasses.replace(
             settings, port=port, metrics_port=-1, workers=1, intra_op_threads=threads
         )
-        # Release state is shared through the store (every worker follows it),
-        # but evidence is not merged across processes yet: worker 0 serves the
-        # control API and runs the controller, deciding on its own share of the
-        # traffic (connections spread at random, so an unbiased subsample).
+        # Release state, evidence and labels are shared through the store; worker 0
+        # serves the control API and runs the controller on everyone's evidence.
         self.first_worker_settings = self.worker_settings
         self.worker_settings = dataclasses.replace(self.worker_settings, control_port=-1, controller=False)
-        if settings.control_port >= 0:
-            log.warning("with %d workers, reports and rollout decisions use worker 0's share of the traffic", count)
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()
         self._procs: dict[int, BaseProcess] = {}
         self._stopping = False
+        self.control_port = -1
 
     def _spawn(self, index: int) -> None:
         settings = self.first_worker_settings if index == 0 else self.worker_settings
+        settings = dataclasses.replace(settings, worker_index=index)
         proc = self._ctx.Process(target=_worker_main, args=(settings, index, self._events), name=f"gateway-w{index}")
         proc.start()
         self._procs[index] = proc
@@ -143,6 +141,8 @@ class Supervisor:
                 continue
             if kind == "error":
                 raise ConfigError(message)
+            if index == 0 and message not in ("", "-1"):
+                self.control_port = int(message)
             waiting.discard(index)
 
     def run(self) -> int:
@@ -158,6 +158,8 @@ class Supervisor:
         metrics = self._serve_metrics()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.control_port >= 0:
+            metrics += f", control on {format_address(self.settings.control_host, self.control_port)}"
         log.info("%d workers serving%s", self.count, metrics)
         print(f"listening on {format_address(self.settings.host, self.worker_settings.port)}", flush=True)
         return self._supervise()

@@ -68,10 +68,11 @@ def actor_of(context: Context) -> str:
 
 
 class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
-    def __init__(self, plane: ReleasePlane, ops: ReleaseOps, loader: ModelLoader) -> None:
+    def __init__(self, plane: ReleasePlane, ops: ReleaseOps, loader: ModelLoader, share_feedback: bool = False) -> None:
         self.plane = plane
         self.ops = ops
         self.loader = loader
+        self.share_feedback = share_feedback
 
     async def LoadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
         entry = await self.loader.load(request.model)
@@ -135,6 +136,11 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
                 joined += 1
             else:
                 unknown += 1
+        if self.share_feedback and unknown:
+            # Other workers may hold these predictions: they join them within a second.
+            items = [(i.request_id, list(i.labels)) for i in request.items]
+            await asyncio.to_thread(self.ops.store.add_feedback, request.model, items)
+            unknown = 0
         return pb.SubmitFeedbackResponse(joined=joined, unknown=unknown)
 
     async def GetReport(self, request: pb.GetReportRequest, context: Context) -> pb.Report:
