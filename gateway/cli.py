@@ -60,6 +60,8 @@ def main() -> None:
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="Server certificate (PEM): TLS on both ports.")
 @click.option("--tls-key", type=click.Path(path_type=Path), help="Server private key (PEM).")
 @click.option("--tls-client-ca", type=click.Path(path_type=Path), help="CA for client certificates: mutual TLS.")
+@click.option("--capture-dir", type=click.Path(file_okay=False, path_type=Path), help="Capture live requests here.")
+@click.option("--capture-fraction", type=click.FloatRange(0, 1, min_open=True), help="Share captured. [0.01]")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [.gateway-state]")
 @click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
@@ -111,10 +113,12 @@ def serve(config_file: Path | None, **flags: Any) -> None:
 def _add_commands() -> None:
     from gateway.cli_release import COMMANDS
     from gateway.demo import demo
+    from gateway.replay import replay_command
 
     for command in COMMANDS:
         main.add_command(command)
     main.add_command(demo)
+    main.add_command(replay_command, "replay")
     try:
         from loadtests.bench import bench
     except ImportError:  # loadtests ships with the source tree, not every install

@@ -71,6 +71,11 @@ class GatewaySettings:
     # Set by `--workers N` for each worker (0..N-1): evidence and labels are then
     # shared through the store. -1: a single serving process.
     worker_index: int = -1
+    # Capture live requests served by the stable version, with its answers (replay, gate).
+    capture_dir: Path | None = None
+    capture_fraction: float = 0.01
+    capture_file_mb: int = 16
+    capture_max_mb: int = 256
     # Names of models to load; empty loads every model in the repository.
     load: tuple[str, ...] = ()
 
@@ -160,6 +165,11 @@ class PolicySpec:
     max_duration_s: float = 3600.0
     alpha: float = 0.05  # for all checks together
     shadow_intervals: int = 0  # >0: mirror the candidate first, traffic only after its checks pass
+    # Load-test gate before the first traffic shift (see gateway/gate.py).
+    gate: bool = False
+    gate_requests: int = 300
+    gate_max_latency_ratio: float = 1.5  # candidate p99 / stable p99 on the same requests
+    gate_min_agreement: float = 0.9
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:

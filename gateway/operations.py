@@ -14,7 +14,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.capture import CaptureWriter
 from gateway.errors import FailedPrecondition, GatewayError
+from gateway.gate import captured_inputs, generated_inputs, run_gate
 from gateway.policy import CheckResult, Event, RolloutState
 from gateway.release import ReleaseState
 from gateway.release_plane import ReleasePlane
@@ -24,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class ReleaseOps:
-    def __init__(self, plane: ReleasePlane, store: Store) -> None:
+    def __init__(self, plane: ReleasePlane, store: Store, capture: CaptureWriter | None = None) -> None:
         self.plane = plane
         self.store = store
+        self.capture = capture
         self.rollouts: dict[str, RolloutState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -190,17 +193,48 @@ class ReleaseOps:
             raise FailedPrecondition(f"{model}: version {candidate} is already the stable version")
         shadows = {v: f for v, f in current.shadows.items() if v != candidate}
         rollout = {"step": 0, "failed_checks": 0, "candidate": candidate, "started_at": time.time()}
+        self.current(model).rollout.on("start")  # refuse (and audit) before any gate work
+        gate_checks: Sequence[CheckResult] = ()
+        if spec.gate:
+            gate_checks = await self._gate(model, current.stable, candidate, actor, reason)
         if spec.shadow_intervals > 0:
             shadows[candidate] = 1.0
             changes: dict[str, Any] = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
-            return await self.change(model, actor, "start_rollout", reason, "start_shadow", changes, rollout)
+            return await self.change(
+                model, actor, "start_rollout", reason, "start_shadow", changes, rollout, gate_checks
+            )
         changes = {
             "canary": candidate,
             "canary_weight_bp": spec.step_weights_bp[0],
             "shadows": shadows,
             "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if spec.min_agreement > 0 else 0.0),
         }
-        return await self.change(model, actor, "start_rollout", reason, "start", changes, rollout)
+        return await self.change(model, actor, "start_rollout", reason, "start", changes, rollout, gate_checks)
+
+    async def _gate(self, model: str, stable: str, candidate: str, actor: str, reason: str) -> list[CheckResult]:
+        """Run the load-test gate; a failure refuses the rollout (audited with the evidence)."""
+        registry = self.plane.registry
+        spec = registry.entry(model).spec.policy
+        stable_v, candidate_v = registry.get(model, stable), registry.get(model, candidate)
+        directory = None
+        if self.capture is not None:
+            self.capture.flush()
+            directory = self.capture.directory
+        inputs = await asyncio.to_thread(captured_inputs, directory, stable_v, spec.gate_requests)
+        source = "captured"
+        if not inputs:
+            inputs, source = generated_inputs(stable_v, spec.gate_requests), "generated"
+        index = self.plane.evidence[model].output_index
+        result = await run_gate(stable_v, candidate_v, inputs, spec, source, index)
+        log.info("%s: %s", model, result.summary())
+        if not result.passed:
+            before = self.current(model)
+            evidence = [c.to_dict() for c in result.checks]
+            message = f"{model}: {result.summary()}"
+            entry = self._audit(actor, "start_rollout", before, None, f"refused: {message}", evidence, "refused", model)
+            await asyncio.to_thread(self.store.record_refused, entry)
+            raise FailedPrecondition(message)
+        return result.checks
 
     async def pause(self, model: str, actor: str, reason: str) -> StoredRelease:
         return await self.change(model, actor, "pause", reason, "pause", {})

@@ -24,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from gateway.capture import CaptureWriter
 from gateway.config import GatewaySettings, usable_cores
 from gateway.control.auth import Authenticator, AuthInterceptor, check_bind, load_tokens
 from gateway.control.servicer import ReleaseServicer
@@ -139,6 +140,7 @@ class Gateway:
         self.control_port = -1
         self.releases: ReleasePlane | None = None
         self.store: SqliteStore | None = None
+        self.capture: CaptureWriter | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -152,7 +154,11 @@ class Gateway:
         self.releases = releases = ReleasePlane(registry)
         self.dataplane = DataPlane(registry, releases)
         self.store = SqliteStore(s.state_dir / "state.db")
-        self.ops = ReleaseOps(releases, self.store)
+        if s.capture_dir is not None:
+            self.capture = CaptureWriter(
+                s.capture_dir, s.capture_fraction, s.capture_file_mb << 20, s.capture_max_mb << 20
+            )
+        self.ops = ReleaseOps(releases, self.store, self.capture)
         self.ops.restore()
         self.loader = ModelLoader(
             parts.repository,
@@ -182,7 +188,7 @@ class Gateway:
         ]
         server = aio.server(migration_thread_pool=None, options=options, interceptors=[ErrorMappingInterceptor()])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.dataplane, registry), server
+            InferenceServicer(self.dataplane, registry, self.capture), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -258,6 +264,8 @@ class Gateway:
             if self.releases is not None:
                 for model in self.releases.table.models():
                     self.release_metrics.sync(self.releases.report(model))
+            if self.capture is not None:
+                self.capture.flush()  # so a replay can read what was captured a moment ago
             await asyncio.sleep(QUEUE_SAMPLE_S)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
@@ -292,6 +300,8 @@ class Gateway:
             task.cancel()
         if self.store is not None:
             self.store.close()
+        if self.capture is not None:
+            self.capture.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
         self._pool.shutdown(wait=False, cancel_futures=True)

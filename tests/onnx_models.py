@@ -210,3 +210,35 @@ def write_identity_model(path: Path, dtype_name: str) -> None:
         [_value("y", elem_type, [BATCH, 3])],
     )
     _save(graph, path)
+
+
+def write_slowed_copy(source: Path, target: Path, iterations: int, output: str = "probabilities") -> None:
+    """A copy of `source` that answers the same but runs `iterations` extra 64x64 MatMuls first.
+
+    For load-test gate tests: the same model, only slower ("v2 with padding work").
+    """
+    model = onnx.load(str(source))
+    graph = model.graph
+    size = 64
+    raw = f"{output}_before_padding"
+    producer = next(i for i, node in enumerate(graph.node) if output in node.output)
+    graph.node[producer].output[list(graph.node[producer].output).index(output)] = raw
+    padding = [
+        helper.make_node("Loop", ["pad_trips", "", "pad_start"], ["pad_spun"], body=_spin_body(size)),
+        helper.make_node("ReduceSum", ["pad_spun"], ["pad_sum"], keepdims=0),
+        helper.make_node("Mul", ["pad_sum", "pad_zero"], ["pad_nothing"]),
+        helper.make_node("Add", [raw, "pad_nothing"], [output]),
+    ]
+    for offset, node in enumerate(padding, start=1):
+        graph.node.insert(producer + offset, node)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(iterations, dtype=np.int64), "pad_trips"),
+            numpy_helper.from_array(np.linspace(-1, 1, size * size, dtype=np.float32).reshape(size, size), "pad_start"),
+            numpy_helper.from_array(np.roll(np.eye(size, dtype=np.float32), 1, axis=1), "spin_matrix"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "pad_zero"),
+        ]
+    )
+    onnx.checker.check_model(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
