@@ -47,18 +47,22 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 UnaryBehavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
+async def _abort(exc: Exception, context: aio.ServicerContext[Any, Any], method: str) -> None:
+    """End the call with the status for `exc` (the table above, or INTERNAL for a bug)."""
+    if isinstance(exc, aio.AbortError):
+        raise exc
+    if not isinstance(exc, errors.GatewayError):
+        log.error("unexpected error in %s", method, exc_info=exc)
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
 def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
-        except errors.GatewayError as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
-        except aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, GENERIC_MESSAGE)
+        except Exception as exc:
+            await _abort(exc, context, method)
 
     return guarded
 
@@ -68,14 +72,8 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
         try:
             async for item in behavior(request_iterator, context):
                 yield item
-        except errors.GatewayError as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
-        except aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, GENERIC_MESSAGE)
+        except Exception as exc:
+            await _abort(exc, context, method)
 
     return guarded
 
