@@ -143,13 +143,27 @@ class SqliteStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._setup()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state_dir: cannot open the state database {path}: {exc}") from None
         self.path = path
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
+
+    def _setup(self) -> None:
+        """WAL mode and the schema. Several workers start at once and race for the
+        exclusive lock that switching the journal mode takes: retry briefly."""
+        deadline = time.monotonic() + 15.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
