@@ -51,6 +51,11 @@ class GatewaySettings:
     provider: ProviderMode = "auto"
     workers: int = 0  # 0: one per core on CPU, one per GPU
     max_message_bytes: int = 64 * MIB
+    # Calls in flight per process. Past it gRPC itself refuses new calls with
+    # RESOURCE_EXHAUSTED before any Python runs: under heavy overload the event
+    # loop cannot even look at requests as fast as they come, so the model
+    # queues' bounds alone would let calls pile up unread.
+    max_inflight: int = 1024
     grace_s: float = 10.0
     log_level: str = "INFO"
     loop: LoopKind = "uvloop"
@@ -91,6 +96,8 @@ class GatewaySettings:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
+        if self.max_inflight < 1:
+            raise ConfigError(f"max_inflight: must be >= 1, got {self.max_inflight}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
 

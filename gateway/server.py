@@ -186,7 +186,12 @@ class Gateway:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1),
         ]
-        server = aio.server(migration_thread_pool=None, options=options, interceptors=[ErrorMappingInterceptor()])
+        server = aio.server(
+            migration_thread_pool=None,
+            options=options,
+            interceptors=[ErrorMappingInterceptor()],
+            maximum_concurrent_rpcs=s.max_inflight,
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.dataplane, registry, self.capture), server
         )

@@ -14,6 +14,7 @@ spread, and the ratios between targets from this one run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,7 @@ Examples:
   gateway bench --model mlp --rows 8 --concurrency 1,16,64 --duration 3
   gateway bench --rates 500,1000,2000 --baselines bare,gateway   # open loop (Poisson arrivals)
   gateway bench --server-cpus 0-3 --client-cpus 4-7 --workers 4
+  gateway bench --compare 1 2 --concurrency 1,16,64 --slo-ms 5   # two versions, same load, interleaved
 """
 
 
@@ -334,6 +336,8 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     points: list[dict[str, Any]] = field(default_factory=list)
     serve_flags: set[str] = field(default_factory=set)
+    # `--compare A B`: targets "vA" and "vB", the gateway with requests pinned to each version.
+    version_payloads: dict[str, bytes] = field(default_factory=dict)
 
     def echo(self, message: str) -> None:
         click.echo(message)
@@ -377,13 +381,20 @@ class Bench:
         if target == "ort":
             self.run_ort(repeat)
             return
-        command = self.bare_command() if target == "bare" else self.gateway_command(batching=target == "gateway")
+        pinned = target in self.version_payloads
+        if target == "bare":
+            command = self.bare_command()
+        else:
+            command = self.gateway_command(batching=target == "gateway" or pinned)
+        version = target[1:] if pinned else self.signature.version
         with server_process(target, command, self.config.server_cpus) as server:
-            probe = StatsProbe(server.address, self.config.model, self.signature.version) if target != "bare" else None
+            probe = StatsProbe(server.address, self.config.model, version) if target != "bare" else None
             try:
                 for index, (mode, offered) in enumerate(self.sweep()):
                     # Same seed for every target at a point: they all face the same arrival sequence.
                     spec = self.spec(server.address, mode, offered, seed=repeat * 1000 + index)
+                    if pinned:
+                        spec = dataclasses.replace(spec, payload=self.version_payloads[target])
                     point = pool.run(spec, self.observer(server, probe))
                     self.record(target, repeat, point)
                     if server.proc.poll() is not None:
@@ -627,6 +638,43 @@ RATIO_TITLES = {
 }
 
 
+def compare_summary(summary: Sequence[dict[str, Any]], targets: Sequence[str], slo_ms: float) -> dict[str, Any]:
+    """Per version: the highest throughput whose p99 met the objective, latencies, error rate."""
+    result: dict[str, Any] = {}
+    for target in targets:
+        rows = [r for r in summary if r["target"] == target]
+        within = [r for r in rows if r["p99_ms"]["median"] <= slo_ms]
+        best = max(within, key=lambda r: r["throughput_rps"]["median"], default=None)
+        errors = sum(sum(r.get("errors", {}).values()) for r in rows)
+        result[target] = {
+            "throughput_at_slo_rps": best["throughput_rps"]["median"] if best else 0.0,
+            "at_offered": best["offered"] if best else None,
+            "p50_ms": {label(r["offered"]): r["p50_ms"]["median"] for r in rows},
+            "p99_ms": {label(r["offered"]): r["p99_ms"]["median"] for r in rows},
+            "errors": errors,
+            "error_rate": max((1.0 - r["success_ratio"]["median"] for r in rows), default=0.0),
+        }
+    a, b = targets
+    if result[a]["throughput_at_slo_rps"]:
+        result["b_over_a_throughput_at_slo"] = result[b]["throughput_at_slo_rps"] / result[a]["throughput_at_slo_rps"]
+    return result
+
+
+def format_compare(compare: dict[str, Any], slo_ms: float) -> str:
+    lines = ["", f"version comparison (p99 objective {slo_ms:g} ms):"]
+    for target, entry in compare.items():
+        if not isinstance(entry, dict):
+            continue
+        p99 = "  ".join(f"@{k}: {v:.2f}" for k, v in entry["p99_ms"].items())
+        lines.append(
+            f"  {target:<6} throughput at objective {entry['throughput_at_slo_rps']:8.0f} req/s   "
+            f"errors {entry['errors']} ({entry['error_rate']:.2%})   p99 ms {p99}"
+        )
+    if "b_over_a_throughput_at_slo" in compare:
+        lines.append(f"  ratio (second / first) at objective: {compare['b_over_a_throughput_at_slo']:.2f}")
+    return "\n".join(lines)
+
+
 def format_report(summary: Sequence[dict[str, Any]], ratios: dict[str, Any], targets: Sequence[str]) -> str:
     def spread(entry: dict[str, Any], metric: str, fmt: Callable[[float], str]) -> str:
         if metric not in entry:
@@ -748,6 +796,13 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         raise click.ClickException(str(exc)) from None
     payload = build_request(signature, config.rows, pin_version=config.version is not None)
     bench = Bench(config, signature, payload, serve_flags=gateway_serve_flags())
+    for target in config.targets:
+        if target not in TARGETS:  # "vA" from --compare: requests pinned to version A
+            try:
+                pinned = load_signature(config.models, config.model, target[1:])
+            except (GatewayError, ValueError) as exc:
+                raise click.ClickException(str(exc)) from None
+            bench.version_payloads[target] = build_request(pinned, config.rows, pin_version=True)
     if config.workers is not None and "--workers" not in bench.serve_flags:
         raise click.UsageError("this gateway's `serve` has no --workers flag yet")
     if "gateway-nobatch" in config.targets and "--batching" not in bench.serve_flags:
@@ -845,6 +900,20 @@ def _signature_record(signature: ModelSignature) -> dict[str, Any]:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True
 )
+@click.option(
+    "--compare",
+    nargs=2,
+    default=None,
+    metavar="A B",
+    help="Versions A and B of --model under the same load, interleaved (replaces --baselines).",
+)
+@click.option(
+    "--slo-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="p99 objective for the --compare summary (throughput at this p99).",
+)
 @click.option("--smoke", is_flag=True, help="A few seconds in all (c=1,8; 0.5 s points; 1 repeat; 1 process), for CI.")
 def bench(
     models: Path,
@@ -864,6 +933,8 @@ def bench(
     server_cpus: str | None,
     client_cpus: str | None,
     out: Path,
+    compare: tuple[str, str] | None,
+    slo_ms: float,
     smoke: bool,
 ) -> None:
     """Benchmark the gateway against its baselines, side by side, and write JSON plus a PNG plot.
@@ -877,7 +948,11 @@ def bench(
     concurrency_list = parse_numbers(concurrency, int, "--concurrency")
     rate_list = parse_numbers(rates, float, "--rates") if rates.strip() else []
     targets = [t.strip() for t in baselines.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in TARGETS]
+    if compare:
+        if compare[0] == compare[1]:
+            raise click.BadParameter("compare two different versions", param_hint="--compare")
+        targets = [f"v{compare[0]}", f"v{compare[1]}"]
+    unknown = [t for t in targets if t not in TARGETS and not compare]
     if unknown or not targets or len(set(targets)) != len(targets):
         raise click.BadParameter(
             f"{baselines!r}: choose from {', '.join(TARGETS)}, each once", param_hint="--baselines"
@@ -918,7 +993,11 @@ def bench(
         request_timeout_s=max(2.0, duration),
     )
     results = run_bench(config)
+    if compare:
+        results["compare"] = compare_summary(results["summary"], targets, slo_ms)
     click.echo(format_report(results["summary"], results["ratios"], targets))
+    if compare:
+        click.echo(format_compare(results["compare"], slo_ms))
     for note in results["notes"]:
         click.echo(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)

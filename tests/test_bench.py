@@ -226,3 +226,22 @@ def test_summary_takes_medians_and_ratios_divide_them() -> None:
     assert ratios["batching_speedup_rps"] == {"4": pytest.approx(2.0)}
     assert ratios["batching_p99_ratio"] == {"4": pytest.approx(0.5)}
     assert "gateway_over_ort_rows" not in ratios  # no ort points: no ratio, rather than a wrong one
+
+
+def test_compare_two_versions_side_by_side(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--compare", "1", "3", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "version comparison" in result.stdout
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {p["target"] for p in data["points"]} == {"v1", "v3"}
+    assert all(p["completed"] > 0 and not p["errors"] for p in data["points"])
+    for version in ("v1", "v3"):
+        assert data["compare"][version]["throughput_at_slo_rps"] > 0
+    assert data["compare"]["b_over_a_throughput_at_slo"] > 0
+    assert next(tmp_path.glob("*.png")).read_bytes().startswith(b"\x89PNG")
