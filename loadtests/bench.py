@@ -26,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -50,7 +51,8 @@ from loadtests.loadgen import (
     pin_current_process,
 )
 
-TARGETS = ("ort", "bare", "gateway-nobatch", "gateway")
+TARGETS = ("ort", "bare", "gateway-nobatch", "gateway", "gateway-shadow")
+DEFAULT_TARGETS = "ort,bare,gateway-nobatch,gateway"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
@@ -149,6 +151,7 @@ class BenchConfig:
     client_cpus: list[int] | None
     pinning: str
     request_timeout_s: float
+    shadow: str | None = None
 
     def estimate_s(self) -> float:
         point = self.warmup_s + self.duration_s + 0.15
@@ -344,9 +347,9 @@ class Bench:
 
     # --- commands
 
-    def gateway_command(self, batching: bool) -> list[str]:
+    def gateway_command(self, batching: bool, models: Path | None = None) -> list[str]:
         c = self.config
-        command = [sys.executable, "-m", "gateway", "serve", "--models", str(c.models), "--load", c.model]
+        command = [sys.executable, "-m", "gateway", "serve", "--models", str(models or c.models), "--load", c.model]
         command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--provider", "cpu"]
         command += ["--log-level", "WARNING"]
         if "--control-port" in self.serve_flags:
@@ -359,6 +362,19 @@ class Bench:
         if not batching and "--batching" in self.serve_flags:
             command += ["--batching", "off"]
         return command
+
+    def shadow_repo(self) -> Path:
+        """A copy of the model whose release mirrors every stable request to --shadow."""
+        c = self.config
+        root = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
+        shutil.copytree(c.models / c.model, root / c.model)
+        spec = root / c.model / "model.toml"
+        text = spec.read_text() if spec.exists() else ""
+        text = re.sub(r"(?ms)^\[release\].*?(?=^\[|\Z)", "", text)
+        spec.write_text(
+            text + f'\n[release]\nstable = "{self.signature.version}"\nshadows = {{ "{c.shadow}" = 1.0 }}\n'
+        )
+        return root
 
     def bare_command(self) -> list[str]:
         c = self.config
@@ -384,6 +400,8 @@ class Bench:
         pinned = target in self.version_payloads
         if target == "bare":
             command = self.bare_command()
+        elif target == "gateway-shadow":
+            command = self.gateway_command(batching=True, models=self.shadow_repo())
         else:
             command = self.gateway_command(batching=target == "gateway" or pinned)
         version = target[1:] if pinned else self.signature.version
@@ -615,6 +633,25 @@ def compute_ratios(
             if value is not None
         },
     }
+    # Shadow overhead on the primary: the same gateway with a shadow mirrored at 100%.
+    for metric in ("p50_ms", "p99_ms"):
+        closed = per_c(("gateway-shadow", metric), ("gateway", metric))
+        opened = {
+            label(r): v
+            for r in rates
+            if (
+                v := _ratio(
+                    _median(summary, "gateway-shadow", "open", r, metric),
+                    _median(summary, "gateway", "open", r, metric),
+                )
+            )
+            is not None
+        }
+        if closed or opened:
+            ratios[f"shadow_over_gateway_{metric.split('_')[0]}"] = {
+                **closed,
+                **{f"r={k}": v for k, v in opened.items()},
+            }
     if rates:
         open_ratios: dict[str, float] = {}
         for r in rates:
@@ -628,6 +665,8 @@ def compute_ratios(
 
 
 RATIO_TITLES = {
+    "shadow_over_gateway_p50": "gateway-shadow / gateway, p50",
+    "shadow_over_gateway_p99": "gateway-shadow / gateway, p99",
     "gateway_over_bare_rps": "gateway / bare, req/s",
     "gateway_nobatch_over_bare_rps": "gateway-nobatch / bare, req/s",
     "gateway_over_ort_rows": "gateway / ort at batch rows*c, rows/s",
@@ -859,7 +898,30 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "points": bench.points,
         "summary": summary,
         "ratios": ratios,
+        "routing": routing_cost(),
     }
+
+
+def routing_cost(keys: int = 100_000, repeats: int = 5) -> dict[str, float]:
+    """Microseconds per routing decision (a sticky 10% canary split) and per key hash alone."""
+    import random as _random
+
+    from gateway.routing import Split, route_point
+
+    names = [f"user-{i}" for i in range(keys)]
+    split = Split("1", "2", 1000)
+    rng = _random.Random(0)
+    choose, hash_only = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for key in names:
+            split.choose(key, rng)
+        choose.append((time.perf_counter() - start) / keys * 1e6)
+        start = time.perf_counter()
+        for key in names:
+            route_point(key)
+        hash_only.append((time.perf_counter() - start) / keys * 1e6)
+    return {"choose_us": statistics.median(choose), "route_point_us": statistics.median(hash_only)}
 
 
 def _signature_record(signature: ModelSignature) -> dict[str, Any]:
@@ -883,10 +945,10 @@ def _signature_record(signature: ModelSignature) -> dict[str, Any]:
 @click.option("--channels", type=click.IntRange(min=1), default=4, show_default=True, help="gRPC channels per process.")
 @click.option(
     "--baselines",
-    default=",".join(TARGETS),
+    default=DEFAULT_TARGETS,
     show_default=True,
     help="Targets, run in this order each repeat: ort (in-process onnxruntime), bare (grpc.aio, no compute), "
-    "gateway-nobatch, gateway.",
+    "gateway-nobatch, gateway, gateway-shadow (a shadow at 100%: needs --shadow).",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Passed to `gateway serve --workers`.")
 @click.option(
@@ -900,6 +962,7 @@ def _signature_record(signature: ModelSignature) -> dict[str, Any]:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True
 )
+@click.option("--shadow", default=None, metavar="VERSION", help="For gateway-shadow: the version mirrored at 100%.")
 @click.option(
     "--compare",
     nargs=2,
@@ -933,6 +996,7 @@ def bench(
     server_cpus: str | None,
     client_cpus: str | None,
     out: Path,
+    shadow: str | None,
     compare: tuple[str, str] | None,
     slo_ms: float,
     smoke: bool,
@@ -953,6 +1017,8 @@ def bench(
             raise click.BadParameter("compare two different versions", param_hint="--compare")
         targets = [f"v{compare[0]}", f"v{compare[1]}"]
     unknown = [t for t in targets if t not in TARGETS and not compare]
+    if "gateway-shadow" in targets and not shadow:
+        raise click.BadParameter("the gateway-shadow target needs --shadow VERSION", param_hint="--shadow")
     if unknown or not targets or len(set(targets)) != len(targets):
         raise click.BadParameter(
             f"{baselines!r}: choose from {', '.join(TARGETS)}, each once", param_hint="--baselines"
@@ -991,11 +1057,16 @@ def bench(
         client_cpus=client_set,
         pinning=how,
         request_timeout_s=max(2.0, duration),
+        shadow=shadow,
     )
     results = run_bench(config)
     if compare:
         results["compare"] = compare_summary(results["summary"], targets, slo_ms)
     click.echo(format_report(results["summary"], results["ratios"], targets))
+    routing = results["routing"]
+    click.echo(
+        f"routing: {routing['choose_us']:.2f} us per decision ({routing['route_point_us']:.2f} us of it the key hash)"
+    )
     if compare:
         click.echo(format_compare(results["compare"], slo_ms))
     for note in results["notes"]:

@@ -245,3 +245,39 @@ def test_compare_two_versions_side_by_side(tmp_path: Path) -> None:
         assert data["compare"][version]["throughput_at_slo_rps"] > 0
     assert data["compare"]["b_over_a_throughput_at_slo"] > 0
     assert next(tmp_path.glob("*.png")).read_bytes().startswith(b"\x89PNG")
+
+
+def test_shadow_target_and_routing_cost(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "bench",
+            "--smoke",
+            "--baselines",
+            "gateway,gateway-shadow",
+            "--shadow",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {p["target"] for p in data["points"]} == {"gateway", "gateway-shadow"}
+    assert all(not p["errors"] for p in data["points"])
+    assert data["ratios"]["shadow_over_gateway_p99"] and data["ratios"]["shadow_over_gateway_p50"]
+    assert 0 < data["routing"]["route_point_us"] <= data["routing"]["choose_us"] < 1000
+    missing = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--smoke", "--baselines", "gateway-shadow", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert missing.returncode == 2 and "--shadow" in missing.stderr
