@@ -208,3 +208,12 @@ def test_control_api_refuses_a_public_bind_without_tokens(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "refusing to serve the control API on 0.0.0.0 without tokens" in result.stderr
+
+
+def test_report_plot_writes_a_png_of_the_rollout(server: Process, tmp_path: Path) -> None:
+    assert cli(server, "traffic", "set", "digits", "--canary", "3", "--weight", "20").returncode == 0
+    assert cli(server, "traffic", "set", "digits", "--weight", "0").returncode == 0
+    out = tmp_path / "rollout.png"
+    result = cli(server, "report", "digits", "--plot", str(out), token=READ)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
