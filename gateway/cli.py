@@ -64,6 +64,8 @@ def main() -> None:
 @click.option("--capture-fraction", type=click.FloatRange(0, 1, min_open=True), help="Share captured. [0.01]")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [.gateway-state]")
 @click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
+@click.option("--cuda-device", type=int, help="GPU to use. [0]")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="CUDA graphs per preferred batch size. [off]")
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
 @click.option("--max-inflight", type=int, help="Calls in flight per process; more are refused at once. [1024]")

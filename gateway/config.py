@@ -23,6 +23,7 @@ ExecutionMode = Literal["auto", "inline", "thread"]
 CompareKind = Literal["classification", "regression"]
 LoopKind = Literal["uvloop", "asyncio"]
 BatchingMode = Literal["spec", "off"]
+ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 
 ENV_PREFIX = "GATEWAY_"
 MIB = 1 << 20
@@ -61,6 +62,12 @@ class GatewaySettings:
     loop: LoopKind = "uvloop"
     # "spec": dynamic batching as each model's spec says; "off": one run per request.
     batching: BatchingMode = "spec"
+    # CUDA execution provider options (used when a model runs on the GPU).
+    cuda_device: int = 0
+    cuda_mem_limit_mb: int = 0  # 0: no limit
+    cudnn_conv_algo_search: ConvAlgoSearch = "HEURISTIC"
+    # Capture one CUDA graph per preferred batch size; batches are padded up to it.
+    cuda_graphs: bool = False
     # onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
     intra_op_threads: int = 0
     # Durable release state and audit log (SQLite) live here.
@@ -92,6 +99,10 @@ class GatewaySettings:
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise ConfigError(f"{name}: {value} is not a valid port")
+        if self.cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+            raise ConfigError(
+                f"cudnn_conv_algo_search: {self.cudnn_conv_algo_search!r} is not EXHAUSTIVE, HEURISTIC or DEFAULT"
+            )
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
         if self.max_message_bytes < 1024:

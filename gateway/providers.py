@@ -45,11 +45,22 @@ def cuda_prerequisites() -> CudaCheck:
     return CudaCheck(True, "")
 
 
+def cuda_options(device: int, mem_limit_mb: int, conv_algo_search: str, graphs: bool) -> dict[str, str]:
+    """CUDA execution provider options, as onnxruntime takes them (strings)."""
+    options = {"device_id": str(device), "cudnn_conv_algo_search": conv_algo_search}
+    if mem_limit_mb:
+        options["gpu_mem_limit"] = str(mem_limit_mb << 20)
+    if graphs:
+        options["enable_cuda_graph"] = "1"
+    return options
+
+
 class ProviderChooser:
     """Decides providers per session; remembers what the first CUDA attempt taught."""
 
-    def __init__(self, mode: ProviderMode) -> None:
+    def __init__(self, mode: ProviderMode, cuda: dict[str, str] | None = None) -> None:
         self.mode = mode
+        self.cuda_options = cuda or {}
         self._cuda: CudaCheck | None = None if mode != "cpu" else CudaCheck(False, "provider mode is cpu")
 
     def candidates(self) -> list[str]:
@@ -58,6 +69,9 @@ class ProviderChooser:
             if not self._cuda.usable and self.mode == "cuda":
                 raise ConfigError(f"provider cuda: CUDA is not usable: {self._cuda.reason}")
         return [CUDA, CPU] if self._cuda.usable else [CPU]
+
+    def with_options(self, providers: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+        return [(p, self.cuda_options) if p == CUDA and self.cuda_options else p for p in providers]
 
     def accept(self, requested: list[str], granted: list[str]) -> None:
         """Check what onnxruntime actually gave a session."""

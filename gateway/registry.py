@@ -145,6 +145,8 @@ def load_sessions(
         files = repository.version_files(name, version)
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
         model.warm_up(spec.max_batch_size)
+        if settings.cuda_graphs:
+            model.use_cuda_graphs(list(spec.batching.preferred_batch_sizes), settings.cuda_device)
         models[version] = model
     if not models:
         raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")

@@ -40,7 +40,7 @@ from gateway.protocol.pb import release_pb2_grpc
 from gateway.protocol.pb.pool import POOL
 from gateway.protocol.servicer import InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
-from gateway.providers import ProviderChooser
+from gateway.providers import ProviderChooser, cuda_options
 from gateway.registry import ExecutorFactory, Registry, executor_factory, load_model
 from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository
@@ -64,7 +64,12 @@ def build_registry(
     names = list(settings.load) or repository.model_names()
     if not names:
         raise ConfigError(f"models: no models under {repository.root} (expected <name>/<version>/model.onnx)")
-    chooser = ProviderChooser(settings.provider)
+    chooser = ProviderChooser(
+        settings.provider,
+        cuda_options(
+            settings.cuda_device, settings.cuda_mem_limit_mb, settings.cudnn_conv_algo_search, settings.cuda_graphs
+        ),
+    )
     if not settings.intra_op_threads:
         # onnxruntime sizes its pool by the machine, not by this process's CPU
         # mask (taskset, cpusets): give it the cores we may actually use.

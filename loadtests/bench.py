@@ -152,6 +152,7 @@ class BenchConfig:
     pinning: str
     request_timeout_s: float
     shadow: str | None = None
+    provider: str = "cpu"
 
     def estimate_s(self) -> float:
         point = self.warmup_s + self.duration_s + 0.15
@@ -350,7 +351,7 @@ class Bench:
     def gateway_command(self, batching: bool, models: Path | None = None) -> list[str]:
         c = self.config
         command = [sys.executable, "-m", "gateway", "serve", "--models", str(models or c.models), "--load", c.model]
-        command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--provider", "cpu"]
+        command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--provider", c.provider]
         command += ["--log-level", "WARNING"]
         if "--control-port" in self.serve_flags:
             # The control API's fixed default port would collide with anything else on the machine.
@@ -962,6 +963,13 @@ def _signature_record(signature: ModelSignature) -> dict[str, Any]:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True
 )
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Passed to `gateway serve --provider` (loadtests/gpu_bench.py uses cuda).",
+)
 @click.option("--shadow", default=None, metavar="VERSION", help="For gateway-shadow: the version mirrored at 100%.")
 @click.option(
     "--compare",
@@ -996,6 +1004,7 @@ def bench(
     server_cpus: str | None,
     client_cpus: str | None,
     out: Path,
+    provider: str,
     shadow: str | None,
     compare: tuple[str, str] | None,
     slo_ms: float,
@@ -1058,6 +1067,7 @@ def bench(
         pinning=how,
         request_timeout_s=max(2.0, duration),
         shadow=shadow,
+        provider=provider,
     )
     results = run_bench(config)
     if compare:

@@ -1,0 +1,49 @@
+"""Provider selection without a GPU: what each mode does, and the CUDA options it would pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.providers import CPU, CUDA, ProviderChooser, cuda_options, cuda_prerequisites
+from gateway.runtime import OnnxModel
+from tests.onnx_models import write_identity_model
+
+
+def test_cpu_mode_never_tries_cuda() -> None:
+    chooser = ProviderChooser("cpu")
+    assert chooser.candidates() == [CPU]
+    assert chooser.cuda_reason == "provider mode is cpu"
+
+
+def test_auto_mode_falls_back_to_cpu_and_says_why(tmp_path: Path) -> None:
+    check = cuda_prerequisites()
+    assert not check.usable, "this test runs where there is no GPU (CI)"
+    chooser = ProviderChooser("auto")
+    write_identity_model(tmp_path / "m.onnx", "FP32")
+    model = OnnxModel(tmp_path / "m.onnx", chooser)
+    assert model.provider == CPU and not model.on_cuda
+    assert chooser.cuda_reason == check.reason and check.reason
+
+
+def test_cuda_mode_refuses_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="provider cuda: CUDA is not usable: "):
+        ProviderChooser("cuda").candidates()
+
+
+def test_cuda_options_as_onnxruntime_takes_them() -> None:
+    assert cuda_options(1, 0, "EXHAUSTIVE", False) == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    options = cuda_options(0, 2048, "HEURISTIC", True)
+    assert options["gpu_mem_limit"] == str(2048 << 20) and options["enable_cuda_graph"] == "1"
+    chooser = ProviderChooser("auto", options)
+    assert chooser.with_options([CUDA, CPU]) == [(CUDA, options), CPU]
+    assert ProviderChooser("auto").with_options([CUDA, CPU]) == [CUDA, CPU]
+
+
+def test_cuda_graphs_are_ignored_off_the_gpu(tmp_path: Path) -> None:
+    write_identity_model(tmp_path / "m.onnx", "FP32")
+    model = OnnxModel(tmp_path / "m.onnx", ProviderChooser("cpu"))
+    model.use_cuda_graphs([8, 16], device=0)
+    assert model._graphs is None
