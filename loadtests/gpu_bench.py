@@ -111,7 +111,8 @@ def main() -> int:
                 rps, p99 = row["throughput_rps"], row["p99_ms"]
                 assert isinstance(rps, dict) and isinstance(p99, dict)
                 print(
-                    f"  {row['target']:<16} c={row['offered']:<4} {rps['median']:10,.0f} req/s  p99 {p99['median']:.2f} ms"
+                    f"  {row['target']:<16} c={row['offered']:<4} {rps['median']:10,.0f} req/s"
+                    f"  p99 {p99['median']:.2f} ms"
                 )
     return 0
 
