@@ -7,13 +7,14 @@ before the version becomes visible, so a version is never seen half-loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway.batcher import DynamicBatcher
-from gateway.config import GatewaySettings, ModelSpec
+from gateway.config import BatchingSpec, GatewaySettings, ModelSpec
 from gateway.errors import ModelNotFound
 from gateway.executor import DirectExecutor, Executor, runs_inline
 from gateway.metrics import GatewayMetrics, VersionMetrics
@@ -106,10 +107,20 @@ def executor_factory(pool: ThreadPoolExecutor, batching: bool = True) -> Executo
 
     def build(model: OnnxModel, spec: ModelSpec, stats: VersionStats, metrics: VersionMetrics | None) -> Executor:
         if batching and spec.batching.enabled and spec.max_batch_size > 1:
-            return DynamicBatcher(model, spec.batching, spec.max_batch_size, stats, pool, metrics)
+            return DynamicBatcher(model, gpu_defaults(spec, model), spec.max_batch_size, stats, pool, metrics)
         return DirectExecutor(model, spec.batching, stats, pool)
 
     return build
+
+
+def gpu_defaults(spec: ModelSpec, model: OnnxModel) -> BatchingSpec:
+    """On the GPU one run of many rows costs about what one row does: unless the spec
+    says otherwise, batch toward power-of-two sizes (which are also the CUDA-graph buckets)."""
+    batching = spec.batching
+    if not model.on_cuda or batching.preferred_batch_sizes:
+        return batching
+    sizes = tuple(2**k for k in range(3, 11) if 2**k <= spec.max_batch_size)
+    return dataclasses.replace(batching, preferred_batch_sizes=sizes)
 
 
 def describe(spec: ModelSpec, model: OnnxModel, executor: Executor) -> str:
@@ -146,7 +157,7 @@ def load_sessions(
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
         model.warm_up(spec.max_batch_size)
         if settings.cuda_graphs:
-            model.use_cuda_graphs(list(spec.batching.preferred_batch_sizes), settings.cuda_device)
+            model.use_cuda_graphs(list(gpu_defaults(spec, model).preferred_batch_sizes), settings.cuda_device)
         models[version] = model
     if not models:
         raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")

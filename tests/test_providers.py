@@ -47,3 +47,17 @@ def test_cuda_graphs_are_ignored_off_the_gpu(tmp_path: Path) -> None:
     model = OnnxModel(tmp_path / "m.onnx", ProviderChooser("cpu"))
     model.use_cuda_graphs([8, 16], device=0)
     assert model._graphs is None
+
+
+def test_gpu_batching_defaults_apply_only_on_the_gpu(tmp_path: Path) -> None:
+    from gateway.config import BatchingSpec, ModelSpec
+    from gateway.registry import gpu_defaults
+
+    write_identity_model(tmp_path / "m.onnx", "FP32")
+    model = OnnxModel(tmp_path / "m.onnx", ProviderChooser("cpu"))
+    spec = ModelSpec(max_batch_size=100)
+    assert gpu_defaults(spec, model) is spec.batching  # CPU: the spec as written
+    model.on_cuda = True  # what a CUDA session reports; the defaults only read it
+    assert gpu_defaults(spec, model).preferred_batch_sizes == (8, 16, 32, 64)
+    chosen = ModelSpec(max_batch_size=100, batching=BatchingSpec(preferred_batch_sizes=(4,)))
+    assert gpu_defaults(chosen, model).preferred_batch_sizes == (4,)
