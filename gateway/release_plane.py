@@ -193,9 +193,10 @@ class ReleasePlane:
         peers = self.peers(model)
         return evidence.merged_with(peers) if peers else evidence
 
-    def report(self, model: str) -> ModelReport:
+    def report(self, model: str, local: bool = False) -> ModelReport:
+        """The model's report; `local` leaves other workers out (Prometheus adds workers up itself)."""
         state = self.table.get(model)
-        evidence = self.combined(model)
+        evidence = self.evidence[model] if local else self.combined(model)
         roles = {v: state.role_of(v) for v in [state.stable, state.canary, *state.shadows] if v}
         shadows = {}
         for (name, version), lane in self._lanes.items():

@@ -273,7 +273,7 @@ class Gateway:
                 self.metrics.set_queue_depth(v.name, v.version, v.executor.queue_depth())
             if self.releases is not None:
                 for model in self.releases.table.models():
-                    self.release_metrics.sync(self.releases.report(model))
+                    self.release_metrics.sync(self.releases.report(model, local=True))
             if self.capture is not None:
                 self.capture.flush()  # so a replay can read what was captured a moment ago
             await asyncio.sleep(QUEUE_SAMPLE_S)
@@ -347,4 +347,4 @@ async def run(settings: GatewaySettings) -> None:
     await gateway.wait_stopped()
 
 
-__all__ = ["Gateway", "grpc", "run"]
+__all__ = ["Gateway", "run"]
