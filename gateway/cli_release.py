@@ -96,7 +96,7 @@ def report_table(report: rpb.Report) -> Table:
         "compared",
         "Δ latency ms",
     ):
-        table.add_column(column, justify="left" if column in ("ver", "role") else "right", overflow="fold")
+        table.add_column(column, justify="left" if column in ("version", "role") else "right", overflow="fold")
     for v in report.versions:
         accuracy = "—" if math.isnan(v.accuracy) else f"{v.accuracy:.4f} [{v.accuracy_low:.3f}, {v.accuracy_high:.3f}]"
         table.add_row(

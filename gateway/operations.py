@@ -20,7 +20,7 @@ from gateway.gate import captured_inputs, generated_inputs, run_gate
 from gateway.policy import CheckResult, Event, RolloutState
 from gateway.release import ReleaseState
 from gateway.release_plane import ReleasePlane
-from gateway.store import AuditEntry, Store, StoredRelease
+from gateway.store import AuditEntry, Conflict, Store, StoredRelease
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,14 @@ class ReleaseOps:
                     self._install(after)
                     continue
             initial = StoredRelease(self.plane.table.get(model))
-            self.store.commit(None, initial, self._audit("gateway", "init", None, initial, "release from model.toml"))
+            try:
+                self.store.commit(
+                    None, initial, self._audit("gateway", "init", None, initial, "release from model.toml")
+                )
+            except Conflict:
+                # Another worker of this gateway stored it first: serve theirs.
+                self._install(self.store.load_all()[model])
+                continue
             self.rollouts[model] = initial.rollout
 
     def adopt(self, model: str) -> None:
