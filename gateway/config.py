@@ -119,7 +119,7 @@ class BatchingSpec:
     max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 4096
-    instances: int = 2  # batches in flight at once
+    instances: int = 1  # batches in flight at once (more only help where runs overlap, e.g. a GPU)
     default_timeout_us: int = 0  # 0: no queue timeout
     # Where a batch runs: on the event loop (cheapest for tiny models), on a
     # thread (onnxruntime releases the GIL), or chosen from warm-up timing.

@@ -59,5 +59,7 @@ def test_gpu_batching_defaults_apply_only_on_the_gpu(tmp_path: Path) -> None:
     assert gpu_defaults(spec, model) is spec.batching  # CPU: the spec as written
     model.on_cuda = True  # what a CUDA session reports; the defaults only read it
     assert gpu_defaults(spec, model).preferred_batch_sizes == (8, 16, 32, 64)
-    chosen = ModelSpec(max_batch_size=100, batching=BatchingSpec(preferred_batch_sizes=(4,)))
+    assert gpu_defaults(spec, model).instances == 4
+    chosen = ModelSpec(max_batch_size=100, batching=BatchingSpec(preferred_batch_sizes=(4,), instances=6))
     assert gpu_defaults(chosen, model).preferred_batch_sizes == (4,)
+    assert gpu_defaults(chosen, model).instances == 6
