@@ -17,7 +17,7 @@ from tests.support import MODELS, Process, gateway_process
 from tests.test_rollout import Traffic, repo  # noqa: F401  (fixture)
 
 
-def stubs(server: Process, n: int = 8) -> list[service_pb2_grpc.GRPCInferenceServiceStub]:
+def stubs(server: Process, n: int = 16) -> list[service_pb2_grpc.GRPCInferenceServiceStub]:
     """Separate connections, so the kernel spreads them over the workers."""
     return [
         service_pb2_grpc.GRPCInferenceServiceStub(
