@@ -74,11 +74,12 @@ class PredictionLog:
             entries.popitem(last=False)
             self.evicted += 1
 
-    def take(self, request_id: str) -> list[Prediction] | None:
-        """Remove and return the predictions made for a request id (None: unknown or expired)."""
+    def take(self, request_id: str) -> tuple[list[Prediction], float] | None:
+        """Remove and return the predictions made for a request id, and when the first was
+        logged (monotonic); None when the id is unknown or expired."""
         self._evict(self._clock())
         entry = self._entries.pop(request_id, None)
-        return None if entry is None else entry.predictions
+        return None if entry is None else (entry.predictions, entry.at)
 
 
 def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
@@ -110,6 +111,7 @@ class ModelEvidence:
     rollout_pair: PairWindow | None = None
     rollout_versions: tuple[str, str] = ("", "")
     rollout_key: str = ""  # identifies the rollout, so workers' windows merge only within one
+    rollout_began: float = 0.0  # monotonic; labels of earlier predictions stay out of the rollout
     labels_received: int = 0
 
     def begin_rollout(self, stable: str, candidate: str, key: str = "") -> None:
@@ -118,6 +120,7 @@ class ModelEvidence:
         self.rollout_pair = PairWindow()
         self.rollout_versions = (stable, candidate)
         self.rollout_key = key
+        self.rollout_began = time.monotonic()
 
     def end_rollout(self) -> None:
         self.rollout = None
@@ -169,8 +172,10 @@ class ModelEvidence:
             return VersionWindow(), VersionWindow(), PairWindow()
         return self.rollout[stable], self.rollout[candidate], self.rollout_pair
 
-    def _targets(self, version: str) -> list[VersionWindow]:
+    def _targets(self, version: str, predicted_at: float | None = None) -> list[VersionWindow]:
         targets = [self.window(version)]
+        if predicted_at is not None and predicted_at < self.rollout_began:
+            return targets
         if self.rollout is not None and version in self.rollout:
             targets.append(self.rollout[version])
         return targets
@@ -212,9 +217,10 @@ class ModelEvidence:
         count where they arrived, and join wherever the prediction was made.
         """
         self.labels_received += int(received)
-        predictions = self.log.take(request_id)
-        if predictions is None:
+        taken = self.log.take(request_id)
+        if taken is None:
             return False
+        predictions, predicted_at = taken
         truth = np.asarray(labels, dtype=np.float64)
         for p in predictions:
             if p.values.shape[0] != truth.shape[0]:
@@ -223,7 +229,7 @@ class ModelEvidence:
                 )
             correct = int(np.count_nonzero(p.values == truth)) if self.spec.kind == "classification" else 0
             abs_error = float(np.abs(p.values - truth).sum()) if self.spec.kind != "classification" else 0.0
-            for w in self._targets(p.version):
+            for w in self._targets(p.version, predicted_at):
                 w.labelled += truth.shape[0]
                 w.correct += correct
                 w.abs_error += abs_error
