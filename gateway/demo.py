@@ -132,9 +132,12 @@ def _watch(console: Console, control: rgrpc.ReleaseServiceStub, done: str, timeo
             live.update(report_table(report))
             if report.release.phase == done:
                 release: rpb.Release = report.release
-                return release
+                break
             time.sleep(0.5)
-    raise click.ClickException(f"the rollout did not reach {done} in {timeout:.0f} s")
+        else:
+            raise click.ClickException(f"the rollout did not reach {done} in {timeout:.0f} s")
+    console.line()  # a plain newline after the live table, also when output is not a terminal
+    return release
 
 
 @click.command()
