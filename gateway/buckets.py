@@ -26,6 +26,8 @@ def pad_batch(feeds: Tensors, size: int) -> Tensors:
     """Zero rows appended to every input up to `size` (no copy when already that size)."""
     padded = {}
     for name, array in feeds.items():
+        if array.ndim == 0:
+            raise ValueError(f"input {name!r} is a scalar: it has no batch dimension to pad")
         rows = array.shape[0]
         if rows == size:
             padded[name] = array

@@ -159,9 +159,9 @@ def load_sessions(
     for version in repository.versions(name):
         files = repository.version_files(name, version)
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
+        if model.on_cuda:
+            model.use_buckets(gpu_defaults(spec, model).preferred_batch_sizes)
         model.warm_up(spec.max_batch_size)
-        if settings.cuda_graphs:
-            model.use_cuda_graphs(list(gpu_defaults(spec, model).preferred_batch_sizes), settings.cuda_device)
         models[version] = model
     if not models:
         raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")

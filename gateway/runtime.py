@@ -1,8 +1,9 @@
 """One onnxruntime session for one model version.
 
 `run` is safe to call from several threads at once: onnxruntime sessions are
-thread-safe and release the GIL while they compute. On CUDA the inputs and
-outputs go through IO binding, so each run copies host buffers once.
+thread-safe and release the GIL while they compute. On CUDA every run goes
+through gateway.cuda_runner (IO binding, per-bucket buffers, CUDA graphs when
+the session was created with them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gateway.buckets import bucket_for, pad_batch, unpad_outputs
+from gateway.cuda_runner import CudaRunner
 from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
 from gateway.errors import ModelExecutionError, ModelLoadError
 from gateway.providers import CUDA, ProviderChooser
@@ -67,12 +68,20 @@ class OnnxModel:
         self.output_names = [o.name for o in self.outputs]
         self.warmup_seconds = 0.0
         self._cost: list[tuple[int, float]] = []
-        self._graphs: CudaGraphs | None = None
+        self._buckets: tuple[int, ...] = ()
+        self._cuda: CudaRunner | None = None
 
-    def use_cuda_graphs(self, buckets: list[int], device: int) -> None:
-        """Run through captured CUDA graphs, one per bucket size (needs the CUDA EP with graphs on)."""
-        if self.on_cuda and buckets:
-            self._graphs = CudaGraphs(self, sorted(buckets), device)
+    def use_buckets(self, buckets: list[int] | tuple[int, ...]) -> None:
+        """Batch sizes the CUDA path keeps buffers (and, with graphs on, CUDA graphs) for."""
+        self._buckets = tuple(buckets)
+        self._cuda = None
+
+    def _cuda_runner(self) -> CudaRunner:
+        if self._cuda is None:
+            runner = CudaRunner(self.session, buckets=self._buckets)
+            runner.warm_up()  # with graphs: capture every bucket now, not on a request
+            self._cuda = runner
+        return self._cuda
 
     @property
     def provider(self) -> str:
@@ -81,24 +90,12 @@ class OnnxModel:
     def run(self, feeds: Tensors) -> list[np.ndarray]:
         """Run the model; returns every output in `self.outputs` order."""
         try:
-            if self._graphs is not None:
-                return self._graphs.run(feeds)
             if self.on_cuda:
-                return self._run_bound(feeds)
+                return self._cuda_runner().run(feeds)
             result: list[np.ndarray] = self.session.run(self.output_names, feeds)
             return result
         except Exception as exc:
             raise ModelExecutionError(f"model {self.path.parent.parent.name} failed to run: {exc}") from exc
-
-    def _run_bound(self, feeds: Tensors) -> list[np.ndarray]:
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
-        return outputs
 
     def warm_up(self, max_batch: int) -> float:
         """Run on zeros at batch 1 and at a larger batch; returns the timed batch-1 run.
@@ -132,57 +129,6 @@ class OnnxModel:
         (b1, t1), (b2, t2) = self._cost
         per_row = max(0.0, (t2 - t1) / (b2 - b1))
         return t1 + per_row * (rows - b1)
-
-
-class CudaGraphs:
-    """One captured CUDA graph per bucket size (onnxruntime's CUDA graph support).
-
-    A graph replays fixed shapes at fixed device addresses, so each bucket
-    owns device buffers for every input and output, bound once; a batch is
-    padded to its bucket, copied into those buffers, replayed by graph id,
-    and its outputs copied back and trimmed. Larger batches than every bucket
-    run without a graph. (Written to onnxruntime's documented API; it needs a
-    GPU to run, which this project's CI does not have.)
-    """
-
-    def __init__(self, model: OnnxModel, buckets: list[int], device: int) -> None:
-        self.model = model
-        self.buckets = buckets
-        self.device = device
-        self._bound: dict[int, tuple[Any, dict[str, Any], list[Any], Any]] = {}
-
-    def _prepare(self, size: int) -> tuple[Any, dict[str, Any], list[Any], Any]:
-        session = self.model.session
-        zeros = {s.name: np.zeros([size if d < 0 else d for d in s.shape], dtype=s.dtype) for s in self.model.inputs}
-        shapes = [o.shape for o in session.run(None, zeros)]  # outputs' shapes at this size (no graph yet)
-        binding = session.io_binding()
-        inputs = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", self.device) for n, a in zeros.items()}
-        outputs = [
-            ort.OrtValue.ortvalue_from_shape_and_type(list(shape), spec.dtype, "cuda", self.device)
-            for shape, spec in zip(shapes, self.model.outputs, strict=True)
-        ]
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for spec, value in zip(self.model.outputs, outputs, strict=True):
-            binding.bind_ortvalue_output(spec.name, value)
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(size))
-        session.run_with_iobinding(binding, options)  # the first run with a graph id captures it
-        return binding, inputs, outputs, options
-
-    def run(self, feeds: Tensors) -> list[np.ndarray]:
-        rows = next(iter(feeds.values())).shape[0]
-        size = bucket_for(rows, self.buckets)
-        if size not in self.buckets:
-            return self.model._run_bound(feeds)
-        bound = self._bound.get(size)
-        if bound is None:
-            bound = self._bound[size] = self._prepare(size)
-        binding, inputs, outputs, options = bound
-        for name, array in pad_batch(feeds, size).items():
-            inputs[name].update_inplace(np.ascontiguousarray(array))
-        self.model.session.run_with_iobinding(binding, options)
-        return unpad_outputs([value.numpy() for value in outputs], rows)
 
 
 @contextlib.contextmanager

@@ -42,11 +42,15 @@ def test_cuda_options_as_onnxruntime_takes_them() -> None:
     assert ProviderChooser("auto").with_options([CUDA, CPU]) == [CUDA, CPU]
 
 
-def test_cuda_graphs_are_ignored_off_the_gpu(tmp_path: Path) -> None:
+def test_buckets_do_not_change_cpu_runs(tmp_path: Path) -> None:
+    import numpy as np
+
     write_identity_model(tmp_path / "m.onnx", "FP32")
     model = OnnxModel(tmp_path / "m.onnx", ProviderChooser("cpu"))
-    model.use_cuda_graphs([8, 16], device=0)
-    assert model._graphs is None
+    model.use_buckets([8, 16])
+    x = np.arange(9, dtype=np.float32).reshape(3, 3)
+    np.testing.assert_array_equal(model.run({"x": x})[0], x)
+    assert model._cuda is None  # the CUDA runner exists only on the GPU
 
 
 def test_gpu_batching_defaults_apply_only_on_the_gpu(tmp_path: Path) -> None:
