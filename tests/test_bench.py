@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 
 from loadtests.bare_server import build_response
-from loadtests.bench import compute_ratios, format_cpus, parse_cpus, summarize
+from loadtests.bench import (
+    compute_ratios,
+    format_cpus,
+    format_report,
+    parse_cpus,
+    routing_cost,
+    summarize,
+    with_shadow_release,
+)
 from loadtests.loadgen import (
     ClientPool,
     LoadSpec,
@@ -247,20 +255,11 @@ def test_compare_two_versions_side_by_side(tmp_path: Path) -> None:
     assert next(tmp_path.glob("*.png")).read_bytes().startswith(b"\x89PNG")
 
 
-def test_shadow_target_and_routing_cost(tmp_path: Path) -> None:
+def test_shadow_target_mirrors_everything_and_reports_its_overhead(tmp_path: Path) -> None:
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "gateway",
-            "bench",
-            "--smoke",
-            "--baselines",
-            "gateway,gateway-shadow",
-            "--shadow",
-            "3",
-            "--out",
-            str(tmp_path),
+            *(sys.executable, "-m", "gateway", "bench", "--smoke", "--model", "digits"),
+            *("--baselines", "gateway,gateway-shadow", "--shadow", "3", "--out", str(tmp_path)),
         ],
         capture_output=True,
         text=True,
@@ -269,10 +268,22 @@ def test_shadow_target_and_routing_cost(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert {p["target"] for p in data["points"]} == {"gateway", "gateway-shadow"}
-    assert all(not p["errors"] for p in data["points"])
-    assert data["ratios"]["shadow_over_gateway_p99"] and data["ratios"]["shadow_over_gateway_p50"]
-    assert 0 < data["routing"]["route_point_us"] <= data["routing"]["choose_us"] < 1000
+    for target in ("gateway", "gateway-shadow"):
+        points = [p for p in data["points"] if p["target"] == target]
+        assert {p["offered"] for p in points} == {1.0, 8.0}, target
+        assert all(p["completed"] > 0 and p["errors"] == {} for p in points), points
+    # The shadow really ran (a stored release once replaced the temporary one and it silently did not).
+    shadow_points = [p for p in data["points"] if p["target"] == "gateway-shadow"]
+    assert all(p["shadow_rows_per_row"] > 0 for p in shadow_points)
+    assert "shadow_rows_per_row" not in next(p for p in data["points"] if p["target"] == "gateway")
+    ratios = data["ratios"]
+    for key in ("shadow_over_gateway_p50", "shadow_over_gateway_p99", "shadow_rows_per_primary_row"):
+        assert set(ratios[key]) == {"1", "8"}, key
+        assert all(math.isfinite(v) and v > 0 for v in ratios[key].values()), key
+    assert "gateway-shadow / gateway, p99" in result.stdout
+    assert data["routing"]["choose_us"] > 0 and data["routing"]["route_point_us"] > 0
+    assert "us per decision" in result.stdout
+
     missing = subprocess.run(
         [sys.executable, "-m", "gateway", "bench", "--smoke", "--baselines", "gateway-shadow", "--out", str(tmp_path)],
         capture_output=True,
@@ -281,3 +292,63 @@ def test_shadow_target_and_routing_cost(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert missing.returncode == 2 and "--shadow" in missing.stderr
+
+
+def test_routing_cost_is_measured_per_call() -> None:
+    cost = routing_cost(keys=2_000, repeats=3)
+    for name in ("choose_us", "route_point_us"):
+        assert math.isfinite(cost[name]) and cost[name] > 0, name
+        low, high = cost[f"{name}_range"]
+        assert 0 < low <= cost[name] <= high
+    assert cost["keys"] == 2_000 and cost["repeats"] == 3
+    # The 10% canary split it times does route by the key: about 10% of 2,000 distinct keys (+-7 sd).
+    assert 0.05 < cost["canary_share"] < 0.15
+
+
+def test_shadow_release_replaces_the_release_and_keeps_the_rest() -> None:
+    import tomllib
+
+    text = (
+        'max_batch_size = 4\n[release]\nstable = "2"\ncanary = "1"\ncanary_weight_bp = 500\n'
+        "[release.extra]\na = 1\n[policy]\nthreshold = 2\n"
+    )
+    parsed = tomllib.loads(with_shadow_release(text, "1", "3"))
+    assert parsed["release"] == {"stable": "1", "shadows": {"3": 1.0}}
+    assert parsed == {"max_batch_size": 4, "policy": {"threshold": 2}, "release": parsed["release"]}
+    digits = tomllib.loads(with_shadow_release((MODELS / "digits" / "model.toml").read_text(), "1", "3"))
+    assert digits["release"] == {"stable": "1", "shadows": {"3": 1.0}}
+    assert digits["batching"] == tomllib.loads((MODELS / "digits" / "model.toml").read_text())["batching"]
+    assert tomllib.loads(with_shadow_release("", "1", "3"))["release"]["shadows"] == {"3": 1.0}
+    with pytest.raises(ValueError):
+        with_shadow_release('release.stable = "2"\n', "1", "3")  # dotted keys: refused, never half-applied
+
+
+def test_shadow_ratios_per_closed_and_open_point() -> None:
+    def entry(target: str, mode: str, offered: float, p50: float, p99: float, **extra: float) -> dict[str, object]:
+        row: dict[str, object] = {"target": target, "repeat": 0, "mode": mode, "offered": offered}
+        row.update(throughput_rps=1000.0, rows_per_s=1000.0, p50_ms=p50, p99_ms=p99, errors={}, completed=1, **extra)
+        return row
+
+    points = [
+        entry("gateway", "closed", 16, 4.0, 8.0),
+        entry("gateway-shadow", "closed", 16, 5.0, 12.0, shadow_rows_per_row=1.0),
+        entry("gateway", "open", 1600, 1.0, 2.0),
+        entry("gateway-shadow", "open", 1600, 1.1, 3.0, shadow_rows_per_row=0.5),
+    ]
+    summary = summarize(points)
+    ratios = compute_ratios(summary, [16], [1600.0])
+    assert ratios["shadow_over_gateway_p50"] == {"16": pytest.approx(1.25), "r=1600": pytest.approx(1.1)}
+    assert ratios["shadow_over_gateway_p99"] == {"16": pytest.approx(1.5), "r=1600": pytest.approx(1.5)}
+    assert ratios["shadow_rows_per_primary_row"] == {"16": 1.0, "r=1600": 0.5}
+    report = format_report(summary, ratios, ["gateway", "gateway-shadow"])
+    assert "c=16: 1.25  r=1600: 1.10" in report and "c=r=" not in report
+
+
+def test_report_warns_about_points_other_processes_disturbed() -> None:
+    quiet = {**_point("gateway", 16, 3000.0, 8.0), "other_cpu_share": 0.01}
+    noisy = {**_point("gateway", 64, 2000.0, 30.0), "other_cpu_share": 0.4}
+    summary = summarize([quiet, noisy])
+    report = format_report(summary, {}, ["gateway"])
+    assert "WARNING: other processes were busy" in report
+    assert "gateway c=64 (up to 40%)" in report and "c=16 (" not in report
+    assert "WARNING" not in format_report(summarize([quiet]), {}, ["gateway"])
