@@ -35,6 +35,9 @@ class DataPlane:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def is_idle(self) -> bool:
+        return self._idle.is_set()
+
     async def wait_idle(self) -> None:
         """Return once no request is in flight (used by the drain)."""
         await self._idle.wait()

@@ -22,7 +22,7 @@ from gateway.evidence import ModelEvidence, VersionReport, model_report
 from gateway.registry import LoadedVersion, Registry
 from gateway.release import ReleaseState, ReleaseTable, initial_state
 from gateway.routing import Role
-from gateway.shadow import ShadowLane
+from gateway.shadow import PrimaryActivity, ShadowLane
 from gateway.types import ParamValue, Tensors
 
 
@@ -56,6 +56,8 @@ class ReleasePlane:
         self._previous: dict[str, ReleaseState] = {}
         # Other workers' evidence snapshots, when several processes serve (set by the server).
         self.peers: Callable[[str], list[dict[str, Any]]] = lambda model: []
+        # The primary request path (set by the server: the DataPlane), so shadows wait for its idle time.
+        self.primary: PrimaryActivity | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():
@@ -133,7 +135,9 @@ class ReleasePlane:
     def lane(self, model: str, version: str) -> ShadowLane:
         lane = self._lanes.get((model, version))
         if lane is None:
-            lane = self._lanes[(model, version)] = ShadowLane(self.registry.get(model, version).executor)
+            lane = self._lanes[(model, version)] = ShadowLane(
+                self.registry.get(model, version).executor, primary=self.primary
+            )
         return lane
 
     def _mirror_shadow(

@@ -158,6 +158,7 @@ class Gateway:
         registry = self.registry
         self.releases = releases = ReleasePlane(registry)
         self.dataplane = DataPlane(registry, releases)
+        releases.primary = self.dataplane
         self.store = SqliteStore(s.state_dir / "state.db")
         if s.capture_dir is not None:
             self.capture = CaptureWriter(

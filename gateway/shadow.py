@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -66,6 +67,12 @@ class CircuitBreaker:
             self.open_until = self.clock() + self.backoff_s
 
 
+class PrimaryActivity(Protocol):
+    def is_idle(self) -> bool: ...
+
+    def wait_idle(self) -> Awaitable[None]: ...
+
+
 @dataclass(slots=True)
 class ShadowCounters:
     mirrored: int = 0
@@ -88,6 +95,9 @@ class ShadowLane:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     counters: ShadowCounters = field(default_factory=ShadowCounters)
     pending: int = 0
+    # The primary path: a copy waits until no primary request is in flight, so
+    # shadow work runs in the primary's idle time, never ahead of it.
+    primary: PrimaryActivity | None = None
 
     def mirror(
         self,
@@ -113,8 +123,10 @@ class ShadowLane:
         task.add_done_callback(tasks.discard)
 
     async def _run(self, feeds: Tensors, rows: int, until: float, on_result: OnResult) -> None:
-        start = time.monotonic()
         try:
+            if self.primary is not None and not self.primary.is_idle():
+                await asyncio.wait_for(self.primary.wait_idle(), max(0.0, until - time.monotonic()))
+            start = time.monotonic()
             outputs = await asyncio.wait_for(self.executor.submit(feeds, rows, until, None), max(0.0, until - start))
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             self.counters.timed_out += 1

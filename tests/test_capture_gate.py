@@ -24,7 +24,7 @@ GATE_POLICY = """
 [policy]
 gate = true
 gate_requests = 400
-gate_max_latency_ratio = 3.0
+gate_max_latency_ratio = 5.0
 gate_min_agreement = 0.9
 max_latency_ratio = 0
 """
@@ -124,7 +124,7 @@ def test_the_gate_passes_v2_and_refuses_a_slowed_v2_with_evidence(gate_repo: Pat
     refusal = next(r for r in records if r.action == "start_rollout" and r.outcome == "refused")
     checks = {c["check"]: c for c in json.loads(refusal.evidence_json)}
     assert checks["gate_latency_p99_ratio"]["verdict"] == "fail"
-    assert checks["gate_latency_p99_ratio"]["value"] > 3.0
+    assert checks["gate_latency_p99_ratio"]["value"] > 5.0
     assert checks["gate_agreement"]["verdict"] == "pass"  # same answers, only slower
     accepted = next(r for r in records if r.action == "start_rollout" and r.outcome == "applied")
     checks = {c["check"]: c for c in json.loads(accepted.evidence_json)}
