@@ -24,7 +24,7 @@ GATE_POLICY = """
 [policy]
 gate = true
 gate_requests = 400
-gate_max_latency_ratio = 5.0
+gate_max_latency_ratio = 4.0
 gate_min_agreement = 0.9
 max_latency_ratio = 0
 """
@@ -91,8 +91,8 @@ def test_capture_rotates_caps_its_size_and_survives_a_torn_record(tmp_path: Path
 def gate_repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(MODELS / "digits", root / "digits")
-    # v4: v2 with padding work (about 20x slower per run), same answers.
-    write_slowed_copy(MODELS / "digits" / "2" / "model.onnx", root / "digits" / "4" / "model.onnx", 20)
+    # v4: v2 with padding work (about 100x slower per run), same answers.
+    write_slowed_copy(MODELS / "digits" / "2" / "model.onnx", root / "digits" / "4" / "model.onnx", 100)
     spec = root / "digits" / "model.toml"
     spec.write_text(spec.read_text() + GATE_POLICY)
     return root
@@ -124,7 +124,7 @@ def test_the_gate_passes_v2_and_refuses_a_slowed_v2_with_evidence(gate_repo: Pat
     refusal = next(r for r in records if r.action == "start_rollout" and r.outcome == "refused")
     checks = {c["check"]: c for c in json.loads(refusal.evidence_json)}
     assert checks["gate_latency_p99_ratio"]["verdict"] == "fail"
-    assert checks["gate_latency_p99_ratio"]["value"] > 5.0
+    assert checks["gate_latency_p99_ratio"]["value"] > 4.0
     assert checks["gate_agreement"]["verdict"] == "pass"  # same answers, only slower
     accepted = next(r for r in records if r.action == "start_rollout" and r.outcome == "applied")
     checks = {c["check"]: c for c in json.loads(accepted.evidence_json)}
