@@ -221,13 +221,10 @@ class DynamicBatcher:
         if runs_inline(self.execution, self.model, rows):
             start = time.perf_counter_ns()
             try:
-                outputs = self.model.run(feeds)
+                result: list[np.ndarray] | Exception = self.model.run(feeds)
             except Exception as exc:
-                self._settle_error(batch, exc)
-            else:
-                self._settle(batch, rows, outputs, time.perf_counter_ns() - start)
-            finally:
-                self._release()
+                result = exc
+            self._finish(batch, rows, start, result)
             return
         task = asyncio.get_running_loop().create_task(self._run_threaded(batch, rows, feeds))
         self._running.add(task)
@@ -237,11 +234,21 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         start = time.perf_counter_ns()
         try:
-            outputs = await loop.run_in_executor(self._pool, self.model.run, feeds)
+            result: list[np.ndarray] | Exception = await loop.run_in_executor(self._pool, self.model.run, feeds)
+        except asyncio.CancelledError:
+            self._release()  # shutdown: close() settles what is queued
+            raise
         except Exception as exc:
-            self._settle_error(batch, exc)
-        else:
-            self._settle(batch, rows, outputs, time.perf_counter_ns() - start)
+            result = exc
+        self._finish(batch, rows, start, result)
+
+    def _finish(self, batch: list[_Pending], rows: int, start_ns: int, result: list[np.ndarray] | Exception) -> None:
+        """Settle a batch's futures with its outputs or its error, and free its slot."""
+        try:
+            if isinstance(result, Exception):
+                self._settle_error(batch, result)
+            else:
+                self._settle(batch, rows, result, time.perf_counter_ns() - start_ns)
         finally:
             self._release()
 

@@ -9,10 +9,7 @@ report shows each step; the audit trail is printed at the end.
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +22,9 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from gateway import launch
 from gateway.cli_release import describe_audit, report_table
+from gateway.launch import Launched
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2 as rpb
@@ -93,12 +92,8 @@ class LabelledTraffic(threading.Thread):
             self.control.SubmitFeedback(rpb.SubmitFeedbackRequest(model="digits", items=due), timeout=5)
 
 
-def _start_gateway(repo: Path, state: Path) -> tuple[subprocess.Popen[str], str, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
+def _start_gateway(repo: Path, state: Path) -> Launched:
+    args = [
         "--models",
         str(repo),
         "--port",
@@ -112,16 +107,10 @@ def _start_gateway(repo: Path, state: Path) -> tuple[subprocess.Popen[str], str,
         "--state-dir",
         str(state),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    control = ""
-    for line in proc.stdout:
-        if found := re.search(r"control on (\S+:\d+)", line):
-            control = found.group(1)
-        if found := re.search(r"listening on (\S+:\d+)", line):
-            threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
-            return proc, found.group(1), control
-    raise click.ClickException("the demo gateway did not start")
+    try:
+        return launch.serve(args)
+    except RuntimeError as exc:
+        raise click.ClickException(f"the demo gateway did not start: {exc}") from None
 
 
 def _watch(console: Console, control: rgrpc.ReleaseServiceStub, done: str, timeout: float) -> rpb.Release:
@@ -157,7 +146,8 @@ def demo(models: Path) -> None:
     spec = repo / "digits" / "model.toml"
     spec.write_text(spec.read_text() + DEMO_POLICY)
     console.print(f"starting a gateway on a copy of {models / 'digits'} (state in {workdir / 'state'}) ...")
-    proc, address, control_address = _start_gateway(repo, workdir / "state")
+    launched = _start_gateway(repo, workdir / "state")
+    proc, address, control_address = launched.proc, launched.address, launched.control
     control = rgrpc.ReleaseServiceStub(grpc.insecure_channel(control_address))  # type: ignore[no-untyped-call]
     traffic = LabelledTraffic(address, control, models)
     try:

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from gateway import launch
 from loadtests.loadgen import build_request, load_signature
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -142,12 +142,7 @@ def main() -> int:
     spec.write_text(text)
     cpus = os.sched_getaffinity(0)
     pin = ["taskset", "-c", str(min(cpus))] if len(cpus) >= 2 and shutil.which("taskset") else []
-    cmd = [
-        *pin,
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
+    args_serve = [
         "--models",
         str(repo),
         "--port",
@@ -158,23 +153,19 @@ def main() -> int:
         "-1",
         "--workers",
         "1",
+        "--max-inflight",
+        str(args.queue * 2),
         "--state-dir",
         str(repo / "state"),
         "--log-level",
         "INFO",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    address, metrics_port = "", 0
-    for line in proc.stdout:
-        if found := re.search(r"metrics on \S+:(\d+)", line):
-            metrics_port = int(found.group(1))
-        if found := re.search(r"listening on (\S+:\d+)", line):
-            address = found.group(1)
-            break
-    if not address:
-        print("the gateway did not start", file=sys.stderr)
+    try:
+        launched = launch.serve(args_serve, prefix=pin)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
         return 2
+    proc, address, metrics_port = launched.proc, launched.address, launched.metrics_port
     if pin and len(cpus) >= 2:
         os.sched_setaffinity(0, set(sorted(cpus)[1:]))
     try:
