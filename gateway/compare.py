@@ -38,9 +38,9 @@ class LatencyHistogram:
     counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     total: int = 0
 
-    def add(self, seconds: float) -> None:
-        self.counts[_bucket(seconds)] += 1
-        self.total += 1
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.counts[_bucket(seconds)] += count
+        self.total += count
 
     def merge(self, other: LatencyHistogram) -> None:
         for i, c in enumerate(other.counts):
@@ -73,13 +73,14 @@ class VersionWindow:
     correct: int = 0  # classification: rows whose top-1 equals the label
     abs_error: float = 0.0  # regression: sum of |prediction - label|
 
-    def record(self, ok: bool, seconds: float, rows: int) -> None:
-        self.requests += 1
+    def record(self, ok: bool, seconds: float, rows: int, requests: int = 1) -> None:
+        """`requests` requests of `rows` rows in all, each of which took `seconds`."""
+        self.requests += requests
         if ok:
             self.rows += rows
-            self.latency.add(seconds)
+            self.latency.add(seconds, requests)
         else:
-            self.errors += 1
+            self.errors += requests
 
     def merge(self, other: VersionWindow) -> None:
         self.requests += other.requests
@@ -154,14 +155,24 @@ def top1(output: np.ndarray) -> np.ndarray:
 
 
 def compare_outputs(
-    pair: PairWindow, baseline: np.ndarray, candidate: np.ndarray, spec: CompareSpec, latency_diff_s: float
+    pair: PairWindow,
+    baseline: np.ndarray,
+    candidate: np.ndarray,
+    spec: CompareSpec,
+    latency_diff_s: float,
+    requests: int = 1,
 ) -> None:
-    """Add one request's comparison to `pair`. Shapes must match (the caller checks)."""
+    """Add the comparison of `requests` requests (their rows stacked) to `pair`.
+
+    Every figure is a per-row count or a sum over elements, so comparing the
+    rows of several requests at once adds exactly what comparing each would.
+    `latency_diff_s` is the sum over the requests. Shapes must match (the caller checks).
+    """
     rows = baseline.shape[0] if baseline.ndim else 1
     base = baseline.astype(np.float64, copy=False).reshape(rows, -1)
     cand = candidate.astype(np.float64, copy=False).reshape(rows, -1)
     diff = np.abs(cand - base)
-    pair.requests += 1
+    pair.requests += requests
     pair.rows += rows
     if spec.kind == "classification":
         pair.agree += int(np.count_nonzero(top1(baseline) == top1(candidate)))

@@ -186,28 +186,43 @@ class ModelEvidence:
             w = self.windows[version] = VersionWindow()
         return w
 
-    def record_request(self, version: str, ok: bool, seconds: float, rows: int) -> None:
+    def record_request(self, version: str, ok: bool, seconds: float, rows: int, requests: int = 1) -> None:
         for w in self._targets(version):
-            w.record(ok, seconds, rows)
+            w.record(ok, seconds, rows, requests)
+
+    def compared(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """The output that is compared and labelled."""
+        return outputs[self.output_index]
 
     def record_prediction(self, request_id: str, version: str, role: str, outputs: Sequence[np.ndarray]) -> None:
         if request_id:
             values = prediction_values(outputs[self.output_index], self.spec.kind)
             self.log.record(request_id, Prediction(version, role, values))
 
+    def record_predictions(
+        self, version: str, role: str, requests: Sequence[tuple[str, int]], output: np.ndarray
+    ) -> None:
+        """Log the predictions of several requests (id, rows) whose rows are stacked in `output`."""
+        values = prediction_values(output, self.spec.kind)
+        offset = 0
+        for request_id, rows in requests:
+            if request_id:
+                self.log.record(request_id, Prediction(version, role, values[offset : offset + rows]))
+            offset += rows
+
     def record_pair(
-        self, candidate: str, baseline: Sequence[np.ndarray], other: Sequence[np.ndarray], latency_diff_s: float
+        self, candidate: str, base: np.ndarray, cand: np.ndarray, latency_diff_s: float, requests: int = 1
     ) -> bool:
-        """Compare a candidate's outputs with the stable's on one request; False when shapes differ."""
-        base, cand = baseline[self.output_index], other[self.output_index]
+        """Compare a candidate's compared output with the stable's on the same requests (rows
+        stacked; `latency_diff_s` summed over them); False when the shapes differ."""
         if base.shape != cand.shape:
             return False
         pair = self.pairs.get(candidate)
         if pair is None:
             pair = self.pairs[candidate] = PairWindow()
-        compare_outputs(pair, base, cand, self.spec, latency_diff_s)
+        compare_outputs(pair, base, cand, self.spec, latency_diff_s, requests)
         if self.rollout_pair is not None and candidate == self.rollout_versions[1]:
-            compare_outputs(self.rollout_pair, base, cand, self.spec, latency_diff_s)
+            compare_outputs(self.rollout_pair, base, cand, self.spec, latency_diff_s, requests)
         return True
 
     def feedback(self, request_id: str, labels: Sequence[float], received: bool = True) -> bool:

@@ -22,7 +22,7 @@ from gateway.evidence import ModelEvidence, VersionReport, model_report
 from gateway.registry import LoadedVersion, Registry
 from gateway.release import ReleaseState, ReleaseTable, initial_state
 from gateway.routing import Role
-from gateway.shadow import PrimaryActivity, ShadowLane
+from gateway.shadow import CopySink, PrimaryActivity, ShadowCopy, ShadowLane
 from gateway.types import ParamValue, Tensors
 
 
@@ -46,6 +46,48 @@ def routing_key(parameters: dict[str, ParamValue], request_id: str) -> str | Non
     return key
 
 
+def _stacked(copies: Sequence[ShadowCopy], evidence: ModelEvidence) -> np.ndarray:
+    """The compared output of every copy's reference answer, rows stacked in copy order."""
+    if len(copies) == 1:
+        return evidence.compared(copies[0].reference)
+    return np.concatenate([evidence.compared(c.reference) for c in copies])
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSink:
+    """A shadow's answers: compared with the stable's, logged for labels, counted in its window."""
+
+    evidence: ModelEvidence
+    version: str
+
+    def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        evidence = self.evidence
+        n = len(copies)
+        rows = sum(c.rows for c in copies)
+        shadow = evidence.compared(outputs)
+        latency_diff = n * seconds - sum(c.reference_s for c in copies)
+        if not evidence.record_pair(self.version, _stacked(copies, evidence), shadow, latency_diff, n):
+            evidence.record_request(self.version, False, seconds, rows, n)
+            return False  # wrong shape: a failure, not evidence
+        evidence.record_request(self.version, True, seconds, rows, n)
+        evidence.record_predictions(self.version, "shadow", [(c.request_id, c.rows) for c in copies], shadow)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class DualRunSink:
+    """A canary's requests run again on the stable version, so the canary gets agreement figures."""
+
+    evidence: ModelEvidence
+    canary: str
+
+    def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        evidence = self.evidence
+        latency_diff = sum(c.reference_s for c in copies) - len(copies) * seconds
+        stable = evidence.compared(outputs)
+        return evidence.record_pair(self.canary, stable, _stacked(copies, evidence), latency_diff, len(copies))
+
+
 class ReleasePlane:
     def __init__(self, registry: Registry, rng: random.Random | None = None) -> None:
         self.registry = registry
@@ -53,6 +95,7 @@ class ReleasePlane:
         self.table = ReleaseTable(lambda model: set(registry.entry(model).versions))
         self.evidence: dict[str, ModelEvidence] = {}
         self._lanes: dict[tuple[str, str], ShadowLane] = {}
+        self._sinks: dict[tuple[str, str, bool], CopySink] = {}
         self._previous: dict[str, ReleaseState] = {}
         # Other workers' evidence snapshots, when several processes serve (set by the server).
         self.peers: Callable[[str], list[dict[str, Any]]] = lambda model: []
@@ -77,14 +120,18 @@ class ReleasePlane:
         index = stable.output_names.index(compare.output) if compare.output else 0
         if name not in self.evidence:
             self.evidence[name] = ModelEvidence(name, compare, index)
-        for key in [k for k in self._lanes if k[0] == name]:
-            del self._lanes[key]  # lanes point at the old executors
+        self._forget(name)  # lanes point at the old executors, sinks at the old evidence
 
     def remove_model(self, name: str) -> None:
         self.table.remove(name)
         self.evidence.pop(name, None)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
         for key in [k for k in self._lanes if k[0] == name]:
             del self._lanes[key]
+        for sink_key in [k for k in self._sinks if k[0] == name]:
+            del self._sinks[sink_key]
 
     def _on_change(self, state: ReleaseState) -> None:
         # A version (re)added as a shadow is an operator's fresh start: close its circuit.
@@ -135,10 +182,19 @@ class ReleasePlane:
     def lane(self, model: str, version: str) -> ShadowLane:
         lane = self._lanes.get((model, version))
         if lane is None:
+            loaded = self.registry.get(model, version)
             lane = self._lanes[(model, version)] = ShadowLane(
-                self.registry.get(model, version).executor, primary=self.primary
+                loaded.executor, max_rows=loaded.spec.max_batch_size, primary=self.primary
             )
         return lane
+
+    def _sink(self, model: str, version: str, dual_run: bool) -> CopySink:
+        key = (model, version, dual_run)
+        sink = self._sinks.get(key)
+        if sink is None:
+            evidence = self.evidence[model]
+            sink = self._sinks[key] = DualRunSink(evidence, version) if dual_run else ShadowSink(evidence, version)
+        return sink
 
     def _mirror_shadow(
         self,
@@ -151,17 +207,8 @@ class ReleasePlane:
         primary: Sequence[np.ndarray],
         primary_s: float,
     ) -> None:
-        evidence = self.evidence[model]
-
-        def on_result(outputs: list[np.ndarray], seconds: float) -> bool:
-            if not evidence.record_pair(version, primary, outputs, seconds - primary_s):
-                evidence.record_request(version, False, seconds, rows)
-                return False  # wrong shape: a failure, not evidence
-            evidence.record_request(version, True, seconds, rows)
-            evidence.record_prediction(request_id, version, "shadow", outputs)
-            return True
-
-        self.lane(model, version).mirror(feeds, rows, deadline, on_result, self._tasks)
+        sink = self._sink(model, version, dual_run=False)
+        self.lane(model, version).mirror(feeds, rows, deadline, request_id, primary, primary_s, sink, self._tasks)
 
     def _dual_run(
         self,
@@ -174,12 +221,9 @@ class ReleasePlane:
         canary_outputs: Sequence[np.ndarray],
         canary_s: float,
     ) -> None:
-        evidence = self.evidence[model]
-
-        def on_result(outputs: list[np.ndarray], seconds: float) -> bool:
-            return evidence.record_pair(canary, outputs, canary_outputs, canary_s - seconds)
-
-        self.lane(model, stable).mirror(feeds, rows, deadline, on_result, self._tasks)
+        # The canary's request runs again on the stable version: the reference is the canary's answer.
+        sink = self._sink(model, canary, dual_run=True)
+        self.lane(model, stable).mirror(feeds, rows, deadline, "", canary_outputs, canary_s, sink, self._tasks)
 
     # -- labels and reports -------------------------------------------------------------
 

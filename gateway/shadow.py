@@ -1,11 +1,18 @@
 """Shadow mirroring: copies of live requests run on other versions, compared, never returned.
 
-Fire-and-forget and bounded: a copy starts only after the primary has its
-answer, so shadow work never goes ahead of primary work; at most
-`max_pending` copies per shadow are outstanding, and past that copies are
-dropped and counted, never waited for. A shadow gets at most the primary's
+Fire-and-forget and bounded: a copy is queued only after the primary has its
+answer, and a lane runs its copies only while no primary request is in
+flight, so shadow work never goes ahead of primary work. At most
+`max_pending` copies per lane are queued or running; past that copies are
+dropped and counted, never waited for. A copy gets at most the primary's
 remaining deadline. A shadow that keeps failing is cut off by a circuit
 breaker and probed again after a backoff.
+
+Copies are gathered for a few milliseconds and run as one batch, then
+compared in one vectorised pass. Per copy, the loop then spends little more
+than a list append and a prediction-log entry: a copy run and compared on its
+own cost about 70 us of the loop's time, which at half load raised the
+primary's p99 by a fifth (the benchmark in the README measures it).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,32 +89,68 @@ class ShadowCounters:
     completed: int = 0
 
 
-OnResult = Callable[[list[np.ndarray], float], bool]
+class CopySink(Protocol):
+    def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        """Take a batch of copies' outputs (rows in copy order); False when they are unusable."""
+        ...
+
+
+@dataclass(slots=True, eq=False)
+class ShadowCopy:
+    """One mirrored request, and the primary's answer it is compared with."""
+
+    feeds: Tensors
+    rows: int
+    until: float  # monotonic; the primary's deadline, or the lane's default timeout
+    request_id: str
+    reference: Sequence[np.ndarray]
+    reference_s: float
+    sink: CopySink
+
+
+def _shape_key(feeds: Tensors) -> tuple[tuple[int, ...], ...]:
+    return tuple(a.shape[1:] for a in feeds.values())
+
+
+def concat_feeds(copies: Sequence[ShadowCopy]) -> Tensors:
+    if len(copies) == 1:
+        return copies[0].feeds
+    return {name: np.concatenate([c.feeds[name] for c in copies]) for name in copies[0].feeds}
 
 
 @dataclass
 class ShadowLane:
-    """One shadow version of one model."""
+    """One version's mirrored copies: gathered, then run in batches in the primary's idle time."""
 
     executor: Executor
-    max_pending: int = 64
+    max_rows: int = 1  # rows one run may carry (the version's max_batch_size; <= 1: a copy a run)
+    max_pending: int = 256
+    gather_s: float = 0.005
     default_timeout_s: float = 5.0
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     counters: ShadowCounters = field(default_factory=ShadowCounters)
-    pending: int = 0
-    # The primary path: a copy waits until no primary request is in flight, so
-    # shadow work runs in the primary's idle time, never ahead of it.
     primary: PrimaryActivity | None = None
+    _queued: list[ShadowCopy] = field(default_factory=list)
+    _running: int = 0
+    _flusher: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Copies queued or running."""
+        return len(self._queued) + self._running
 
     def mirror(
         self,
         feeds: Tensors,
         rows: int,
         deadline: float | None,
-        on_result: OnResult,
+        request_id: str,
+        reference: Sequence[np.ndarray],
+        reference_s: float,
+        sink: CopySink,
         tasks: set[asyncio.Task[None]],
     ) -> None:
-        """Start a copy, or drop it at once; never blocks the caller."""
+        """Queue a copy, or drop it at once; never blocks the caller."""
         if self.pending >= self.max_pending or not self.breaker.allow():
             self.counters.dropped += 1
             return
@@ -116,33 +159,82 @@ class ShadowLane:
         if until <= now:
             self.counters.dropped += 1
             return
-        self.pending += 1
+        self._queued.append(ShadowCopy(feeds, rows, until, request_id, reference, reference_s, sink))
         self.counters.mirrored += 1
-        task = asyncio.get_running_loop().create_task(self._run(feeds, rows, until, on_result))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        if self._flusher is None:
+            task = self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
-    async def _run(self, feeds: Tensors, rows: int, until: float, on_result: OnResult) -> None:
+    async def _flush(self) -> None:
+        """Run what is queued, a batch at a time, until nothing is; gather first."""
         try:
-            if self.primary is not None and not self.primary.is_idle():
-                await asyncio.wait_for(self.primary.wait_idle(), max(0.0, until - time.monotonic()))
-            start = time.monotonic()
-            outputs = await asyncio.wait_for(self.executor.submit(feeds, rows, until, None), max(0.0, until - start))
+            await asyncio.sleep(self.gather_s)
+            while self._queued:
+                if self.primary is not None and not self.primary.is_idle():
+                    earliest = min(c.until for c in self._queued)
+                    try:
+                        async with asyncio.timeout(max(0.0, earliest - time.monotonic())):
+                            await self.primary.wait_idle()
+                    except TimeoutError:
+                        pass  # the expired copies are counted below
+                self._expire(time.monotonic())
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+        finally:
+            self._flusher = None
+
+    def _expire(self, now: float) -> None:
+        """Copies whose time ran out while waiting: timed out, but no mark against the shadow."""
+        kept = [c for c in self._queued if c.until > now]
+        self.counters.timed_out += len(self._queued) - len(kept)
+        self._queued = kept
+
+    def _take(self) -> list[ShadowCopy]:
+        """The head copy and every later one that fits in one run with it, in order."""
+        queued = self._queued
+        if not queued:
+            return []
+        head = queued[0]
+        key = _shape_key(head.feeds)
+        limit = max(1, self.max_rows)
+        batch = [head]
+        rows = head.rows
+        kept: list[ShadowCopy] = []
+        for c in queued[1:]:
+            if rows + c.rows <= limit and c.sink is head.sink and _shape_key(c.feeds) == key:
+                batch.append(c)
+                rows += c.rows
+            else:
+                kept.append(c)
+        self._queued = kept
+        return batch
+
+    async def _run(self, batch: list[ShadowCopy]) -> None:
+        n = len(batch)
+        rows = sum(c.rows for c in batch)
+        until = min(c.until for c in batch)
+        self._running += n
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, until - start)):
+                outputs = await self.executor.submit(concat_feeds(batch), rows, until, None)
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
-            self.counters.timed_out += 1
+            self.counters.timed_out += n
             self.breaker.failure()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a shadow's failure is data, never the caller's problem
             log.debug("shadow run failed: %s", exc)
-            self.counters.failed += 1
+            self.counters.failed += n
             self.breaker.failure()
         else:
-            if on_result(outputs, time.monotonic() - start):
-                self.counters.completed += 1
+            if batch[0].sink(batch, outputs, time.monotonic() - start):
+                self.counters.completed += n
                 self.breaker.success()
             else:
-                self.counters.failed += 1
+                self.counters.failed += n
                 self.breaker.failure()
         finally:
-            self.pending -= 1
+            self._running -= n

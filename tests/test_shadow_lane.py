@@ -1,0 +1,262 @@
+"""ShadowLane in isolation: copies gathered into batches, compared exactly as one by one.
+
+The executor here is a stand-in with the Executor interface (a linear map in
+numpy), so a test can count runs, hold the primary busy or fail a run on
+purpose. The real runtime behind a shadow is exercised end to end in
+tests/test_shadow_faults.py and tests/test_release_evidence.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pytest
+
+from gateway.compare import PairWindow, compare_outputs
+from gateway.config import CompareSpec
+from gateway.evidence import ModelEvidence
+from gateway.release_plane import DualRunSink, ShadowSink
+from gateway.shadow import ShadowCopy, ShadowLane
+from gateway.types import Tensors
+
+WEIGHTS = np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32)
+
+
+def in_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """Run an async test on a fresh event loop (the suite has no async plugin)."""
+
+    @functools.wraps(test)
+    def run() -> None:
+        asyncio.run(test())
+
+    return run
+
+
+class LinearExecutor:
+    """x @ WEIGHTS per row; records the rows of every run; can be made to fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.runs: list[int] = []
+        self.fail = fail
+
+    async def submit(
+        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+    ) -> list[np.ndarray]:
+        self.runs.append(batch)
+        if self.fail:
+            raise RuntimeError("broken shadow")
+        return [feeds["x"] @ WEIGHTS]
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def busy(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        return None
+
+
+class Primary:
+    """A primary path whose idleness the test controls."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.event.set()
+
+    def is_idle(self) -> bool:
+        return self.event.is_set()
+
+    async def wait_idle(self) -> None:
+        await self.event.wait()
+
+
+def request(seed: int, rows: int = 1) -> Tensors:
+    return {"x": np.random.default_rng(seed).normal(size=(rows, 4)).astype(np.float32)}
+
+
+def primary_answer(feeds: Tensors, noise: float, flip: bool = False) -> list[np.ndarray]:
+    """The stable version's answer: the shadow's plus a little noise, so comparisons differ from
+    zero; `flip` rotates the classes, so top-1 disagrees."""
+    out = feeds["x"] @ WEIGHTS
+    noisy = (out + noise * np.abs(out)).astype(np.float32)
+    return [np.roll(noisy, 1, axis=1) if flip else noisy]
+
+
+class Collect:
+    """A sink that remembers each batch it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []  # (copies, rows)
+
+    def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        self.batches.append((len(copies), outputs[0].shape[0]))
+        return True
+
+
+async def settle(lane: ShadowLane, tasks: set[asyncio.Task[None]]) -> None:
+    while tasks:
+        await asyncio.gather(*list(tasks))
+
+
+def mirror(lane: ShadowLane, feeds: Tensors, sink: object, tasks: set[asyncio.Task[None]], rid: str = "") -> None:
+    lane.mirror(feeds, feeds["x"].shape[0], None, rid, primary_answer(feeds, 0.0), 0.001, sink, tasks)  # type: ignore[arg-type]
+
+
+@in_loop
+async def test_copies_gathered_in_the_window_run_as_one_batch_in_order() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.01)
+    for i in range(10):
+        mirror(lane, request(i, rows=1 + i % 3), sink, tasks)
+    assert lane.pending == 10 and executor.runs == []  # nothing runs before the window closes
+    await settle(lane, tasks)
+    assert executor.runs == [sum(1 + i % 3 for i in range(10))]
+    assert sink.batches == [(10, 19)]
+    assert lane.pending == 0 and lane.counters.completed == 10
+
+
+@in_loop
+async def test_a_batch_never_exceeds_max_rows_and_never_mixes_shapes() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=4, gather_s=0.005)
+    for i in range(6):
+        mirror(lane, request(i, rows=2), sink, tasks)
+    await settle(lane, tasks)
+    assert executor.runs == [4, 4, 4]
+    assert lane.counters.completed == 6
+
+    # A copy whose non-batch shape differs runs apart from the others.
+    class Shapes(LinearExecutor):
+        async def submit(
+            self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+        ) -> list[np.ndarray]:
+            self.runs.append(feeds["x"].shape[1])
+            return [np.zeros((batch, 3), np.float32)]
+
+    shapes = Shapes()
+    lane = ShadowLane(shapes, max_rows=64, gather_s=0.005)
+    wide = {"x": np.zeros((1, 8), np.float32)}
+    for feeds in (request(1), wide, request(2)):
+        lane.mirror(feeds, 1, None, "", [np.zeros((1, 3), np.float32)], 0.0, sink, tasks)
+    await settle(lane, tasks)
+    assert shapes.runs == [4, 8]
+
+
+@in_loop
+async def test_without_a_batch_dimension_each_copy_runs_alone() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=0, gather_s=0.005)
+    for i in range(3):
+        mirror(lane, request(i), sink, tasks)
+    await settle(lane, tasks)
+    assert executor.runs == [1, 1, 1]
+
+
+@in_loop
+async def test_copies_wait_for_the_primary_and_expire_there_without_blaming_the_shadow() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    primary = Primary()
+    primary.event.clear()  # the primary is busy throughout
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.001, default_timeout_s=0.05, primary=primary)
+    for i in range(3):
+        mirror(lane, request(i), sink, tasks)
+    await settle(lane, tasks)
+    assert executor.runs == []  # never ran ahead of the primary
+    assert lane.counters.timed_out == 3 and lane.pending == 0
+    assert not lane.breaker.failures  # waiting on the primary says nothing about the shadow
+
+    primary.event.set()
+    mirror(lane, request(9), sink, tasks)
+    await settle(lane, tasks)
+    assert executor.runs == [1] and lane.counters.completed == 1
+
+
+@in_loop
+async def test_the_bound_drops_copies_and_a_failing_batch_counts_every_copy() -> None:
+    executor, sink, tasks = LinearExecutor(fail=True), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, max_pending=4, gather_s=0.005)
+    for i in range(6):
+        mirror(lane, request(i), sink, tasks)
+    assert lane.counters.mirrored == 4 and lane.counters.dropped == 2
+    await settle(lane, tasks)
+    assert executor.runs == [4]
+    assert lane.counters.failed == 4 and lane.breaker.failures == 1  # one run, one strike
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_stacked_comparison_equals_comparing_each_request(kind: Literal["classification", "regression"]) -> None:
+    spec = CompareSpec(kind=kind, atol=1e-3, rtol=1e-2)
+    rng = np.random.default_rng(3)
+    one_by_one, stacked = PairWindow(), PairWindow()
+    bases, cands, diffs = [], [], []
+    for i in range(20):
+        base = rng.normal(size=(1 + i % 4, 5))
+        cand = base + rng.normal(scale=0.02, size=base.shape) * (i % 2)
+        compare_outputs(one_by_one, base, cand, spec, 0.001 * i)
+        bases.append(base)
+        cands.append(cand)
+        diffs.append(0.001 * i)
+    compare_outputs(stacked, np.concatenate(bases), np.concatenate(cands), spec, sum(diffs), requests=20)
+    assert (stacked.requests, stacked.rows, stacked.agree, stacked.within_tolerance, stacked.elements) == (
+        one_by_one.requests,
+        one_by_one.rows,
+        one_by_one.agree,
+        one_by_one.within_tolerance,
+        one_by_one.elements,
+    )
+    assert stacked.within_tolerance not in (0, stacked.rows)  # the data exercises both outcomes
+    assert stacked.max_abs == one_by_one.max_abs
+    for name in ("sum_abs", "sq_diff", "sq_base", "latency_diff_s"):
+        assert getattr(stacked, name) == pytest.approx(getattr(one_by_one, name), rel=1e-12)
+
+
+@in_loop
+async def test_shadow_sink_logs_each_request_and_compares_like_one_by_one() -> None:
+    batched, single = ModelEvidence("m", CompareSpec(), 0), ModelEvidence("m", CompareSpec(), 0)
+    tasks = set[asyncio.Task[None]]()
+    lane = ShadowLane(LinearExecutor(), max_rows=64, gather_s=0.005)
+    requests = [request(i, rows=1 + i % 2) for i in range(8)]
+    for i, feeds in enumerate(requests):
+        reference = primary_answer(feeds, 0.05 * (i % 3), flip=i % 4 == 1)
+        lane.mirror(feeds, feeds["x"].shape[0], None, f"r{i}", reference, 0.002, ShadowSink(batched, "3"), tasks)
+        # The same request compared on its own, as the lane did before it batched.
+        shadow = feeds["x"] @ WEIGHTS
+        assert single.record_pair("3", reference[0], shadow, 0.0)
+        single.record_prediction(f"r{i}", "3", "shadow", [shadow])
+    await settle(lane, tasks)
+    got, want = batched.pairs["3"], single.pairs["3"]
+    assert (got.requests, got.rows, got.agree, got.within_tolerance) == (
+        want.requests,
+        want.rows,
+        want.agree,
+        want.within_tolerance,
+    )
+    assert got.agree < got.rows  # the noise flips some top-1s: agreement is really measured
+    assert batched.window("3").requests == 8 and batched.window("3").rows == 12
+    for i, feeds in enumerate(requests):
+        label = float(np.argmax(feeds["x"] @ WEIGHTS, axis=1)[0])
+        labels = [label] * feeds["x"].shape[0]
+        assert batched.feedback(f"r{i}", labels) == single.feedback(f"r{i}", labels) is True
+    assert batched.window("3").labelled == single.window("3").labelled == 12
+    assert batched.window("3").correct == single.window("3").correct
+
+
+@in_loop
+async def test_dual_run_sink_compares_the_canary_against_the_stable_rerun() -> None:
+    evidence = ModelEvidence("m", CompareSpec(), 0)
+    tasks = set[asyncio.Task[None]]()
+    lane = ShadowLane(LinearExecutor(), max_rows=64, gather_s=0.005)  # the stable version's lane
+    for i in range(5):
+        feeds = request(i)
+        canary = primary_answer(feeds, 0.5)  # the canary's answer, already returned to the client
+        lane.mirror(feeds, 1, None, "", canary, 0.003, DualRunSink(evidence, "2"), tasks)
+    await settle(lane, tasks)
+    pair = evidence.pairs["2"]
+    assert pair.requests == 5 and pair.rows == 5 and pair.max_abs > 0
+    assert not evidence.windows  # a re-run is evidence about the pair only
+    assert len(evidence.log) == 0
