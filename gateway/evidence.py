@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,22 +30,21 @@ from gateway.compare import (
 from gateway.config import CompareSpec
 from gateway.errors import InvalidInput
 
-
-@dataclass(slots=True)
-class Prediction:
-    version: str
-    role: str
-    values: np.ndarray  # per row: top-1 class (classification) or first output value (regression)
-
-
-@dataclass(slots=True)
-class _Logged:
-    at: float
-    predictions: list[Prediction]
+# (version, role, values): values per row are the top-1 class (classification)
+# or the first output value (regression).
+Prediction = tuple[str, str, np.ndarray]
+# (when the first prediction was logged, monotonic; every prediction for the id)
+_Logged = tuple[float, tuple[Prediction, ...]]
 
 
 class PredictionLog:
-    """Recent predictions by request id, capped in size and age, so labels can be joined later."""
+    """Recent predictions by request id, capped in size and age, so labels can be joined later.
+
+    Entries are plain tuples of strings, floats and arrays on purpose: the
+    collector stops tracking such tuples after one pass, so a full log (100k
+    entries by default) adds almost nothing to each full garbage collection,
+    where dataclass entries made every one of them traverse ~3 objects a request.
+    """
 
     def __init__(
         self, max_entries: int = 100_000, max_age_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
@@ -60,26 +59,32 @@ class PredictionLog:
         return len(self._entries)
 
     def record(self, request_id: str, prediction: Prediction) -> None:
+        self.record_many(((request_id, prediction),))
+
+    def record_many(self, predictions: Iterable[tuple[str, Prediction]]) -> None:
+        """Log predictions by request id (a shadow batch's at once: one clock read, one eviction pass)."""
         now = self._clock()
-        entry = self._entries.get(request_id)
-        if entry is None:
-            self._entries[request_id] = _Logged(now, [prediction])
-        else:
-            entry.predictions.append(prediction)
+        entries = self._entries
+        for request_id, prediction in predictions:
+            entry = entries.get(request_id)
+            if entry is None:
+                entries[request_id] = (now, (prediction,))
+            else:
+                entries[request_id] = (entry[0], (*entry[1], prediction))
         self._evict(now)
 
     def _evict(self, now: float) -> None:
         entries = self._entries
-        while entries and (len(entries) > self.max_entries or now - next(iter(entries.values())).at > self.max_age_s):
+        while entries and (len(entries) > self.max_entries or now - next(iter(entries.values()))[0] > self.max_age_s):
             entries.popitem(last=False)
             self.evicted += 1
 
-    def take(self, request_id: str) -> tuple[list[Prediction], float] | None:
+    def take(self, request_id: str) -> tuple[tuple[Prediction, ...], float] | None:
         """Remove and return the predictions made for a request id, and when the first was
         logged (monotonic); None when the id is unknown or expired."""
         self._evict(self._clock())
         entry = self._entries.pop(request_id, None)
-        return None if entry is None else (entry.predictions, entry.at)
+        return None if entry is None else (entry[1], entry[0])
 
 
 def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
@@ -197,18 +202,20 @@ class ModelEvidence:
     def record_prediction(self, request_id: str, version: str, role: str, outputs: Sequence[np.ndarray]) -> None:
         if request_id:
             values = prediction_values(outputs[self.output_index], self.spec.kind)
-            self.log.record(request_id, Prediction(version, role, values))
+            self.log.record(request_id, (version, role, values))
 
     def record_predictions(
         self, version: str, role: str, requests: Sequence[tuple[str, int]], output: np.ndarray
     ) -> None:
         """Log the predictions of several requests (id, rows) whose rows are stacked in `output`."""
         values = prediction_values(output, self.spec.kind)
+        logged: list[tuple[str, Prediction]] = []
         offset = 0
         for request_id, rows in requests:
             if request_id:
-                self.log.record(request_id, Prediction(version, role, values[offset : offset + rows]))
+                logged.append((request_id, (version, role, values[offset : offset + rows])))
             offset += rows
+        self.log.record_many(logged)
 
     def record_pair(
         self, candidate: str, base: np.ndarray, cand: np.ndarray, latency_diff_s: float, requests: int = 1
@@ -237,14 +244,14 @@ class ModelEvidence:
             return False
         predictions, predicted_at = taken
         truth = np.asarray(labels, dtype=np.float64)
-        for p in predictions:
-            if p.values.shape[0] != truth.shape[0]:
+        for version, _role, values in predictions:
+            if values.shape[0] != truth.shape[0]:
                 raise InvalidInput(
-                    f"feedback for {request_id!r}: {truth.shape[0]} labels for a request of {p.values.shape[0]} rows"
+                    f"feedback for {request_id!r}: {truth.shape[0]} labels for a request of {values.shape[0]} rows"
                 )
-            correct = int(np.count_nonzero(p.values == truth)) if self.spec.kind == "classification" else 0
-            abs_error = float(np.abs(p.values - truth).sum()) if self.spec.kind != "classification" else 0.0
-            for w in self._targets(p.version, predicted_at):
+            correct = int(np.count_nonzero(values == truth)) if self.spec.kind == "classification" else 0
+            abs_error = float(np.abs(values - truth).sum()) if self.spec.kind != "classification" else 0.0
+            for w in self._targets(version, predicted_at):
                 w.labelled += truth.shape[0]
                 w.correct += correct
                 w.abs_error += abs_error

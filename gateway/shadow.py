@@ -1,18 +1,18 @@
 """Shadow mirroring: copies of live requests run on other versions, compared, never returned.
 
 Fire-and-forget and bounded: a copy is queued only after the primary has its
-answer, and a lane runs its copies only while no primary request is in
-flight, so shadow work never goes ahead of primary work. At most
-`max_pending` copies per lane are queued or running; past that copies are
+answer, and a lane runs and compares its copies only while no primary request
+is in flight, so shadow work never goes ahead of primary work. Past
+`max_pending` copies (or `max_pending_bytes`) queued or running, copies are
 dropped and counted, never waited for. A copy gets at most the primary's
 remaining deadline. A shadow that keeps failing is cut off by a circuit
 breaker and probed again after a backoff.
 
-Copies are gathered for a few milliseconds and run as one batch, then
-compared in one vectorised pass. Per copy, the loop then spends little more
-than a list append and a prediction-log entry: a copy run and compared on its
-own cost about 70 us of the loop's time, which at half load raised the
-primary's p99 by a fifth (the benchmark in the README measures it).
+Copies gather for `gather_s` (20 ms) and run in batches of up to
+`batch_rows`, each compared in one vectorised pass. A copy run and compared
+on its own cost the loop ~70 us, which at half load raised the primary's
+p99 by a fifth; batched, a copy costs a few microseconds plus its share of a
+round (the README's shadow benchmark measures the primary's latency).
 """
 
 from __future__ import annotations
@@ -106,6 +106,12 @@ class ShadowCopy:
     reference: Sequence[np.ndarray]
     reference_s: float
     sink: CopySink
+    nbytes: int  # the feeds' and the reference's, held until the copy is done
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _shape_key(feeds: Tensors) -> tuple[tuple[int, ...], ...]:
@@ -124,20 +130,31 @@ class ShadowLane:
 
     executor: Executor
     max_rows: int = 1  # rows one run may carry (the version's max_batch_size; <= 1: a copy a run)
-    max_pending: int = 256
-    gather_s: float = 0.005
+    # Rows per shadow run, and the queue size that ends a gather early: larger
+    # batches save little more, while each is one stretch the loop is busy for.
+    batch_rows: int = 64
+    # Bounds on what is queued or running; past either, copies are dropped.
+    max_pending: int = 1024
+    max_pending_bytes: int = 64 << 20
+    # How long copies gather before a round runs: long enough that a round's
+    # fixed cost (a run, a comparison, ~100 us) is shared by many copies.
+    gather_s: float = 0.02
     default_timeout_s: float = 5.0
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     counters: ShadowCounters = field(default_factory=ShadowCounters)
     primary: PrimaryActivity | None = None
-    _queued: list[ShadowCopy] = field(default_factory=list)
+    _queued: list[ShadowCopy] = field(default_factory=list)  # for the next round
+    _round: list[ShadowCopy] = field(default_factory=list)  # this round's, not yet running
     _running: int = 0
+    _queued_rows: int = 0
+    _pending_bytes: int = 0
     _flusher: asyncio.Task[None] | None = None
+    _full: asyncio.Future[None] | None = None  # set when a gather may end early
 
     @property
     def pending(self) -> int:
         """Copies queued or running."""
-        return len(self._queued) + self._running
+        return len(self._queued) + len(self._round) + self._running
 
     def mirror(
         self,
@@ -151,7 +168,12 @@ class ShadowLane:
         tasks: set[asyncio.Task[None]],
     ) -> None:
         """Queue a copy, or drop it at once; never blocks the caller."""
-        if self.pending >= self.max_pending or not self.breaker.allow():
+        nbytes = sum(a.nbytes for a in feeds.values()) + sum(a.nbytes for a in reference)
+        if (
+            self.pending >= self.max_pending
+            or self._pending_bytes + nbytes > self.max_pending_bytes
+            or not self.breaker.allow()
+        ):
             self.counters.dropped += 1
             return
         now = time.monotonic()
@@ -159,46 +181,79 @@ class ShadowLane:
         if until <= now:
             self.counters.dropped += 1
             return
-        self._queued.append(ShadowCopy(feeds, rows, until, request_id, reference, reference_s, sink))
+        self._queued.append(ShadowCopy(feeds, rows, until, request_id, reference, reference_s, sink, nbytes))
+        self._queued_rows += rows
+        self._pending_bytes += nbytes
         self.counters.mirrored += 1
+        if self._full is not None and self._queued_rows >= self._run_rows() and not self._full.done():
+            self._full.set_result(None)  # a full batch is waiting: gathering longer gains nothing
         if self._flusher is None:
             task = self._flusher = asyncio.get_running_loop().create_task(self._flush())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
     async def _flush(self) -> None:
-        """Run what is queued, a batch at a time, until nothing is; gather first."""
+        """Rounds until nothing is queued: gather for `gather_s`, then run what came, a batch at a time.
+
+        Copies that arrive during a round wait for the next one, so every
+        round gathers afresh rather than running the stragglers one by one.
+        """
         try:
-            await asyncio.sleep(self.gather_s)
             while self._queued:
-                if self.primary is not None and not self.primary.is_idle():
-                    earliest = min(c.until for c in self._queued)
-                    try:
-                        async with asyncio.timeout(max(0.0, earliest - time.monotonic())):
-                            await self.primary.wait_idle()
-                    except TimeoutError:
-                        pass  # the expired copies are counted below
-                self._expire(time.monotonic())
-                batch = self._take()
-                if batch:
-                    await self._run(batch)
+                await self._gather()
+                self._round, self._queued = self._queued, []
+                self._queued_rows = 0
+                while self._round:
+                    await self._primary_idle(min(c.until for c in self._round))
+                    self._expire(time.monotonic())
+                    batch = self._take()
+                    if batch:
+                        await self._run(batch)
         finally:
             self._flusher = None
 
+    def _run_rows(self) -> int:
+        return max(1, min(self.max_rows, self.batch_rows))
+
+    async def _gather(self) -> None:
+        """Wait `gather_s`, or less once a full batch is queued."""
+        if self._queued_rows >= self._run_rows():
+            return
+        loop = asyncio.get_running_loop()
+        full = self._full = loop.create_future()
+        timer = loop.call_later(self.gather_s, _resolve, full)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full = None
+
+    async def _primary_idle(self, until: float) -> None:
+        """Wait until no primary request is in flight, or until `until` (monotonic) passes."""
+        if self.primary is None or self.primary.is_idle():
+            return
+        try:
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                await self.primary.wait_idle()
+        except TimeoutError:
+            pass  # the caller decides what a late copy means
+
     def _expire(self, now: float) -> None:
         """Copies whose time ran out while waiting: timed out, but no mark against the shadow."""
-        kept = [c for c in self._queued if c.until > now]
-        self.counters.timed_out += len(self._queued) - len(kept)
-        self._queued = kept
+        kept = [c for c in self._round if c.until > now]
+        if len(kept) < len(self._round):
+            self.counters.timed_out += len(self._round) - len(kept)
+            self._pending_bytes -= sum(c.nbytes for c in self._round if c.until <= now)
+            self._round = kept
 
     def _take(self) -> list[ShadowCopy]:
         """The head copy and every later one that fits in one run with it, in order."""
-        queued = self._queued
+        queued = self._round
         if not queued:
             return []
         head = queued[0]
         key = _shape_key(head.feeds)
-        limit = max(1, self.max_rows)
+        limit = self._run_rows()
         batch = [head]
         rows = head.rows
         kept: list[ShadowCopy] = []
@@ -208,7 +263,7 @@ class ShadowLane:
                 rows += c.rows
             else:
                 kept.append(c)
-        self._queued = kept
+        self._round = kept
         return batch
 
     async def _run(self, batch: list[ShadowCopy]) -> None:
@@ -230,7 +285,10 @@ class ShadowLane:
             self.counters.failed += n
             self.breaker.failure()
         else:
-            if batch[0].sink(batch, outputs, time.monotonic() - start):
+            seconds = time.monotonic() - start
+            # Comparing is shadow work too: it waits for primary requests that came in meanwhile.
+            await self._primary_idle(until)
+            if batch[0].sink(batch, outputs, seconds):
                 self.counters.completed += n
                 self.breaker.success()
             else:
@@ -238,3 +296,4 @@ class ShadowLane:
                 self.breaker.failure()
         finally:
             self._running -= n
+            self._pending_bytes -= sum(c.nbytes for c in batch)

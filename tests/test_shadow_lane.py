@@ -260,3 +260,31 @@ async def test_dual_run_sink_compares_the_canary_against_the_stable_rerun() -> N
     assert pair.requests == 5 and pair.rows == 5 and pair.max_abs > 0
     assert not evidence.windows  # a re-run is evidence about the pair only
     assert len(evidence.log) == 0
+
+
+@in_loop
+async def test_a_full_batch_ends_the_gather_early() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, batch_rows=4, gather_s=30.0)
+    for i in range(3):
+        mirror(lane, request(i), sink, tasks)
+    await asyncio.sleep(0.05)
+    assert executor.runs == []  # three rows: still gathering
+    mirror(lane, request(3), sink, tasks)
+    await asyncio.wait_for(settle(lane, tasks), 5.0)  # would take 30 s without the early end
+    assert executor.runs == [4]
+
+
+@in_loop
+async def test_the_byte_bound_drops_copies_before_the_count_bound() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    feeds = request(0)
+    per_copy = feeds["x"].nbytes + primary_answer(feeds, 0.0)[0].nbytes
+    lane = ShadowLane(executor, max_rows=64, max_pending_bytes=3 * per_copy, gather_s=0.005)
+    for _ in range(5):
+        mirror(lane, feeds, sink, tasks)
+    assert (lane.counters.mirrored, lane.counters.dropped) == (3, 2)
+    await settle(lane, tasks)
+    mirror(lane, feeds, sink, tasks)  # the bytes are given back once copies finish
+    assert lane.counters.mirrored == 4
+    await settle(lane, tasks)
