@@ -288,3 +288,19 @@ async def test_the_byte_bound_drops_copies_before_the_count_bound() -> None:
     mirror(lane, feeds, sink, tasks)  # the bytes are given back once copies finish
     assert lane.counters.mirrored == 4
     await settle(lane, tasks)
+
+
+@in_loop
+async def test_outputs_the_sink_cannot_use_count_as_failures_and_the_lane_goes_on() -> None:
+    executor, tasks = LinearExecutor(), set[asyncio.Task[None]]()
+
+    def broken(copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        raise IndexError("no such output")
+
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.001)
+    mirror(lane, request(0), broken, tasks)
+    await settle(lane, tasks)
+    assert lane.counters.failed == 1 and lane.pending == 0
+    mirror(lane, request(1), Collect(), tasks)
+    await settle(lane, tasks)
+    assert lane.counters.completed == 1
