@@ -41,9 +41,20 @@ class ReleaseOps:
         for model in self.plane.table.models():
             current = stored.get(model)
             if current is not None:
+                spec = self.plane.table.get(model)
                 try:
                     self._install(current)
                     log.info("%s: restored release revision %d (%s)", model, current.revision, current.rollout.phase)
+                    if _differs(spec, current.state):
+                        log.warning(
+                            "%s: model.toml's [release] (%s) differs from the stored release (%s, revision %d); "
+                            "serving the stored one: change it with `gateway traffic`/`gateway shadow`, "
+                            "or start with a fresh --state-dir to take model.toml's",
+                            model,
+                            _describe(spec),
+                            _describe(current.state),
+                            current.revision,
+                        )
                     continue
                 except GatewayError as exc:
                     log.warning("%s: stored release no longer fits the loaded versions (%s): reset", model, exc)
@@ -275,3 +286,21 @@ class ReleaseOps:
         # Outside a rollout, a rollback of a hand-set canary is a traffic change.
         event: Event = "rollback" if active else "set_weight"
         return await self.change(model, actor, "rollback", reason, event, changes, None, checks)
+
+
+def _differs(a: ReleaseState, b: ReleaseState) -> bool:
+    """Whether two releases route and mirror differently (revisions aside)."""
+    return (a.stable, a.canary, a.canary_weight_bp, dict(a.shadows)) != (
+        b.stable,
+        b.canary,
+        b.canary_weight_bp,
+        dict(b.shadows),
+    )
+
+
+def _describe(state: ReleaseState) -> str:
+    parts = [f"stable {state.stable}"]
+    if state.canary:
+        parts.append(f"canary {state.canary} at {state.canary_weight_bp / 100:g}%")
+    parts += [f"shadow {v} at {f * 100:g}%" for v, f in sorted(state.shadows.items())]
+    return ", ".join(parts)
