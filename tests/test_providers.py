@@ -1,4 +1,5 @@
-"""Provider selection without a GPU: what each mode does, and the CUDA options it would pass."""
+"""Provider selection: what each mode does on this host (with or without a GPU), and the CUDA
+options it would pass."""
 
 from __future__ import annotations
 
@@ -18,17 +19,23 @@ def test_cpu_mode_never_tries_cuda() -> None:
     assert chooser.cuda_reason == "provider mode is cpu"
 
 
-def test_auto_mode_falls_back_to_cpu_and_says_why(tmp_path: Path) -> None:
+def test_auto_mode_takes_cuda_where_usable_else_falls_back_to_cpu_and_says_why(tmp_path: Path) -> None:
     check = cuda_prerequisites()
-    assert not check.usable, "this test runs where there is no GPU (CI)"
     chooser = ProviderChooser("auto")
     write_identity_model(tmp_path / "m.onnx", "FP32")
     model = OnnxModel(tmp_path / "m.onnx", chooser)
-    assert model.provider == CPU and not model.on_cuda
-    assert chooser.cuda_reason == check.reason and check.reason
+    if check.usable:  # a GPU host
+        assert model.provider == CUDA and model.on_cuda and not chooser.cuda_reason
+    else:  # CI, and any host without a usable GPU
+        assert model.provider == CPU and not model.on_cuda
+        assert chooser.cuda_reason == check.reason and check.reason
 
 
-def test_cuda_mode_refuses_with_the_reason() -> None:
+def test_cuda_mode_refuses_with_the_reason_where_cuda_is_not_usable() -> None:
+    check = cuda_prerequisites()
+    if check.usable:
+        assert ProviderChooser("cuda").candidates() == [CUDA, CPU]
+        return
     with pytest.raises(ConfigError, match="provider cuda: CUDA is not usable: "):
         ProviderChooser("cuda").candidates()
 
