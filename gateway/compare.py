@@ -73,12 +73,14 @@ class VersionWindow:
     correct: int = 0  # classification: rows whose top-1 equals the label
     abs_error: float = 0.0  # regression: sum of |prediction - label|
 
-    def record(self, ok: bool, seconds: float, rows: int, requests: int = 1) -> None:
-        """`requests` requests of `rows` rows in all, each of which took `seconds`."""
+    def record(self, ok: bool, seconds: float, rows: int, requests: int = 1, latency: bool = True) -> None:
+        """`requests` requests of `rows` rows in all, each of which took `seconds`
+        (left out of the latency histogram when `latency` is False)."""
         self.requests += requests
         if ok:
             self.rows += rows
-            self.latency.add(seconds, requests)
+            if latency:
+                self.latency.add(seconds, requests)
         else:
             self.errors += requests
 

@@ -191,9 +191,16 @@ class ModelEvidence:
             w = self.windows[version] = VersionWindow()
         return w
 
-    def record_request(self, version: str, ok: bool, seconds: float, rows: int, requests: int = 1) -> None:
-        for w in self._targets(version):
-            w.record(ok, seconds, rows, requests)
+    def record_request(
+        self, version: str, ok: bool, seconds: float, rows: int, requests: int = 1, served: bool = True
+    ) -> None:
+        """Count requests in the version's windows. A shadow's (`served` False) latency is
+        its batch's run time, not what a client would wait: it goes in the version's window
+        for the report, never in the rollout's, whose latency check compares served traffic."""
+        targets = self._targets(version)
+        targets[0].record(ok, seconds, rows, requests)
+        for w in targets[1:]:
+            w.record(ok, seconds, rows, requests, latency=served)
 
     def compared(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
         """The output that is compared and labelled."""
@@ -209,6 +216,12 @@ class ModelEvidence:
     ) -> None:
         """Log the predictions of several requests (id, rows) whose rows are stacked in `output`."""
         values = prediction_values(output, self.spec.kind)
+        if len(requests) == 1:
+            # One request: its values whole, as record_prediction logs them (a model
+            # without a batch dimension has no rows to slice by).
+            if requests[0][0]:
+                self.log.record(requests[0][0], (version, role, values))
+            return
         logged: list[tuple[str, Prediction]] = []
         offset = 0
         for request_id, rows in requests:

@@ -67,9 +67,9 @@ class ShadowSink:
         shadow = evidence.compared(outputs)
         latency_diff = n * seconds - sum(c.reference_s for c in copies)
         if not evidence.record_pair(self.version, _stacked(copies, evidence), shadow, latency_diff, n):
-            evidence.record_request(self.version, False, seconds, rows, n)
+            evidence.record_request(self.version, False, seconds, rows, n, served=False)
             return False  # wrong shape: a failure, not evidence
-        evidence.record_request(self.version, True, seconds, rows, n)
+        evidence.record_request(self.version, True, seconds, rows, n, served=False)
         evidence.record_predictions(self.version, "shadow", [(c.request_id, c.rows) for c in copies], shadow)
         return True
 

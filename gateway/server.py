@@ -218,6 +218,10 @@ class Gateway:
         if s.control_port >= 0:
             await self._start_control(releases)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        # Everything loaded so far (modules, sessions, descriptors) lives as long as
+        # the process: keep it out of full collections, which would otherwise walk
+        # ~100k startup objects every time and stall the loop for milliseconds.
+        gc.freeze()
         return self.port
 
     async def _start_control(self, releases: ReleasePlane) -> None:
@@ -339,10 +343,6 @@ async def run(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     gateway.install_signal_handlers()
     port = await gateway.start()
-    # Everything loaded so far (modules, sessions, descriptors) lives as long as
-    # the process: keep it out of full collections, which would otherwise walk
-    # ~100k startup objects every time and stall the loop for milliseconds.
-    gc.freeze()
     extras = ""
     if gateway.metrics_port >= 0:
         extras += f", metrics on {format_address(settings.host, gateway.metrics_port)}"

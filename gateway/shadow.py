@@ -114,8 +114,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _shape_key(feeds: Tensors) -> tuple[tuple[int, ...], ...]:
-    return tuple(a.shape[1:] for a in feeds.values())
+def _shape_key(feeds: Tensors) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, a.shape[1:]) for name, a in feeds.items())
 
 
 def concat_feeds(copies: Sequence[ShadowCopy]) -> Tensors:
@@ -126,7 +126,10 @@ def concat_feeds(copies: Sequence[ShadowCopy]) -> Tensors:
 
 @dataclass
 class ShadowLane:
-    """One version's mirrored copies: gathered, then run in batches in the primary's idle time."""
+    """One version's mirrored copies: gathered, then run in batches in the primary's idle time.
+
+    The circuit breaker counts runs, not copies: a failing batch is one strike.
+    """
 
     executor: Executor
     max_rows: int = 1  # rows one run may carry (the version's max_batch_size; <= 1: a copy a run)
@@ -139,6 +142,9 @@ class ShadowLane:
     # How long copies gather before a round runs: long enough that a round's
     # fixed cost (a run, a comparison, ~100 us) is shared by many copies.
     gather_s: float = 0.02
+    # A gather ends this long before the earliest queued copy's deadline, so
+    # a copy with a short deadline still gets its run.
+    deadline_margin_s: float = 0.005
     default_timeout_s: float = 5.0
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     counters: ShadowCounters = field(default_factory=ShadowCounters)
@@ -149,7 +155,8 @@ class ShadowLane:
     _queued_rows: int = 0
     _pending_bytes: int = 0
     _flusher: asyncio.Task[None] | None = None
-    _full: asyncio.Future[None] | None = None  # set when a gather may end early
+    _full: asyncio.Future[None] | None = None  # set while gathering: resolving it ends the gather
+    _gather_ends: float = 0.0  # monotonic
 
     @property
     def pending(self) -> int:
@@ -168,35 +175,41 @@ class ShadowLane:
         tasks: set[asyncio.Task[None]],
     ) -> None:
         """Queue a copy, or drop it at once; never blocks the caller."""
-        nbytes = sum(a.nbytes for a in feeds.values()) + sum(a.nbytes for a in reference)
-        if (
-            self.pending >= self.max_pending
-            or self._pending_bytes + nbytes > self.max_pending_bytes
-            or not self.breaker.allow()
-        ):
-            self.counters.dropped += 1
-            return
         now = time.monotonic()
         until = now + self.default_timeout_s if deadline is None else min(deadline, now + self.default_timeout_s)
-        if until <= now:
+        nbytes = sum(a.nbytes for a in feeds.values()) + sum(a.nbytes for a in reference)
+        if (
+            until <= now
+            or self.pending >= self.max_pending
+            or self._pending_bytes + nbytes > self.max_pending_bytes
+            or not self.breaker.allow()  # last: a True here may have taken the one probe
+        ):
             self.counters.dropped += 1
             return
         self._queued.append(ShadowCopy(feeds, rows, until, request_id, reference, reference_s, sink, nbytes))
         self._queued_rows += rows
         self._pending_bytes += nbytes
         self.counters.mirrored += 1
-        if self._full is not None and self._queued_rows >= self._run_rows() and not self._full.done():
-            self._full.set_result(None)  # a full batch is waiting: gathering longer gains nothing
+        full = self._full
+        # A full batch, or a copy that cannot wait out the gather, ends the gather now.
+        if (
+            full is not None
+            and not full.done()
+            and (self._queued_rows >= self._run_rows() or until - self.deadline_margin_s < self._gather_ends)
+        ):
+            full.set_result(None)
         if self._flusher is None:
             task = self._flusher = asyncio.get_running_loop().create_task(self._flush())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
     async def _flush(self) -> None:
-        """Rounds until nothing is queued: gather for `gather_s`, then run what came, a batch at a time.
+        """Rounds until nothing is queued: gather, then run what came, a batch at a time.
 
         Copies that arrive during a round wait for the next one, so every
         round gathers afresh rather than running the stragglers one by one.
+        A batch runs only while no primary request is in flight; copies
+        whose deadline passes first time out (no mark against the shadow).
         """
         try:
             while self._queued:
@@ -206,35 +219,46 @@ class ShadowLane:
                 while self._round:
                     await self._primary_idle(min(c.until for c in self._round))
                     self._expire(time.monotonic())
-                    batch = self._take()
-                    if batch:
-                        await self._run(batch)
+                    if self._round and self._primary_is_idle():
+                        await self._run(self._take())
         finally:
+            # Cancelled mid-round (shutdown): what this round did not run is still queued.
+            self._queued[:0] = self._round
+            self._queued_rows = sum(c.rows for c in self._queued)
+            self._round = []
             self._flusher = None
 
     def _run_rows(self) -> int:
         return max(1, min(self.max_rows, self.batch_rows))
 
     async def _gather(self) -> None:
-        """Wait `gather_s`, or less once a full batch is queued."""
+        """Wait `gather_s`; less once a full batch is queued or a copy's deadline is near."""
         if self._queued_rows >= self._run_rows():
+            return
+        now = time.monotonic()
+        ends = min(now + self.gather_s, min(c.until for c in self._queued) - self.deadline_margin_s)
+        if ends <= now:
             return
         loop = asyncio.get_running_loop()
         full = self._full = loop.create_future()
-        timer = loop.call_later(self.gather_s, _resolve, full)
+        self._gather_ends = ends
+        timer = loop.call_later(ends - now, _resolve, full)
         try:
             await full
         finally:
             timer.cancel()
             self._full = None
 
+    def _primary_is_idle(self) -> bool:
+        return self.primary is None or self.primary.is_idle()
+
     async def _primary_idle(self, until: float) -> None:
         """Wait until no primary request is in flight, or until `until` (monotonic) passes."""
-        if self.primary is None or self.primary.is_idle():
+        if self._primary_is_idle():
             return
         try:
             async with asyncio.timeout(max(0.0, until - time.monotonic())):
-                await self.primary.wait_idle()
+                await self.primary.wait_idle()  # type: ignore[union-attr]
         except TimeoutError:
             pass  # the caller decides what a late copy means
 
@@ -245,12 +269,12 @@ class ShadowLane:
             self.counters.timed_out += len(self._round) - len(kept)
             self._pending_bytes -= sum(c.nbytes for c in self._round if c.until <= now)
             self._round = kept
+            # If one of them was the half-open circuit's probe, the next copy may probe instead.
+            self.breaker.probing = False
 
     def _take(self) -> list[ShadowCopy]:
         """The head copy and every later one that fits in one run with it, in order."""
         queued = self._round
-        if not queued:
-            return []
         head = queued[0]
         key = _shape_key(head.feeds)
         limit = self._run_rows()
@@ -288,6 +312,10 @@ class ShadowLane:
             seconds = time.monotonic() - start
             # Comparing is shadow work too: it waits for primary requests that came in meanwhile.
             await self._primary_idle(until)
+            if not self._primary_is_idle():
+                self.counters.timed_out += n  # the primary stayed busy to the deadline: not the shadow's fault
+                self.breaker.probing = False
+                return
             try:
                 usable = batch[0].sink(batch, outputs, seconds)
             except Exception as exc:  # outputs no comparison can use: the shadow's failure, not ours

@@ -102,7 +102,10 @@ def build_inputs(
     missing = [n for n in expected if n not in seen]
     if missing:
         raise InvalidInput(f"missing input {missing[0]!r}: model {model!r} needs {', '.join(map(repr, expected))}")
-    return {w.name: _to_array(w) for w in wire}, batch or 1
+    # In the signature's order, whatever the wire's: the batcher and the shadow
+    # lanes key batches on the feeds' shapes in order, so the order must not vary.
+    arrays = {w.name: _to_array(w) for w in wire}
+    return {s.name: arrays[s.name] for s in signature}, batch or 1
 
 
 # Narrow integer types travel widened (int_contents is int32, uint_contents

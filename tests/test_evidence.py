@@ -52,3 +52,24 @@ def test_snapshots_of_several_workers_add_up() -> None:
     assert candidate.requests == 8
     b.begin_rollout("1", "2", "another rollout")
     assert a.merged_with([b.snapshot()]).rollout_windows()[1].requests == 3
+
+
+def test_a_shadows_batch_latency_stays_out_of_the_rollouts_latency_check() -> None:
+    evidence = ModelEvidence("m", CompareSpec(), 0)
+    evidence.begin_rollout("1", "2", "k")
+    evidence.record_request("2", True, 0.004, 31, requests=31, served=False)  # a shadow batch
+    evidence.record_request("2", True, 0.001, 1)  # a canary request
+    _, candidate, _ = evidence.rollout_windows()
+    assert candidate.requests == 32 and candidate.rows == 32
+    assert candidate.latency.total == 1  # only the served request's latency
+    assert evidence.window("2").latency.total == 32  # the report still shows the shadow's
+
+
+def test_a_single_requests_predictions_are_logged_whole() -> None:
+    evidence = ModelEvidence("m", CompareSpec(), 0)
+    no_batch_dim = np.array([0.1, 0.7, 0.2], np.float32)  # a model without a batch dimension
+    evidence.record_predictions("2", "shadow", [("solo", 1)], no_batch_dim)
+    evidence.record_prediction("solo", "1", "stable", [no_batch_dim])
+    taken = evidence.log.take("solo")
+    assert taken is not None
+    assert [values.shape for _, _, values in taken[0]] == [(3,), (3,)]  # shadow and stable alike

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal
 
@@ -304,3 +305,92 @@ async def test_outputs_the_sink_cannot_use_count_as_failures_and_the_lane_goes_o
     mirror(lane, request(1), Collect(), tasks)
     await settle(lane, tasks)
     assert lane.counters.completed == 1
+
+
+@in_loop
+async def test_copies_with_short_deadlines_still_run_when_the_primary_is_idle() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.02, deadline_margin_s=0.005)
+    loop = asyncio.get_running_loop()
+    for i in range(20):
+        feeds = request(i)
+        deadline = time.monotonic() + 0.012  # less than the 20 ms gather
+        lane.mirror(feeds, 1, deadline, "", primary_answer(feeds, 0.0), 0.0, sink, tasks)
+        await asyncio.sleep(0.002)
+    started = loop.time()
+    await settle(lane, tasks)
+    assert lane.counters.completed == 20 and lane.counters.timed_out == 0
+    assert loop.time() - started < 1.0
+
+
+@in_loop
+async def test_with_the_primary_never_idle_nothing_runs_and_everything_times_out() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    primary = Primary()
+    primary.event.clear()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.001, default_timeout_s=0.2, primary=primary)
+    for i in range(10):
+        mirror(lane, request(i), sink, tasks)
+        await asyncio.sleep(0.01)  # copies with staggered deadlines
+    await settle(lane, tasks)
+    assert executor.runs == [] and sink.batches == []
+    assert lane.counters.timed_out == 10 and lane.pending == 0
+
+
+@in_loop
+async def test_a_probe_that_expires_lets_the_next_copy_probe() -> None:
+    executor, sink, tasks = LinearExecutor(fail=True), Collect(), set[asyncio.Task[None]]()
+    primary = Primary()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.001, default_timeout_s=0.05, primary=primary)
+    lane.breaker.threshold = 1
+    lane.breaker.base_backoff_s = 0.0
+    mirror(lane, request(0), sink, tasks)
+    await settle(lane, tasks)
+    assert lane.breaker.is_open
+    primary.event.clear()  # the probe waits behind a busy primary until its deadline
+    mirror(lane, request(1), sink, tasks)
+    await settle(lane, tasks)
+    assert lane.counters.timed_out == 1 and not lane.breaker.probing
+    primary.event.set()
+    executor.fail = False
+    mirror(lane, request(2), sink, tasks)  # a new probe is let through, succeeds, closes the circuit
+    await settle(lane, tasks)
+    assert lane.counters.completed == 1 and not lane.breaker.is_open
+
+
+@in_loop
+async def test_inputs_are_batched_by_name_and_shape() -> None:
+    class TwoInputs(LinearExecutor):
+        async def submit(
+            self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+        ) -> list[np.ndarray]:
+            self.runs.append(batch)
+            return [np.zeros((batch, 3), np.float32)]
+
+    executor, sink, tasks = TwoInputs(), Collect(), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.005)
+    narrow, wide = np.zeros((1, 3), np.float32), np.zeros((1, 5), np.float32)
+    reference = [np.zeros((1, 3), np.float32)]
+    lane.mirror({"a": narrow, "b": wide}, 1, None, "", reference, 0.0, sink, tasks)
+    lane.mirror({"b": narrow, "a": wide}, 1, None, "", reference, 0.0, sink, tasks)  # same shapes, swapped
+    await settle(lane, tasks)
+    assert executor.runs == [1, 1] and lane.counters.completed == 2
+
+
+@in_loop
+async def test_a_cancelled_round_keeps_its_copies_queued() -> None:
+    executor, sink, tasks = LinearExecutor(), Collect(), set[asyncio.Task[None]]()
+    primary = Primary()
+    primary.event.clear()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.001, primary=primary)
+    for i in range(3):
+        mirror(lane, request(i), sink, tasks)
+    await asyncio.sleep(0.02)  # the round has begun and waits for the primary
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert lane.pending == 3
+    primary.event.set()
+    mirror(lane, request(3), sink, tasks)
+    await settle(lane, tasks)
+    assert lane.counters.completed == 4 and lane.pending == 0 and lane._pending_bytes == 0
