@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,7 +36,8 @@ from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 from gateway.types import Tensors
 
-ShapeKey = tuple[tuple[int, ...], ...]
+# Each input's name and non-batch shape: requests may share a batch only when these match.
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 @dataclass(slots=True, eq=False)
@@ -48,8 +50,15 @@ class _Pending:
     timer: asyncio.TimerHandle | None = field(default=None)
 
 
-def _shape_key(feeds: Tensors) -> ShapeKey:
-    return tuple(a.shape[1:] for a in feeds.values())
+def shape_key(feeds: Tensors) -> ShapeKey:
+    return tuple((name, a.shape[1:]) for name, a in feeds.items())
+
+
+def concat_feeds(requests: Sequence[Tensors]) -> Tensors:
+    """One batch's feeds: each input's rows in request order (the requests share a shape key)."""
+    if len(requests) == 1:
+        return requests[0]
+    return {name: np.concatenate([feeds[name] for feeds in requests]) for name in requests[0]}
 
 
 class DynamicBatcher:
@@ -101,7 +110,7 @@ class DynamicBatcher:
             raise Overloaded(f"queue full ({self.max_queue} waiting): try again later")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item = _Pending(feeds, batch, _shape_key(feeds), loop.create_future(), now)
+        item = _Pending(feeds, batch, shape_key(feeds), loop.create_future(), now)
         until, by_timeout = expiry(deadline, timeout_s, now)
         if until is not None:
             if until <= now:
@@ -211,7 +220,7 @@ class DynamicBatcher:
 
     def _start(self, batch: list[_Pending]) -> None:
         rows = sum(item.rows for item in batch)
-        feeds = self._concat(batch)
+        feeds = concat_feeds([item.feeds for item in batch])
         now = time.monotonic()
         for item in batch:
             waited = now - item.enqueued
@@ -255,13 +264,6 @@ class DynamicBatcher:
     def _release(self) -> None:
         self._active -= 1
         self._slots.release()
-
-    @staticmethod
-    def _concat(batch: list[_Pending]) -> Tensors:
-        if len(batch) == 1:
-            return batch[0].feeds
-        names = batch[0].feeds.keys()
-        return {name: np.concatenate([item.feeds[name] for item in batch]) for name in names}
 
     def _settle(self, batch: list[_Pending], rows: int, outputs: list[np.ndarray], compute_ns: int) -> None:
         self.stats.record_execution(rows, compute_ns)

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from gateway.batcher import concat_feeds, shape_key
 from gateway.errors import DeadlineExceeded, QueueTimeout
 from gateway.executor import Executor
 from gateway.types import Tensors
@@ -112,16 +113,6 @@ class ShadowCopy:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _shape_key(feeds: Tensors) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple((name, a.shape[1:]) for name, a in feeds.items())
-
-
-def concat_feeds(copies: Sequence[ShadowCopy]) -> Tensors:
-    if len(copies) == 1:
-        return copies[0].feeds
-    return {name: np.concatenate([c.feeds[name] for c in copies]) for name in copies[0].feeds}
 
 
 @dataclass
@@ -254,11 +245,12 @@ class ShadowLane:
 
     async def _primary_idle(self, until: float) -> None:
         """Wait until no primary request is in flight, or until `until` (monotonic) passes."""
-        if self._primary_is_idle():
+        primary = self.primary
+        if primary is None or primary.is_idle():
             return
         try:
             async with asyncio.timeout(max(0.0, until - time.monotonic())):
-                await self.primary.wait_idle()  # type: ignore[union-attr]
+                await primary.wait_idle()
         except TimeoutError:
             pass  # the caller decides what a late copy means
 
@@ -276,13 +268,13 @@ class ShadowLane:
         """The head copy and every later one that fits in one run with it, in order."""
         queued = self._round
         head = queued[0]
-        key = _shape_key(head.feeds)
+        key = shape_key(head.feeds)
         limit = self._run_rows()
         batch = [head]
         rows = head.rows
         kept: list[ShadowCopy] = []
         for c in queued[1:]:
-            if rows + c.rows <= limit and c.sink is head.sink and _shape_key(c.feeds) == key:
+            if rows + c.rows <= limit and c.sink is head.sink and shape_key(c.feeds) == key:
                 batch.append(c)
                 rows += c.rows
             else:
@@ -298,7 +290,7 @@ class ShadowLane:
         start = time.monotonic()
         try:
             async with asyncio.timeout(max(0.0, until - start)):
-                outputs = await self.executor.submit(concat_feeds(batch), rows, until, None)
+                outputs = await self.executor.submit(concat_feeds([c.feeds for c in batch]), rows, until, None)
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             self.counters.timed_out += n
             self.breaker.failure()
