@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.capture import CaptureWriter
-from gateway.errors import FailedPrecondition, GatewayError
+from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
 from gateway.gate import captured_inputs, generated_inputs, run_gate
 from gateway.policy import CheckResult, Event, RolloutState
 from gateway.release import ReleaseState
@@ -23,6 +23,26 @@ from gateway.release_plane import ReleasePlane
 from gateway.store import AuditEntry, Conflict, Store, StoredRelease
 
 log = logging.getLogger(__name__)
+
+# A reason is a sentence for the audit log, not a document: every one is stored and
+# read back by `gateway audit`, so an unbounded one grows the store without limit.
+MAX_REASON_CHARS = 1024
+
+
+def check_reason(reason: str) -> None:
+    if len(reason) > MAX_REASON_CHARS:
+        raise InvalidInput(
+            f"reason is {len(reason)} characters; the limit is {MAX_REASON_CHARS}: shorten it "
+            "(link to a ticket for the long story)"
+        )
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so a client's string can never start a
+    forged line (or move the cursor) in the gateway's log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ReleaseOps:
@@ -163,6 +183,7 @@ class ReleaseOps:
         rollout_changes: dict[str, Any] | None = None,
         checks: Sequence[CheckResult] = (),
     ) -> StoredRelease:
+        check_reason(reason)
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
             before = self.current(model)
@@ -182,12 +203,26 @@ class ReleaseOps:
             entry = self._audit(actor, action, before, after, reason, evidence)
             await asyncio.to_thread(self.store.commit, before.revision, after, entry)
             self._install(after)
-            log.info("%s %s by %s -> revision %d, %s: %s", action, model, actor, state.revision, rollout.phase, reason)
+            log.info(
+                "%s %s by %s -> revision %d, %s: %s",
+                action,
+                model,
+                printable(actor),
+                state.revision,
+                rollout.phase,
+                printable(reason),
+            )
             return after
 
     # -- manual operations --------------------------------------------------------------
 
     async def set_traffic(self, model: str, canary: str, weight_bp: int, actor: str, reason: str) -> StoredRelease:
+        if not canary and weight_bp:
+            # Stored, it would route that share of traffic to no version at all.
+            raise InvalidInput(
+                f"canary is empty but weight_bp is {weight_bp}: name the canary version, or set weight_bp 0 "
+                "to send everything to stable"
+            )
         return await self.change(
             model, actor, "set_traffic", reason, "set_weight", {"canary": canary, "canary_weight_bp": weight_bp}
         )
@@ -205,8 +240,11 @@ class ReleaseOps:
         return await self.change(model, actor, "remove_shadow", reason, None, {"shadows": shadows})
 
     async def start_rollout(self, model: str, candidate: str, actor: str, reason: str) -> StoredRelease:
+        check_reason(reason)
         spec = self.plane.registry.entry(model).spec.policy
         current = self.plane.table.get(model)
+        if not candidate:
+            raise InvalidInput(f"candidate is empty: name the version of {model} to roll out")
         if candidate == current.stable:
             raise FailedPrecondition(f"{model}: version {candidate} is already the stable version")
         shadows = {v: f for v, f in current.shadows.items() if v != candidate}
@@ -261,6 +299,7 @@ class ReleaseOps:
         return await self.change(model, actor, "resume", reason, "resume", {})
 
     async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        check_reason(reason)
         current = self.current(model)
         active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
         candidate = (current.rollout.candidate if active else "") or current.state.canary
@@ -278,9 +317,16 @@ class ReleaseOps:
         return await self.change(model, actor, "promote", reason, event, changes, None, checks)
 
     async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        check_reason(reason)
         current = self.current(model)
         active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
         candidate = (current.rollout.candidate if active else "") or current.state.canary
+        if not candidate:
+            # Nothing routes away from stable: a "rollback" would only bump the revision.
+            refused = FailedPrecondition(f"{model} has no canary and no rollout: nothing to roll back")
+            entry = self._audit(actor, "rollback", current, None, f"refused: {refused}", None, "refused", model)
+            await asyncio.to_thread(self.store.record_refused, entry)
+            raise refused
         shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
         changes = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
         # Outside a rollout, a rollback of a hand-set canary is a traffic change.
