@@ -2,12 +2,21 @@
 
 Anything not in the table is a bug: the caller gets INTERNAL with a generic
 message and the details go to the log only.
+
+The interceptor also parses requests itself: grpc's own deserializer raises
+outside every handler, so a message that is not protobuf would answer UNKNOWN
+and log a traceback per request. Ours never raises; it hands the handler an
+`Unparseable` marker, which becomes INVALID_ARGUMENT (in a ModelStreamInfer
+stream: that one message's error, and the stream goes on).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,6 +43,12 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], grpc.StatusCode] = {
 
 GENERIC_MESSAGE = "internal error (details are in the gateway log)"
 
+# Unparseable messages are the client's fault and can arrive by the thousand:
+# log the first few per period, then one line saying how many were left out.
+UNPARSEABLE_LOG_BURST = 5
+UNPARSEABLE_LOG_PERIOD_S = 60.0
+_REASON_CHARS = 200
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message the caller sees for an exception."""
@@ -42,6 +57,95 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, GENERIC_MESSAGE
+
+
+@dataclass(slots=True)
+class RateLimitedLog:
+    """At most `burst` warnings per `period_s`; the first line after a quiet spell counts those left out."""
+
+    logger: logging.Logger
+    burst: int = UNPARSEABLE_LOG_BURST
+    period_s: float = UNPARSEABLE_LOG_PERIOD_S
+    clock: Callable[[], float] = time.monotonic
+    _period_start: float = field(default=float("-inf"))
+    _logged: int = 0
+    _suppressed: int = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = self.clock()
+        if now - self._period_start >= self.period_s:
+            self._period_start, self._logged = now, 0
+        if self._logged >= self.burst:
+            self._suppressed += 1
+            return
+        self._logged += 1
+        if self._suppressed:
+            message += " (%d similar lines left out)"
+            args = (*args, self._suppressed)
+            self._suppressed = 0
+        self.logger.warning(message, *args)
+
+
+@dataclass(frozen=True, slots=True)
+class Unparseable:
+    """Stands in for a request message that did not parse."""
+
+    method: str
+    message_type: str
+    size: int
+    reason: str
+
+    def error(self) -> errors.InvalidInput:
+        return errors.InvalidInput(
+            f"the request does not parse as {self.message_type} ({self.size} bytes: {self.reason}); "
+            f"send a serialized {self.message_type} (check that client and server use the same .proto)"
+        )
+
+
+def _message_type(deserializer: Callable[[bytes], Any]) -> str:
+    # Generated stubs pass `Message.FromString`, bound to the message class.
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "the method's request message"))
+
+
+def _tolerant(
+    deserializer: Callable[[bytes], Any] | None, method: str, warnings: RateLimitedLog
+) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an Unparseable marker where it would raise."""
+    if deserializer is None:
+        return None
+    message_type = _message_type(deserializer)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError from protobuf; anything from another deserializer
+            reason = (str(exc) or type(exc).__name__).replace("\n", " ")[:_REASON_CHARS]
+            warnings.warning("refused an unparseable request to %s (%d bytes): %s", method, len(data), reason)
+            return Unparseable(method, message_type, len(data), reason)
+
+    return parse
+
+
+class _Requests:
+    """A request stream whose unparseable messages raise InvalidInput from `__anext__`.
+
+    Only that call raises; the next one reads on. A handler written as a plain
+    `async for` ends with INVALID_ARGUMENT; one that catches InvalidInput per
+    read (ModelStreamInfer) answers that message's error and keeps the stream.
+    """
+
+    def __init__(self, inner: AsyncIterator[Any]) -> None:
+        self._inner = inner
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._inner.__anext__()
+        if isinstance(item, Unparseable):
+            raise item.error()
+        return item
 
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -60,6 +164,8 @@ async def _abort(exc: Exception, context: aio.ServicerContext[Any, Any], method:
 def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if isinstance(request, Unparseable):
+                raise request.error()
             return await behavior(request, context)
         except Exception as exc:
             await _abort(exc, context, method)
@@ -70,7 +176,7 @@ def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def guarded(request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
-            async for item in behavior(request_iterator, context):
+            async for item in behavior(_Requests(request_iterator), context):
                 yield item
         except Exception as exc:
             await _abort(exc, context, method)
@@ -78,11 +184,33 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return guarded
 
 
+def _refuse_unparseable(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A server-streaming handler (grpc.health Watch) that refuses a marker and is otherwise untouched:
+    those handlers map their own errors, and grpc tells their two forms apart, so keep the form."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, Unparseable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+            async for item in behavior(request, context):
+                yield item
+
+        return streaming
+
+    async def writing(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Unparseable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+        return await behavior(request, context)
+
+    return writing
+
+
 class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every handler once (cached per method) with the mapping above."""
 
     def __init__(self) -> None:
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
+        self._unparseable = RateLimitedLog(log)
 
     async def intercept_service(
         self,
@@ -96,20 +224,26 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        deserializer = _tolerant(handler.request_deserializer, method, self._unparseable)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                _refuse_unparseable(handler.unary_stream),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         else:
-            # Server-streaming handlers (grpc.health Watch) manage their own errors.
-            return handler
+            return handler  # no client-streaming method is served
         self._cache[method] = wrapped
         return wrapped
