@@ -148,12 +148,40 @@ class PairWindow:
         return self.latency_diff_s / self.requests if self.requests else float("nan")
 
 
+# The class of a row with no values (a zero-element output): never a class index,
+# so such a row agrees only with another empty row and never matches a label.
+NO_CLASS = -1
+
+
+def as_rows(output: np.ndarray) -> np.ndarray:
+    """`output` as a (rows, values per row) matrix; a 0-d output is one row of one value.
+
+    The sizes are explicit: numpy cannot infer a -1 size when there are zero rows.
+    """
+    if output.ndim == 0:
+        return output.reshape(1, 1)
+    return output.reshape(output.shape[0], math.prod(output.shape[1:]))
+
+
 def top1(output: np.ndarray) -> np.ndarray:
-    """Predicted class per row: argmax over the last axis (or the value itself for 1-D labels)."""
+    """Predicted class per row: argmax over the last axis (or the value itself for 1-D labels);
+    NO_CLASS for a row without values."""
     if output.ndim <= 1:
         return output.reshape(-1)
-    result: np.ndarray = np.argmax(output.reshape(output.shape[0], -1), axis=1)
+    matrix = as_rows(output)
+    if not matrix.shape[1]:
+        return np.full(matrix.shape[0], NO_CLASS, dtype=np.int64)
+    result: np.ndarray = np.argmax(matrix, axis=1)
     return result
+
+
+def first_values(output: np.ndarray) -> np.ndarray:
+    """A regression's prediction per row: its first value; NaN for a row without values
+    (as for a model that answers NaN: the row has no usable prediction)."""
+    matrix = as_rows(output)
+    if not matrix.shape[1]:
+        return np.full(matrix.shape[0], np.nan)
+    return matrix[:, 0].astype(np.float64)
 
 
 def compare_outputs(
@@ -170,9 +198,9 @@ def compare_outputs(
     rows of several requests at once adds exactly what comparing each would.
     `latency_diff_s` is the sum over the requests. Shapes must match (the caller checks).
     """
-    rows = baseline.shape[0] if baseline.ndim else 1
-    base = baseline.astype(np.float64, copy=False).reshape(rows, -1)
-    cand = candidate.astype(np.float64, copy=False).reshape(rows, -1)
+    base = as_rows(baseline.astype(np.float64, copy=False))
+    cand = as_rows(candidate.astype(np.float64, copy=False))
+    rows = base.shape[0]
     diff = np.abs(cand - base)
     pair.requests += requests
     pair.rows += rows

@@ -20,6 +20,7 @@ from gateway.compare import (
     PairWindow,
     VersionWindow,
     compare_outputs,
+    first_values,
     pair_from_dict,
     pair_to_dict,
     top1,
@@ -90,8 +91,7 @@ class PredictionLog:
 def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
     if kind == "classification":
         return top1(output)
-    rows = output.shape[0] if output.ndim else 1
-    return output.reshape(rows, -1)[:, 0].astype(np.float64)
+    return first_values(output)
 
 
 @dataclass(slots=True)

@@ -242,3 +242,30 @@ def write_slowed_copy(source: Path, target: Path, iterations: int, output: str =
     onnx.checker.check_model(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(target))
+
+
+def write_sequence_model(path: Path, first: int | str = BATCH) -> None:
+    """input_ids INT64 [first,seq], attention_mask INT64 [first,seq] ->
+    masked INT64 [first,seq] = input_ids * attention_mask, scores FP32 [first,seq] = float(masked).
+
+    Both inputs name the same symbolic dimension ``seq``, as exported text models do:
+    requests must send them with equal lengths (the Mul fails otherwise). A zero
+    ``seq`` is a valid request with zero-element outputs. ``first`` fixes the first
+    dimension instead of leaving it a batch dimension (e.g. 1, as some exporters do).
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["input_ids", "attention_mask"], ["masked"]),
+            helper.make_node("Cast", ["masked"], ["scores"], to=TensorProto.FLOAT),
+        ],
+        "sequence",
+        [
+            _value("input_ids", TensorProto.INT64, [first, "seq"]),
+            _value("attention_mask", TensorProto.INT64, [first, "seq"]),
+        ],
+        [
+            _value("masked", TensorProto.INT64, [first, "seq"]),
+            _value("scores", TensorProto.FLOAT, [first, "seq"]),
+        ],
+    )
+    _save(graph, path)
