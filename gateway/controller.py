@@ -3,7 +3,8 @@
 Exactly one controller acts at a time: it holds a lease in the store, renewed
 each tick; another process takes over only once the lease has expired.
 After a restart it resumes from the stored phase and step, on evidence
-gathered since the restart (ReleaseOps begins it afresh).
+gathered since the restart (ReleaseOps begins it afresh); a promotion found
+half done is completed (or rolled back when it cannot be).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Controller:
         now = self.clock()
         for model in self.ops.plane.table.models():
             rollout = self.ops.rollouts.get(model)
+            if rollout is not None and rollout.phase == "promoting":
+                await self.complete_promotion(model)
+                continue
             if rollout is None or rollout.phase not in ("shadowing", "progressing"):
                 self._last.pop(model, None)
                 continue
@@ -70,17 +74,7 @@ class Controller:
             if decision.event == "rollback":
                 await ops.rollback(model, "controller", reason, decision.checks)
             elif decision.event == "finish":
-                await ops.change(
-                    model,
-                    "controller",
-                    "advance",
-                    reason,
-                    "finish",
-                    {"canary_weight_bp": 10_000},
-                    None,
-                    decision.checks,
-                )
-                await ops.promote(model, "controller", "all steps passed", decision.checks)
+                await ops.finish(model, reason, decision.checks)
             elif decision.event == "advance":
                 changes: dict[str, object] = {"canary_weight_bp": decision.weight_bp or 0}
                 step = rollout.step + 1
@@ -121,3 +115,22 @@ class Controller:
                     log.info("%s: hold (%s)", model, reason)
         except GatewayError as exc:
             log.warning("%s: controller decision %s not applied: %s", model, decision.event, exc)
+
+    async def complete_promotion(self, model: str) -> None:
+        """Finish a promotion found half done (a store written by an older gateway, which
+        committed the last step in two transactions, and crashed in between): promote the
+        candidate; if it cannot be promoted (say its version is gone), roll back instead.
+
+        Every other phase is one the controller can be in at rest: shadowing and
+        progressing go on deciding, paused waits for the operator, and idle, succeeded
+        and rolled_back have nothing to do."""
+        ops = self.ops
+        try:
+            await ops.promote(model, "controller", "completing a promotion interrupted by a restart")
+            return
+        except GatewayError as exc:
+            log.warning("%s: cannot complete the interrupted promotion (%s): rolling back", model, exc)
+        try:
+            await ops.rollback(model, "controller", "an interrupted promotion could not be completed")
+        except GatewayError as exc:
+            log.warning("%s: cannot roll back the interrupted promotion either: %s", model, exc)

@@ -45,6 +45,18 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Step:
+    """One audited change of a release: what `ReleaseOps.change` takes, for `change_steps`."""
+
+    action: str
+    reason: str
+    event: Event | None
+    state_changes: dict[str, Any]
+    rollout_changes: dict[str, Any] | None = None
+    checks: Sequence[CheckResult] = ()
+
+
 class ReleaseOps:
     def __init__(self, plane: ReleasePlane, store: Store, capture: CaptureWriter | None = None) -> None:
         self.plane = plane
@@ -183,36 +195,55 @@ class ReleaseOps:
         rollout_changes: dict[str, Any] | None = None,
         checks: Sequence[CheckResult] = (),
     ) -> StoredRelease:
-        check_reason(reason)
+        step = Step(action, reason, event, state_changes, rollout_changes, checks)
+        return await self.change_steps(model, actor, [step])
+
+    async def change_steps(self, model: str, actor: str, steps: Sequence[Step]) -> StoredRelease:
+        """Apply steps one after the other and store them in ONE transaction (one audit
+        record each): a crash leaves the release before the first step or after the last,
+        never in between. The steps after the first are planned from the state the one
+        before would leave, so each is checked against the transition table in turn."""
+        for step in steps:
+            check_reason(step.reason)
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
             before = self.current(model)
-            evidence = [c.to_dict() for c in checks] or None
-            try:
-                rollout = before.rollout
-                if event is not None:
-                    rollout = rollout.on(event, **(rollout_changes or {}))
-                elif rollout_changes:
-                    rollout = dataclasses.replace(rollout, **rollout_changes)
-                state: ReleaseState = self.plane.table.propose(model, **state_changes)
-            except GatewayError as exc:
-                refused = self._audit(actor, action, before, None, f"refused: {exc}", evidence, "refused", model)
-                await asyncio.to_thread(self.store.record_refused, refused)
-                raise
-            after = StoredRelease(state, rollout)
-            entry = self._audit(actor, action, before, after, reason, evidence)
-            await asyncio.to_thread(self.store.commit, before.revision, after, entry)
-            self._install(after)
-            log.info(
-                "%s %s by %s -> revision %d, %s: %s",
-                action,
-                model,
-                printable(actor),
-                state.revision,
-                rollout.phase,
-                printable(reason),
-            )
-            return after
+            previous = before
+            entries: list[AuditEntry] = []
+            for step in steps:
+                evidence = [c.to_dict() for c in step.checks] or None
+                try:
+                    after = self._plan(previous, step)
+                except GatewayError as exc:
+                    refused = self._audit(
+                        actor, step.action, previous, None, f"refused: {exc}", evidence, "refused", model
+                    )
+                    await asyncio.to_thread(self.store.record_refused, refused)
+                    raise
+                entries.append(self._audit(actor, step.action, previous, after, step.reason, evidence))
+                previous = after
+            await asyncio.to_thread(self.store.commit, before.revision, previous, entries)
+            self._install(previous)
+            for step, entry in zip(steps, entries, strict=True):
+                log.info(
+                    "%s %s by %s -> revision %d, %s: %s",
+                    step.action,
+                    model,
+                    printable(actor),
+                    entry.revision,
+                    (entry.after or {}).get("rollout", {}).get("phase", ""),
+                    printable(step.reason),
+                )
+            return previous
+
+    def _plan(self, before: StoredRelease, step: Step) -> StoredRelease:
+        rollout = before.rollout
+        if step.event is not None:
+            rollout = rollout.on(step.event, **(step.rollout_changes or {}))
+        elif step.rollout_changes:
+            rollout = dataclasses.replace(rollout, **step.rollout_changes)
+        state = self.plane.table.propose_from(before.state, **step.state_changes)
+        return StoredRelease(state, rollout)
 
     # -- manual operations --------------------------------------------------------------
 
@@ -312,9 +343,21 @@ class ReleaseOps:
         if current.rollout.phase in ("idle", "succeeded", "rolled_back"):
             # A canary set by hand, outside a rollout: promoting it is a traffic change.
             event = "set_weight"
-        shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
-        changes = {"stable": candidate, "canary": "", "canary_weight_bp": 0, "shadows": shadows}
-        return await self.change(model, actor, "promote", reason, event, changes, None, checks)
+        return await self.change(
+            model, actor, "promote", reason, event, _promotion(current.state, candidate), None, checks
+        )
+
+    async def finish(self, model: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        """The controller's last step: all traffic to the candidate, then promote it, in one
+        transaction. Two commits left a crash in between stuck in `promoting` at 100 %."""
+        current = self.current(model)
+        candidate = current.rollout.candidate
+        full = current.state
+        steps = [
+            Step("advance", reason, "finish", {"canary_weight_bp": 10_000}, None, checks),
+            Step("promote", "all steps passed", "promote", _promotion(full, candidate), None, checks),
+        ]
+        return await self.change_steps(model, "controller", steps)
 
     async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         check_reason(reason)
@@ -332,6 +375,12 @@ class ReleaseOps:
         # Outside a rollout, a rollback of a hand-set canary is a traffic change.
         event: Event = "rollback" if active else "set_weight"
         return await self.change(model, actor, "rollback", reason, event, changes, None, checks)
+
+
+def _promotion(state: ReleaseState, candidate: str) -> dict[str, Any]:
+    """The state changes that make `candidate` the stable version (and stop mirroring to it)."""
+    shadows = {v: f for v, f in state.shadows.items() if v != candidate}
+    return {"stable": candidate, "canary": "", "canary_weight_bp": 0, "shadows": shadows}
 
 
 def _differs(a: ReleaseState, b: ReleaseState) -> bool:

@@ -126,7 +126,11 @@ class ReleaseTable:
 
     def propose(self, model: str, **changes: object) -> ReleaseState:
         """The state `changes` would make (validated, next revision), without applying it."""
-        current = self.get(model)
+        return self.propose_from(self.get(model), **changes)
+
+    def propose_from(self, current: ReleaseState, **changes: object) -> ReleaseState:
+        """`propose` from a given state (one proposed before, in a change of several steps)."""
+        model = current.model
         if "shadows" in changes:
             changes["shadows"] = MappingProxyType(dict(changes["shadows"]))  # type: ignore[call-overload]
         if changes.get("canary") == "":

@@ -17,7 +17,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,7 +111,12 @@ class Store(Protocol):
         """A number that grows whenever any release changes (cheap to poll)."""
         ...
 
-    def commit(self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry) -> None: ...
+    def commit(
+        self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
+    ) -> None:
+        """Store `after` and its audit record(s) in one transaction, if the stored revision
+        is still `expected_revision` (else Conflict)."""
+        ...
 
     def record_refused(self, audit: AuditEntry) -> None: ...
 
@@ -190,7 +195,10 @@ class SqliteStore:
             row = self._db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
         return int(row[0])
 
-    def commit(self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry) -> None:
+    def commit(
+        self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
+    ) -> None:
+        audits = [audit] if isinstance(audit, AuditEntry) else list(audit)
         data = after.to_dict()
         rollout = data.pop("rollout")
         with self._transaction() as db:
@@ -205,7 +213,8 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO releases (model, revision, state, rollout, updated) VALUES (?, ?, ?, ?, ?)",
                 (after.state.model, after.revision, json.dumps(data), json.dumps(rollout), time.time()),
             )
-            self._insert_audit(db, audit)
+            for entry in audits:
+                self._insert_audit(db, entry)
 
     def record_refused(self, audit: AuditEntry) -> None:
         with self._transaction() as db:
