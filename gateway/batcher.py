@@ -7,7 +7,9 @@ the head request's batching delay, never on a polling interval.
 Every future is settled on every path:
 - result: rows sliced out of the batch's outputs (after checking the output
   length equals the batch);
-- error: the run's exception goes to every request of the batch;
+- error: a failed batch of several requests is run again a request at a
+  time, so only the request at fault gets the error (and each rerun is
+  counted); a request run on its own gets its run's exception;
 - cancellation: a cancelled request leaves the queue at once and is never run;
 - expiry: a request whose client deadline or queue timeout passes while it
   waits fails then (a timer per such request), and is never run;
@@ -38,6 +40,10 @@ from gateway.types import Tensors
 
 # Each input's name and non-batch shape: requests may share a batch only when these match.
 ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+# A model run's outputs, or the exception it raised.
+RunResult = list[np.ndarray] | Exception
+# A member of a failed batch that was not rerun (it was settled meanwhile).
+_SKIPPED: RunResult = Exception("not rerun")
 
 
 @dataclass(slots=True, eq=False)
@@ -87,6 +93,7 @@ class DynamicBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._active = 0
         self._closed = False
+        self.reruns = 0  # members of failed batches run again on their own
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
 
     # -- submission -----------------------------------------------------------------
@@ -229,35 +236,77 @@ class DynamicBatcher:
                 self.metrics.queue_seconds.observe(waited)
         if runs_inline(self.execution, self.model, rows):
             start = time.perf_counter_ns()
-            try:
-                result: list[np.ndarray] | Exception = self.model.run(feeds)
-            except Exception as exc:
-                result = exc
+            result = self._run_or_error(feeds)
+            if isinstance(result, Exception) and len(batch) > 1:
+                self._finish_alone(batch, self._run_each(batch))
+                return
             self._finish(batch, rows, start, result)
             return
         task = asyncio.get_running_loop().create_task(self._run_threaded(batch, rows, feeds))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
+    def _run_or_error(self, feeds: Tensors) -> RunResult:
+        try:
+            return self.model.run(feeds)
+        except Exception as exc:
+            return exc
+
+    def _run_each(self, batch: list[_Pending]) -> list[tuple[RunResult, int]]:
+        """Each member of a failed batch run on its own (with its run time in ns).
+
+        One request's bad value (an index out of range, say) fails the whole
+        batch's run; rerunning the members one by one lets the others still
+        get their answers, and only the request at fault gets the error.
+        Members already settled (cancelled) are not rerun.
+        """
+        results: list[tuple[RunResult, int]] = []
+        for item in batch:
+            if item.future.done():
+                results.append((_SKIPPED, 0))
+                continue
+            start = time.perf_counter_ns()
+            results.append((self._run_or_error(item.feeds), time.perf_counter_ns() - start))
+        return results
+
     async def _run_threaded(self, batch: list[_Pending], rows: int, feeds: Tensors) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter_ns()
         try:
-            result: list[np.ndarray] | Exception = await loop.run_in_executor(self._pool, self.model.run, feeds)
+            result = await loop.run_in_executor(self._pool, self._run_or_error, feeds)
+            if isinstance(result, Exception) and len(batch) > 1:
+                # One hop to the pool for all the reruns, not one per member.
+                each = await loop.run_in_executor(self._pool, self._run_each, batch)
+                self._finish_alone(batch, each)
+                return
         except asyncio.CancelledError:
             self._release()  # shutdown: close() settles what is queued
             raise
-        except Exception as exc:
-            result = exc
         self._finish(batch, rows, start, result)
 
-    def _finish(self, batch: list[_Pending], rows: int, start_ns: int, result: list[np.ndarray] | Exception) -> None:
+    def _finish(self, batch: list[_Pending], rows: int, start_ns: int, result: RunResult) -> None:
         """Settle a batch's futures with its outputs or its error, and free its slot."""
         try:
             if isinstance(result, Exception):
                 self._settle_error(batch, result)
             else:
                 self._settle(batch, rows, result, time.perf_counter_ns() - start_ns)
+        finally:
+            self._release()
+
+    def _finish_alone(self, batch: list[_Pending], each: list[tuple[RunResult, int]]) -> None:
+        """Settle a failed batch from its members' own runs, and free its slot."""
+        try:
+            for item, (result, compute_ns) in zip(batch, each, strict=True):
+                if result is _SKIPPED:
+                    continue
+                self.reruns += 1
+                if self.metrics is not None:
+                    self.metrics.batch_reruns.inc()
+                if isinstance(result, Exception):
+                    self._settle_error([item], result)
+                else:
+                    self._settle([item], item.rows, result, compute_ns)
         finally:
             self._release()
 

@@ -66,6 +66,7 @@ class VersionMetrics:
     queue_seconds: Histogram
     compute_seconds: Histogram
     batch_size: Histogram
+    batch_reruns: Counter
     _requests: Counter
     _labels: tuple[str, str]
     _cache: dict[str, Counter]
@@ -113,6 +114,12 @@ class GatewayMetrics:
         self.batch_size = Histogram(
             "gateway_batch_size", "Requests' rows per model run", labels, buckets=BATCH_BUCKETS, registry=registry
         )
+        self.batch_reruns = Counter(
+            "gateway_batch_reruns",
+            "Requests run again on their own after their batch's run failed",
+            labels,
+            registry=registry,
+        )
 
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(
@@ -120,6 +127,7 @@ class GatewayMetrics:
             queue_seconds=self.queue_seconds.labels(model, version),
             compute_seconds=self.compute_seconds.labels(model, version),
             batch_size=self.batch_size.labels(model, version),
+            batch_reruns=self.batch_reruns.labels(model, version),
             _requests=self.requests,
             _labels=(model, version),
             _cache={},
