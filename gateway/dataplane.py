@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from gateway.errors import Draining, InvalidInput
-from gateway.metrics import outcome_of
+from gateway.metrics import VERSION_FAULTS, outcome_of
 from gateway.registry import Registry
 from gateway.release_plane import ReleasePlane, routing_key
 from gateway.types import InferResponse, Tensors, WireRequest
@@ -75,11 +75,14 @@ class DataPlane:
                 self._idle.set()
             elapsed = time.perf_counter_ns() - start
             loaded.stats.record_request(error is None, elapsed, batch)
+            outcome = outcome_of(error, client_timeout="timeout_us" in req.parameters)
             if loaded.metrics is not None:
-                loaded.metrics.count(outcome_of(error))
+                loaded.metrics.count(outcome)
                 loaded.metrics.request_seconds.observe(elapsed / 1e9)
-            # Invalid input says nothing about the version; everything after validation does.
-            if feeds is not None:
+            # Only what the version caused is its evidence (see VERSION_FAULTS): a
+            # client's bad parameters, deadlines and cancellations are counted apart,
+            # in the outcome above, so no client can roll back a healthy candidate.
+            if feeds is not None and (error is None or outcome in VERSION_FAULTS):
                 self.releases.record(
                     loaded, role, state, req.id, error is None, elapsed / 1e9, batch, feeds, results, req.deadline
                 )

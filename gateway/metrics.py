@@ -48,13 +48,29 @@ OUTCOME_BY_ERROR: dict[type[Exception], str] = {
 }
 
 
-def outcome_of(exc: BaseException | None) -> str:
+# Which outcomes count against the version that answered: its error rate, which
+# the rollout's error_rate check compares, holds only failures the version caused.
+#   "error"     the model run failed, or answered with the wrong shape (or a bug);
+#   "timeout"   the request outwaited the spec's own queue timeout (default_timeout_us):
+#               the version did not keep up within the time the operator gave it;
+#   "rejected"  the version's queue was full: the server refused at its own choice,
+#               under the load this version's share of traffic brought.
+# Everything else is counted apart, by outcome, and never against the version,
+# because any client could produce it at will: "invalid" (bad parameters, such as
+# a malformed timeout_us), "deadline" (the client's gRPC deadline passed first),
+# "client_timeout" (the client's own timeout_us passed first), "cancelled" (the
+# client went away); and "unavailable" (draining or unloading) is no one's fault.
+VERSION_FAULTS = frozenset({"error", "timeout", "rejected"})
+
+
+def outcome_of(exc: BaseException | None, client_timeout: bool = False) -> str:
+    """The outcome label for a request; `client_timeout`: the request carried its own timeout_us."""
     if exc is None:
         return "ok"
     for cls in type(exc).__mro__:
         outcome = OUTCOME_BY_ERROR.get(cls)
         if outcome is not None:
-            return outcome
+            return "client_timeout" if outcome == "timeout" and client_timeout else outcome
     return "cancelled" if exc.__class__.__name__ == "CancelledError" else "error"
 
 
