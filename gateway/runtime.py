@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import onnxruntime as ort
 
 from gateway.cuda_runner import CudaRunner
 from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
-from gateway.errors import ModelExecutionError, ModelLoadError
+from gateway.errors import InvalidInput, ModelExecutionError, ModelLoadError
 from gateway.providers import CUDA, ProviderChooser
 from gateway.types import Tensors
 
@@ -29,18 +30,70 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]  # -1 for a variable dimension
+    # The graph's name for each variable dimension ("" where fixed or unnamed; empty
+    # when not known). In ONNX, dimensions with the same name have the same size.
+    symbols: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> np.dtype[Any]:
         return NUMPY_BY_DATATYPE[self.datatype]
 
 
+# Symbol names come from the model file; a hostile one must not swell a message.
+_SYMBOL_CHARS = 40
+
+
+def check_shared_dims(shapes: Mapping[str, Sequence[int]], signature: Sequence[TensorSpec]) -> None:
+    """Refuse a request whose dimensions that the graph names alike differ in size.
+
+    onnxruntime does not check this itself: the run fails inside the graph (an
+    INTERNAL error charged to the model) when it is the request that is wrong.
+    `shapes` must already have each spec's rank (validation checks that first).
+    """
+    first: dict[str, tuple[str, int, int]] = {}  # symbol -> (input, axis, size) where it was first seen
+    for spec in signature:
+        shape = shapes.get(spec.name)
+        if shape is None:
+            continue
+        for axis, (symbol, size) in enumerate(zip(spec.symbols, shape, strict=False)):
+            if not symbol:
+                continue
+            seen = first.setdefault(symbol, (spec.name, axis, size))
+            if seen[2] != size:
+                raise InvalidInput(
+                    f"input {spec.name!r}: dimension {axis} is {size}, but input {seen[0]!r} dimension {seen[1]} "
+                    f"is {seen[2]}; the model names both {symbol[:_SYMBOL_CHARS]!r}, so they must be equal "
+                    "(send these inputs with the same length)"
+                )
+
+
+def check_batchable(inputs: Sequence[TensorSpec], max_batch_size: int, model: str, path: Path) -> None:
+    """Refuse `max_batch_size > 0` on a model whose inputs have no variable first dimension.
+
+    With it, requests are validated and merged along the first dimension, so a
+    fixed one would be accepted at load and fail once two requests are batched.
+    """
+    if max_batch_size <= 0:
+        return
+    for spec in inputs:
+        if spec.shape and spec.shape[0] < 0:
+            continue
+        first = f"a fixed first dimension ({spec.shape[0]})" if spec.shape else "no dimensions"
+        raise ModelLoadError(
+            f"model {model!r} ({path}): input {spec.name!r} has {first}, but max_batch_size = {max_batch_size} "
+            "batches requests along the first dimension; set max_batch_size = 0 in its model.toml (no batching), "
+            "or export the model with a dynamic first dimension"
+        )
+
+
 def _tensor_spec(arg: Any, path: Path) -> TensorSpec:
     datatype = DATATYPE_BY_ONNX.get(arg.type)
     if datatype is None:
         raise ModelLoadError(f"{path}: tensor {arg.name!r} has type {arg.type}, which the gateway does not serve")
-    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
-    return TensorSpec(arg.name, datatype, shape)
+    dims = list(arg.shape or [])
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+    symbols = tuple(d if isinstance(d, str) else "" for d in dims)
+    return TensorSpec(arg.name, datatype, shape, symbols)
 
 
 class OnnxModel:
@@ -101,8 +154,10 @@ class OnnxModel:
         """Run on zeros at batch 1 and at a larger batch; returns the timed batch-1 run.
 
         The first run allocates (and on CUDA tunes kernels); the timed runs after
-        it give a per-row cost estimate that decides where batches run.
+        it give a per-row cost estimate that decides where batches run. A model
+        that cannot batch as `max_batch` says is refused first (ModelLoadError).
         """
+        check_batchable(self.inputs, max_batch, self.path.parent.parent.name, self.path)
         self._cost = [(1, self._timed_run(1))]
         if max_batch > 1:
             large = min(max_batch, 32)

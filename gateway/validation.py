@@ -16,7 +16,7 @@ import numpy as np
 from gateway.config import ModelSpec
 from gateway.dtypes import CONTENTS_FIELD, NUMPY_BY_DATATYPE
 from gateway.errors import InvalidInput
-from gateway.runtime import TensorSpec
+from gateway.runtime import TensorSpec, check_shared_dims
 from gateway.types import Tensors, WireInput
 
 
@@ -102,6 +102,7 @@ def build_inputs(
     missing = [n for n in expected if n not in seen]
     if missing:
         raise InvalidInput(f"missing input {missing[0]!r}: model {model!r} needs {', '.join(map(repr, expected))}")
+    check_shared_dims({w.name: w.shape for w in wire}, signature)
     # In the signature's order, whatever the wire's: the batcher and the shadow
     # lanes key batches on the feeds' shapes in order, so the order must not vary.
     arrays = {w.name: _to_array(w) for w in wire}
