@@ -35,6 +35,7 @@ from gateway.errors import ConfigError
 from gateway.loader import ModelLoader
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
 from gateway.operations import ReleaseOps
+from gateway.ports import check_ports
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2_grpc
@@ -45,6 +46,7 @@ from gateway.providers import ProviderChooser, cuda_options
 from gateway.registry import ExecutorFactory, Registry, executor_factory, load_model
 from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository
+from gateway.statelock import lock_state_dir
 from gateway.store import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -191,7 +193,9 @@ class Gateway:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 1),
+            # SO_REUSEPORT only groups the workers of one supervisor (gateway.ports): a
+            # single serving process binds alone, so a second one on its port fails.
+            ("grpc.so_reuseport", 1 if s.worker_index >= 0 else 0),
         ]
         server = aio.server(
             migration_thread_pool=None,
@@ -212,7 +216,10 @@ class Gateway:
         await server.start()
         self._server = server
         if s.metrics_port >= 0:
-            httpd, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics_registry)
+            try:
+                httpd, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics_registry)
+            except OSError as exc:
+                raise ConfigError(f"metrics_port: cannot listen on {s.host}:{s.metrics_port}: {exc.strerror}") from None
             self._metrics_httpd = httpd
             self.metrics_port = httpd.server_port
         if s.control_port >= 0:
@@ -340,6 +347,16 @@ class Gateway:
 
 async def run(settings: GatewaySettings) -> None:
     """Serve until SIGTERM/SIGINT, printing the address line scripts wait for."""
+    # Held until this process ends: one gateway (and one controller) per state directory.
+    state_lock = lock_state_dir(settings.state_dir)
+    try:
+        check_ports(settings)
+        await _serve(settings)
+    finally:
+        state_lock.release()
+
+
+async def _serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     gateway.install_signal_handlers()
     port = await gateway.start()

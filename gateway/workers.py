@@ -5,7 +5,8 @@ scales across cores with one process per core sharing the port through
 SO_REUSEPORT (the kernel spreads connections; clients need several channels).
 The supervisor reserves the port, starts the workers, prints the address once
 all are ready, serves the merged Prometheus metrics of all of them, restarts a
-worker that dies, and forwards SIGTERM/SIGINT so each drains.
+worker that dies, and forwards SIGTERM/SIGINT so each drains. It also holds
+the state directory's lock for all of its workers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import Any
 
 from gateway.config import GatewaySettings, usable_cores
 from gateway.errors import ConfigError
+from gateway.ports import check_ports, reserve_shared
 from gateway.providers import cuda_prerequisites
+from gateway.statelock import lock_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +46,6 @@ def worker_count(settings: GatewaySettings) -> int:
     if settings.provider != "cpu" and cuda_prerequisites().usable:
         return 1
     return usable_cores()
-
-
-def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) so port 0 becomes one concrete port every worker can share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"port: cannot listen on {host}:{port}: {exc}") from None
-    return sock
 
 
 def _die_with_parent() -> None:
@@ -102,7 +92,10 @@ class Supervisor:
     def __init__(self, settings: GatewaySettings, count: int) -> None:
         threads = settings.intra_op_threads or max(1, usable_cores() // count)
         self.count = count
-        self._reserved = reserve_port(settings.host, settings.port)
+        check_ports(settings, inference=False)
+        # Held while the supervisor runs: restarted workers rejoin the port, and no
+        # other gateway can (gateway.ports).
+        self._reserved: socket.socket = reserve_shared(settings.host, settings.port)
         port = self._reserved.getsockname()[1]
         self.settings = settings
         self.worker_settings = dataclasses.replace(
@@ -214,6 +207,8 @@ class Supervisor:
 
 
 def serve_workers(settings: GatewaySettings, count: int) -> int:
+    # The supervisor holds the state directory for all of its workers (they share it).
+    state_lock = lock_state_dir(settings.state_dir)
     directory = tempfile.mkdtemp(prefix="gateway-metrics-")
     # Set before any worker (or this process) creates a metric: prometheus_client
     # reads it when a metric is created, and spawned workers inherit it.
@@ -222,3 +217,4 @@ def serve_workers(settings: GatewaySettings, count: int) -> int:
         return Supervisor(settings, count).run()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        state_lock.release()
