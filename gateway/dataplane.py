@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
 
-from gateway.errors import Draining, InvalidInput
+from gateway.errors import Draining, InvalidInput, ModelExecutionError
+from gateway.logthrottle import ThrottledLog, one_line
 from gateway.metrics import VERSION_FAULTS, outcome_of
 from gateway.registry import Registry
 from gateway.release_plane import ReleasePlane, routing_key
 from gateway.types import InferResponse, Tensors, WireRequest
 from gateway.validation import build_inputs, check_outputs
+
+log = logging.getLogger(__name__)
 
 
 def _timeout_s(req: WireRequest, default_us: int) -> float | None:
@@ -34,6 +38,8 @@ class DataPlane:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Model-run failures, at most a line per version per few seconds.
+        self._failures = ThrottledLog(log)
 
     def is_idle(self) -> bool:
         return self._idle.is_set()
@@ -79,6 +85,8 @@ class DataPlane:
             if loaded.metrics is not None:
                 loaded.metrics.count(outcome)
                 loaded.metrics.request_seconds.observe(elapsed / 1e9)
+            if isinstance(error, ModelExecutionError):
+                self._log_failure(loaded.name, loaded.version, req.id, error)
             # Only what the version caused is its evidence (see VERSION_FAULTS): a
             # client's bad parameters, deadlines and cancellations are counted apart,
             # in the outcome above, so no client can roll back a healthy candidate.
@@ -87,3 +95,15 @@ class DataPlane:
                     loaded, role, state, req.id, error is None, elapsed / 1e9, batch, feeds, results, req.deadline
                 )
         return InferResponse(req.model, loaded.version, outputs, req.id, {"role": role})
+
+    def _log_failure(self, model: str, version: str, request_id: str, error: BaseException) -> None:
+        """The caller got INTERNAL "details are in the gateway log": these are the details."""
+        self._failures.log(
+            logging.ERROR,
+            (model, version),
+            "model %s version %s failed on request id %s: %s",
+            model,
+            version,
+            one_line(repr(request_id)),
+            one_line(error),
+        )

@@ -184,7 +184,7 @@ class ReleasePlane:
         if lane is None:
             loaded = self.registry.get(model, version)
             lane = self._lanes[(model, version)] = ShadowLane(
-                loaded.executor, max_rows=loaded.spec.max_batch_size, primary=self.primary
+                loaded.executor, max_rows=loaded.spec.max_batch_size, primary=self.primary, model=model, version=version
             )
         return lane
 

@@ -29,6 +29,7 @@ import numpy as np
 from gateway.batcher import concat_feeds, shape_key
 from gateway.errors import DeadlineExceeded, QueueTimeout
 from gateway.executor import Executor
+from gateway.logthrottle import ThrottledLog, one_line
 from gateway.types import Tensors
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,11 @@ class ShadowLane:
     _flusher: asyncio.Task[None] | None = None
     _full: asyncio.Future[None] | None = None  # set while gathering: resolving it ends the gather
     _gather_ends: float = 0.0  # monotonic
+    # Who this lane runs, for its log lines.
+    model: str = ""
+    version: str = ""
+    # A failing shadow fails every copy: at most a line per few seconds, with a count.
+    failure_log: ThrottledLog = field(default_factory=lambda: ThrottledLog(log))
 
     @property
     def pending(self) -> int:
@@ -282,6 +288,22 @@ class ShadowLane:
         self._round = kept
         return batch
 
+    def _log_failure(self, what: str, batch: Sequence[ShadowCopy], exc: Exception) -> None:
+        ids = ", ".join(repr(c.request_id) for c in batch[:3]) + (
+            f" and {len(batch) - 3} more" if len(batch) > 3 else ""
+        )
+        self.failure_log.log(
+            logging.WARNING,
+            what,
+            "shadow of model %s version %s: %s on %d copies (request ids %s): %s",
+            self.model or "?",
+            self.version or "?",
+            what,
+            len(batch),
+            one_line(ids),
+            one_line(exc),
+        )
+
     async def _run(self, batch: list[ShadowCopy]) -> None:
         n = len(batch)
         rows = sum(c.rows for c in batch)
@@ -297,7 +319,7 @@ class ShadowLane:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a shadow's failure is data, never the caller's problem
-            log.debug("shadow run failed: %s", exc)
+            self._log_failure("run failed", batch, exc)
             self.counters.failed += n
             self.breaker.failure()
         else:
@@ -311,7 +333,7 @@ class ShadowLane:
             try:
                 usable = batch[0].sink(batch, outputs, seconds)
             except Exception as exc:  # outputs no comparison can use: the shadow's failure, not ours
-                log.debug("shadow outputs unusable: %s", exc)
+                self._log_failure("outputs unusable", batch, exc)
                 usable = False
             if usable:
                 self.counters.completed += n
