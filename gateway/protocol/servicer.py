@@ -13,7 +13,7 @@ from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Permission
 from gateway.protocol import codec
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
-from gateway.protocol.status import status_for
+from gateway.protocol.status import Unparseable, status_for
 from gateway.registry import PLATFORM, LoadedVersion, Registry
 from gateway.runtime import TensorSpec
 
@@ -103,13 +103,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | Unparseable], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Errors of one request go into its response; the stream goes on.
-        async for request in _each_or_error(request_iterator):
+        async for request in request_iterator:
             try:
-                if isinstance(request, InvalidInput):
-                    raise request  # a message that did not parse (see protocol.status)
+                if isinstance(request, Unparseable):
+                    raise request.error()  # a message that did not parse (see protocol.status)
                 wire = codec.decode_infer(request, deadline_of(context))
                 response = codec.encode_infer(await self.dataplane.infer(wire))
             except GatewayError as exc:
@@ -149,23 +149,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         raise _admin_refused()
-
-
-async def _each_or_error(
-    requests: AsyncIterator[pb.ModelInferRequest],
-) -> AsyncIterator[pb.ModelInferRequest | InvalidInput]:
-    """Each request, or the InvalidInput a read raised for a message that did not parse
-    (the interceptor's stream raises it and reads on), so that one message fails alone."""
-    iterator = aiter(requests)
-    while True:
-        try:
-            request = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except InvalidInput as exc:
-            yield exc
-            continue
-        yield request
 
 
 def _admin_refused() -> GatewayError:

@@ -49,6 +49,11 @@ UNPARSEABLE_LOG_BURST = 5
 UNPARSEABLE_LOG_PERIOD_S = 60.0
 _REASON_CHARS = 200
 
+# Streams whose handler answers an unparseable message in the stream itself (it
+# receives the Unparseable marker as a message); any other stream ends with
+# INVALID_ARGUMENT at that message.
+IN_STREAM_ERRORS = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message the caller sees for an exception."""
@@ -127,25 +132,13 @@ def _tolerant(
     return parse
 
 
-class _Requests:
-    """A request stream whose unparseable messages raise InvalidInput from `__anext__`.
-
-    Only that call raises; the next one reads on. A handler written as a plain
-    `async for` ends with INVALID_ARGUMENT; one that catches InvalidInput per
-    read (ModelStreamInfer) answers that message's error and keeps the stream.
-    """
-
-    def __init__(self, inner: AsyncIterator[Any]) -> None:
-        self._inner = inner
-
-    def __aiter__(self) -> _Requests:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._inner.__anext__()
+async def _refusing(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The request stream of a handler that does not know the marker: its first
+    unparseable message raises InvalidInput, ending the stream with INVALID_ARGUMENT."""
+    async for item in requests:
         if isinstance(item, Unparseable):
             raise item.error()
-        return item
+        yield item
 
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -173,10 +166,13 @@ def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     return guarded
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., Any], method: str, in_stream_errors: bool) -> Callable[..., Any]:
+    # Markers travel as messages (through any wrapper between here and the handler)
+    # only to a handler that answers them in the stream.
     async def guarded(request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        requests = request_iterator if in_stream_errors else _refusing(request_iterator)
         try:
-            async for item in behavior(_Requests(request_iterator), context):
+            async for item in behavior(requests, context):
                 yield item
         except Exception as exc:
             await _abort(exc, context, method)
@@ -233,7 +229,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
+                _wrap_stream(handler.stream_stream, method, method in IN_STREAM_ERRORS),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
