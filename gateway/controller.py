@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreUnavailable
 from gateway.operations import ReleaseOps
 from gateway.policy import RolloutEvidence, decide
 
@@ -38,6 +38,8 @@ class Controller:
         while True:
             try:
                 await self.tick()
+            except StoreUnavailable:
+                pass  # the store logged it (once in a while, not each tick); retried next tick
             except Exception:  # the loop must outlive any one bad decision
                 log.exception("controller tick failed")
             await asyncio.sleep(TICK_S)
@@ -113,6 +115,8 @@ class Controller:
                     )
                 else:
                     log.info("%s: hold (%s)", model, reason)
+        except StoreUnavailable:
+            raise
         except GatewayError as exc:
             log.warning("%s: controller decision %s not applied: %s", model, decision.event, exc)
 
@@ -128,9 +132,13 @@ class Controller:
         try:
             await ops.promote(model, "controller", "completing a promotion interrupted by a restart")
             return
+        except StoreUnavailable:
+            raise  # not the promotion's fault: try again next tick
         except GatewayError as exc:
             log.warning("%s: cannot complete the interrupted promotion (%s): rolling back", model, exc)
         try:
             await ops.rollback(model, "controller", "an interrupted promotion could not be completed")
+        except StoreUnavailable:
+            raise
         except GatewayError as exc:
             log.warning("%s: cannot roll back the interrupted promotion either: %s", model, exc)

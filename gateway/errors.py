@@ -62,3 +62,10 @@ class ConfigError(GatewayError):
 
 class ModelExecutionError(GatewayError):
     """The runtime failed while executing a valid request."""
+
+
+class StoreUnavailable(ModelNotReady):
+    """The state store cannot be read or written now (disk full, read-only, I/O error).
+
+    A ModelNotReady, so the caller gets UNAVAILABLE: the release cannot change until
+    the store is fixed, and the data plane serves the current release meanwhile."""

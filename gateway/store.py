@@ -14,19 +14,24 @@ implement it for several gateway replicas later.
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from gateway.errors import ConfigError, FailedPrecondition
+from gateway.errors import ConfigError, FailedPrecondition, StoreUnavailable
 from gateway.policy import RolloutState
 from gateway.release import ReleaseState
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -143,17 +148,80 @@ def _state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
     return StoredRelease(ReleaseState(**data), RolloutState(**rollout))
 
 
+# While the store keeps failing (a full disk fails every write: the controller's lease
+# and each worker's evidence, twice a second), one log line per this many seconds.
+STORE_FAILURE_LOG_INTERVAL_S = 30.0
+
+_STARTUP_FIX = "restore it from a backup, or move it aside to start with a fresh store (its audit history is then gone)"
+
+
+def _fix_for(exc: sqlite3.Error) -> str:
+    """What an operator does about a store error, by SQLite's error name."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL"):
+        return "free disk space on its filesystem"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")):
+        return "make the file and its folder writable for the gateway's user"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return _STARTUP_FIX
+    return "check the disk and the file"
+
+
+def _create_if_missing(path: Path) -> None:
+    """Create a new store whole, so that a file at `path` always has a header: an empty
+    (zero-byte) one is then a truncated store, never a new one being made. Workers start
+    at once: each builds its own temporary file and links it into place; the first wins."""
+    if path.exists():
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        db = sqlite3.connect(str(temporary), isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another worker made it first: use theirs
+        except OSError:
+            # A filesystem without hard links: a rename, unless another worker's store is there now.
+            if not path.exists():
+                os.replace(temporary, path)
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._setup()
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"state_dir: cannot open the state database {path}: {exc}") from None
         self.path = path
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
+        self._failure_logged_at = -math.inf
+        self._failures_held = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size == 0:
+                raise ConfigError(
+                    f"state_dir: the state database {path} is empty (0 bytes): it holds no release state "
+                    f"and no audit history, so it was truncated; {_STARTUP_FIX}"
+                )
+            _create_if_missing(path)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA busy_timeout=10000")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state_dir: cannot open the state database {path}: {exc}") from None
+        try:
+            self._setup()
+            self._check_integrity()
+            self._check_writable()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise ConfigError(f"state_dir: the state database {path} cannot be used ({exc}): {_fix_for(exc)}") from None
+        except ConfigError:
+            self._db.close()
+            raise
 
     def _setup(self) -> None:
         """WAL mode and the schema. Several workers start at once and race for the
@@ -170,29 +238,94 @@ class SqliteStore:
                     raise
                 time.sleep(0.05)
 
+    def _check_integrity(self) -> None:
+        """A corrupt page is found now, not on the day a change or an audit query reads it.
+        quick_check skips integrity_check's index cross-checks: linear in the file's size,
+        fast enough for years of audit records."""
+        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise ConfigError(
+                f"state_dir: the state database {self.path} is corrupt ({'; '.join(problems)}): {_STARTUP_FIX}"
+            )
+
+    def _check_writable(self) -> None:
+        """SQLite opens a file it cannot write read-only, silently: write once now, so a
+        store the gateway cannot write stops startup instead of failing every change later."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES ('startup-write-check', ?, 0)",
+                (str(os.getpid()),),
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _unavailable_on_error(self, what: str) -> Iterator[None]:
+        """A store failure while serving: StoreUnavailable (UNAVAILABLE, with the fix) for
+        the caller, and one log line per interval, without a traceback, for the operator."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            fix = _fix_for(exc)
+            now = time.monotonic()
+            if now - self._failure_logged_at >= STORE_FAILURE_LOG_INTERVAL_S:
+                held, self._failures_held, self._failure_logged_at = self._failures_held, 0, now
+                log.error(
+                    "the state database %s cannot %s: %s; %s%s",
+                    self.path,
+                    what,
+                    exc,
+                    fix,
+                    f" ({held} more failures since the last line)" if held else "",
+                )
+            else:
+                self._failures_held += 1
+            raise StoreUnavailable(
+                f"the state database {self.path} cannot {what} ({exc}); release changes are refused until it can: {fix}"
+            ) from None
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._unavailable_on_error("be read"):
+            yield self._db
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._unavailable_on_error("be written"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) can leave the transaction open: end it.
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def load_all(self) -> dict[str, StoredRelease]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, rollout FROM releases").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT model, state, rollout FROM releases").fetchall()
         loaded = {}
-        for state, rollout in rows:
-            stored = _state_from(json.loads(state), json.loads(rollout))
+        for model, state, rollout in rows:
+            try:
+                stored = _state_from(json.loads(state), json.loads(rollout))
+            except (ValueError, TypeError, AttributeError) as exc:
+                # Written by hand or damaged: name what is wrong instead of a traceback.
+                raise ConfigError(
+                    f"state_dir: the state database {self.path} holds a release of model {model!r} that cannot "
+                    f"be read ({type(exc).__name__}: {str(exc)[:200]}): {_STARTUP_FIX}"
+                ) from None
             loaded[stored.state.model] = stored
         return loaded
 
     def changes(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
         return int(row[0])
 
     def commit(
@@ -258,8 +391,8 @@ class SqliteStore:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY id LIMIT ? OFFSET ?"
         args += [limit, offset]
-        with self._lock:
-            rows = self._db.execute(query, args).fetchall()
+        with self._reading() as db:
+            rows = db.execute(query, args).fetchall()
         return [
             AuditEntry(
                 id=r[0],
@@ -301,8 +434,8 @@ class SqliteStore:
 
     def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]:
         """Other workers' latest snapshots (stale rows of workers gone are left out)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT data FROM evidence WHERE model = ? AND worker != ? AND updated >= ?",
                 (model, worker, time.time() - max_age_s),
             ).fetchall()
@@ -318,15 +451,15 @@ class SqliteStore:
             db.execute("DELETE FROM feedback WHERE at < ?", (now - 3600.0,))
 
     def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT id, model, request_id, labels FROM feedback WHERE id > ? ORDER BY id LIMIT 10000", (last_id,)
             ).fetchall()
         return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
 
     def last_feedback_id(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
+        with self._reading() as db:
+            return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
 
     def integrity_ok(self) -> bool:
         with self._lock:
