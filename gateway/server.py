@@ -31,7 +31,7 @@ from gateway.control.auth import Authenticator, AuthInterceptor, check_bind, loa
 from gateway.control.servicer import ReleaseServicer
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreUnavailable
 from gateway.loader import ModelLoader
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
 from gateway.operations import ReleaseOps
@@ -263,6 +263,8 @@ class Gateway:
                     last = row_id
                     if model in plane.evidence and worker != "0":  # worker 0 joined them on arrival
                         plane.evidence[model].feedback(request_id, labels, received=False)
+            except StoreUnavailable:
+                pass  # the store logs its failures itself, rate-limited
             except Exception:
                 log.exception("sharing evidence through the store failed")
 
@@ -276,6 +278,8 @@ class Gateway:
                 if now != seen:
                     seen = now
                     self.ops.sync()
+            except StoreUnavailable:
+                pass  # the store logs its failures itself, rate-limited
             except Exception:
                 log.exception("reading the release store failed")
 
