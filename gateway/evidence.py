@@ -8,6 +8,7 @@ windows merge across worker processes.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,12 +35,28 @@ from gateway.errors import InvalidInput
 # (version, role, values): values per row are the top-1 class (classification)
 # or the first output value (regression).
 Prediction = tuple[str, str, np.ndarray]
-# (when the first prediction was logged, monotonic; every prediction for the id)
-_Logged = tuple[float, tuple[Prediction, ...]]
+# (when the first prediction was logged, monotonic; every prediction for the id;
+# the entry's estimated size in bytes, see `_entry_bytes`)
+_Logged = tuple[float, tuple[Prediction, ...], int]
+
+# The log holds ids the clients chose, for an hour: without a byte bound, large ids
+# or large prediction rows held hundreds of MB (400 requests with 1 MB ids: 415 MB).
+# Ids are capped at decode (setting max_id_bytes), and the log as a whole here.
+# 64 MiB holds the default 100k entries of short ids and a few rows each.
+PREDICTION_LOG_BYTES = 64 * (1 << 20)
+# What one entry and one prediction cost beyond the id and the values' data, roughly:
+# the dict slot and entry tuple; the prediction tuple and the array's header.
+_ENTRY_OVERHEAD = 200
+_PREDICTION_OVERHEAD = 200
+
+
+def _prediction_bytes(prediction: Prediction) -> int:
+    return _PREDICTION_OVERHEAD + prediction[2].nbytes
 
 
 class PredictionLog:
-    """Recent predictions by request id, capped in size and age, so labels can be joined later.
+    """Recent predictions by request id, capped in count, bytes and age, so labels can be
+    joined later. The oldest entries go first whichever cap is reached.
 
     Entries are plain tuples of strings, floats and arrays on purpose: the
     collector stops tracking such tuples after one pass, so a full log (100k
@@ -48,12 +65,18 @@ class PredictionLog:
     """
 
     def __init__(
-        self, max_entries: int = 100_000, max_age_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+        self,
+        max_entries: int = 100_000,
+        max_age_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = PREDICTION_LOG_BYTES,
     ) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
         self._clock = clock
         self._entries: OrderedDict[str, _Logged] = OrderedDict()
+        self.nbytes = 0  # the entries' estimated size, kept under max_bytes
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -67,17 +90,24 @@ class PredictionLog:
         now = self._clock()
         entries = self._entries
         for request_id, prediction in predictions:
+            size = _prediction_bytes(prediction)
             entry = entries.get(request_id)
             if entry is None:
-                entries[request_id] = (now, (prediction,))
+                size += _ENTRY_OVERHEAD + sys.getsizeof(request_id)
+                entries[request_id] = (now, (prediction,), size)
             else:
-                entries[request_id] = (entry[0], (*entry[1], prediction))
+                entries[request_id] = (entry[0], (*entry[1], prediction), entry[2] + size)
+            self.nbytes += size
         self._evict(now)
 
     def _evict(self, now: float) -> None:
         entries = self._entries
-        while entries and (len(entries) > self.max_entries or now - next(iter(entries.values()))[0] > self.max_age_s):
-            entries.popitem(last=False)
+        while entries and (
+            len(entries) > self.max_entries
+            or self.nbytes > self.max_bytes
+            or now - next(iter(entries.values()))[0] > self.max_age_s
+        ):
+            self.nbytes -= entries.popitem(last=False)[1][2]
             self.evicted += 1
 
     def take(self, request_id: str) -> tuple[tuple[Prediction, ...], float] | None:
@@ -85,7 +115,10 @@ class PredictionLog:
         logged (monotonic); None when the id is unknown or expired."""
         self._evict(self._clock())
         entry = self._entries.pop(request_id, None)
-        return None if entry is None else (entry[1], entry[0])
+        if entry is None:
+            return None
+        self.nbytes -= entry[2]
+        return entry[1], entry[0]
 
 
 def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
