@@ -57,6 +57,17 @@ class GatewaySettings:
     # loop cannot even look at requests as fast as they come, so the model
     # queues' bounds alone would let calls pile up unread.
     max_inflight: int = 1024
+    # Caps on one inference request's structure, checked by counting before anything is
+    # built per tensor (gateway/protocol/limits.py). Generous for real models: wide tabular
+    # models with one input per feature have hundreds of inputs, and 256 tensors decode in
+    # well under a millisecond; the protocol's parameters are a handful; real tensors have
+    # rank <= 8 (numpy itself stops at 32 or 64); ids are keys (a UUID is 36 bytes, a
+    # SHA-256 hex 64), and every id with a label is kept for the prediction log's hour.
+    max_inputs: int = 256
+    max_outputs: int = 256
+    max_parameters: int = 64
+    max_rank: int = 16
+    max_id_bytes: int = 256
     grace_s: float = 10.0
     log_level: str = "INFO"
     loop: LoopKind = "uvloop"
@@ -109,6 +120,9 @@ class GatewaySettings:
             raise ConfigError(f"max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
         if self.max_inflight < 1:
             raise ConfigError(f"max_inflight: must be >= 1, got {self.max_inflight}")
+        for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes"):
+            if getattr(self, cap) < 1:
+                raise ConfigError(f"{cap}: must be >= 1, got {getattr(self, cap)}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
 

@@ -36,6 +36,7 @@ from gateway.loader import ModelLoader
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
 from gateway.operations import ReleaseOps
 from gateway.ports import check_ports
+from gateway.protocol.limits import WireLimits, infer_parsers
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2_grpc
@@ -200,11 +201,11 @@ class Gateway:
         server = aio.server(
             migration_thread_pool=None,
             options=options,
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s)))],
             maximum_concurrent_rpcs=s.max_inflight,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.dataplane, registry, self.capture), server
+            InferenceServicer(self.dataplane, registry, self.capture, WireLimits.from_settings(s)), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

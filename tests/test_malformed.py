@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -128,6 +130,38 @@ def _bad_timeout(r: Request, data: st.DataObject) -> None:
         param.double_param = 1.5
 
 
+def _many_inputs(r: Request, data: st.DataObject) -> None:
+    # Empty tensors after a valid one: the raw count no longer matches, but the
+    # tensor count must be refused first, before anything is built per tensor.
+    for _ in range(data.draw(st.integers(256, 20_000))):
+        r.inputs.add()
+
+
+def _many_outputs(r: Request, data: st.DataObject) -> None:
+    for _ in range(data.draw(st.integers(257, 20_000))):
+        r.outputs.add(name="label")
+
+
+def _many_parameters(r: Request, data: st.DataObject) -> None:
+    for i in range(data.draw(st.integers(65, 2_000))):
+        r.parameters[f"p{i}"].bool_param = True
+
+
+def _deep_rank(r: Request, data: st.DataObject) -> None:
+    r.inputs[0].shape.extend([1] * data.draw(st.integers(15, 200_000)))
+
+
+def _long_id(r: Request, data: st.DataObject) -> None:
+    alphabet = st.sampled_from(["x", "\u00e9", "\u20ac", "\U0001f600"])
+    r.id = data.draw(st.text(alphabet, min_size=65, max_size=300).filter(lambda s: len(s.encode()) > 256))
+    if data.draw(st.booleans()):
+        r.id *= data.draw(st.integers(1, 100_000))
+
+
+def _long_name(r: Request, data: st.DataObject) -> None:
+    r.inputs[0].name = data.draw(st.sampled_from(["x", "pixels"])) * data.draw(st.integers(100, 500_000))
+
+
 MUTATIONS = [
     Mutation("wrong rank", _wrong_rank, INVALID, ("pixels", "shape")),
     Mutation("wrong dim", _wrong_dim, INVALID, ("pixels", "dimension 1 must be 64")),
@@ -145,7 +179,17 @@ MUTATIONS = [
     Mutation("unknown version", _unknown_version, NOT_FOUND, ("version",)),
     Mutation("unknown output", _unknown_output, INVALID, ("requested output",)),
     Mutation("bad timeout", _bad_timeout, INVALID, ("timeout_us",)),
+    # Structure caps (issue #21): refused by count, naming the field, the cap and its setting.
+    Mutation("many inputs", _many_inputs, INVALID, ("inputs: more than the limit of 256", "max_inputs")),
+    Mutation("many outputs", _many_outputs, INVALID, ("outputs: more than the limit of 256", "max_outputs")),
+    Mutation("many parameters", _many_parameters, INVALID, ("parameters: more than the limit of 64", "max_parameters")),
+    Mutation("deep rank", _deep_rank, INVALID, ("inputs[0].shape: more than the limit of 16", "max_rank")),
+    Mutation("long id", _long_id, INVALID, ("id: more than the limit of 256 bytes", "max_id_bytes")),
+    Mutation("long name", _long_name, INVALID, ("unknown input", "characters)")),
 ]
+# Every message quotes a bounded part of the request: it travels in the trailing
+# metadata, which gRPC caps (a longer one reached the client as RESOURCE_EXHAUSTED).
+MAX_DETAILS = 1024
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +203,7 @@ SEEN: dict[str, int] = {}
 FIXED_BATCH = {"byte size": 1, "typed count": 2}
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=160, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_malformed_requests_are_refused_with_a_named_problem(
     stub: service_pb2_grpc.GRPCInferenceServiceStub, data: st.DataObject
@@ -174,6 +218,7 @@ def test_malformed_requests_are_refused_with_a_named_problem(
     error = caught.value
     assert error.code() == mutation.code, (mutation.name, error.details())
     details = error.details() or ""
+    assert len(details) <= MAX_DETAILS, (mutation.name, details[:200])
     for word in mutation.words:
         assert word in details, (mutation.name, details)
     SEEN[mutation.name] = SEEN.get(mutation.name, 0) + 1
@@ -221,3 +266,108 @@ def test_message_over_the_size_limit_is_resource_exhausted_and_memory_stays_flat
         assert stub.ModelInfer(valid(batch=2), timeout=10).id == "ok"
         grown = rss_kib(server.proc.pid) - baseline
         assert grown < 20 * 1024, f"RSS grew by {grown} KiB"
+
+
+# --- hostile structure against a real server process: memory and latency stay bounded ----------
+
+
+def _field_tag(name: str) -> bytes:
+    number = RequestClass.DESCRIPTOR.fields_by_name[name].number
+    return bytes([(number << 3) | 2])  # length-delimited; the numbers here fit one byte
+
+
+def many_empty_tensors(count: int) -> bytes:
+    """A valid request (typed contents, so no raw count to mismatch) followed by `count`
+    empty input tensors, serialized directly at two bytes each: 2 M of them are the 4 MB
+    request that froze the event loop for ~9 s and kept ~460 MB (issue #21)."""
+    request = valid(batch=1)
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.fp32_contents.extend([1.0] * 64)
+    return request.SerializeToString() + (_field_tag("inputs") + b"\0") * count
+
+
+def many_outputs(count: int) -> bytes:
+    return valid(batch=1).SerializeToString() + (_field_tag("outputs") + b"\x07\x0a\x05label") * count
+
+
+def deep_rank(rank: int) -> bytes:
+    request = valid(batch=1)
+    request.inputs[0].shape.extend([1] * rank)
+    return bytes(request.SerializeToString())
+
+
+def long_id(size: int) -> bytes:
+    request = valid(batch=1)
+    request.id = "i" * size
+    return bytes(request.SerializeToString())
+
+
+HOSTILE: list[tuple[str, bytes, str]] = [
+    ("2 M empty tensors", many_empty_tensors(2_000_000), "max_inputs"),
+    ("1 M requested outputs", many_outputs(1_000_000), "max_outputs"),
+    ("a 2 M-rank shape", deep_rank(2_000_000), "max_rank"),
+    ("a 1 MB id", long_id(1 << 20), "max_id_bytes"),
+]
+
+
+def _send_hostile(address: str, rounds: int, outcomes: list[tuple[str, grpc.StatusCode, str]]) -> None:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        for _ in range(rounds):
+            for name, raw, setting in HOSTILE:
+                try:
+                    call(raw, timeout=30)
+                except grpc.RpcError as error:
+                    details = error.details() or ""
+                    outcomes.append((name, error.code(), details if setting not in details else setting))
+                else:
+                    outcomes.append((name, grpc.StatusCode.OK, "answered"))
+
+
+def _hostile_senders(
+    address: str, rounds: int, outcomes: list[tuple[str, grpc.StatusCode, str]], wait: bool = False
+) -> list[threading.Thread]:
+    """Three threads at once, each sending every HOSTILE request `rounds` times."""
+    senders = [threading.Thread(target=_send_hostile, args=(address, rounds, outcomes)) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    for sender in senders if wait else ():
+        sender.join()
+    return senders
+
+
+def test_hostile_structure_neither_freezes_the_server_nor_grows_its_memory() -> None:
+    """Requests with millions of tensors, outputs or dimensions, or megabyte ids, are refused
+    by count at once: a well-formed request sent meanwhile still answers promptly, and the
+    server's memory stays flat (once ~460 MB kept and ~9 s of frozen event loop each)."""
+    with (
+        gateway_process("--workers", "1", "--load", "digits") as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(20):
+            stub.ModelInfer(valid(batch=2), timeout=10)
+        # Warm the hostile path once (grpc's and the allocator's buffers for three large
+        # messages at a time), then measure.
+        _hostile_senders(server.address, 1, [], wait=True)
+        baseline = rss_kib(server.proc.pid)
+        outcomes: list[tuple[str, grpc.StatusCode, str]] = []
+        senders = _hostile_senders(server.address, 4, outcomes)
+        latencies: list[float] = []
+        while any(s.is_alive() for s in senders):
+            start = time.perf_counter()
+            assert stub.ModelInfer(valid(batch=2), timeout=30).id == "ok"
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.02)
+        grown = rss_kib(server.proc.pid) - baseline
+        assert len(outcomes) == 3 * 4 * len(HOSTILE)
+        for name, code, details in outcomes:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, details[:200])
+        assert {details for _, _, details in outcomes} == {setting for _, _, setting in HOSTILE}
+        # Generous: 2 cores shared with other work; a frozen loop took ~9 s per request.
+        assert latencies and max(latencies) < 3.0, sorted(latencies)[-5:]
+        assert grown < 64 * 1024, f"RSS grew by {grown} KiB"

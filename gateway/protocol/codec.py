@@ -1,4 +1,8 @@
-"""Protobuf <-> transport-neutral types. No validation against models here."""
+"""Protobuf <-> transport-neutral types. No validation against models here.
+
+Decoding first checks the request's structure (gateway.protocol.limits): a
+request is refused by counting before anything is built per tensor.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 
 from gateway.dtypes import DATATYPE_BY_NUMPY
 from gateway.errors import InvalidInput
+from gateway.protocol.limits import DEFAULT_LIMITS, WireLimits, check_structure
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.types import InferResponse, ParamValue, WireInput, WireRequest
 
@@ -22,7 +27,10 @@ def decode_parameters(params: Any) -> dict[str, ParamValue]:
     return out
 
 
-def decode_infer(request: pb.ModelInferRequest, deadline: float | None) -> WireRequest:
+def decode_infer(
+    request: pb.ModelInferRequest, deadline: float | None, limits: WireLimits = DEFAULT_LIMITS
+) -> WireRequest:
+    check_structure(request, limits)
     raw = request.raw_input_contents
     tensors = request.inputs
     if raw and len(raw) != len(tensors):

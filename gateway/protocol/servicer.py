@@ -11,6 +11,7 @@ from gateway.capture import CaptureWriter
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, PermissionDenied
 from gateway.protocol import codec
+from gateway.protocol.limits import DEFAULT_LIMITS, WireLimits
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.status import Unparseable, status_for
@@ -58,10 +59,17 @@ def _statistics(loaded: LoadedVersion) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, registry: Registry, capture: CaptureWriter | None = None) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        registry: Registry,
+        capture: CaptureWriter | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.capture = capture
+        self.limits = limits
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -91,7 +99,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        wire = codec.decode_infer(request, deadline_of(context))
+        wire = codec.decode_infer(request, deadline_of(context), self.limits)
         if self.capture is None:
             return codec.encode_infer(await self.dataplane.infer(wire))
         start = time.perf_counter()
@@ -110,7 +118,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if isinstance(request, Unparseable):
                     raise request.error()  # a message that did not parse (see protocol.status)
-                wire = codec.decode_infer(request, deadline_of(context))
+                wire = codec.decode_infer(request, deadline_of(context), self.limits)
                 response = codec.encode_infer(await self.dataplane.infer(wire))
             except GatewayError as exc:
                 yield pb.ModelStreamInferResponse(error_message=status_for(exc)[1])

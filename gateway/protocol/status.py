@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +99,11 @@ class Unparseable:
     message_type: str
     size: int
     reason: str
+    refusal: str = ""  # set when a structure check refused the bytes before parsing (its message)
 
     def error(self) -> errors.InvalidInput:
+        if self.refusal:
+            return errors.InvalidInput(self.refusal)
         return errors.InvalidInput(
             f"the request does not parse as {self.message_type} ({self.size} bytes: {self.reason}); "
             f"send a serialized {self.message_type} (check that client and server use the same .proto)"
@@ -124,6 +127,8 @@ def _tolerant(
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
+        except errors.InvalidInput as exc:  # over a cap (gateway.protocol.limits): named, not logged
+            return Unparseable(method, message_type, len(data), "", str(exc))
         except Exception as exc:  # DecodeError from protobuf; anything from another deserializer
             reason = (str(exc) or type(exc).__name__).replace("\n", " ")[:_REASON_CHARS]
             warnings.warning("refused an unparseable request to %s (%d bytes): %s", method, len(data), reason)
@@ -151,7 +156,12 @@ async def _abort(exc: Exception, context: aio.ServicerContext[Any, Any], method:
     if not isinstance(exc, errors.GatewayError):
         log.error("unexpected error in %s", method, exc_info=exc)
     code, message = status_for(exc)
-    await context.abort(code, message)
+    # Not context.abort(): grpc keeps the AbortError on the call's state, and its
+    # traceback holds the frames that hold the request, a cycle that kept every
+    # refused request (up to the message size each) until a full collection. A
+    # status set on the context is sent as is when the handler returns.
+    context.set_code(code)
+    context.set_details(message)
 
 
 def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
@@ -204,7 +214,9 @@ def _refuse_unparseable(behavior: Callable[..., Any]) -> Callable[..., Any]:
 class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every handler once (cached per method) with the mapping above."""
 
-    def __init__(self) -> None:
+    def __init__(self, parsers: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
+        # Per method, a deserializer to use instead of the handler's (one that checks first).
+        self._parsers = dict(parsers or {})
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
         self._unparseable = RateLimitedLog(log)
 
@@ -220,7 +232,8 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        deserializer = _tolerant(handler.request_deserializer, method, self._unparseable)
+        parser = self._parsers.get(method, handler.request_deserializer)
+        deserializer = _tolerant(parser, method, self._unparseable)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),

@@ -1,0 +1,248 @@
+"""Caps on one inference request's structure, checked before anything is built from it.
+
+One 4 MiB ModelInfer can carry ~2 M empty input tensors. Building a Python
+object per tensor froze the event loop for ~9 s and kept ~460 MB; even protobuf's
+own parse of such a message takes ~85 bytes a tensor (~170 MB for 4 MiB, and the
+allocator keeps it). So a request's serialized bytes are scanned first, field by
+field without building anything, and the scan stops at the first cap exceeded:
+at most a few hundred fields are looked at, whatever the message holds. Only a
+request within every cap is then parsed (`InferRequestParser`). `check_structure`
+repeats the count checks on a parsed message (len() of repeated and map fields
+is O(1)) for requests that arrive already parsed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from gateway.config import GatewaySettings
+from gateway.errors import InvalidInput
+from gateway.protocol.pb import inference_pb2 as pb
+
+# Model names are folder names (at most 255 bytes on common filesystems) and
+# versions short numbers: a longer one names nothing, and refusing it here keeps
+# every later "not found" message, which quotes it, small.
+MAX_NAME_BYTES = 256
+# Fields of a message other than those capped by name (a name, an id, a datatype,
+# contents, fields this gateway does not know): a real client sends a handful.
+MAX_OTHER_FIELDS = 64
+
+# Field numbers, from protos/inference.proto (ModelInferRequest and its nested messages).
+_NAME, _VERSION, _ID, _PARAMETERS, _INPUTS, _OUTPUTS, _RAW = 1, 2, 3, 4, 5, 6, 7
+_TENSOR_SHAPE, _TENSOR_PARAMETERS = 3, 4
+_OUTPUT_PARAMETERS = 2
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+_MAX_VARINT_BYTES = 10
+
+
+@dataclass(frozen=True, slots=True)
+class WireLimits:
+    """The caps (settings of the same names; defaults and why in `GatewaySettings`).
+
+    Total shape entries are bounded by max_inputs x max_rank (4,096 by default),
+    so they need no cap of their own."""
+
+    max_inputs: int
+    max_outputs: int
+    max_parameters: int
+    max_rank: int
+    max_id_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> WireLimits:
+        return cls(
+            max_inputs=settings.max_inputs,
+            max_outputs=settings.max_outputs,
+            max_parameters=settings.max_parameters,
+            max_rank=settings.max_rank,
+            max_id_bytes=settings.max_id_bytes,
+        )
+
+
+DEFAULT_LIMITS = WireLimits.from_settings(GatewaySettings())
+
+
+def over_limit(field_name: str, cap: int, unit: str, setting: str = "") -> InvalidInput:
+    """The refusal for a field over its cap, naming the field, the cap and the setting that moves it."""
+    where = f" (setting {setting}, GATEWAY_{setting.upper()})" if setting else ""
+    return InvalidInput(f"{field_name}: more than the limit of {cap} {unit}{where}")
+
+
+def _id_over(cap: int) -> InvalidInput:
+    # Refused, not hashed: the id is echoed in the answer and joined with feedback
+    # labels, so a silently rewritten id would break both.
+    error = over_limit("id", cap, "bytes", "max_id_bytes")
+    return InvalidInput(f"{error}: send a short key such as a UUID, or a hash of the long one")
+
+
+def _utf8_over(value: str, cap: int) -> bool:
+    # A str's length in characters is a lower bound of its UTF-8 length: only a
+    # value that may fit is encoded (a 60 MB id is refused without a copy).
+    return len(value) > cap or len(value.encode()) > cap
+
+
+def check_structure(request: pb.ModelInferRequest, limits: WireLimits = DEFAULT_LIMITS) -> None:
+    """Refuse a parsed request whose counts exceed `limits`, before anything is built from it."""
+    if len(request.inputs) > limits.max_inputs:
+        raise over_limit("inputs", limits.max_inputs, "tensors", "max_inputs")
+    if len(request.raw_input_contents) > limits.max_inputs:
+        raise over_limit("raw_input_contents", limits.max_inputs, "entries", "max_inputs")
+    if len(request.outputs) > limits.max_outputs:
+        raise over_limit("outputs", limits.max_outputs, "requested outputs", "max_outputs")
+    if len(request.parameters) > limits.max_parameters:
+        raise over_limit("parameters", limits.max_parameters, "entries", "max_parameters")
+    if _utf8_over(request.id, limits.max_id_bytes):
+        raise _id_over(limits.max_id_bytes)
+    for name, value in (("model_name", request.model_name), ("model_version", request.model_version)):
+        if _utf8_over(value, MAX_NAME_BYTES):
+            raise over_limit(name, MAX_NAME_BYTES, "bytes")
+    for index, tensor in enumerate(request.inputs):
+        if len(tensor.shape) > limits.max_rank:
+            raise over_limit(f"inputs[{index}].shape", limits.max_rank, "dimensions", "max_rank")
+        if len(tensor.parameters) > limits.max_parameters:
+            raise over_limit(f"inputs[{index}].parameters", limits.max_parameters, "entries", "max_parameters")
+    for index, output in enumerate(request.outputs):
+        if len(output.parameters) > limits.max_parameters:
+            raise over_limit(f"outputs[{index}].parameters", limits.max_parameters, "entries", "max_parameters")
+
+
+class _Stop(Exception):
+    """The bytes are not well-formed protobuf: stop scanning and let the parser say why."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    for index in range(pos, min(pos + _MAX_VARINT_BYTES, len(data))):
+        byte = data[index]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, index + 1
+        shift += 7
+    raise _Stop
+
+
+def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, value start, value end) of each field in data[start:end]."""
+    pos = start
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == _VARINT:
+            value_start = pos
+            _, pos = _varint(data, pos)
+        elif wire_type == _LENGTH:
+            length, value_start = _varint(data, pos)
+            pos = value_start + length
+        elif wire_type == _FIXED64:
+            value_start, pos = pos, pos + 8
+        elif wire_type == _FIXED32:
+            value_start, pos = pos, pos + 4
+        else:  # groups: no proto3 encoder writes them
+            raise _Stop
+        if pos > end:
+            raise _Stop
+        yield number, wire_type, value_start, pos
+
+
+class _Counter:
+    """Counts one message's fields by kind and refuses at the first count over its cap."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.counts: dict[str, int] = {}
+
+    def add(self, kind: str, cap: int, unit: str, setting: str = "", by: int = 1) -> int:
+        count = self.counts.get(kind, 0) + by
+        self.counts[kind] = count
+        if count > cap:
+            raise over_limit(f"{self.where}{kind}", cap, unit, setting)
+        return count
+
+    def other(self) -> None:
+        self.add("(other fields)", MAX_OTHER_FIELDS, "fields")
+
+
+def _packed_count(data: bytes, start: int, end: int, cap: int) -> int:
+    """How many varints data[start:end] packs (one ends at each byte < 0x80); past 10 bytes a
+    varint, a chunk longer than that many caps is over the cap whatever it holds."""
+    if end - start > _MAX_VARINT_BYTES * (cap + 1):
+        return cap + 1
+    return sum(1 for byte in data[start:end] if byte < 0x80)
+
+
+def _scan_tensor(data: bytes, start: int, end: int, index: int, limits: WireLimits) -> None:
+    counter = _Counter(f"inputs[{index}].")
+    for number, wire_type, value_start, value_end in _fields(data, start, end):
+        if number == _TENSOR_SHAPE:
+            rank = 1 if wire_type == _VARINT else _packed_count(data, value_start, value_end, limits.max_rank)
+            counter.add("shape", limits.max_rank, "dimensions", "max_rank", by=rank)
+        elif number == _TENSOR_PARAMETERS:
+            counter.add("parameters", limits.max_parameters, "entries", "max_parameters")
+        else:
+            counter.other()
+
+
+def _scan_output(data: bytes, start: int, end: int, index: int, limits: WireLimits) -> None:
+    counter = _Counter(f"outputs[{index}].")
+    for number, _, _, _ in _fields(data, start, end):
+        if number == _OUTPUT_PARAMETERS:
+            counter.add("parameters", limits.max_parameters, "entries", "max_parameters")
+        else:
+            counter.other()
+
+
+def _scan_request(data: bytes, limits: WireLimits) -> None:
+    counter = _Counter("")
+    for number, wire_type, start, end in _fields(data, 0, len(data)):
+        if number == _INPUTS and wire_type == _LENGTH:
+            index = counter.add("inputs", limits.max_inputs, "tensors", "max_inputs") - 1
+            _scan_tensor(data, start, end, index, limits)
+        elif number == _OUTPUTS and wire_type == _LENGTH:
+            index = counter.add("outputs", limits.max_outputs, "requested outputs", "max_outputs") - 1
+            _scan_output(data, start, end, index, limits)
+        elif number == _RAW:
+            counter.add("raw_input_contents", limits.max_inputs, "entries", "max_inputs")
+        elif number == _PARAMETERS:
+            counter.add("parameters", limits.max_parameters, "entries", "max_parameters")
+        else:
+            counter.other()
+            # A string's length prefix is its UTF-8 length: checked without decoding it.
+            if number == _ID and end - start > limits.max_id_bytes:
+                raise _id_over(limits.max_id_bytes)
+            if number in (_NAME, _VERSION) and end - start > MAX_NAME_BYTES:
+                raise over_limit("model_name" if number == _NAME else "model_version", MAX_NAME_BYTES, "bytes")
+
+
+def scan_infer_request(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> None:
+    """Refuse a serialized ModelInferRequest over `limits` (InvalidInput) without parsing it.
+
+    Malformed bytes are left to the parser, which says what is wrong with them."""
+    with contextlib.suppress(_Stop):
+        _scan_request(data, limits)
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequestParser:
+    """grpc's request deserializer for ModelInfer and ModelStreamInfer: scan, then parse."""
+
+    limits: WireLimits = DEFAULT_LIMITS
+    # What the message is, for errors that name it (as on a generated `FromString`).
+    DESCRIPTOR: ClassVar[object] = pb.ModelInferRequest.DESCRIPTOR
+
+    def parse(self, data: bytes) -> pb.ModelInferRequest:
+        scan_infer_request(data, self.limits)
+        request: pb.ModelInferRequest = pb.ModelInferRequest.FromString(data)
+        return request
+
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+INFER_METHODS = (f"/{_SERVICE}/ModelInfer", f"/{_SERVICE}/ModelStreamInfer")
+
+
+def infer_parsers(limits: WireLimits) -> dict[str, Callable[[bytes], pb.ModelInferRequest]]:
+    """The deserializers of the methods that carry a ModelInferRequest, by gRPC method path."""
+    parser = InferRequestParser(limits).parse
+    return dict.fromkeys(INFER_METHODS, parser)
