@@ -156,15 +156,13 @@ def load_sessions(
     """
     spec = repository.spec(name)
     models: dict[str, OnnxModel] = {}
-    for version in repository.versions(name):
+    for version in repository.check_layout(name):
         files = repository.version_files(name, version)
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
         if model.on_cuda:
             model.use_buckets(gpu_defaults(spec, model).preferred_batch_sizes)
         model.warm_up(spec.max_batch_size)
         models[version] = model
-    if not models:
-        raise ModelNotFound(f"model {name!r} has no versions under {repository.root / name}")
     default = spec.release.stable or sorted(models, key=version_sort_key)[-1]
     if default not in models:
         raise ModelNotFound(f"model {name!r}: release.stable names version {default!r}, which does not exist")

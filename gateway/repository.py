@@ -17,6 +17,7 @@ from gateway.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFo
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "model.toml"
+LAYOUT = f"<name>/<version>/{MODEL_FILE} (and an optional <name>/{SPEC_FILE})"
 
 
 def check_name(kind: str, name: str) -> str:
@@ -51,11 +52,35 @@ class Repository:
         return resolved
 
     def model_names(self) -> list[str]:
+        """Every model folder under the root; a folder that looks like a model but is
+        laid out wrong is an error (startup stops naming it) rather than skipped, so a
+        model never goes missing without a word."""
         names = []
         for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and NAME_PATTERN.fullmatch(entry.name) and self.versions(entry.name):
-                names.append(entry.name)
+            if entry.name.startswith("."):
+                continue  # .git, editor and notebook folders: never models
+            if entry.is_file() and entry.suffix == ".onnx":
+                raise ModelLoadError(f"{entry}: a model file directly under the repository; expected {LAYOUT}")
+            if not entry.is_dir() or not _looks_like_model(entry):
+                continue
+            if not NAME_PATTERN.fullmatch(entry.name):
+                raise ModelLoadError(
+                    f"{entry}: model folder name not allowed (names match {NAME_PATTERN.pattern}); rename it"
+                )
+            self.check_layout(entry.name)
+            names.append(entry.name)
         return names
+
+    def check_layout(self, name: str) -> list[str]:
+        """The model's versions; raises ModelLoadError naming the path for a folder laid out wrong."""
+        path = self.model_dir(name)
+        stray = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix == ".onnx")
+        if stray:
+            raise ModelLoadError(f"{path / stray[0]}: a model file outside a version folder; expected {LAYOUT}")
+        versions = self.versions(name)
+        if not versions:
+            raise ModelLoadError(f"{path}: no version folder; expected {LAYOUT}")
+        return versions
 
     def model_dir(self, name: str) -> Path:
         check_name("model", name)
@@ -81,7 +106,19 @@ class Repository:
         return VersionFiles(name, version, self._inside(model_file, "model file"))
 
     def spec(self, name: str) -> ModelSpec:
+        """The model's spec (defaults when it has no model.toml)."""
         spec_file = self.model_dir(name) / SPEC_FILE
         if spec_file.exists():
             self._inside(spec_file, "spec file")
         return load_model_spec(spec_file)
+
+
+def _looks_like_model(folder: Path) -> bool:
+    """A folder holding a spec or an ONNX file, itself or one level down (a version
+    folder whose file is misnamed still counts: loading it then names the file)."""
+    for entry in folder.iterdir():
+        if entry.is_file() and (entry.name == SPEC_FILE or entry.suffix == ".onnx"):
+            return True
+        if entry.is_dir() and not entry.name.startswith(".") and any(entry.glob("*.onnx")):
+            return True
+    return False
