@@ -9,6 +9,7 @@ the session was created with them).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
 from gateway.errors import InvalidInput, ModelExecutionError, ModelLoadError
 from gateway.providers import CUDA, ProviderChooser
 from gateway.types import Tensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,29 @@ def _tensor_spec(arg: Any, path: Path) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape, symbols)
 
 
+def _servable_outputs(args: list[Any], path: Path) -> tuple[list[TensorSpec], list[str]]:
+    """The outputs the protocol can carry (tensors), and the names of those it cannot.
+
+    Our choice for the others (scikit-learn's ZipMap `seq(map(...))`, say): serve the
+    model without them and say so once, rather than refuse a model whose other
+    outputs are fine. A model with no tensor output at all cannot serve: refused.
+    """
+    outputs = [_tensor_spec(a, path) for a in args if a.type in DATATYPE_BY_ONNX]
+    skipped = [f"{a.name!r} ({a.type})" for a in args if a.type not in DATATYPE_BY_ONNX]
+    if not skipped:
+        return outputs, []
+    fix = (
+        "a scikit-learn classifier converted with skl2onnx gives probabilities as a tensor with "
+        "options={id(model): {'zipmap': False}}"
+    )
+    if not outputs:
+        raise ModelLoadError(f"{path}: no output the gateway can serve (only {', '.join(skipped)}); {fix}")
+    log.warning(
+        "%s: serving without output(s) %s: the protocol cannot carry their type; %s", path, ", ".join(skipped), fix
+    )
+    return outputs, [a.name for a in args if a.type not in DATATYPE_BY_ONNX]
+
+
 class OnnxModel:
     """An onnxruntime session plus the metadata the gateway needs from it."""
 
@@ -117,7 +143,7 @@ class OnnxModel:
         chooser.accept(requested, self.providers)
         self.on_cuda = self.providers[0] == CUDA
         self.inputs = [_tensor_spec(a, path) for a in self.session.get_inputs()]
-        self.outputs = [_tensor_spec(a, path) for a in self.session.get_outputs()]
+        self.outputs, self.skipped_outputs = _servable_outputs(self.session.get_outputs(), path)
         self.output_names = [o.name for o in self.outputs]
         self.warmup_seconds = 0.0
         self._cost: list[tuple[int, float]] = []
@@ -143,7 +169,7 @@ class OnnxModel:
     def run(self, feeds: Tensors) -> list[np.ndarray]:
         """Run the model; returns every output in `self.outputs` order."""
         try:
-            if self.on_cuda:
+            if self.on_cuda and not self.skipped_outputs:  # the CUDA runner binds every graph output
                 return self._cuda_runner().run(feeds)
             result: list[np.ndarray] = self.session.run(self.output_names, feeds)
             return result
