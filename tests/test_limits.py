@@ -181,3 +181,11 @@ def test_echoed_shapes_names_and_datatypes_are_clipped(rank: int, dim: int, leng
     messages.append(str(caught.value))
     for message in messages:
         assert len(message) < 600, message[:200]
+
+
+def test_a_stream_message_over_a_cap_fails_alone(small_caps: Stub) -> None:
+    over = valid()
+    over.inputs.add(name="extra", datatype="FP32", shape=[1])
+    answers = list(small_caps.ModelStreamInfer(iter([valid("a"), over, valid("b")]), timeout=10))
+    assert [a.infer_response.id for a in answers] == ["a", "", "b"]
+    assert "inputs: more than the limit of 1 tensors" in answers[1].error_message
