@@ -69,6 +69,8 @@ def main() -> None:
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
 @click.option("--max-inflight", type=int, help="Calls in flight per process; more are refused at once. [1024]")
+@click.option("--max-streams", type=int, help="Open streams per process, apart from --max-inflight. [256]")
+@click.option("--stream-idle", "stream_idle_s", type=float, help="End a stream idle this many seconds; 0: never. [300]")
 @click.option("--grace", "grace_s", type=float, help="Seconds to answer in-flight requests on SIGTERM. [default: 10]")
 @click.option("--intra-op-threads", type=int, help="onnxruntime threads per session; 0 lets it decide. [default: 0]")
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), help="Event loop. [default: uvloop]")

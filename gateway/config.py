@@ -57,6 +57,16 @@ class GatewaySettings:
     # loop cannot even look at requests as fast as they come, so the model
     # queues' bounds alone would let calls pile up unread.
     max_inflight: int = 1024
+    # Open streams per process, counted apart from max_inflight (gateway/streams.py):
+    # idle streams must never hold the slots unary calls need. A stream with no
+    # message from its client for stream_idle_s is ended (0: never). Connections
+    # with no call for max_connection_idle_s are closed, and every connection is
+    # asked to reconnect after max_connection_age_s (0: either never), which also
+    # spreads long-lived clients over --workers again.
+    max_streams: int = 256
+    stream_idle_s: float = 300.0
+    max_connection_idle_s: float = 600.0
+    max_connection_age_s: float = 3600.0
     # Caps on one inference request's structure, checked by counting before anything is
     # built per tensor (gateway/protocol/limits.py). Generous for real models: wide tabular
     # models with one input per feature have hundreds of inputs, and 256 tensors decode in
@@ -120,6 +130,11 @@ class GatewaySettings:
             raise ConfigError(f"max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
         if self.max_inflight < 1:
             raise ConfigError(f"max_inflight: must be >= 1, got {self.max_inflight}")
+        if self.max_streams < 1:
+            raise ConfigError(f"max_streams: must be >= 1, got {self.max_streams}")
+        for name in ("stream_idle_s", "max_connection_idle_s", "max_connection_age_s"):
+            if not 0 <= getattr(self, name) <= 2**31 / 1000:  # gRPC keeps milliseconds in C ints
+                raise ConfigError(f"{name}: must be in 0..{2**31 // 1000}, got {getattr(self, name)}")
         for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes"):
             if getattr(self, cap) < 1:
                 raise ConfigError(f"{cap}: must be >= 1, got {getattr(self, cap)}")

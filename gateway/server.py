@@ -49,10 +49,17 @@ from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository
 from gateway.statelock import lock_state_dir
 from gateway.store import SqliteStore
+from gateway.streams import StreamGuard
 
 log = logging.getLogger(__name__)
 
 SHARE_EVERY_S = 0.5
+# The server pings a connection idle this long, and drops it when no answer comes in
+# KEEPALIVE_TIMEOUT_S: a vanished client's streams do not stay open until the idle limit.
+KEEPALIVE_TIME_S = 60
+KEEPALIVE_TIMEOUT_S = 20
+# Calls still running when a connection reaches max_connection_age_s get this long to end.
+CONNECTION_AGE_GRACE_S = 60
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -85,6 +92,24 @@ def build_registry(
     if chooser.cuda_reason and settings.provider == "auto":
         log.info("running on the CPU: %s", chooser.cuda_reason)
     return registry, ModelLoaderParts(repository, settings, chooser, make_executor)
+
+
+def inference_options(s: GatewaySettings) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        # SO_REUSEPORT only groups the workers of one supervisor (gateway.ports): a
+        # single serving process binds alone, so a second one on its port fails.
+        ("grpc.so_reuseport", 1 if s.worker_index >= 0 else 0),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ]
+    if s.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", round(s.max_connection_idle_s * 1000)))
+    if s.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", round(s.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_S * 1000))
+    return options
 
 
 def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
@@ -136,6 +161,7 @@ class Gateway:
         # (`instances`), so the pool never queues one version behind another.
         self._pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="ort")
         self._server: aio.Server | None = None
+        self._streams: StreamGuard | None = None
         self._health = health_aio.HealthServicer()
         self._stopped = asyncio.Event()
         self._metrics_httpd: object | None = None
@@ -191,18 +217,14 @@ class Gateway:
             self.controller = Controller(self.ops)
             self._background.append(loop.create_task(self.controller.run()))
         self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            # SO_REUSEPORT only groups the workers of one supervisor (gateway.ports): a
-            # single serving process binds alone, so a second one on its port fails.
-            ("grpc.so_reuseport", 1 if s.worker_index >= 0 else 0),
-        ]
+        self._streams = StreamGuard(s.max_streams, s.stream_idle_s)
         server = aio.server(
             migration_thread_pool=None,
-            options=options,
-            interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s)))],
-            maximum_concurrent_rpcs=s.max_inflight,
+            options=inference_options(s),
+            # The guard sits inside the error mapping: it ends streams with its own status.
+            interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))), self._streams],
+            # Streams have their own cap (the guard's), so unary calls always keep max_inflight.
+            maximum_concurrent_rpcs=s.max_inflight + s.max_streams,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.dataplane, registry, self.capture, WireLimits.from_settings(s)), server
@@ -308,11 +330,18 @@ class Gateway:
         grace = self.settings.grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._streams is not None:
+            # Open streams end at their next wait for a message, so nothing is left
+            # running when grpc shuts down (it would answer new calls CANCELLED meanwhile).
+            self._streams.close()
         if self.dataplane is not None:
             self.dataplane.draining = True
             # New calls now get UNAVAILABLE while those in flight are answered.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.dataplane.wait_idle(), max(0.0, deadline - time.monotonic()))
+        if self._streams is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._streams.wait_closed(), max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self._control is not None:

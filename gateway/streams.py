@@ -1,0 +1,220 @@
+"""Long-lived calls: how many streams one process keeps open, and for how long idle.
+
+gRPC's `maximum_concurrent_rpcs` counts an open stream like a unary call for as
+long as it stays open, so a few idle ModelStreamInfer streams used to hold every
+slot and lock every other caller out. Streams get a cap of their own here (the
+server adds it to `max_inflight`, so unary calls keep all of theirs); a stream
+that waits longer than the idle limit for its client's next message is ended;
+and a drain ends every stream at its next wait for a message, instead of
+leaving open streams to grpc's shutdown, which answers calls arriving meanwhile
+with CANCELLED.
+
+Request-streaming calls (ModelStreamInfer, reflection) are ended only while
+they wait for the client, never in the middle of a request. Server-push calls
+(health Watch) count against the cap and are ended by a drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+DRAIN_MESSAGE = "the server is shutting down; retry on another replica"
+# A health watcher gets this long to receive NOT_SERVING before a drain ends its stream.
+WATCH_FLUSH_S = 0.5
+
+
+class StreamEnded(Exception):
+    """The guard ends this stream: with `code` and `message` for the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Stream:
+    """One open stream: its handler task, and whether it waits for the client now."""
+
+    __slots__ = ("ended", "push", "task", "waiting")
+
+    def __init__(self, task: asyncio.Task[Any] | None, push: bool) -> None:
+        self.task = task
+        self.push = push
+        self.waiting = False
+        self.ended: StreamEnded | None = None
+
+    def end(self, reason: StreamEnded) -> None:
+        # Only while it waits for a message: a request being answered is never cut.
+        if self.waiting and self.ended is None and self.task is not None:
+            self.ended = reason
+            self.task.cancel()
+
+    def take_cancel(self) -> StreamEnded | None:
+        """After a CancelledError: our own ending (the cancel is consumed), or None (the client's)."""
+        if self.ended is not None and self.task is not None:
+            self.task.uncancel()
+        return self.ended
+
+
+class StreamGuard(aio.ServerInterceptor):  # type: ignore[misc]
+    """Caps open streams, ends idle ones, and ends all of them on drain."""
+
+    def __init__(self, max_streams: int, idle_s: float) -> None:
+        self.max_streams = max_streams
+        self.idle_s = idle_s
+        self._open: set[_Stream] = set()
+        self._closing = False
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        """Drain: refuse new streams; end each open one at its next wait for a message."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for stream in list(self._open):
+            if stream.push:
+                loop.call_later(WATCH_FLUSH_S, stream.end, _draining())
+            else:
+                stream.end(_draining())
+
+    async def wait_closed(self) -> None:
+        await self._none_open.wait()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._guard_requests(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
+            # Health Watch writes with context.write and waits forever between changes.
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._guard_push(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            wrapped = handler
+        self._cache[method] = wrapped
+        return wrapped
+
+    def _admit(self, push: bool) -> _Stream:
+        if self._closing:
+            raise _draining()
+        if len(self._open) >= self.max_streams:
+            raise StreamEnded(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self._open)} streams are open on this server process, the most max_streams allows: "
+                "close idle streams, or raise --max-streams",
+            )
+        stream = _Stream(asyncio.current_task(), push)
+        self._open.add(stream)
+        self._none_open.clear()
+        return stream
+
+    def _release(self, stream: _Stream) -> None:
+        self._open.discard(stream)
+        if not self._open:
+            self._none_open.set()
+
+    def _guard_requests(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def guarded(request_iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                stream = self._admit(push=False)
+            except StreamEnded as refused:
+                await _end(context, refused)
+            try:
+                async for response in behavior(self._messages(request_iterator, stream), context):
+                    yield response
+            except StreamEnded as ended:
+                await _end(context, ended)
+            finally:
+                self._release(stream)
+
+        return guarded
+
+    async def _messages(self, requests: AsyncIterator[Any], stream: _Stream) -> AsyncIterator[Any]:
+        """The client's messages, ending the stream when it idles too long or the server drains."""
+        loop = asyncio.get_running_loop()
+        iterator = requests.__aiter__()
+        while True:
+            if self._closing:
+                raise _draining()
+            timer = loop.call_later(self.idle_s, stream.end, self._idle()) if self.idle_s > 0 else None
+            stream.waiting = True
+            try:
+                message = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                ended = stream.take_cancel()
+                if ended is None:
+                    raise
+                raise ended from None
+            finally:
+                stream.waiting = False
+                if timer is not None:
+                    timer.cancel()
+            yield message
+
+    def _idle(self) -> StreamEnded:
+        return StreamEnded(
+            grpc.StatusCode.UNAVAILABLE,
+            f"stream closed: no message for {self.idle_s:g} s (stream_idle_s); "
+            "send more often, or open a new stream when there is work",
+        )
+
+    def _guard_push(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+            try:
+                stream = self._admit(push=True)
+            except StreamEnded as refused:
+                await _end(context, refused)
+            stream.waiting = True  # it only waits for news: a drain may end it at any time
+            try:
+                await behavior(request, context)
+            except asyncio.CancelledError:
+                ended = stream.take_cancel()
+                if ended is None:
+                    raise
+                await _end(context, ended)
+            finally:
+                self._release(stream)
+
+        return guarded
+
+
+async def _end(context: aio.ServicerContext[Any, Any], ended: StreamEnded) -> None:
+    try:
+        await context.abort(ended.code, ended.message)
+    except aio.AbortError:
+        raise
+    except Exception:  # the call ended first (its client went away): nobody to tell
+        return
+
+
+def _draining() -> StreamEnded:
+    return StreamEnded(grpc.StatusCode.UNAVAILABLE, DRAIN_MESSAGE)
