@@ -321,6 +321,48 @@ def audit(client: ControlClient, model: str, since: str | None, until: str | Non
             console.print(describe_audit(record), markup=False)
 
 
+# A SubmitFeedback message stays under this many bytes: the control API takes messages
+# up to gRPC's default 4 MiB, and a file must never fail partway on an oversized batch.
+FEEDBACK_BATCH_BYTES = 3 << 20
+# Label sets per call: the server's cap (gateway.feedback.MAX_FEEDBACK_ITEMS).
+FEEDBACK_BATCH_ITEMS = 10_000
+
+
+def _number(value: object, where: str) -> float:
+    """A label: a JSON number, or a string holding one (as CSV exports often write them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise click.BadParameter(f"{where}: a label must be a number, got {json.dumps(value)[:40]}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{where}: a label must be a number, got {json.dumps(value)[:40]}") from None
+    if not math.isfinite(number):
+        raise click.BadParameter(f"{where}: a label must be a finite number, got {value!r}")
+    return number
+
+
+def _json_item(line: str, where: str) -> tuple[str, list[float]]:
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise click.BadParameter(f"{where}: not JSON ({exc})") from None
+    if not isinstance(item, dict) or "request_id" not in item or not ("label" in item or "labels" in item):
+        raise click.BadParameter(f'{where}: expected {{"request_id": ..., "label": 7}} or "labels": [7, 3]')
+    request_id = str(item["request_id"])
+    if not request_id:
+        raise click.BadParameter(f"{where}: request_id is empty")
+    if "labels" in item:
+        labels = item["labels"]
+        if not isinstance(labels, list) or not labels:
+            # A string is iterable: "12" would otherwise become the labels 1 and 2.
+            raise click.BadParameter(
+                f'{where}: "labels" must be a non-empty JSON array, one number per row, e.g. [1, 2]; '
+                f'got {json.dumps(labels)[:40]} (for one label write "label": 12)'
+            )
+        return request_id, [_number(v, where) for v in labels]
+    return request_id, [_number(item["label"], where)]
+
+
 def read_feedback(path: Path) -> Iterator[tuple[str, list[float]]]:
     """JSON lines ({"request_id", "label" or "labels"}) or CSV (request_id,label[,label...])."""
     with path.open() as handle:
@@ -328,20 +370,30 @@ def read_feedback(path: Path) -> Iterator[tuple[str, list[float]]]:
             for n, row in enumerate(csv.reader(handle), 1):
                 if not row or (n == 1 and row[0] == "request_id"):
                     continue
-                try:
-                    yield row[0], [float(v) for v in row[1:]]
-                except ValueError:
-                    raise click.BadParameter(f"{path}:{n}: labels must be numbers") from None
+                if not row[0] or len(row) < 2:
+                    raise click.BadParameter(f"{path}:{n}: expected request_id,label[,label...]")
+                yield row[0], [_number(v, f"{path}:{n}") for v in row[1:]]
             return
         for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                labels = item["labels"] if "labels" in item else [item["label"]]
-                yield str(item["request_id"]), [float(v) for v in labels]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise click.BadParameter(f"{path}:{n}: expected {{request_id, label|labels}} ({exc})") from None
+            if line.strip():
+                yield _json_item(line, f"{path}:{n}")
+
+
+def feedback_batches(
+    items: list[rpb.Feedback], max_items: int, max_bytes: int = FEEDBACK_BATCH_BYTES
+) -> Iterator[list[rpb.Feedback]]:
+    """Consecutive batches of at most `max_items` label sets and `max_bytes` encoded."""
+    batch: list[rpb.Feedback] = []
+    size = 0
+    for item in items:
+        cost = item.ByteSize() + 8  # the field's tag and length prefix
+        if batch and (len(batch) >= max_items or size + cost > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += cost
+    if batch:
+        yield batch
 
 
 @click.group()
@@ -351,31 +403,55 @@ def feedback() -> None:
 
 @feedback.command(
     "send",
-    epilog='\b\nFILE formats:\n  labels.jsonl  {"request_id": "r1", "label": 7}\n  labels.csv    request_id,label',
+    epilog='\b\nFILE formats:\n  labels.jsonl  {"request_id": "r1", "label": 7}\n'
+    '                {"request_id": "r2", "labels": [7, 3]}   (one per row)\n  labels.csv    request_id,label',
 )
 @click.argument("model")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, FEEDBACK_BATCH_ITEMS),
+    default=2000,
+    show_default=True,
+    help="Label sets per call (fewer when they would pass 3 MiB).",
+)
 @connection_options
 def feedback_send(client: ControlClient, model: str, file: Path, batch: int) -> None:
-    """Send labels from FILE for MODEL's predictions."""
-    joined = unknown = 0
+    """Send labels from FILE for MODEL's predictions.
+
+    The whole file is read and checked first: a mistake on any line sends nothing.
+    Exit status 1 when the gateway rejected labels (they do not fit their prediction).
+    """
     items: list[rpb.Feedback] = []
-
-    def flush() -> None:
-        nonlocal joined, unknown
-        reply = client.call(client.stub.SubmitFeedback, rpb.SubmitFeedbackRequest(model=model, items=items))
-        joined, unknown = joined + reply.joined, unknown + reply.unknown
-        items.clear()
-        console.print(f"sent {joined + unknown} labels ({joined} joined, {unknown} unknown or expired)", end="\r")
-
     for request_id, labels in read_feedback(file):
-        items.append(rpb.Feedback(request_id=request_id, labels=labels))
-        if len(items) >= batch:
-            flush()
-    if items:
-        flush()
-    console.print(f"sent {joined + unknown} labels: {joined} joined, {unknown} unknown or expired")
+        item = rpb.Feedback(request_id=request_id, labels=labels)
+        if item.ByteSize() + 64 > FEEDBACK_BATCH_BYTES:
+            raise click.BadParameter(
+                f"{file}: the labels for request {request_id[:80]!r} take {item.ByteSize()} bytes, over the "
+                f"{FEEDBACK_BATCH_BYTES} a message may carry"
+            )
+        items.append(item)
+    totals = dict.fromkeys(("joined", "already_labelled", "unknown", "pending", "rejected"), 0)
+    errors: list[str] = []
+    for part in feedback_batches(items, batch):
+        reply = client.call(client.stub.SubmitFeedback, rpb.SubmitFeedbackRequest(model=model, items=part))
+        for name in totals:
+            totals[name] += getattr(reply, name)
+        errors += list(reply.errors)
+        console.print(f"sent {sum(totals.values())} labels ({totals['joined']} joined)", end="\r")
+    summary = (
+        f"sent {sum(totals.values())} labels: {totals['joined']} joined, {totals['unknown']} unknown or expired, "
+        f"{totals['already_labelled']} already labelled"
+    )
+    if totals["pending"]:
+        summary += f", {totals['pending']} pending (other workers still joining them)"
+    if totals["rejected"]:
+        summary += f", {totals['rejected']} rejected"
+    console.print(summary)
+    if totals["rejected"]:
+        for error in errors[:10]:
+            click.echo(f"gateway: rejected: {error}", err=True)
+        sys.exit(EXIT_REFUSED)
 
 
 @click.group()

@@ -110,6 +110,12 @@ class PredictionLog:
             self.nbytes -= entries.popitem(last=False)[1][2]
             self.evicted += 1
 
+    def peek(self, request_id: str) -> tuple[tuple[Prediction, ...], float] | None:
+        """What `take` would return, left in the log (labels are checked before they are joined)."""
+        self._evict(self._clock())
+        entry = self._entries.get(request_id)
+        return None if entry is None else (entry[1], entry[0])
+
     def take(self, request_id: str) -> tuple[tuple[Prediction, ...], float] | None:
         """Remove and return the predictions made for a request id, and when the first was
         logged (monotonic); None when the id is unknown or expired."""
@@ -125,6 +131,15 @@ def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
     if kind == "classification":
         return top1(output)
     return first_values(output)
+
+
+# What became of one label set (SubmitFeedback counts each outcome apart).
+JOINED = "joined"
+UNKNOWN = "unknown"  # no prediction logged for the id here (never, or expired)
+ALREADY = "already_labelled"  # its prediction was joined with labels before: a resend
+# How many labelled request ids each model remembers (as 8-byte hashes, ~100 bytes each
+# with the dict's slot: ~10 MB), to tell a resent label from an unknown id.
+LABELLED_IDS_KEPT = 100_000
 
 
 @dataclass(slots=True)
@@ -151,6 +166,8 @@ class ModelEvidence:
     rollout_key: str = ""  # identifies the rollout, so workers' windows merge only within one
     rollout_began: float = 0.0  # monotonic; labels of earlier predictions stay out of the rollout
     labels_received: int = 0
+    # Hashes of request ids whose predictions were joined with labels, oldest first.
+    labelled: OrderedDict[int, None] = field(default_factory=OrderedDict, repr=False)
 
     def begin_rollout(self, stable: str, candidate: str, key: str = "") -> None:
         """Start gathering rollout evidence afresh (a new rollout, or a restart mid-rollout)."""
@@ -279,22 +296,32 @@ class ModelEvidence:
         return True
 
     def feedback(self, request_id: str, labels: Sequence[float], received: bool = True) -> bool:
-        """Join labels (one per row) with every prediction made for the request id.
+        """Join labels with the request's predictions; True when they were joined."""
+        return self.join(request_id, labels, received) == JOINED
+
+    def join(self, request_id: str, labels: Sequence[float], received: bool = True) -> str:
+        """Join labels (one per row) with every prediction made for the request id: JOINED,
+        UNKNOWN or ALREADY. Labels that do not fit a prediction raise InvalidInput and leave
+        it logged, so a corrected resend still joins.
 
         `received` is False for labels another worker received and shared: they
         count where they arrived, and join wherever the prediction was made.
         """
-        self.labels_received += int(received)
-        taken = self.log.take(request_id)
-        if taken is None:
-            return False
-        predictions, predicted_at = taken
+        logged = self.log.peek(request_id)
+        if logged is None:
+            self.labels_received += int(received)
+            return ALREADY if hash(request_id) in self.labelled else UNKNOWN
+        predictions, predicted_at = logged
         truth = np.asarray(labels, dtype=np.float64)
-        for version, _role, values in predictions:
+        for _version, _role, values in predictions:
             if values.shape[0] != truth.shape[0]:
                 raise InvalidInput(
-                    f"feedback for {request_id!r}: {truth.shape[0]} labels for a request of {values.shape[0]} rows"
+                    f"feedback for {request_id[:80]!r}: {truth.shape[0]} labels for a request of "
+                    f"{values.shape[0]} rows: send one label per row"
                 )
+        self.log.take(request_id)
+        self.labels_received += int(received)
+        for version, _role, values in predictions:
             correct = int(np.count_nonzero(values == truth)) if self.spec.kind == "classification" else 0
             abs_error = float(np.abs(values - truth).sum()) if self.spec.kind != "classification" else 0.0
             for w in self._targets(version, predicted_at):
@@ -302,7 +329,10 @@ class ModelEvidence:
                 w.correct += correct
                 w.abs_error += abs_error
         self.feedback_joined += 1
-        return True
+        self.labelled[hash(request_id)] = None
+        if len(self.labelled) > LABELLED_IDS_KEPT:
+            self.labelled.popitem(last=False)
+        return JOINED
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from gateway.control.servicer import ReleaseServicer
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.feedback import RECEIVER, join_shared
 from gateway.loader import ModelLoader
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
 from gateway.operations import ReleaseOps
@@ -213,6 +214,8 @@ class Gateway:
             store = self.store
             releases.peers = lambda model: store.peer_evidence(model, worker)
             self._background.append(loop.create_task(self._share_evidence(store, worker)))
+            if worker != RECEIVER:  # worker 0 joins labels as they arrive; the others, as it shares them
+                self._background.append(loop.create_task(join_shared(releases, store, worker)))
         if s.controller:
             self.controller = Controller(self.ops)
             self._background.append(loop.create_task(self.controller.run()))
@@ -273,19 +276,14 @@ class Gateway:
         self._control = control
 
     async def _share_evidence(self, store: SqliteStore, worker: str) -> None:
-        """Several workers: publish this one's counts, and join labels any worker received."""
+        """Several workers: publish this one's counts (labels are shared by gateway.feedback)."""
         assert self.releases is not None
         plane = self.releases
-        last = await asyncio.to_thread(store.last_feedback_id)
         while True:
             await asyncio.sleep(SHARE_EVERY_S)
             try:
                 snapshots = {m: plane.evidence[m].snapshot() for m in plane.table.models()}
                 await asyncio.to_thread(store.put_evidence, worker, snapshots)
-                for row_id, model, request_id, labels in await asyncio.to_thread(store.feedback_after, last):
-                    last = row_id
-                    if model in plane.evidence and worker != "0":  # worker 0 joined them on arrival
-                        plane.evidence[model].feedback(request_id, labels, received=False)
             except StoreUnavailable:
                 pass  # the store logs its failures itself, rate-limited
             except Exception:

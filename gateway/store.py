@@ -69,6 +69,17 @@ CREATE TABLE IF NOT EXISTS feedback (        -- labels shared with every worker 
     labels TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS feedback_outcome (  -- what a worker made of a shared label set, unless unknown there
+    feedback_id INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    outcome TEXT NOT NULL,                      -- joined | already_labelled | rejected
+    detail TEXT NOT NULL,
+    PRIMARY KEY (feedback_id, worker)
+);
+CREATE TABLE IF NOT EXISTS feedback_progress ( -- the last shared label set each worker has read
+    worker TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -135,7 +146,7 @@ class Store(Protocol):
 
     def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]: ...
 
-    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> None: ...
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]: ...
 
     def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
 
@@ -441,14 +452,47 @@ class SqliteStore:
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> None:
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]:
+        """Share label sets with every worker; returns the first and last row id given them."""
         now = time.time()
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO feedback (model, request_id, labels, at) VALUES (?, ?, ?, ?)",
                 [(model, rid, json.dumps(labels), now) for rid, labels in items],
             )
+            # Ids are consecutive: this transaction holds the only write lock.
+            last = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
             db.execute("DELETE FROM feedback WHERE at < ?", (now - 3600.0,))
+            db.execute("DELETE FROM feedback_outcome WHERE feedback_id < (SELECT COALESCE(MIN(id), 0) FROM feedback)")
+        return last - len(items) + 1, last
+
+    def record_feedback_outcomes(self, worker: str, last_id: int, outcomes: list[tuple[int, str, str]]) -> None:
+        """A worker has read shared label sets up to `last_id`; what it made of them
+        (feedback id, outcome, detail), for those it did not find unknown."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO feedback_outcome (feedback_id, worker, outcome, detail) VALUES (?, ?, ?, ?)",
+                [(fid, worker, outcome, detail) for fid, outcome, detail in outcomes],
+            )
+            db.execute("INSERT OR REPLACE INTO feedback_progress (worker, last_id) VALUES (?, ?)", (worker, last_id))
+
+    def feedback_answers(self, first_id: int, last_id: int) -> tuple[dict[str, int], list[tuple[int, str, str, str]]]:
+        """How far each worker has read shared labels, and what they made of ids first..last."""
+        with self._reading() as db:
+            progress = {str(w): int(n) for w, n in db.execute("SELECT worker, last_id FROM feedback_progress")}
+            rows = db.execute(
+                "SELECT feedback_id, worker, outcome, detail FROM feedback_outcome WHERE feedback_id BETWEEN ? AND ?",
+                (first_id, last_id),
+            ).fetchall()
+        return progress, [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def live_workers(self, max_age_s: float = 5.0) -> set[str]:
+        """Workers that published evidence within `max_age_s` (each does so twice a second)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT DISTINCT worker FROM evidence WHERE updated >= ?", (time.time() - max_age_s,)
+            ).fetchall()
+        return {str(r[0]) for r in rows}
 
     def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
         with self._reading() as db:

@@ -94,7 +94,8 @@ def test_accuracy_and_agreement_equal_offline_on_the_same_rows(server: Running) 
                 ],
             )
         )
-        assert (again.joined, again.unknown) == (0, 2)  # joined once only; unknown ids are counted
+        # Joined once only: the resend is counted as already labelled, the unknown id as unknown.
+        assert (again.joined, again.already_labelled, again.unknown) == (0, 1, 1)
         report = control.GetReport(rpb.GetReportRequest(model="digits"))
 
     by_version = {v.version: v for v in report.versions}

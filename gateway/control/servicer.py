@@ -7,9 +7,11 @@ import json
 import logging
 from typing import Any, TypeAlias
 
+from gateway import feedback
 from gateway.control.auth import ACTOR
 from gateway.errors import InvalidInput
 from gateway.evidence import VersionReport
+from gateway.feedback import FEEDBACK_WAIT_S
 from gateway.loader import ModelLoader
 from gateway.operations import ReleaseOps
 from gateway.policy import RolloutState
@@ -17,7 +19,7 @@ from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
 from gateway.release import ReleaseState
 from gateway.release_plane import ModelReport, ReleasePlane
-from gateway.store import StoredRelease
+from gateway.store import SqliteStore, StoredRelease
 
 log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
@@ -65,6 +67,15 @@ def actor_of(context: Context) -> str:
         if key == ACTOR_METADATA and value:
             return str(value)[:64]
     return "anonymous"
+
+
+def feedback_wait_s(context: Context) -> float:
+    """How long SubmitFeedback waits for other workers: FEEDBACK_WAIT_S, or less so that the
+    counts reach a caller whose deadline is nearer."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return FEEDBACK_WAIT_S
+    return max(0.0, min(FEEDBACK_WAIT_S, float(remaining) - 1.0))
 
 
 class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
@@ -130,18 +141,19 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         return self._release(await self.ops.rollback(request.model, actor_of(context), request.reason))
 
     async def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context: Context) -> pb.SubmitFeedbackResponse:
-        joined = unknown = 0
-        for item in request.items:
-            if self.plane.feedback(request.model, item.request_id, list(item.labels)):
-                joined += 1
-            else:
-                unknown += 1
-        if self.share_feedback and unknown:
-            # Other workers may hold these predictions: they join them within a second.
-            items = [(i.request_id, list(i.labels)) for i in request.items]
-            await asyncio.to_thread(self.ops.store.add_feedback, request.model, items)
-            unknown = 0
-        return pb.SubmitFeedbackResponse(joined=joined, unknown=unknown)
+        feedback.check_count(len(request.items))  # before copying any item out of the message
+        items = [(item.request_id, list(item.labels)) for item in request.items]
+        # Other workers may hold these predictions: they join them and say so through the store.
+        store = self.ops.store if self.share_feedback and isinstance(self.ops.store, SqliteStore) else None
+        tally = await feedback.submit(self.plane, store, request.model, items, feedback_wait_s(context))
+        return pb.SubmitFeedbackResponse(
+            joined=tally.joined,
+            unknown=tally.unknown,
+            already_labelled=tally.already_labelled,
+            rejected=tally.rejected,
+            pending=tally.pending,
+            errors=tally.errors,
+        )
 
     async def GetReport(self, request: pb.GetReportRequest, context: Context) -> pb.Report:
         report = report_message(self.plane.report(request.model))

@@ -184,12 +184,20 @@ class SubmitFeedbackRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Feedback, _Mapping]]] = ...) -> None: ...
 
 class SubmitFeedbackResponse(_message.Message):
-    __slots__ = ("joined", "unknown")
+    __slots__ = ("joined", "unknown", "already_labelled", "rejected", "pending", "errors")
     JOINED_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LABELLED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
     joined: int
     unknown: int
-    def __init__(self, joined: _Optional[int] = ..., unknown: _Optional[int] = ...) -> None: ...
+    already_labelled: int
+    rejected: int
+    pending: int
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, joined: _Optional[int] = ..., unknown: _Optional[int] = ..., already_labelled: _Optional[int] = ..., rejected: _Optional[int] = ..., pending: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetReportRequest(_message.Message):
     __slots__ = ("model",)
