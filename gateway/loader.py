@@ -3,7 +3,10 @@
 Load-before-unload: a reload builds and warms every new session on a worker
 thread while the old versions keep answering; the registry then switches in
 one step, and the old executors drain what they already accepted before they
-close. Names reach here from the network, so they go through the
+close. A load is all-or-nothing: the files, the spec and its [release] are
+checked before anything is swapped in, and should the swap itself fail the
+previous model (or its absence) is put back exactly and the new executors
+closed. Names reach here from the network, so they go through the
 repository's checks (no `..`, no `/`, nothing outside the root).
 """
 
@@ -22,6 +25,10 @@ from gateway.release_plane import ReleasePlane
 from gateway.repository import Repository, check_name
 
 log = logging.getLogger(__name__)
+
+
+async def close_entry(entry: ModelEntry) -> None:
+    await asyncio.gather(*(drain_and_close(v.executor) for v in entry.versions.values()))
 
 
 class ModelLoader:
@@ -51,15 +58,40 @@ class ModelLoader:
         async with self._lock:
             sessions = await asyncio.to_thread(load_sessions, self.repository, name, self.settings, self.chooser)
             entry = assemble(sessions, self.make_executor, self.metrics)
-            previous = self.registry.add(entry)
-            self.plane.add_model(name)
-            self.ops.adopt(name)
+            try:
+                previous = self._swap_in(entry)
+            except BaseException:
+                await close_entry(entry)
+                raise
             log.info(
                 "%s %s (versions %s)", "reloaded" if previous else "loaded", name, ", ".join(entry.sorted_versions())
             )
         if previous is not None:
-            await asyncio.gather(*(drain_and_close(v.executor) for v in previous.versions.values()))
+            await close_entry(previous)
         return entry
+
+    def _swap_in(self, entry: ModelEntry) -> ModelEntry | None:
+        """Serve `entry`; on any failure put back what was served before. No await in
+        here, so no request ever sees the model between the two states."""
+        name = entry.name
+        before = self.plane.table.get(name) if name in self.plane.table.models() else None
+        rollout = self.ops.rollouts.get(name)
+        previous = self.registry.add(entry)
+        try:
+            self.plane.add_model(name)
+            self.ops.adopt(name)
+        except BaseException:
+            if previous is None:
+                self.registry.remove(name)
+                self.plane.remove_model(name)
+                self.ops.forget(name)
+            else:
+                self.registry.add(previous)
+                self.plane.restore_model(name, before)
+                if rollout is not None:
+                    self.ops.rollouts[name] = rollout
+            raise
+        return previous
 
     async def unload(self, name: str) -> None:
         check_name("model", name)
@@ -67,5 +99,5 @@ class ModelLoader:
             entry = self.registry.remove(name)
             self.plane.remove_model(name)
             self.ops.forget(name)
-        await asyncio.gather(*(drain_and_close(v.executor) for v in entry.versions.values()))
+        await close_entry(entry)
         log.info("unloaded %s", name)

@@ -122,6 +122,15 @@ class ReleasePlane:
             self.evidence[name] = ModelEvidence(name, compare, index)
         self._forget(name)  # lanes point at the old executors, sinks at the old evidence
 
+    def restore_model(self, name: str, state: ReleaseState | None) -> None:
+        """Undo an `add_model` whose load failed: the release served before it, as it was
+        (the registry already serves the previous entry again)."""
+        if state is None:
+            self.table.remove(name)
+        else:
+            self.table.install(state)
+        self._forget(name)  # lanes made meanwhile point at the new, discarded executors
+
     def remove_model(self, name: str) -> None:
         self.table.remove(name)
         self.evidence.pop(name, None)
