@@ -93,7 +93,10 @@ def serve(config_file: Path | None, **flags: Any) -> None:
     try:
         settings = load_settings(config_file, overrides=flags)
     except GatewayError as exc:
-        raise click.UsageError(str(exc)) from None
+        # One line naming the source, setting, value and what was expected; the
+        # usage text click would add says nothing about a config file's mistake.
+        click.echo(f"gateway: {exc}", err=True)
+        sys.exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -9,6 +9,7 @@ a typo in a spec must not silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,10 +24,16 @@ ExecutionMode = Literal["auto", "inline", "thread"]
 CompareKind = Literal["classification", "regression"]
 LoopKind = Literal["uvloop", "asyncio"]
 BatchingMode = Literal["spec", "off"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 
 ENV_PREFIX = "GATEWAY_"
 MIB = 1 << 20
+INT32_MAX = (1 << 31) - 1
+# More serving processes than this is a typo, not a machine: each one loads every model.
+MAX_WORKERS = 1024
+# The load-test gate holds every request it sends in memory (gateway/gate.py).
+MAX_GATE_REQUESTS = 100_000
 
 
 def usable_cores() -> int:
@@ -38,6 +45,31 @@ def _check_choice(name: str, value: object, choices: Any) -> None:
     allowed = get_args(choices)
     if value not in allowed:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _check_number(
+    name: str, value: float, low: float | None = None, high: float | None = None, *, above: bool = False
+) -> None:
+    """Refuse NaN, infinity and values outside [low, high] ((low, high] with above), naming setting and value.
+
+    Messages start with the setting's name: load_settings relies on that to say
+    which file or environment variable set the refused value.
+    """
+    fits = math.isfinite(value)
+    fits = fits and (low is None or (value > low if above else value >= low))
+    fits = fits and (high is None or value <= high)
+    if not fits:
+        raise ConfigError(f"{name}: must be {_expected_range(low, high, above)}, got {value!r}")
+
+
+def _expected_range(low: float | None, high: float | None, above: bool) -> str:
+    if low is None and high is None:
+        return "a finite number"
+    if high is None:
+        return f"{'>' if above else '>='} {low:g}"
+    if low is None:
+        return f"<= {high:g}"
+    return f"in ({low:g}, {high:g}]" if above else f"in {low:g}..{high:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,22 +156,24 @@ class GatewaySettings:
             raise ConfigError(
                 f"cudnn_conv_algo_search: {self.cudnn_conv_algo_search!r} is not EXHAUSTIVE, HEURISTIC or DEFAULT"
             )
-        if self.workers < 0:
-            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
-        if self.max_message_bytes < 1024:
-            raise ConfigError(f"max_message_bytes: must be >= 1024, got {self.max_message_bytes}")
-        if self.max_inflight < 1:
-            raise ConfigError(f"max_inflight: must be >= 1, got {self.max_inflight}")
-        if self.max_streams < 1:
-            raise ConfigError(f"max_streams: must be >= 1, got {self.max_streams}")
+        _check_choice("log_level", self.log_level.upper(), LogLevel)
+        _check_number("workers", self.workers, 0, MAX_WORKERS)
+        # gRPC keeps message sizes and the concurrent-call cap in C ints.
+        _check_number("max_message_bytes", self.max_message_bytes, 1024, INT32_MAX)
+        _check_number("max_inflight", self.max_inflight, 1, INT32_MAX)
+        _check_number("max_streams", self.max_streams, 1, INT32_MAX - self.max_inflight)
         for name in ("stream_idle_s", "max_connection_idle_s", "max_connection_age_s"):
-            if not 0 <= getattr(self, name) <= 2**31 / 1000:  # gRPC keeps milliseconds in C ints
-                raise ConfigError(f"{name}: must be in 0..{2**31 // 1000}, got {getattr(self, name)}")
+            _check_number(name, getattr(self, name), 0, INT32_MAX / 1000)  # gRPC keeps milliseconds in C ints
         for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes"):
-            if getattr(self, cap) < 1:
-                raise ConfigError(f"{cap}: must be >= 1, got {getattr(self, cap)}")
-        if self.grace_s < 0:
-            raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
+            _check_number(cap, getattr(self, cap), 1)
+        _check_number("grace_s", self.grace_s, 0)
+        _check_number("cuda_device", self.cuda_device, 0)
+        _check_number("cuda_mem_limit_mb", self.cuda_mem_limit_mb, 0)
+        _check_number("intra_op_threads", self.intra_op_threads, 0)
+        _check_number("worker_index", self.worker_index, -1, MAX_WORKERS - 1)
+        _check_number("capture_fraction", self.capture_fraction, 0, 1, above=True)
+        _check_number("capture_file_mb", self.capture_file_mb, 1)
+        _check_number("capture_max_mb", self.capture_max_mb, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,14 +191,11 @@ class BatchingSpec:
     def __post_init__(self) -> None:
         _check_choice("batching.execution", self.execution, ExecutionMode)
         for name in ("max_queue_delay_us", "default_timeout_us"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"batching.{name}: must be >= 0")
-        if self.max_queue_size < 1:
-            raise ConfigError("batching.max_queue_size: must be >= 1")
-        if self.instances < 1:
-            raise ConfigError("batching.instances: must be >= 1")
-        if any(s < 1 for s in self.preferred_batch_sizes):
-            raise ConfigError("batching.preferred_batch_sizes: sizes must be >= 1")
+            _check_number(f"batching.{name}", getattr(self, name), 0)
+        _check_number("batching.max_queue_size", self.max_queue_size, 1)
+        _check_number("batching.instances", self.instances, 1)
+        for size in self.preferred_batch_sizes:
+            _check_number("batching.preferred_batch_sizes", size, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +207,19 @@ class CompareSpec:
 
     def __post_init__(self) -> None:
         _check_choice("compare.kind", self.kind, CompareKind)
+        _check_number("compare.atol", self.atol, 0)
+        _check_number("compare.rtol", self.rtol, 0)
+
+    def output_index(self, output_names: list[str], where: str) -> int:
+        """Which output `compare.output` names; refuses a name the model does not have."""
+        if not self.output:
+            return 0
+        if self.output not in output_names:
+            raise ConfigError(
+                f"{where}: compare.output: the model has no output {self.output!r} "
+                f"(its outputs: {', '.join(output_names) or 'none'})"
+            )
+        return output_names.index(self.output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,13 +232,10 @@ class ReleaseSpec:
     canary_compare_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.canary_compare_fraction <= 1.0:
-            raise ConfigError("release.canary_compare_fraction: must be in 0..1")
-        if not 0 <= self.canary_weight_bp <= 10_000:
-            raise ConfigError(f"release.canary_weight_bp: must be in 0..10000, got {self.canary_weight_bp}")
+        _check_number("release.canary_compare_fraction", self.canary_compare_fraction, 0, 1)
+        _check_number("release.canary_weight_bp", self.canary_weight_bp, 0, 10_000)
         for version, fraction in self.shadows.items():
-            if not 0.0 <= fraction <= 1.0:
-                raise ConfigError(f"release.shadows.{version}: mirror fraction must be in 0..1, got {fraction}")
+            _check_number(f"release.shadows.{version}", fraction, 0, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,16 +260,28 @@ class PolicySpec:
     gate_min_agreement: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0:
-            raise ConfigError("policy.interval_s: must be > 0")
-        if not self.step_weights or any(not 0 < w <= 100 for w in self.step_weights):
-            raise ConfigError("policy.step_weights: percentages in (0, 100]")
+        _check_number("policy.interval_s", self.interval_s, 0, above=True)
+        if not self.step_weights:
+            raise ConfigError("policy.step_weights: must list at least one percentage, got []")
+        for weight in self.step_weights:
+            _check_number("policy.step_weights", weight, 0, 100, above=True)
         if list(self.step_weights) != sorted(self.step_weights):
-            raise ConfigError("policy.step_weights: must increase")
-        if not 0 < self.alpha < 1:
-            raise ConfigError("policy.alpha: must be in (0, 1)")
-        if self.threshold < 1 or self.min_samples < 1:
-            raise ConfigError("policy.threshold and policy.min_samples: must be >= 1")
+            raise ConfigError(f"policy.step_weights: must increase, got {list(self.step_weights)}")
+        _check_number("policy.alpha", self.alpha, 0, 1, above=True)
+        if self.alpha == 1:
+            raise ConfigError("policy.alpha: must be in (0, 1), got 1.0")
+        _check_number("policy.threshold", self.threshold, 1)
+        _check_number("policy.min_samples", self.min_samples, 1)
+        # Each check's "off" value is part of its range (see the comments above).
+        _check_number("policy.max_latency_ratio", self.max_latency_ratio, 0)
+        _check_number("policy.max_error_increase", self.max_error_increase, None, 1)
+        _check_number("policy.min_agreement", self.min_agreement, 0, 1)
+        _check_number("policy.max_accuracy_drop", self.max_accuracy_drop, None, 1)
+        _check_number("policy.max_duration_s", self.max_duration_s, 0, above=True)
+        _check_number("policy.shadow_intervals", self.shadow_intervals, 0)
+        _check_number("policy.gate_requests", self.gate_requests, 1, MAX_GATE_REQUESTS)
+        _check_number("policy.gate_max_latency_ratio", self.gate_max_latency_ratio, 0, above=True)
+        _check_number("policy.gate_min_agreement", self.gate_min_agreement, 0, 1)
 
     @property
     def step_weights_bp(self) -> list[int]:
@@ -242,8 +295,8 @@ class LimitsSpec:
     max_request_bytes: int = 256 * MIB  # all inputs together
 
     def __post_init__(self) -> None:
-        if self.max_elements < 1 or self.max_request_bytes < 1:
-            raise ConfigError("limits: caps must be >= 1")
+        _check_number("limits.max_elements", self.max_elements, 1)
+        _check_number("limits.max_request_bytes", self.max_request_bytes, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,40 +309,76 @@ class ModelSpec:
     policy: PolicySpec = field(default_factory=PolicySpec)
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 0:
-            raise ConfigError(f"max_batch_size: must be >= 0, got {self.max_batch_size}")
+        _check_number("max_batch_size", self.max_batch_size, 0)
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Turn a TOML, environment or CLI value into the field's type."""
+def _coerce(name: str, value: Any, annotation: Any, text: bool = False) -> Any:
+    """Turn a TOML value or CLI flag (typed) or an environment value (text) into the field's type.
+
+    A typed value must already have the field's type: a quoted "256" for an
+    integer, 2.9 for an integer or 5 for a boolean is refused with the setting's
+    name rather than guessed at (int(2.9) would quietly serve 2). Text is parsed.
+    """
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     try:
         if kind.startswith("tuple"):
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()]
-            item: Any = int if "int" in kind else float if "float" in kind else str
-            return tuple(item(v.strip() if isinstance(v, str) else v) for v in value)
-        if kind in ("int",):
-            if isinstance(value, bool):
-                raise ValueError("a boolean is not a number")
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError("expected true or false")
-                return value.lower() in ("1", "true", "yes")
-            return bool(value)
-        if kind.startswith("Path"):
-            return Path(value)
+            item = "int" if "int" in kind else "float" if "float" in kind else "str"
+            if text:
+                return tuple(_scalar(item, v.strip(), True) for v in value.split(",") if v.strip())
+            if not isinstance(value, list | tuple):
+                raise ValueError("an array")
+            return tuple(_scalar(item, v, False) for v in value)
         if kind.startswith("Mapping"):
             if not isinstance(value, Mapping):
-                raise ValueError("expected a table")
-            return {str(k): float(v) for k, v in value.items()}
-        return str(value) if not isinstance(value, str) else value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: {value!r} is not valid ({exc})") from None
+                raise ValueError("a table")
+            return {str(k): _scalar("float", v, False) for k, v in value.items()}
+        if kind.startswith("Path"):
+            if not text and not isinstance(value, str | Path):
+                raise ValueError("a path (a string)")
+            return Path(value)
+        return _scalar(kind if kind in ("int", "float", "bool") else "str", value, text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected {exc}, got {_shown(value)}") from None
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value for an error message, cut short: a refused setting may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _scalar(kind: str, value: Any, text: bool) -> Any:
+    """One int, float, bool or string; raises ValueError naming what was expected."""
+    if kind == "int":
+        if text:
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError("an integer") from None
+        if type(value) is not int:  # bool is an int subclass, and 2.9 is no integer
+            raise ValueError("an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not (text or isinstance(value, int | float)):
+            raise ValueError("a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("a number") from None
+        if not math.isfinite(number):
+            raise ValueError("a finite number")
+        return number
+    if kind == "bool":
+        if text:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("true or false")
+            return value.lower() in ("1", "true", "yes")
+        if not isinstance(value, bool):
+            raise ValueError("true or false")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a string (in quotes)")
+    return value
 
 
 def _build(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -303,7 +392,7 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
         nested = _SECTIONS.get(str(annotation))
         if nested is not None:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}{key}: expected a table")
+                raise ConfigError(f"{prefix}{key}: expected a table, got {value!r}")
             kwargs[key] = _build(nested, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, annotation)
@@ -339,20 +428,47 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> GatewaySettings:
-    """Merge defaults < config file < GATEWAY_* environment < overrides (CLI flags)."""
-    merged: dict[str, Any] = {}
+    """Merge defaults < config file < GATEWAY_* environment < overrides (CLI flags).
+
+    Every refusal names where the value came from: the config file or the
+    environment variable, then the setting, the value and what was expected.
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(GatewaySettings)}
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{config_file}: cannot read config: {exc}") from None
-        merged.update(data.get("serve", data))
-    names = {f.name for f in dataclasses.fields(GatewaySettings)}
-    for key, value in (env if env is not None else os.environ).items():
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX) :].lower()
-            if name in names:
-                merged[name] = value
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings: GatewaySettings = _build(GatewaySettings, merged)
-    return settings
+        for key, value in _config_file_values(config_file).items():
+            if key not in fields:
+                raise ConfigError(f"{config_file}: unknown setting {key} (known: {', '.join(sorted(fields))})")
+            values[key] = _coerce(f"{config_file}: {key}", value, fields[key])
+            origins[key] = str(config_file)
+    for variable, text in (env if env is not None else os.environ).items():
+        key = variable[len(ENV_PREFIX) :].lower()
+        if variable.startswith(ENV_PREFIX) and key in fields:
+            values[key] = _coerce(variable, text, fields[key], text=True)
+            origins[key] = variable
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if key not in fields:
+                raise ConfigError(f"unknown setting {key} (known: {', '.join(sorted(fields))})")
+            values[key] = _coerce(key, value, fields[key])
+            origins.pop(key, None)
+    try:
+        return GatewaySettings(**values)
+    except ConfigError as exc:
+        # Range checks start their message with the setting's name: say who set it.
+        origin = origins.get(str(exc).split(":", 1)[0])
+        if origin is None:
+            raise
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _config_file_values(config_file: Path) -> Mapping[str, Any]:
+    try:
+        data = tomllib.loads(config_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_file}: cannot read config: {exc}") from None
+    section = data.get("serve", data)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{config_file}: serve: expected a table, got {section!r}")
+    return section

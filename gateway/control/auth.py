@@ -27,6 +27,7 @@ ROLES = ("read", "write")
 # The authenticated caller of the control call being handled: a context
 # variable is scoped to the call's own task, so concurrent calls never mix.
 ACTOR: ContextVar[str | None] = ContextVar("gateway_actor", default=None)
+TOKEN_KEYS = ("name", "role", "token")
 READ_METHODS = frozenset({"ListReleases", "GetRelease", "GetReport", "GetAuditLog"})
 
 
@@ -60,19 +61,41 @@ def _token(name: str, role: str, secret: str, source: str) -> Token:
 def load_tokens(path: Path | None, env: Mapping[str, str]) -> list[Token]:
     tokens: list[Token] = []
     if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"tokens_file: cannot read {path}: {exc}") from None
-        for entry in data.get("tokens", []):
-            tokens.append(
-                _token(str(entry.get("name", "")), str(entry.get("role", "")), str(entry.get("token", "")), str(path))
-            )
+        tokens += _file_tokens(path)
     if env.get("GATEWAY_CONTROL_TOKENS"):
         tokens += parse_tokens(env["GATEWAY_CONTROL_TOKENS"], "GATEWAY_CONTROL_TOKENS")
     names = [t.name for t in tokens]
     if len(set(names)) != len(names):
         raise ConfigError("control tokens: names must be unique")
+    return tokens
+
+
+def _file_tokens(path: Path) -> list[Token]:
+    """Tokens from a TOML file of [[tokens]] tables; anything else in it is refused, naming the place."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"tokens_file: cannot read {path}: {exc}") from None
+    # A typo such as [[token]] would otherwise leave the control API without any token.
+    unknown = sorted(set(data) - {"tokens"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; the file holds [[tokens]] tables only")
+    entries = data.get("tokens")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: tokens: expected [[tokens]] tables with name, role and token, got {entries!r}")
+    tokens = []
+    for number, entry in enumerate(entries, 1):
+        where = f"{path}: tokens #{number}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table with name, role and token, got {entry!r}")
+        extra = sorted(set(entry) - set(TOKEN_KEYS))
+        if extra:
+            raise ConfigError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(TOKEN_KEYS)})")
+        for key in TOKEN_KEYS:
+            if not isinstance(entry.get(key), str):
+                # The secret's value never appears in a message, only its type.
+                raise ConfigError(f"{where}: {key} must be a string, got {type(entry.get(key)).__name__}")
+        tokens.append(_token(entry["name"], entry["role"], entry["token"], str(path)))
     return tokens
 
 
