@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 from gateway.batcher import DynamicBatcher
 from gateway.config import BatchingSpec, GatewaySettings, ModelSpec
-from gateway.errors import ModelNotFound
+from gateway.errors import GatewayError, ModelLoadError, ModelNotFound
 from gateway.executor import DirectExecutor, Executor, runs_inline
 from gateway.metrics import GatewayMetrics, VersionMetrics
 from gateway.providers import ProviderChooser
+from gateway.release import initial_state
 from gateway.repository import SPEC_FILE, Repository, version_sort_key
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
@@ -155,8 +156,10 @@ def load_sessions(
     Raises ModelLoadError naming the file on failure; nothing is served until this returns.
     """
     spec = repository.spec(name)
+    versions = repository.check_layout(name)
+    _check_release(repository, name, spec, versions)
     models: dict[str, OnnxModel] = {}
-    for version in repository.check_layout(name):
+    for version in versions:
         files = repository.version_files(name, version)
         model = OnnxModel(files.path, chooser, settings.intra_op_threads)
         if model.on_cuda:
@@ -165,10 +168,17 @@ def load_sessions(
         spec.compare.output_index(model.output_names, f"{repository.model_dir(name) / SPEC_FILE}, version {version}")
         model.warm_up(spec.max_batch_size)
         models[version] = model
-    default = spec.release.stable or sorted(models, key=version_sort_key)[-1]
-    if default not in models:
-        raise ModelNotFound(f"model {name!r}: release.stable names version {default!r}, which does not exist")
     return LoadedSessions(name, spec, models)
+
+
+def _check_release(repository: Repository, name: str, spec: ModelSpec, versions: list[str]) -> None:
+    """Refuse a [release] naming versions that do not exist (or overlapping roles) before
+    any session is built: the release plane would refuse it only after the swap."""
+    default = spec.release.stable or sorted(versions, key=version_sort_key)[-1]
+    try:
+        initial_state(name, spec, versions, default)
+    except GatewayError as exc:
+        raise ModelLoadError(f"{repository.model_dir(name) / SPEC_FILE}: [release]: {exc}") from None
 
 
 def assemble(
