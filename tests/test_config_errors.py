@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import GatewaySettings, ModelSpec, load_model_spec, load_settings
-from gateway.control.auth import load_tokens
+from gateway.control.auth import load_tokens, parse_tokens
 from gateway.errors import ConfigError
 from tests.onnx_models import write_identity_model
 from tests.support import ROOT, gateway_command
@@ -124,6 +124,14 @@ def test_a_malformed_tokens_file_is_one_line_naming_the_file(repo: Path) -> None
     assert str(tokens) in line and "[[tokens]]" in line
 
 
+def test_a_token_with_surrounding_spaces_is_refused_naming_the_token(repo: Path) -> None:
+    tokens = repo.parent / "tokens.toml"
+    tokens.write_text(f'[[tokens]]\nname = "ci"\nrole = "write"\ntoken = " {SECRET} "\n')
+    line = one_gateway_line(serve(repo, "--control-port", "0", "--tokens-file", str(tokens)))
+    assert "'ci'" in line and "spaces" in line and str(tokens) in line
+    assert SECRET not in line  # a secret never appears in a message
+
+
 # ---------------------------------------------------------------- tokens, in-process
 
 
@@ -135,6 +143,7 @@ def test_a_malformed_tokens_file_is_one_line_naming_the_file(repo: Path) -> None
         "tokens = [1]\n",
         f"[[tokens]]\nname = 'ci'\nrole = 'write'\ntoken = '{SECRET}'\nrol = 'read'\n",
         "[[tokens]]\nname = 'ci'\nrole = 'write'\ntoken = 12345678901234567890\n",
+        f"[[tokens]]\nname = 'ci'\nrole = 'write'\ntoken = '{SECRET}\u00e9'\n",
     ],
 )
 def test_malformed_tokens_files_are_refused_naming_the_file(tmp_path: Path, text: str) -> None:
@@ -143,6 +152,17 @@ def test_malformed_tokens_files_are_refused_naming_the_file(tmp_path: Path, text
     with pytest.raises(ConfigError, match=str(path)) as caught:
         load_tokens(path, {})
     assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize("secret", [f" {SECRET}", f"{SECRET} ", f"\t{SECRET}"])
+def test_tokens_with_surrounding_whitespace_are_refused(tmp_path: Path, secret: str) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(f"[[tokens]]\nname = 'deploy'\nrole = 'read'\ntoken = {json.dumps(secret)}\n")
+    with pytest.raises(ConfigError, match="token 'deploy' has spaces"):
+        load_tokens(path, {})
+    if secret[0].isspace():  # the variable's items are trimmed at their ends, not after "role:"
+        with pytest.raises(ConfigError, match="GATEWAY_CONTROL_TOKENS: token 'deploy' has spaces"):
+            parse_tokens(f"deploy:read:{secret}", "GATEWAY_CONTROL_TOKENS")
 
 
 def test_a_good_tokens_file_still_loads(tmp_path: Path) -> None:

@@ -55,6 +55,17 @@ def _token(name: str, role: str, secret: str, source: str) -> Token:
         raise ConfigError(f"{source}: token {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
     if len(secret) < 16:
         raise ConfigError(f"{source}: token {name!r} is shorter than 16 characters")
+    # Refused rather than stripped: a client sends the secret in an HTTP/2 header,
+    # whose value is trimmed and printable ASCII, so such a secret could never
+    # match; changing it quietly would leave the operator unsure which one is live.
+    if secret != secret.strip():
+        raise ConfigError(
+            f"{source}: token {name!r} has spaces before or after its secret, which no client can send; remove them"
+        )
+    if not all(" " <= c <= "~" for c in secret):
+        raise ConfigError(
+            f"{source}: token {name!r} has characters other than printable ASCII, which no client can send"
+        )
     return Token(name, role, secret.encode())
 
 
