@@ -1106,6 +1106,17 @@ def _signature_record(signature: ModelSignature) -> dict[str, Any]:
     }
 
 
+def require_plotting() -> None:
+    """Refuse at once when the plot cannot be drawn, not after the whole run (as `report --plot` does)."""
+    try:
+        import matplotlib  # noqa: F401  (only whether it imports)
+    except ImportError:
+        raise click.ClickException(
+            "gateway bench draws a PNG plot and needs matplotlib: "
+            "pip install matplotlib (or pip install 'release-gateway[test]')"
+        ) from None
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--models", type=click.Path(file_okay=False, path_type=Path), default=Path("models"), show_default=True)
 @click.option("--model", default="digits", show_default=True, help="Model to benchmark.")
@@ -1203,6 +1214,7 @@ def bench(
     Prints one line per point, then per-target medians and the ratios between
     targets; writes OUT/bench-MODEL-TIMESTAMP.json and .png.
     """
+    require_plotting()
     concurrency_list = parse_numbers(concurrency, int, "--concurrency")
     rate_list = parse_numbers(rates, float, "--rates") if rates.strip() else []
     targets = [t.strip() for t in baselines.split(",") if t.strip()]

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +356,29 @@ def test_good_values_still_load(tmp_path: Path) -> None:
     spec = load_model_spec(spec_file)
     assert (spec.max_batch_size, spec.batching.enabled, spec.batching.preferred_batch_sizes) == (8, False, (4, 8))
     assert spec.release.shadows == {"2": 1.0} and spec.policy.step_weights == (10.0, 50.5)
+
+
+# ---------------------------------------------------------------- optional dependencies
+
+
+def test_bench_without_matplotlib_refuses_before_any_work(tmp_path: Path) -> None:
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("matplotlib is not installed (test stand-in)")\n')
+    out = tmp_path / "out"
+    pythonpath = os.pathsep.join(filter(None, [str(fake.parent), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "needs matplotlib" in result.stderr and "pip install matplotlib" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())  # nothing benchmarked, nothing written
+    assert elapsed < 30, elapsed  # python start-up only; the smoke bench itself takes ~12 s
