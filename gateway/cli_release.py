@@ -466,7 +466,7 @@ def models() -> None:
 def models_load(client: ControlClient, model: str, reason: str) -> None:
     """Load MODEL (or reload it: the old versions serve until the new ones are warm)."""
     status = client.call(client.stub.LoadModel, rpb.ModelRequest(model=model, reason=reason))
-    console.print(f"{status.model}: serving versions {', '.join(status.versions)}")
+    console.print(f"{status.model}: serving versions {', '.join(status.versions)}{_on_workers(status)}")
 
 
 @models.command("unload")
@@ -475,8 +475,16 @@ def models_load(client: ControlClient, model: str, reason: str) -> None:
 @connection_options
 def models_unload(client: ControlClient, model: str, reason: str) -> None:
     """Stop serving MODEL (requests in flight are answered)."""
-    client.call(client.stub.UnloadModel, rpb.ModelRequest(model=model, reason=reason))
-    console.print(f"{model}: unloaded")
+    status = client.call(client.stub.UnloadModel, rpb.ModelRequest(model=model, reason=reason))
+    console.print(f"{model}: unloaded{_on_workers(status)}")
+
+
+def _on_workers(status: rpb.ModelStatus) -> str:
+    """How many worker processes applied a load/unload (a partial one is an error, not this)."""
+    if status.workers <= 0:
+        return ""  # an older gateway: it does not say
+    notes = f"; {status.notes}" if status.notes else ""
+    return f" on {status.workers_applied} of {status.workers} worker{'s' if status.workers != 1 else ''}{notes}"
 
 
 COMMANDS = [status, traffic, shadow, rollout, promote, rollback, report, audit, feedback, models]

@@ -35,6 +35,7 @@ from gateway.errors import ConfigError, StoreUnavailable
 from gateway.feedback import RECEIVER, join_shared
 from gateway.loader import ModelLoader
 from gateway.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
+from gateway.model_sync import IntentStore, run_id
 from gateway.operations import ReleaseOps
 from gateway.ports import check_ports
 from gateway.protocol.limits import WireLimits, infer_parsers
@@ -208,6 +209,10 @@ class Gateway:
             self.ops,
         )
         loop = asyncio.get_running_loop()
+        if s.worker_index >= 0:
+            # Run-time loads/unloads reach every worker through the store (gateway.model_sync).
+            await self.loader.join(IntentStore(self.store.path, run_id()), str(s.worker_index))
+            self._background.append(loop.create_task(self.loader.follow()))
         self._background.append(loop.create_task(self._follow_store(self.store)))
         if s.worker_index >= 0:
             worker = str(s.worker_index)

@@ -13,6 +13,7 @@ from gateway.errors import InvalidInput
 from gateway.evidence import VersionReport
 from gateway.feedback import FEEDBACK_WAIT_S
 from gateway.loader import ModelLoader
+from gateway.model_sync import ACK_WAIT_S
 from gateway.operations import ReleaseOps
 from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as pb
@@ -56,6 +57,7 @@ def report_message(report: ModelReport) -> pb.Report:
 
 
 ACTOR_METADATA = "x-gateway-actor"
+ANSWER_MARGIN_S = 2.0  # a load/unload stops waiting for workers this long before the caller's deadline
 
 
 def actor_of(context: Context) -> str:
@@ -78,6 +80,15 @@ def feedback_wait_s(context: Context) -> float:
     return max(0.0, min(FEEDBACK_WAIT_S, float(remaining) - 1.0))
 
 
+def ack_wait_s(context: Context) -> float:
+    """How long a load/unload waits for the other workers: ACK_WAIT_S, or less so that the
+    answer (with what each worker did) still reaches a caller whose deadline is nearer."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return ACK_WAIT_S
+    return max(0.0, min(ACK_WAIT_S, float(remaining) - ANSWER_MARGIN_S))
+
+
 class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
     def __init__(self, plane: ReleasePlane, ops: ReleaseOps, loader: ModelLoader, share_feedback: bool = False) -> None:
         self.plane = plane
@@ -86,14 +97,22 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         self.share_feedback = share_feedback
 
     async def LoadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
-        entry = await self.loader.load(request.model)
+        entry, call = await self.loader.load_everywhere(request.model, ack_wait_s(context))
         log.info("load %s by %s (%s)", request.model, actor_of(context), request.reason or "no reason given")
-        return pb.ModelStatus(model=entry.name, versions=entry.sorted_versions())
+        return pb.ModelStatus(
+            model=entry.name,
+            versions=entry.sorted_versions(),
+            workers_applied=len(call.applied),
+            workers=call.total,
+            notes=call.notes(),
+        )
 
     async def UnloadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
-        await self.loader.unload(request.model)
+        call = await self.loader.unload_everywhere(request.model, ack_wait_s(context))
         log.info("unload %s by %s (%s)", request.model, actor_of(context), request.reason or "no reason given")
-        return pb.ModelStatus(model=request.model)
+        return pb.ModelStatus(
+            model=request.model, workers_applied=len(call.applied), workers=call.total, notes=call.notes()
+        )
 
     def _release(self, stored: StoredRelease) -> pb.Release:
         return release_message(stored.state, stored.rollout)

@@ -15,12 +15,18 @@ class ModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "versions")
+    __slots__ = ("model", "versions", "workers_applied", "workers", "notes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
+    workers_applied: int
+    workers: int
+    notes: str
+    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., workers_applied: _Optional[int] = ..., workers: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
     __slots__ = ("model", "candidate", "reason")
