@@ -34,6 +34,7 @@ def lifecycle(tmp_path: Path) -> Iterator[tuple[Running, Path]]:
 
 
 BAD_SPECS = {
+    "compare names no output": ('[compare]\noutput = "nope"\n', "nope"),
     "canary names no version": ('[release]\nstable = "1"\ncanary = "9"\ncanary_weight_bp = 500\n', "'9'"),
     "shadow names no version": ('[release]\nstable = "1"\nshadows = { "7" = 0.5 }\n', "'7'"),
     "canary is the stable": ('[release]\nstable = "2"\ncanary = "2"\ncanary_weight_bp = 500\n', "stable"),
