@@ -144,3 +144,13 @@ def test_a_reason_never_forges_a_log_line(
     # The audit log keeps the reason as it was given.
     last = control.GetAuditLog(rpb.GetAuditLogRequest(model="digits", limit=1000)).records[-1]
     assert last.reason == reason
+
+
+def test_a_load_reason_never_forges_a_log_line(
+    control: rgrpc.ReleaseServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.control.servicer"):
+        control.LoadModel(rpb.ModelRequest(model="digits", reason="reload\nFORGED gateway: line"), timeout=60)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.control.servicer"]
+    assert any("\\nFORGED" in m for m in messages), messages
+    assert all(m.isprintable() for m in messages), messages

@@ -14,7 +14,7 @@ from gateway.evidence import VersionReport
 from gateway.feedback import FEEDBACK_WAIT_S
 from gateway.loader import ModelLoader
 from gateway.model_sync import ACK_WAIT_S
-from gateway.operations import ReleaseOps
+from gateway.operations import MAX_REASON_CHARS, ReleaseOps, printable
 from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
@@ -98,7 +98,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
 
     async def LoadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
         entry, call = await self.loader.load_everywhere(request.model, ack_wait_s(context))
-        log.info("load %s by %s (%s)", request.model, actor_of(context), request.reason or "no reason given")
+        log.info("load %s by %s (%s)", request.model, actor_of(context), _logged_reason(request.reason))
         return pb.ModelStatus(
             model=entry.name,
             versions=entry.sorted_versions(),
@@ -109,7 +109,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
 
     async def UnloadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
         call = await self.loader.unload_everywhere(request.model, ack_wait_s(context))
-        log.info("unload %s by %s (%s)", request.model, actor_of(context), request.reason or "no reason given")
+        log.info("unload %s by %s (%s)", request.model, actor_of(context), _logged_reason(request.reason))
         return pb.ModelStatus(
             model=request.model, workers_applied=len(call.applied), workers=call.total, notes=call.notes()
         )
@@ -208,6 +208,11 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
             for e in entries[:limit]
         ]
         return pb.AuditLog(records=records, next_offset=request.offset + limit if more else 0)
+
+
+def _logged_reason(reason: str) -> str:
+    """A load/unload's reason as logged (it is not stored): capped, control characters escaped."""
+    return printable(reason[:MAX_REASON_CHARS]) or "no reason given"
 
 
 def _json(value: Any) -> str:
