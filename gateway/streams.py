@@ -146,6 +146,7 @@ class StreamGuard(aio.ServerInterceptor):  # type: ignore[misc]
                 stream = self._admit(push=False)
             except StreamEnded as refused:
                 await _end(context, refused)
+                return
             try:
                 async for response in behavior(self._messages(request_iterator, stream), context):
                     yield response
@@ -193,6 +194,7 @@ class StreamGuard(aio.ServerInterceptor):  # type: ignore[misc]
                 stream = self._admit(push=True)
             except StreamEnded as refused:
                 await _end(context, refused)
+                return
             stream.waiting = True  # it only waits for news: a drain may end it at any time
             try:
                 await behavior(request, context)
