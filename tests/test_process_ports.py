@@ -85,9 +85,7 @@ def test_a_control_port_collision_names_the_flag_and_the_fix() -> None:
 
 
 @pytest.mark.parametrize(("first_workers", "second_workers"), [("1", "2"), ("2", "1")])
-def test_a_second_gateway_on_one_state_dir_is_refused(
-    tmp_path: Path, first_workers: str, second_workers: str
-) -> None:
+def test_a_second_gateway_on_one_state_dir_is_refused(tmp_path: Path, first_workers: str, second_workers: str) -> None:
     state = tmp_path / "state"
     with gateway_process("--load", "digits", "--workers", first_workers, "--state-dir", str(state)) as first:
         code, output = second_gateway(
