@@ -19,13 +19,15 @@ FAILURE_LOG_INTERVAL_S = 5.0
 # Client-supplied text (request ids, runtime messages that echo values) is
 # cut to this many characters and kept on one line in a log record.
 LOG_TEXT_LIMIT = 1000
-# Every character str.splitlines() breaks on, written as its escape.
-_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 def one_line(text: object, limit: int = LOG_TEXT_LIMIT) -> str:
-    """`text` on one line (line breaks escaped, so a value cannot forge a log line), cut to `limit`."""
-    s = str(text).translate(_LINE_BREAKS)
+    """`text` on one line, cut to `limit`: every character that is not printable (line
+    breaks, terminal escapes) is written as its escape, so a client's string can never
+    forge a log line or move an operator's cursor."""
+    s = str(text)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
     return s if len(s) <= limit else f"{s[:limit]}... ({len(s)} chars)"
 
 

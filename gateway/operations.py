@@ -17,6 +17,7 @@ from typing import Any
 from gateway.capture import CaptureWriter
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
 from gateway.gate import captured_inputs, generated_inputs, run_gate
+from gateway.logthrottle import one_line
 from gateway.policy import CheckResult, Event, RolloutState
 from gateway.release import ReleaseState
 from gateway.release_plane import ReleasePlane
@@ -35,14 +36,6 @@ def check_reason(reason: str) -> None:
             f"reason is {len(reason)} characters; the limit is {MAX_REASON_CHARS}: shorten it "
             "(link to a ticket for the long story)"
         )
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped, so a client's string can never start a
-    forged line (or move the cursor) in the gateway's log."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -229,10 +222,10 @@ class ReleaseOps:
                     "%s %s by %s -> revision %d, %s: %s",
                     step.action,
                     model,
-                    printable(actor),
+                    one_line(actor),
                     entry.revision,
                     (entry.after or {}).get("rollout", {}).get("phase", ""),
-                    printable(step.reason),
+                    one_line(step.reason, MAX_REASON_CHARS),
                 )
             return previous
 

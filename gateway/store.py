@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -28,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from gateway.errors import ConfigError, FailedPrecondition, StoreUnavailable
+from gateway.logthrottle import ThrottledLog
 from gateway.policy import RolloutState
 from gateway.release import ReleaseState
 
@@ -209,8 +209,7 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
-        self._failure_logged_at = -math.inf
-        self._failures_held = 0
+        self._failures = ThrottledLog(log, interval_s=STORE_FAILURE_LOG_INTERVAL_S)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists() and path.stat().st_size == 0:
@@ -282,19 +281,8 @@ class SqliteStore:
             yield
         except sqlite3.Error as exc:
             fix = _fix_for(exc)
-            now = time.monotonic()
-            if now - self._failure_logged_at >= STORE_FAILURE_LOG_INTERVAL_S:
-                held, self._failures_held, self._failure_logged_at = self._failures_held, 0, now
-                log.error(
-                    "the state database %s cannot %s: %s; %s%s",
-                    self.path,
-                    what,
-                    exc,
-                    fix,
-                    f" ({held} more failures since the last line)" if held else "",
-                )
-            else:
-                self._failures_held += 1
+            message = "the state database %s cannot %s: %s; %s"
+            self._failures.log(logging.ERROR, "store", message, self.path, what, exc, fix)
             raise StoreUnavailable(
                 f"the state database {self.path} cannot {what} ({exc}); release changes are refused until it can: {fix}"
             ) from None

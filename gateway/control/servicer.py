@@ -13,8 +13,9 @@ from gateway.errors import InvalidInput
 from gateway.evidence import VersionReport
 from gateway.feedback import FEEDBACK_WAIT_S
 from gateway.loader import ModelLoader
+from gateway.logthrottle import one_line
 from gateway.model_sync import ACK_WAIT_S
-from gateway.operations import MAX_REASON_CHARS, ReleaseOps, printable
+from gateway.operations import MAX_REASON_CHARS, ReleaseOps
 from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
@@ -212,7 +213,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
 
 def _logged_reason(reason: str) -> str:
     """A load/unload's reason as logged (it is not stored): capped, control characters escaped."""
-    return printable(reason[:MAX_REASON_CHARS]) or "no reason given"
+    return one_line(reason, MAX_REASON_CHARS) or "no reason given"
 
 
 def _json(value: Any) -> str:

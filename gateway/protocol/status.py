@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from gateway import errors
+from gateway.logthrottle import ThrottledLog, one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], grpc.StatusCode] = {
 GENERIC_MESSAGE = "internal error (details are in the gateway log)"
 
 # Unparseable messages are the client's fault and can arrive by the thousand:
-# log the first few per period, then one line saying how many were left out.
-UNPARSEABLE_LOG_BURST = 5
-UNPARSEABLE_LOG_PERIOD_S = 60.0
+# one line per method per interval, the next one saying how many were held back.
 _REASON_CHARS = 200
 
 # Streams whose handler answers an unparseable message in the stream itself (it
@@ -62,33 +60,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, GENERIC_MESSAGE
-
-
-@dataclass(slots=True)
-class RateLimitedLog:
-    """At most `burst` warnings per `period_s`; the first line after a quiet spell counts those left out."""
-
-    logger: logging.Logger
-    burst: int = UNPARSEABLE_LOG_BURST
-    period_s: float = UNPARSEABLE_LOG_PERIOD_S
-    clock: Callable[[], float] = time.monotonic
-    _period_start: float = field(default=float("-inf"))
-    _logged: int = 0
-    _suppressed: int = 0
-
-    def warning(self, message: str, *args: Any) -> None:
-        now = self.clock()
-        if now - self._period_start >= self.period_s:
-            self._period_start, self._logged = now, 0
-        if self._logged >= self.burst:
-            self._suppressed += 1
-            return
-        self._logged += 1
-        if self._suppressed:
-            message += " (%d similar lines left out)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self.logger.warning(message, *args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +88,7 @@ def _message_type(deserializer: Callable[[bytes], Any]) -> str:
 
 
 def _tolerant(
-    deserializer: Callable[[bytes], Any] | None, method: str, warnings: RateLimitedLog
+    deserializer: Callable[[bytes], Any] | None, method: str, warnings: ThrottledLog
 ) -> Callable[[bytes], Any] | None:
     """`deserializer`, returning an Unparseable marker where it would raise."""
     if deserializer is None:
@@ -130,8 +101,15 @@ def _tolerant(
         except errors.InvalidInput as exc:  # over a cap (gateway.protocol.limits): named, not logged
             return Unparseable(method, message_type, len(data), "", str(exc))
         except Exception as exc:  # DecodeError from protobuf; anything from another deserializer
-            reason = (str(exc) or type(exc).__name__).replace("\n", " ")[:_REASON_CHARS]
-            warnings.warning("refused an unparseable request to %s (%d bytes): %s", method, len(data), reason)
+            reason = one_line(str(exc) or type(exc).__name__, _REASON_CHARS)
+            warnings.log(
+                logging.WARNING,
+                method,
+                "refused an unparseable request to %s (%d bytes): %s",
+                method,
+                len(data),
+                reason,
+            )
             return Unparseable(method, message_type, len(data), reason)
 
     return parse
@@ -218,7 +196,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         # Per method, a deserializer to use instead of the handler's (one that checks first).
         self._parsers = dict(parsers or {})
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
-        self._unparseable = RateLimitedLog(log)
+        self._unparseable = ThrottledLog(log)
 
     async def intercept_service(
         self,
