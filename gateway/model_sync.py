@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import FailedPrecondition
+from gateway.store import retry_while_locked
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_intents (   -- run-time loads and unloads, in the order applied
@@ -146,20 +147,11 @@ class IntentStore:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged intent survives a crash
-        self._create()
+        retry_while_locked(self._create_schema)
         self._lock = threading.Lock()  # one connection, used from worker threads
 
-    def _create(self) -> None:
-        # Workers start together and may race for the schema lock: retry briefly.
-        deadline = time.monotonic() + 15.0
-        while True:
-            try:
-                self._db.executescript(SCHEMA)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    def _create_schema(self) -> None:
+        self._db.executescript(SCHEMA)
 
     def register(self, worker: str, pid: int) -> None:
         with self._lock:

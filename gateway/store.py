@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,6 +205,20 @@ def _create_if_missing(path: Path) -> None:
             temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)
 
 
+def retry_while_locked(action: Callable[[], None], within_s: float = 15.0) -> None:
+    """Run `action`, again while SQLite says the database is locked: workers start
+    together and race for the schema's (and the journal mode's) exclusive lock."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -234,19 +248,14 @@ class SqliteStore:
             raise
 
     def _setup(self) -> None:
-        """WAL mode and the schema. Several workers start at once and race for the
-        exclusive lock that switching the journal mode takes: retry briefly."""
-        deadline = time.monotonic() + 15.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        """WAL mode and the schema (switching the journal mode takes an exclusive lock)."""
+
+        def setup() -> None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+        retry_while_locked(setup)
 
     def _check_integrity(self) -> None:
         """A corrupt page is found now, not on the day a change or an audit query reads it.

@@ -24,6 +24,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from gateway.protocol.wrapping import WrappingInterceptor
+
 DRAIN_MESSAGE = "the server is shutting down; retry on another replica"
 # A health watcher gets this long to receive NOT_SERVING before a drain ends its stream.
 WATCH_FLUSH_S = 0.5
@@ -62,17 +64,17 @@ class _Stream:
         return self.ended
 
 
-class StreamGuard(aio.ServerInterceptor):  # type: ignore[misc]
+class StreamGuard(WrappingInterceptor):
     """Caps open streams, ends idle ones, and ends all of them on drain."""
 
     def __init__(self, max_streams: int, idle_s: float) -> None:
+        super().__init__()
         self.max_streams = max_streams
         self.idle_s = idle_s
         self._open: set[_Stream] = set()
         self._closing = False
         self._none_open = asyncio.Event()
         self._none_open.set()
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     @property
     def open_streams(self) -> int:
@@ -91,18 +93,7 @@ class StreamGuard(aio.ServerInterceptor):  # type: ignore[misc]
     async def wait_closed(self) -> None:
         await self._none_open.wait()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
                 self._guard_requests(handler.stream_stream),
@@ -118,7 +109,6 @@ class StreamGuard(aio.ServerInterceptor):  # type: ignore[misc]
             )
         else:
             wrapped = handler
-        self._cache[method] = wrapped
         return wrapped
 
     def _admit(self, push: bool) -> _Stream:

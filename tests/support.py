@@ -15,11 +15,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
@@ -27,6 +27,7 @@ from gateway.server import Gateway
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+T = TypeVar("T")
 
 
 @dataclass
@@ -146,3 +147,16 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: floa
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def poll_until(
+    fetch: Callable[[], T], done: Callable[[T], bool], step: Callable[[], object], timeout: float, what: str
+) -> T:
+    """`fetch()` until `done` says so, calling `step()` (e.g. send traffic) between looks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fetch()
+        if done(value):
+            return value
+        step()
+    raise AssertionError(f"{what} did not get there in {timeout:g} s: {fetch()}")

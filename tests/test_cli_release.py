@@ -36,13 +36,6 @@ def cli(
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
-    shutil.copytree(MODELS / "digits", root / "digits")
-    return root
-
-
-@pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[Process]:
     tokens = f"alice:write:{WRITE},bob:read:{READ}"
     with gateway_process(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.routing import route_point
 from tests.onnx_models import write_spin_model
-from tests.support import Running, gateway_in_thread
+from tests.support import Running, gateway_in_thread, poll_until
 from tests.test_overload import metric, request, wait_until
 
 SPEC = """max_batch_size = 8
@@ -114,13 +113,7 @@ class Traffic:
         return self.control.GetRelease(rpb.GetReleaseRequest(model="spin"), timeout=10)
 
     def until(self, done: Callable[[rpb.Release], bool], timeout: float = 90.0) -> rpb.Release:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            release = self.release()
-            if done(release):
-                return release
-            self.burst()
-        raise AssertionError(f"rollout did not get there in time: {self.release()}")
+        return poll_until(self.release, done, self.burst, timeout, "the rollout")
 
     def audit(self) -> list[rpb.AuditRecord]:
         return list(self.control.GetAuditLog(rpb.GetAuditLogRequest(model="spin", limit=1000)).records)

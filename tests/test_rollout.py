@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.routing import route_point
-from tests.support import MODELS, Process, gateway_process
+from tests.support import MODELS, Process, gateway_process, poll_until
 
 POLICY = """
 [policy]
@@ -81,13 +81,7 @@ class Traffic:
         return self.control.GetRelease(rpb.GetReleaseRequest(model="digits"), timeout=10)
 
     def until(self, done: Callable[[rpb.Release], bool], timeout: float = 90.0) -> rpb.Release:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            release = self.release()
-            if done(release):
-                return release
-            self.burst()
-        raise AssertionError(f"rollout did not get there in time: {self.release()}")
+        return poll_until(self.release, done, self.burst, timeout, "the rollout")
 
 
 def audit(traffic: Traffic) -> list[rpb.AuditRecord]:

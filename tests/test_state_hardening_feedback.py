@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,16 +21,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.cli_release import read_feedback
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from tests.support import MODELS, ROOT, Running, gateway_command, gateway_in_thread, gateway_process
+from tests.support import ROOT, Running, gateway_command, gateway_in_thread, gateway_process
 
 MAX_ITEMS = 10_000  # gateway.feedback.MAX_FEEDBACK_ITEMS
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
-    shutil.copytree(MODELS / "digits", root / "digits")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +16,7 @@ from hypothesis import strategies as st
 from gateway.operations import MAX_REASON_CHARS
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from tests.support import MODELS, ROOT, Running, gateway_command, gateway_in_thread
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
-    shutil.copytree(MODELS / "digits", root / "digits")
-    return root
+from tests.support import ROOT, Running, gateway_command, gateway_in_thread
 
 
 @pytest.fixture(scope="module")

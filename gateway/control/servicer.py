@@ -58,7 +58,7 @@ def report_message(report: ModelReport) -> pb.Report:
 
 
 ACTOR_METADATA = "x-gateway-actor"
-ANSWER_MARGIN_S = 2.0  # a load/unload stops waiting for workers this long before the caller's deadline
+ANSWER_MARGIN_S = 2.0  # a wait for other workers ends this long before the caller's deadline
 
 
 def actor_of(context: Context) -> str:
@@ -72,22 +72,13 @@ def actor_of(context: Context) -> str:
     return "anonymous"
 
 
-def feedback_wait_s(context: Context) -> float:
-    """How long SubmitFeedback waits for other workers: FEEDBACK_WAIT_S, or less so that the
-    counts reach a caller whose deadline is nearer."""
+def wait_within_deadline(context: Context, longest_s: float) -> float:
+    """How long a call may wait for the other workers: `longest_s`, or less, so that
+    the answer (what each worker did) still reaches a caller whose deadline is nearer."""
     remaining = context.time_remaining()
     if remaining is None:
-        return FEEDBACK_WAIT_S
-    return max(0.0, min(FEEDBACK_WAIT_S, float(remaining) - 1.0))
-
-
-def ack_wait_s(context: Context) -> float:
-    """How long a load/unload waits for the other workers: ACK_WAIT_S, or less so that the
-    answer (with what each worker did) still reaches a caller whose deadline is nearer."""
-    remaining = context.time_remaining()
-    if remaining is None:
-        return ACK_WAIT_S
-    return max(0.0, min(ACK_WAIT_S, float(remaining) - ANSWER_MARGIN_S))
+        return longest_s
+    return max(0.0, min(longest_s, float(remaining) - ANSWER_MARGIN_S))
 
 
 class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
@@ -98,7 +89,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         self.share_feedback = share_feedback
 
     async def LoadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
-        entry, call = await self.loader.load_everywhere(request.model, ack_wait_s(context))
+        entry, call = await self.loader.load_everywhere(request.model, wait_within_deadline(context, ACK_WAIT_S))
         log.info("load %s by %s (%s)", request.model, actor_of(context), _logged_reason(request.reason))
         return pb.ModelStatus(
             model=entry.name,
@@ -109,7 +100,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         )
 
     async def UnloadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
-        call = await self.loader.unload_everywhere(request.model, ack_wait_s(context))
+        call = await self.loader.unload_everywhere(request.model, wait_within_deadline(context, ACK_WAIT_S))
         log.info("unload %s by %s (%s)", request.model, actor_of(context), _logged_reason(request.reason))
         return pb.ModelStatus(
             model=request.model, workers_applied=len(call.applied), workers=call.total, notes=call.notes()
@@ -165,7 +156,8 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         items = [(item.request_id, list(item.labels)) for item in request.items]
         # Other workers may hold these predictions: they join them and say so through the store.
         store = self.ops.store if self.share_feedback and isinstance(self.ops.store, SqliteStore) else None
-        tally = await feedback.submit(self.plane, store, request.model, items, feedback_wait_s(context))
+        wait_s = wait_within_deadline(context, FEEDBACK_WAIT_S)
+        tally = await feedback.submit(self.plane, store, request.model, items, wait_s)
         return pb.SubmitFeedbackResponse(
             joined=tally.joined,
             unknown=tally.unknown,

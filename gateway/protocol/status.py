@@ -23,6 +23,7 @@ from grpc import aio
 
 from gateway import errors
 from gateway.logthrottle import ThrottledLog, one_line
+from gateway.protocol.wrapping import WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -189,27 +190,16 @@ def _refuse_unparseable(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return writing
 
 
-class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorMappingInterceptor(WrappingInterceptor):
     """Wraps every handler once (cached per method) with the mapping above."""
 
     def __init__(self, parsers: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
         # Per method, a deserializer to use instead of the handler's (one that checks first).
+        super().__init__()
         self._parsers = dict(parsers or {})
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
         self._unparseable = ThrottledLog(log)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parser = self._parsers.get(method, handler.request_deserializer)
         deserializer = _tolerant(parser, method, self._unparseable)
         if handler.unary_unary is not None:
@@ -232,5 +222,4 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             )
         else:
             return handler  # no client-streaming method is served
-        self._cache[method] = wrapped
         return wrapped
