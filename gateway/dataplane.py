@@ -10,11 +10,11 @@ import numpy as np
 
 from gateway.errors import Draining, InvalidInput, ModelExecutionError
 from gateway.logthrottle import ThrottledLog, one_line
-from gateway.metrics import VERSION_FAULTS, outcome_of
-from gateway.registry import Registry
-from gateway.release_plane import ReleasePlane, routing_key
+from gateway.release.plane import ReleasePlane, routing_key
+from gateway.serving.metrics import VERSION_FAULTS, outcome_of
+from gateway.serving.registry import Registry
+from gateway.serving.validation import build_inputs, check_outputs
 from gateway.types import InferResponse, Tensors, WireRequest
-from gateway.validation import build_inputs, check_outputs
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ def choose_cpus(server: str | None, client: str | None) -> tuple[list[int] | Non
 
 def gateway_serve_flags() -> set[str]:
     """The flags this checkout's `gateway serve` has (some land later than the bench)."""
-    from gateway.cli import serve
+    from gateway.cli.main import serve
 
     return {opt for param in serve.params for opt in param.opts}
 
@@ -1062,7 +1062,7 @@ def routing_cost(keys: int = 100_000, repeats: int = 5) -> dict[str, Any]:
     """
     import random as _random
 
-    from gateway.routing import Split, route_point
+    from gateway.release.routing import Split, route_point
 
     names = [f"user-{i}" for i in range(keys)]
     split = Split("1", "2", 1000)

@@ -3,7 +3,7 @@
     python -m loadtests.gpu_bench --models models
 
 For `mlp` and `convnet` (repeat --model for others): onnxruntime in-process
-through IO binding (gateway.cuda_runner) at batch 1, 16 and 64, the compute
+through IO binding (gateway.serving.cuda.runner) at batch 1, 16 and 64, the compute
 limit; then `gateway serve --provider cuda --workers 1` on 127.0.0.1, batching
 off and on, under closed-loop load at concurrency 1, 16 and 64 (one row per
 request), driven by `gateway bench`'s own machinery (loadtests.bench and
@@ -84,10 +84,10 @@ def versions() -> dict[str, Any]:
 def _session(path: Path, provider: str, graphs: bool) -> Any:
     import onnxruntime as ort
 
-    from gateway.config import GatewaySettings
-    from gateway.cuda_runner import cuda_provider_options
+    from gateway.config.settings import GatewaySettings
     from gateway.errors import ConfigError
-    from gateway.providers import CPU, ProviderChooser
+    from gateway.serving.cuda.runner import cuda_provider_options
+    from gateway.serving.providers import CPU, ProviderChooser
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -112,7 +112,7 @@ def in_process_points(
     Runs in a process of its own (see `measure_in_process`), so its CUDA context is gone before
     the gateway starts on the same card.
     """
-    from gateway.cuda_runner import CudaRunner, IoBindingRunner
+    from gateway.serving.cuda.runner import CudaRunner, IoBindingRunner
     from loadtests.loadgen import latency_summary_ms, load_signature, make_feeds
 
     signature = load_signature(models, model)
@@ -291,7 +291,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.provider == "cuda":
-        from gateway.providers import cuda_prerequisites
+        from gateway.serving.providers import cuda_prerequisites
 
         check = cuda_prerequisites()
         if not check.usable:

@@ -76,7 +76,7 @@ class ModelSignature:
 
 def resolve_version(models: Path, model: str, version: str | None) -> str:
     """The version a request without a version gets: release.stable, else the highest."""
-    from gateway.repository import Repository
+    from gateway.serving.repository import Repository
 
     repository = Repository(models)
     versions = repository.versions(model)
@@ -101,7 +101,7 @@ def load_signature(models: Path, model: str, version: str | None = None) -> Mode
     """Inputs and outputs straight from the ONNX graph, so any model in the repository works."""
     import onnxruntime as ort
 
-    from gateway.repository import Repository
+    from gateway.serving.repository import Repository
 
     resolved = resolve_version(models, model, version)
     path = Repository(models).version_files(model, resolved).path

@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from gateway import launch
+from gateway.server import launch
 from loadtests.loadgen import build_request, load_signature
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.store import AuditEntry, SqliteStore, StoredRelease
+from gateway.release.store import AuditEntry, SqliteStore, StoredRelease
 
 
 def main() -> None:

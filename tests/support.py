@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.config import GatewaySettings
-from gateway.server import Gateway
+from gateway.config.settings import GatewaySettings
+from gateway.server.gateway import Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -22,10 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway.batcher import DynamicBatcher
-from gateway.config import BatchingSpec
+from gateway.config.settings import BatchingSpec
 from gateway.errors import ModelExecutionError
-from gateway.stats import VersionStats
+from gateway.serving.batcher import DynamicBatcher
+from gateway.serving.statistics import VersionStats
 from tests.onnx_models import write_spin_model
 from tests.support import Running, gateway_in_thread
 from tests.test_overload import batcher_of, metric, request, wait_until

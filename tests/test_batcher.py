@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.batcher import DynamicBatcher
-from gateway.config import BatchingSpec
+from gateway.config.settings import BatchingSpec
 from gateway.errors import DeadlineExceeded, Draining, ModelExecutionError, Overloaded, QueueTimeout
-from gateway.stats import VersionStats
+from gateway.serving.batcher import DynamicBatcher
+from gateway.serving.statistics import VersionStats
 
 
 class StandIn:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.buckets import bucket_for, pad_batch, unpad_outputs
 from gateway.errors import ModelExecutionError
+from gateway.serving.cuda.buckets import bucket_for, pad_batch, unpad_outputs
 
 rows_st = st.integers(1, 64)
 buckets_st = st.lists(st.integers(1, 128), max_size=6)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.capture import MAGIC, CaptureWriter, read_capture
+from gateway.protocol.capture import MAGIC, CaptureWriter, read_capture
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from tests.onnx_models import write_slowed_copy

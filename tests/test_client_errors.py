@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from gateway.routing import route_point
+from gateway.release.routing import route_point
 from tests.onnx_models import write_spin_model
 from tests.support import Running, gateway_in_thread, poll_until
 from tests.test_overload import metric, request, wait_until

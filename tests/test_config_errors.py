@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import GatewaySettings, ModelSpec, load_model_spec, load_settings
+from gateway.config.settings import GatewaySettings, ModelSpec, load_model_spec, load_settings
 from gateway.control.auth import load_tokens, parse_tokens
 from gateway.errors import ConfigError
 from tests.onnx_models import write_identity_model
@@ -253,7 +253,7 @@ NUMERIC = ("int", "float", "tuple[int", "tuple[float", "Mapping[str, float]")
 def test_every_numeric_setting_has_its_range_reviewed() -> None:
     numeric = {name for name, kind in {**GATEWAY_FIELDS, **SPEC_FIELDS}.items() if kind.startswith(NUMERIC)}
     missing = sorted(numeric - set(OUT_OF_RANGE))
-    assert not missing, f"add the valid range of {missing} to OUT_OF_RANGE (and check it in gateway/config.py)"
+    assert not missing, f"add the valid range of {missing} to OUT_OF_RANGE (and check it in gateway/config/settings.py)"
 
 
 def toml_value(value: Any) -> str:

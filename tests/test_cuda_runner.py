@@ -1,7 +1,7 @@
 """The IO-binding runner without a GPU: CUDA options, the refusal on a CPU session, and the
 bucket/graph/staging logic run on onnxruntime's CPU device (graph ids are ignored there).
 
-Nothing here exercises CUDA itself; see gateway/cuda_runner.py.
+Nothing here exercises CUDA itself; see gateway/serving/cuda/runner.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from gateway.config import GatewaySettings
-from gateway.cuda_runner import (
+from gateway.config.settings import GatewaySettings
+from gateway.errors import ConfigError
+from gateway.serving.cuda.runner import (
     GRAPH_ID,
     CudaRunner,
     IoBindingRunner,
@@ -29,8 +30,7 @@ from gateway.cuda_runner import (
     pinned_memory_info,
     session_uses_cuda_graphs,
 )
-from gateway.errors import ConfigError
-from gateway.providers import CUDA
+from gateway.serving.providers import CUDA
 from tests.onnx_models import write_mixed_dtype_model
 from tests.support import MODELS
 

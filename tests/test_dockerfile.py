@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.cli import serve
+from gateway.cli.main import serve
 from tests.support import ROOT, Running
 
 DOCKERFILE = ROOT / "Dockerfile.gpu"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.config import CompareSpec
-from gateway.evidence import ModelEvidence, PredictionLog
+from gateway.config.settings import CompareSpec
+from gateway.release.evidence import ModelEvidence, PredictionLog
 
 
 def probabilities(label: int) -> list[np.ndarray]:

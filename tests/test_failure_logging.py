@@ -120,7 +120,7 @@ def test_a_failing_shadow_is_logged_as_a_warning(server: Running, caplog: pytest
             time.sleep(0.02)
     finally:
         control.RemoveShadow(rpb.RemoveShadowRequest(model="spin", version="2"))
-    warnings = records(caplog, "gateway.shadow")
+    warnings = records(caplog, "gateway.release.shadow")
     assert len(warnings) == 1, warnings
     assert "model spin version 2" in warnings[0]
     assert "'mirrored-1'" in warnings[0]

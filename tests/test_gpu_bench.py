@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.providers import cuda_prerequisites
+from gateway.serving.providers import cuda_prerequisites
 from loadtests.gpu_bench import NoCuda, _session, format_table
 from tests.support import MODELS, ROOT
 

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.config import GatewaySettings, ModelSpec, load_settings
+from gateway.config.settings import GatewaySettings, ModelSpec, load_settings
 from gateway.errors import ConfigError, InvalidInput
-from gateway.evidence import PredictionLog
-from gateway.runtime import TensorSpec
+from gateway.release.evidence import PredictionLog
+from gateway.serving.runtime import TensorSpec
+from gateway.serving.validation import build_inputs, check_outputs
 from gateway.types import WireInput
-from gateway.validation import build_inputs, check_outputs
 from tests.support import gateway_in_thread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

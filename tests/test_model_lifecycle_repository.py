@@ -16,7 +16,7 @@ import tritonclient.grpc as tc
 from gateway.errors import ModelLoadError
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from gateway.repository import Repository
+from gateway.serving.repository import Repository
 from tests.onnx_models import write_identity_model
 from tests.support import MODELS, ROOT, Running, gateway_command, gateway_in_thread
 

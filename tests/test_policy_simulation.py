@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.compare import PairWindow, VersionWindow, bucket_edges
-from gateway.config import PolicySpec
-from gateway.policy import RolloutEvidence, RolloutState, decide
+from gateway.config.settings import PolicySpec
+from gateway.release.compare import PairWindow, VersionWindow, bucket_edges
+from gateway.release.policy import RolloutEvidence, RolloutState, decide
 
 PER_INTERVAL = 2000
 SPEC = PolicySpec(

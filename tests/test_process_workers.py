@@ -20,7 +20,7 @@ from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from tests.support import MODELS, Process, gateway_process
 
-# The supervisor's documented restart policy (gateway.workers): 0.5 s, doubling; 5 failures in a row stop it.
+# The supervisor's documented restart policy (gateway.server.workers): 0.5 s, doubling; 5 failures in a row stop it.
 RESTART_BACKOFF_S = 0.5
 RESTART_LIMIT = 5
 

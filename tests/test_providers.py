@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.providers import CPU, CUDA, ProviderChooser, cuda_options, cuda_prerequisites
-from gateway.runtime import OnnxModel
+from gateway.serving.providers import CPU, CUDA, ProviderChooser, cuda_options, cuda_prerequisites
+from gateway.serving.runtime import OnnxModel
 from tests.onnx_models import write_identity_model
 
 
@@ -61,8 +61,8 @@ def test_buckets_do_not_change_cpu_runs(tmp_path: Path) -> None:
 
 
 def test_gpu_batching_defaults_apply_only_on_the_gpu(tmp_path: Path) -> None:
-    from gateway.config import BatchingSpec, ModelSpec
-    from gateway.registry import gpu_defaults
+    from gateway.config.settings import BatchingSpec, ModelSpec
+    from gateway.serving.registry import gpu_defaults
 
     write_identity_model(tmp_path / "m.onnx", "FP32")
     model = OnnxModel(tmp_path / "m.onnx", ProviderChooser("cpu"))

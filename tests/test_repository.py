@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import InvalidInput, ModelLoadError, ModelNotFound
-from gateway.repository import Repository, check_name
+from gateway.serving.repository import Repository, check_name
 from tests.onnx_models import write_identity_model
 
 

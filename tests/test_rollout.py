@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from gateway.routing import route_point
+from gateway.release.routing import route_point
 from tests.support import MODELS, Process, gateway_process, poll_until
 
 POLICY = """

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.routing import Split, route_point
+from gateway.release.routing import Split, route_point
 
 KEYS = [f"user-{i}" for i in range(10_000)]
 

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
-from gateway.compare import PairWindow, compare_outputs
-from gateway.config import CompareSpec
-from gateway.evidence import ModelEvidence
-from gateway.release_plane import DualRunSink, ShadowSink
-from gateway.shadow import ShadowCopy, ShadowLane
+from gateway.config.settings import CompareSpec
+from gateway.release.compare import PairWindow, compare_outputs
+from gateway.release.evidence import ModelEvidence
+from gateway.release.plane import DualRunSink, ShadowSink
+from gateway.release.shadow import ShadowCopy, ShadowLane
 from gateway.types import Tensors
 
 WEIGHTS = np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32)

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.compare import PairWindow, compare_outputs, top1
-from gateway.config import CompareSpec
+from gateway.config.settings import CompareSpec
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from gateway.release.compare import PairWindow, compare_outputs, top1
 from tests.onnx_models import write_sequence_model
 from tests.support import Running, gateway_in_thread
 

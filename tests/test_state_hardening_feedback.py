@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.cli_release import read_feedback
+from gateway.cli.release import read_feedback
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from tests.support import ROOT, Running, gateway_command, gateway_in_thread, gateway_process
 
-MAX_ITEMS = 10_000  # gateway.feedback.MAX_FEEDBACK_ITEMS
+MAX_ITEMS = 10_000  # gateway.release.feedback.MAX_FEEDBACK_ITEMS
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.operations import MAX_REASON_CHARS
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from gateway.release.operations import MAX_REASON_CHARS
 from tests.support import ROOT, Running, gateway_command, gateway_in_thread
 
 
@@ -125,10 +125,10 @@ def test_a_reason_never_forges_a_log_line(
     reason: str, control: rgrpc.ReleaseServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="gateway.operations"):
+    with caplog.at_level(logging.INFO, logger="gateway.release.operations"):
         weight = 1 + len(reason) % 9000
         control.SetTraffic(rpb.SetTrafficRequest(model="digits", canary="2", weight_bp=weight, reason=reason))
-    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.operations"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.release.operations"]
     assert messages, "the change was not logged"
     for message in messages:
         assert message.isprintable(), repr(message)

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from gateway.store import AuditEntry, SqliteStore, StoredRelease
+from gateway.release.policy import RolloutState
+from gateway.release.store import AuditEntry, SqliteStore, StoredRelease
 from tests.support import MODELS, gateway_in_thread
 
 

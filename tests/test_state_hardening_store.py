@@ -18,7 +18,7 @@ import pytest
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from gateway.store import SqliteStore
+from gateway.release.store import SqliteStore
 from tests.support import MODELS, ROOT, gateway_command, gateway_in_thread
 
 

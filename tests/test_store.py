@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.release import ReleaseState
-from gateway.store import AuditEntry, Conflict, SqliteStore, StoredRelease
+from gateway.release.state import ReleaseState
+from gateway.release.store import AuditEntry, Conflict, SqliteStore, StoredRelease
 from tests.support import ROOT
 
 

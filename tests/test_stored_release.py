@@ -24,7 +24,7 @@ def test_an_edited_spec_release_is_reported_and_the_stored_one_served(
     spec = repo / "digits" / "model.toml"
     spec.write_text(spec.read_text().replace('stable = "1"', 'stable = "2"\nshadows = { "3" = 0.5 }'))
     with (
-        caplog.at_level(logging.WARNING, logger="gateway.operations"),
+        caplog.at_level(logging.WARNING, logger="gateway.release.operations"),
         gateway_in_thread(repo, state_dir=state) as running,
     ):
         assert running.gateway.releases is not None
@@ -38,7 +38,7 @@ def test_an_edited_spec_release_is_reported_and_the_stored_one_served(
 
     caplog.clear()
     with (
-        caplog.at_level(logging.WARNING, logger="gateway.operations"),
+        caplog.at_level(logging.WARNING, logger="gateway.release.operations"),
         gateway_in_thread(repo, state_dir=tmp_path / "fresh") as running,
     ):
         assert running.gateway.releases is not None

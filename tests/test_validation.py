@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.config import ModelSpec
-from gateway.runtime import TensorSpec
+from gateway.config.settings import ModelSpec
+from gateway.serving.runtime import TensorSpec
+from gateway.serving.validation import build_inputs
 from gateway.types import WireInput
-from gateway.validation import build_inputs
 
 SIGNATURE = [TensorSpec("a", "FP32", (-1, -1)), TensorSpec("b", "FP32", (-1, -1))]
 

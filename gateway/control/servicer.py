@@ -7,21 +7,21 @@ import json
 import logging
 from typing import Any, TypeAlias
 
-from gateway import feedback
 from gateway.control.auth import ACTOR
 from gateway.errors import InvalidInput
-from gateway.evidence import VersionReport
-from gateway.feedback import FEEDBACK_WAIT_S
-from gateway.loader import ModelLoader
 from gateway.logthrottle import one_line
-from gateway.model_sync import ACK_WAIT_S
-from gateway.operations import MAX_REASON_CHARS, ReleaseOps
-from gateway.policy import RolloutState
 from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
-from gateway.release import ReleaseState
-from gateway.release_plane import ModelReport, ReleasePlane
-from gateway.store import SqliteStore, StoredRelease
+from gateway.release import feedback
+from gateway.release.evidence import VersionReport
+from gateway.release.feedback import FEEDBACK_WAIT_S
+from gateway.release.loader import ModelLoader
+from gateway.release.model_sync import ACK_WAIT_S
+from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
+from gateway.release.plane import ModelReport, ReleasePlane
+from gateway.release.policy import RolloutState
+from gateway.release.state import ReleaseState
+from gateway.release.store import SqliteStore, StoredRelease
 
 log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gateway.config import GatewaySettings
+from gateway.config.settings import GatewaySettings
 from gateway.errors import InvalidInput
 from gateway.protocol.pb import inference_pb2 as pb
 

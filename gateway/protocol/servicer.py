@@ -7,16 +7,16 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from gateway import __version__
-from gateway.capture import CaptureWriter
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, PermissionDenied
 from gateway.protocol import codec
+from gateway.protocol.capture import CaptureWriter
 from gateway.protocol.limits import DEFAULT_LIMITS, WireLimits
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.status import Unparseable, status_for
-from gateway.registry import PLATFORM, LoadedVersion, Registry
-from gateway.runtime import TensorSpec
+from gateway.serving.registry import PLATFORM, LoadedVersion, Registry
+from gateway.serving.runtime import TensorSpec
 
 # grpc ships no type hints; this is a grpc.aio.ServicerContext.
 Context: TypeAlias = Any

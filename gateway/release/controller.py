@@ -1,0 +1,144 @@
+"""The promotion controller: every analysis interval, ask the policy and apply its decision.
+
+Exactly one controller acts at a time: it holds a lease in the store, renewed
+each tick; another process takes over only once the lease has expired.
+After a restart it resumes from the stored phase and step, on evidence
+gathered since the restart (ReleaseOps begins it afresh); a promotion found
+half done is completed (or rolled back when it cannot be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from gateway.errors import GatewayError, StoreUnavailable
+from gateway.release.operations import ReleaseOps
+from gateway.release.policy import RolloutEvidence, decide
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5
+LEASE = "controller"
+
+
+class Controller:
+    def __init__(self, ops: ReleaseOps, clock: Callable[[], float] = time.time) -> None:
+        self.ops = ops
+        self.clock = clock
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._last: dict[str, float] = {}
+        self.leading = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except StoreUnavailable:
+                pass  # the store logged it (once in a while, not each tick); retried next tick
+            except Exception:  # the loop must outlive any one bad decision
+                log.exception("controller tick failed")
+            await asyncio.sleep(TICK_S)
+
+    async def tick(self) -> None:
+        self.leading = await asyncio.to_thread(self.ops.store.try_lease, LEASE, self.holder, 4 * TICK_S + 1.0)
+        if not self.leading:
+            return
+        now = self.clock()
+        for model in self.ops.plane.table.models():
+            rollout = self.ops.rollouts.get(model)
+            if rollout is not None and rollout.phase == "promoting":
+                await self.complete_promotion(model)
+                continue
+            if rollout is None or rollout.phase not in ("shadowing", "progressing"):
+                self._last.pop(model, None)
+                continue
+            spec = self.ops.plane.registry.entry(model).spec.policy
+            last = self._last.setdefault(model, now)
+            if now - last < spec.interval_s:
+                continue
+            self._last[model] = now
+            await self.decide(model)
+
+    async def decide(self, model: str) -> None:
+        """One analysis of one model's rollout, applied through ReleaseOps (and so audited)."""
+        ops = self.ops
+        rollout = ops.rollouts[model]
+        spec = ops.plane.registry.entry(model).spec.policy
+        stable, candidate, pair = ops.plane.combined(model).rollout_windows()
+        decision = decide(rollout, RolloutEvidence(stable, candidate, pair), spec, self.clock())
+        reason = decision.reason
+        try:
+            if decision.event == "rollback":
+                await ops.rollback(model, "controller", reason, decision.checks)
+            elif decision.event == "finish":
+                await ops.finish(model, reason, decision.checks)
+            elif decision.event == "advance":
+                changes: dict[str, object] = {"canary_weight_bp": decision.weight_bp or 0}
+                step = rollout.step + 1
+                if rollout.phase == "shadowing":
+                    current = ops.plane.table.get(model)
+                    shadows = {v: f for v, f in current.shadows.items() if v != rollout.candidate}
+                    changes = {
+                        "canary": rollout.candidate,
+                        "canary_weight_bp": decision.weight_bp or 0,
+                        "shadows": shadows,
+                        "canary_compare_fraction": current.canary_compare_fraction,
+                    }
+                    step = 0
+                await ops.change(
+                    model,
+                    "controller",
+                    "advance",
+                    reason,
+                    "advance",
+                    changes,
+                    {"step": step, "failed_checks": 0},
+                    decision.checks,
+                )
+            else:
+                failed = any(c.verdict.value == "fail" for c in decision.checks)
+                if failed:
+                    await ops.change(
+                        model,
+                        "controller",
+                        "failed_check",
+                        reason,
+                        "hold",
+                        {},
+                        {"failed_checks": rollout.failed_checks + 1},
+                        decision.checks,
+                    )
+                else:
+                    log.info("%s: hold (%s)", model, reason)
+        except StoreUnavailable:
+            raise
+        except GatewayError as exc:
+            log.warning("%s: controller decision %s not applied: %s", model, decision.event, exc)
+
+    async def complete_promotion(self, model: str) -> None:
+        """Finish a promotion found half done (a store written by an older gateway, which
+        committed the last step in two transactions, and crashed in between): promote the
+        candidate; if it cannot be promoted (say its version is gone), roll back instead.
+
+        Every other phase is one the controller can be in at rest: shadowing and
+        progressing go on deciding, paused waits for the operator, and idle, succeeded
+        and rolled_back have nothing to do."""
+        ops = self.ops
+        try:
+            await ops.promote(model, "controller", "completing a promotion interrupted by a restart")
+            return
+        except StoreUnavailable:
+            raise  # not the promotion's fault: try again next tick
+        except GatewayError as exc:
+            log.warning("%s: cannot complete the interrupted promotion (%s): rolling back", model, exc)
+        try:
+            await ops.rollback(model, "controller", "an interrupted promotion could not be completed")
+        except StoreUnavailable:
+            raise
+        except GatewayError as exc:
+            log.warning("%s: cannot roll back the interrupted promotion either: %s", model, exc)

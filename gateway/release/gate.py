@@ -1,0 +1,126 @@
+"""The load-test gate: before a candidate gets its first share of traffic, replay
+requests against it and the stable version, side by side, and require
+
+    candidate p99 <= max_latency_ratio x stable p99   (same requests, interleaved)
+    top-1 agreement with the stable version >= min_agreement
+
+The requests are the newest captured live requests for the model (see
+gateway.protocol.capture); without a capture, inputs are generated from the model's
+signature (latency is still measured; agreement on random inputs is weak
+evidence and the audit record says which kind was used).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.config.settings import PolicySpec
+from gateway.protocol import codec
+from gateway.protocol.capture import capture_files, read_capture
+from gateway.protocol.pb import inference_pb2 as pb
+from gateway.release.compare import top1
+from gateway.release.confidence import Verdict
+from gateway.release.policy import CheckResult
+from gateway.serving.registry import LoadedVersion
+from gateway.serving.validation import build_inputs
+from gateway.types import Tensors
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    passed: bool
+    checks: list[CheckResult]
+    source: str  # "capture" or "generated"
+    requests: int
+
+    def summary(self) -> str:
+        parts = [f"{c.name} {c.value:.3g} (bound {c.bound:g}): {c.verdict.value}" for c in self.checks]
+        return f"load-test gate on {self.requests} {self.source} requests: " + "; ".join(parts)
+
+
+def captured_inputs(directory: Path | None, stable: LoadedVersion, limit: int) -> list[tuple[Tensors, int]]:
+    if directory is None or not directory.is_dir():
+        return []
+    found: list[tuple[Tensors, int]] = []
+    for path in reversed(capture_files([directory])):
+        for record in read_capture(path):
+            request = pb.ModelInferRequest.FromString(record.request)
+            if request.model_name != stable.name:
+                continue
+            wire = codec.decode_infer(request, None)
+            try:
+                found.append(build_inputs(wire.inputs, stable.model.inputs, stable.spec, stable.name))
+            except Exception:
+                continue
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def generated_inputs(stable: LoadedVersion, count: int, seed: int = 0) -> list[tuple[Tensors, int]]:
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for _ in range(count):
+        feeds = {
+            spec.name: rng.random([1 if d < 0 else d for d in spec.shape]).astype(spec.dtype)
+            for spec in stable.model.inputs
+        }
+        inputs.append((feeds, 1))
+    return inputs
+
+
+async def run_gate(
+    stable: LoadedVersion,
+    candidate: LoadedVersion,
+    requests: Sequence[tuple[Tensors, int]],
+    policy: PolicySpec,
+    source: str,
+    output_index: int,
+) -> GateResult:
+    latencies: dict[str, list[float]] = {"stable": [], "candidate": []}
+    agree = rows = 0
+    for i, (feeds, batch) in enumerate(requests):
+        # Alternate which goes first, so neither always meets a warmer cache.
+        order = [("stable", stable), ("candidate", candidate)]
+        if i % 2:
+            order.reverse()
+        outputs: dict[str, list[np.ndarray]] = {}
+        for role, loaded in order:
+            start = time.perf_counter()
+            outputs[role] = await loaded.executor.submit(feeds, batch, None, None)
+            latencies[role].append(time.perf_counter() - start)
+        base, cand = outputs["stable"][output_index], outputs["candidate"][output_index]
+        if base.shape == cand.shape:
+            agree += int(np.count_nonzero(top1(base) == top1(cand)))
+        rows += batch
+    s99 = float(np.quantile(latencies["stable"], 0.99))
+    c99 = float(np.quantile(latencies["candidate"], 0.99))
+    ratio = c99 / s99 if s99 > 0 else float("inf")
+    agreement = agree / rows if rows else 0.0
+    n = len(requests)
+    checks = [
+        CheckResult(
+            "gate_latency_p99_ratio",
+            Verdict.PASS if ratio <= policy.gate_max_latency_ratio else Verdict.FAIL,
+            ratio,
+            s99 * 1e3,
+            c99 * 1e3,
+            policy.gate_max_latency_ratio,
+            n,
+        ),
+        CheckResult(
+            "gate_agreement",
+            Verdict.PASS if agreement >= policy.gate_min_agreement else Verdict.FAIL,
+            agreement,
+            agreement,
+            agreement,
+            policy.gate_min_agreement,
+            rows,
+        ),
+    ]
+    return GateResult(all(c.verdict is Verdict.PASS for c in checks), checks, source, n)

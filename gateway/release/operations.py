@@ -1,0 +1,394 @@
+"""Every change to a release, manual or automatic, goes through here.
+
+An operation checks the rollout transition table, builds the new release
+state, writes it and its audit record in one store transaction, and only
+then serves it. A refused operation is audited too, with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
+from gateway.logthrottle import one_line
+from gateway.protocol.capture import CaptureWriter
+from gateway.release.gate import captured_inputs, generated_inputs, run_gate
+from gateway.release.plane import ReleasePlane
+from gateway.release.policy import CheckResult, Event, RolloutState
+from gateway.release.state import ReleaseState
+from gateway.release.store import AuditEntry, Conflict, Store, StoredRelease
+
+log = logging.getLogger(__name__)
+
+# A reason is a sentence for the audit log, not a document: every one is stored and
+# read back by `gateway audit`, so an unbounded one grows the store without limit.
+MAX_REASON_CHARS = 1024
+
+
+def check_reason(reason: str) -> None:
+    if len(reason) > MAX_REASON_CHARS:
+        raise InvalidInput(
+            f"reason is {len(reason)} characters; the limit is {MAX_REASON_CHARS}: shorten it "
+            "(link to a ticket for the long story)"
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Step:
+    """One audited change of a release: what `ReleaseOps.change` takes, for `change_steps`."""
+
+    action: str
+    reason: str
+    event: Event | None
+    state_changes: dict[str, Any]
+    rollout_changes: dict[str, Any] | None = None
+    checks: Sequence[CheckResult] = ()
+
+
+class ReleaseOps:
+    def __init__(self, plane: ReleasePlane, store: Store, capture: CaptureWriter | None = None) -> None:
+        self.plane = plane
+        self.store = store
+        self.capture = capture
+        self.rollouts: dict[str, RolloutState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- startup and sync ---------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Serve what the store holds; store the spec's release for models it does not know yet."""
+        stored = self.store.load_all()
+        for model in self.plane.table.models():
+            current = stored.get(model)
+            if current is not None:
+                spec = self.plane.table.get(model)
+                try:
+                    self._install(current)
+                    log.info("%s: restored release revision %d (%s)", model, current.revision, current.rollout.phase)
+                    if _differs(spec, current.state):
+                        log.warning(
+                            "%s: model.toml's [release] (%s) differs from the stored release (%s, revision %d); "
+                            "serving the stored one: change it with `gateway traffic`/`gateway shadow`, "
+                            "or start with a fresh --state-dir to take model.toml's",
+                            model,
+                            _describe(spec),
+                            _describe(current.state),
+                            current.revision,
+                        )
+                    continue
+                except GatewayError as exc:
+                    log.warning("%s: stored release no longer fits the loaded versions (%s): reset", model, exc)
+                    after = StoredRelease(
+                        dataclasses.replace(self.plane.table.get(model), revision=current.revision + 1)
+                    )
+                    self.store.commit(
+                        current.revision, after, self._audit("gateway", "reset", current, after, str(exc))
+                    )
+                    self._install(after)
+                    continue
+            initial = StoredRelease(self.plane.table.get(model))
+            try:
+                self.store.commit(
+                    None, initial, self._audit("gateway", "init", None, initial, "release from model.toml")
+                )
+            except Conflict:
+                # Another worker of this gateway stored it first: serve theirs.
+                self._install(self.store.load_all()[model])
+                continue
+            self.rollouts[model] = initial.rollout
+
+    def adopt(self, model: str) -> None:
+        """A model (re)loaded at run time: serve its stored release, or store the one it has now."""
+        stored = self.store.load_all().get(model)
+        current = StoredRelease(self.plane.table.get(model), self.rollouts.get(model, RolloutState()))
+        if stored is not None:
+            try:
+                if stored.revision >= current.revision:
+                    self._install(stored)
+                    return
+            except GatewayError:
+                pass
+            after = StoredRelease(dataclasses.replace(current.state, revision=stored.revision + 1), current.rollout)
+            self.store.commit(stored.revision, after, self._audit("gateway", "reset", stored, after, "model reloaded"))
+            self._install(after)
+            return
+        self.store.commit(None, current, self._audit("gateway", "init", None, current, "model loaded"))
+        self.rollouts[model] = current.rollout
+
+    def forget(self, model: str) -> None:
+        self.rollouts.pop(model, None)
+
+    def sync(self) -> int:
+        """Install releases other processes changed; returns how many."""
+        changed = 0
+        for model, stored in self.store.load_all().items():
+            if model in self.plane.evidence and stored.revision > self.plane.table.revision_of(model):
+                self._install(stored)
+                changed += 1
+        return changed
+
+    def _install(self, stored: StoredRelease) -> None:
+        model = stored.state.model
+        previous = self.rollouts.get(model)
+        self.plane.table.install(stored.state)
+        self.rollouts[model] = stored.rollout
+        evidence = self.plane.evidence[model]
+        active = stored.rollout.phase in ("shadowing", "progressing")
+        if active and (
+            previous is None or previous.started_at != stored.rollout.started_at or evidence.rollout is None
+        ):
+            # A new rollout, or one resumed after a restart: evidence starts afresh.
+            key = f"{stored.state.stable}>{stored.rollout.candidate}@{stored.rollout.started_at}"
+            evidence.begin_rollout(stored.state.stable, stored.rollout.candidate, key)
+        elif not active and stored.rollout.phase != "paused":
+            evidence.end_rollout()
+
+    # -- the one way to change a release ------------------------------------------------
+
+    def current(self, model: str) -> StoredRelease:
+        return StoredRelease(self.plane.table.get(model), self.rollouts.get(model, RolloutState()))
+
+    def _audit(
+        self,
+        actor: str,
+        action: str,
+        before: StoredRelease | None,
+        after: StoredRelease | None,
+        reason: str,
+        evidence: Any = None,
+        outcome: str = "applied",
+        model: str = "",
+    ) -> AuditEntry:
+        return AuditEntry(
+            actor=actor,
+            action=action,
+            model=model or (after or before).state.model,  # type: ignore[union-attr]
+            reason=reason,
+            outcome=outcome,
+            before=None if before is None else before.to_dict(),
+            after=None if after is None else after.to_dict(),
+            evidence=evidence,
+            revision=None if after is None else after.revision,
+            at=time.time(),
+        )
+
+    async def change(
+        self,
+        model: str,
+        actor: str,
+        action: str,
+        reason: str,
+        event: Event | None,
+        state_changes: dict[str, Any],
+        rollout_changes: dict[str, Any] | None = None,
+        checks: Sequence[CheckResult] = (),
+    ) -> StoredRelease:
+        step = Step(action, reason, event, state_changes, rollout_changes, checks)
+        return await self.change_steps(model, actor, [step])
+
+    async def change_steps(self, model: str, actor: str, steps: Sequence[Step]) -> StoredRelease:
+        """Apply steps one after the other and store them in ONE transaction (one audit
+        record each): a crash leaves the release before the first step or after the last,
+        never in between. The steps after the first are planned from the state the one
+        before would leave, so each is checked against the transition table in turn."""
+        for step in steps:
+            check_reason(step.reason)
+        lock = self._locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            before = self.current(model)
+            previous = before
+            entries: list[AuditEntry] = []
+            for step in steps:
+                evidence = [c.to_dict() for c in step.checks] or None
+                try:
+                    after = self._plan(previous, step)
+                except GatewayError as exc:
+                    refused = self._audit(
+                        actor, step.action, previous, None, f"refused: {exc}", evidence, "refused", model
+                    )
+                    await asyncio.to_thread(self.store.record_refused, refused)
+                    raise
+                entries.append(self._audit(actor, step.action, previous, after, step.reason, evidence))
+                previous = after
+            await asyncio.to_thread(self.store.commit, before.revision, previous, entries)
+            self._install(previous)
+            for step, entry in zip(steps, entries, strict=True):
+                log.info(
+                    "%s %s by %s -> revision %d, %s: %s",
+                    step.action,
+                    model,
+                    one_line(actor),
+                    entry.revision,
+                    (entry.after or {}).get("rollout", {}).get("phase", ""),
+                    one_line(step.reason, MAX_REASON_CHARS),
+                )
+            return previous
+
+    def _plan(self, before: StoredRelease, step: Step) -> StoredRelease:
+        rollout = before.rollout
+        if step.event is not None:
+            rollout = rollout.on(step.event, **(step.rollout_changes or {}))
+        elif step.rollout_changes:
+            rollout = dataclasses.replace(rollout, **step.rollout_changes)
+        state = self.plane.table.propose_from(before.state, **step.state_changes)
+        return StoredRelease(state, rollout)
+
+    # -- manual operations --------------------------------------------------------------
+
+    async def set_traffic(self, model: str, canary: str, weight_bp: int, actor: str, reason: str) -> StoredRelease:
+        if not canary and weight_bp:
+            # Stored, it would route that share of traffic to no version at all.
+            raise InvalidInput(
+                f"canary is empty but weight_bp is {weight_bp}: name the canary version, or set weight_bp 0 "
+                "to send everything to stable"
+            )
+        return await self.change(
+            model, actor, "set_traffic", reason, "set_weight", {"canary": canary, "canary_weight_bp": weight_bp}
+        )
+
+    async def add_shadow(self, model: str, version: str, fraction: float, actor: str, reason: str) -> StoredRelease:
+        shadows = dict(self.plane.table.get(model).shadows)
+        shadows[version] = fraction
+        return await self.change(model, actor, "add_shadow", reason, None, {"shadows": shadows})
+
+    async def remove_shadow(self, model: str, version: str, actor: str, reason: str) -> StoredRelease:
+        shadows = dict(self.plane.table.get(model).shadows)
+        if version not in shadows:
+            raise FailedPrecondition(f"{model} has no shadow {version!r}: nothing to remove")
+        del shadows[version]
+        return await self.change(model, actor, "remove_shadow", reason, None, {"shadows": shadows})
+
+    async def start_rollout(self, model: str, candidate: str, actor: str, reason: str) -> StoredRelease:
+        check_reason(reason)
+        spec = self.plane.registry.entry(model).spec.policy
+        current = self.plane.table.get(model)
+        if not candidate:
+            raise InvalidInput(f"candidate is empty: name the version of {model} to roll out")
+        if candidate == current.stable:
+            raise FailedPrecondition(f"{model}: version {candidate} is already the stable version")
+        shadows = {v: f for v, f in current.shadows.items() if v != candidate}
+        rollout = {"step": 0, "failed_checks": 0, "candidate": candidate, "started_at": time.time()}
+        self.current(model).rollout.on("start")  # refuse (and audit) before any gate work
+        gate_checks: Sequence[CheckResult] = ()
+        if spec.gate:
+            gate_checks = await self._gate(model, current.stable, candidate, actor, reason)
+        if spec.shadow_intervals > 0:
+            shadows[candidate] = 1.0
+            changes: dict[str, Any] = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
+            return await self.change(
+                model, actor, "start_rollout", reason, "start_shadow", changes, rollout, gate_checks
+            )
+        changes = {
+            "canary": candidate,
+            "canary_weight_bp": spec.step_weights_bp[0],
+            "shadows": shadows,
+            "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if spec.min_agreement > 0 else 0.0),
+        }
+        return await self.change(model, actor, "start_rollout", reason, "start", changes, rollout, gate_checks)
+
+    async def _gate(self, model: str, stable: str, candidate: str, actor: str, reason: str) -> list[CheckResult]:
+        """Run the load-test gate; a failure refuses the rollout (audited with the evidence)."""
+        registry = self.plane.registry
+        spec = registry.entry(model).spec.policy
+        stable_v, candidate_v = registry.get(model, stable), registry.get(model, candidate)
+        directory = None
+        if self.capture is not None:
+            self.capture.flush()
+            directory = self.capture.directory
+        inputs = await asyncio.to_thread(captured_inputs, directory, stable_v, spec.gate_requests)
+        source = "captured"
+        if not inputs:
+            inputs, source = generated_inputs(stable_v, spec.gate_requests), "generated"
+        index = self.plane.evidence[model].output_index
+        result = await run_gate(stable_v, candidate_v, inputs, spec, source, index)
+        log.info("%s: %s", model, result.summary())
+        if not result.passed:
+            before = self.current(model)
+            evidence = [c.to_dict() for c in result.checks]
+            message = f"{model}: {result.summary()}"
+            entry = self._audit(actor, "start_rollout", before, None, f"refused: {message}", evidence, "refused", model)
+            await asyncio.to_thread(self.store.record_refused, entry)
+            raise FailedPrecondition(message)
+        return result.checks
+
+    async def pause(self, model: str, actor: str, reason: str) -> StoredRelease:
+        return await self.change(model, actor, "pause", reason, "pause", {})
+
+    async def resume(self, model: str, actor: str, reason: str) -> StoredRelease:
+        return await self.change(model, actor, "resume", reason, "resume", {})
+
+    async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        check_reason(reason)
+        current = self.current(model)
+        active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
+        candidate = (current.rollout.candidate if active else "") or current.state.canary
+        if not candidate:
+            refused = FailedPrecondition(f"{model} has no canary: nothing to promote")
+            entry = self._audit(actor, "promote", current, None, f"refused: {refused}", None, "refused", model)
+            await asyncio.to_thread(self.store.record_refused, entry)
+            raise refused
+        event: Event = "promote"
+        if current.rollout.phase in ("idle", "succeeded", "rolled_back"):
+            # A canary set by hand, outside a rollout: promoting it is a traffic change.
+            event = "set_weight"
+        return await self.change(
+            model, actor, "promote", reason, event, _promotion(current.state, candidate), None, checks
+        )
+
+    async def finish(self, model: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        """The controller's last step: all traffic to the candidate, then promote it, in one
+        transaction. Two commits left a crash in between stuck in `promoting` at 100 %."""
+        current = self.current(model)
+        candidate = current.rollout.candidate
+        full = current.state
+        steps = [
+            Step("advance", reason, "finish", {"canary_weight_bp": 10_000}, None, checks),
+            Step("promote", "all steps passed", "promote", _promotion(full, candidate), None, checks),
+        ]
+        return await self.change_steps(model, "controller", steps)
+
+    async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        check_reason(reason)
+        current = self.current(model)
+        active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
+        candidate = (current.rollout.candidate if active else "") or current.state.canary
+        if not candidate:
+            # Nothing routes away from stable: a "rollback" would only bump the revision.
+            refused = FailedPrecondition(f"{model} has no canary and no rollout: nothing to roll back")
+            entry = self._audit(actor, "rollback", current, None, f"refused: {refused}", None, "refused", model)
+            await asyncio.to_thread(self.store.record_refused, entry)
+            raise refused
+        shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
+        changes = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
+        # Outside a rollout, a rollback of a hand-set canary is a traffic change.
+        event: Event = "rollback" if active else "set_weight"
+        return await self.change(model, actor, "rollback", reason, event, changes, None, checks)
+
+
+def _promotion(state: ReleaseState, candidate: str) -> dict[str, Any]:
+    """The state changes that make `candidate` the stable version (and stop mirroring to it)."""
+    shadows = {v: f for v, f in state.shadows.items() if v != candidate}
+    return {"stable": candidate, "canary": "", "canary_weight_bp": 0, "shadows": shadows}
+
+
+def _differs(a: ReleaseState, b: ReleaseState) -> bool:
+    """Whether two releases route and mirror differently (revisions aside)."""
+    return (a.stable, a.canary, a.canary_weight_bp, dict(a.shadows)) != (
+        b.stable,
+        b.canary,
+        b.canary_weight_bp,
+        dict(b.shadows),
+    )
+
+
+def _describe(state: ReleaseState) -> str:
+    parts = [f"stable {state.stable}"]
+    if state.canary:
+        parts.append(f"canary {state.canary} at {state.canary_weight_bp / 100:g}%")
+    parts += [f"shadow {v} at {f * 100:g}%" for v, f in sorted(state.shadows.items())]
+    return ", ".join(parts)

@@ -1,0 +1,285 @@
+"""The release plane beside the request path: route, record, mirror, join labels, report.
+
+The data plane asks it which version serves a request and tells it what
+happened; everything that compares versions lives here, so the request path
+stays a short sequence of calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import GatewayError, InvalidInput
+from gateway.release.evidence import ModelEvidence, VersionReport, model_report
+from gateway.release.routing import Role
+from gateway.release.shadow import CopySink, PrimaryActivity, ShadowCopy, ShadowLane
+from gateway.release.state import ReleaseState, ReleaseTable, initial_state
+from gateway.serving.registry import LoadedVersion, Registry
+from gateway.types import ParamValue, Tensors
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    release: ReleaseState
+    versions: list[VersionReport]
+    window_s: float
+    feedback_joined: int
+    feedback_unknown: int
+    predictions_logged: int
+    shadows: dict[str, dict[str, int]]  # version -> counters (+ circuit state)
+
+
+def routing_key(parameters: dict[str, ParamValue], request_id: str) -> str | None:
+    key = parameters.get("routing_key")
+    if key is None:
+        return request_id or None
+    if not isinstance(key, str):
+        raise InvalidInput("parameter 'routing_key' must be a string (string_param)")
+    return key
+
+
+def _stacked(copies: Sequence[ShadowCopy], evidence: ModelEvidence) -> np.ndarray:
+    """The compared output of every copy's reference answer, rows stacked in copy order."""
+    if len(copies) == 1:
+        return evidence.compared(copies[0].reference)
+    return np.concatenate([evidence.compared(c.reference) for c in copies])
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSink:
+    """A shadow's answers: compared with the stable's, logged for labels, counted in its window."""
+
+    evidence: ModelEvidence
+    version: str
+
+    def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        evidence = self.evidence
+        n = len(copies)
+        rows = sum(c.rows for c in copies)
+        shadow = evidence.compared(outputs)
+        latency_diff = n * seconds - sum(c.reference_s for c in copies)
+        if not evidence.record_pair(self.version, _stacked(copies, evidence), shadow, latency_diff, n):
+            evidence.record_request(self.version, False, seconds, rows, n, served=False)
+            return False  # wrong shape: a failure, not evidence
+        evidence.record_request(self.version, True, seconds, rows, n, served=False)
+        evidence.record_predictions(self.version, "shadow", [(c.request_id, c.rows) for c in copies], shadow)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class DualRunSink:
+    """A canary's requests run again on the stable version, so the canary gets agreement figures."""
+
+    evidence: ModelEvidence
+    canary: str
+
+    def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
+        evidence = self.evidence
+        latency_diff = sum(c.reference_s for c in copies) - len(copies) * seconds
+        stable = evidence.compared(outputs)
+        return evidence.record_pair(self.canary, stable, _stacked(copies, evidence), latency_diff, len(copies))
+
+
+class ReleasePlane:
+    def __init__(self, registry: Registry, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self.rng = rng or random.Random()
+        self.table = ReleaseTable(lambda model: set(registry.entry(model).versions))
+        self.evidence: dict[str, ModelEvidence] = {}
+        self._lanes: dict[tuple[str, str], ShadowLane] = {}
+        self._sinks: dict[tuple[str, str, bool], CopySink] = {}
+        self._previous: dict[str, ReleaseState] = {}
+        # Other workers' evidence snapshots, when several processes serve (set by the server).
+        self.peers: Callable[[str], list[dict[str, Any]]] = lambda model: []
+        # The primary request path (set by the server: the DataPlane), so shadows wait for its idle time.
+        self.primary: PrimaryActivity | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.table.subscribe(self._on_change)
+        for name in registry.names():
+            self.add_model(name)
+
+    def add_model(self, name: str) -> None:
+        """Give a (re)loaded model a release: the current one if it still fits, else the spec's."""
+        entry = self.registry.entry(name)
+        initial = initial_state(name, entry.spec, entry.versions, entry.default_version)
+        try:
+            current = self.table.get(name)
+            self.table.install(current)
+        except GatewayError:
+            self.table.install(dataclasses.replace(initial, revision=self.table.revision_of(name) + 1))
+        compare = entry.spec.compare
+        stable = entry.versions[self.table.get(name).stable].model
+        index = stable.output_names.index(compare.output) if compare.output else 0
+        if name not in self.evidence:
+            self.evidence[name] = ModelEvidence(name, compare, index)
+        self._forget(name)  # lanes point at the old executors, sinks at the old evidence
+
+    def restore_model(self, name: str, state: ReleaseState | None) -> None:
+        """Undo an `add_model` whose load failed: the release served before it, as it was
+        (the registry already serves the previous entry again)."""
+        if state is None:
+            self.table.remove(name)
+        else:
+            self.table.install(state)
+        self._forget(name)  # lanes made meanwhile point at the new, discarded executors
+
+    def remove_model(self, name: str) -> None:
+        self.table.remove(name)
+        self.evidence.pop(name, None)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._lanes if k[0] == name]:
+            del self._lanes[key]
+        for sink_key in [k for k in self._sinks if k[0] == name]:
+            del self._sinks[sink_key]
+
+    def _on_change(self, state: ReleaseState) -> None:
+        # A version (re)added as a shadow is an operator's fresh start: close its circuit.
+        previous = self._previous.get(state.model)
+        for version in state.shadows:
+            if previous is not None and version not in previous.shadows:
+                lane = self._lanes.get((state.model, version))
+                if lane is not None:
+                    lane.breaker.success()
+        self._previous[state.model] = state
+
+    # -- the request path ---------------------------------------------------------------
+
+    def route(self, model: str, version: str, key: str | None) -> tuple[LoadedVersion, Role, ReleaseState | None]:
+        if version:
+            return self.registry.get(model, version), "pinned", None
+        state = self.table.get(model)
+        chosen, role = state.split.choose(key, self.rng)
+        return self.registry.get(model, chosen), role, state
+
+    def record(
+        self,
+        loaded: LoadedVersion,
+        role: Role,
+        state: ReleaseState | None,
+        request_id: str,
+        ok: bool,
+        seconds: float,
+        rows: int,
+        feeds: Tensors | None = None,
+        outputs: Sequence[np.ndarray] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        evidence = self.evidence[loaded.name]
+        evidence.record_request(loaded.version, ok, seconds, rows)
+        if not ok or outputs is None or feeds is None:
+            return
+        evidence.record_prediction(request_id, loaded.version, role, outputs)
+        if state is None:
+            return  # pinned requests take no part in the release
+        if role == "stable":
+            for version, fraction in state.shadows.items():
+                if fraction >= 1.0 or self.rng.random() < fraction:
+                    self._mirror_shadow(loaded.name, version, feeds, rows, deadline, request_id, outputs, seconds)
+        elif role == "canary" and self.rng.random() < state.canary_compare_fraction:
+            self._dual_run(loaded.name, state.stable, loaded.version, feeds, rows, deadline, outputs, seconds)
+
+    def lane(self, model: str, version: str) -> ShadowLane:
+        lane = self._lanes.get((model, version))
+        if lane is None:
+            loaded = self.registry.get(model, version)
+            lane = self._lanes[(model, version)] = ShadowLane(
+                loaded.executor, max_rows=loaded.spec.max_batch_size, primary=self.primary, model=model, version=version
+            )
+        return lane
+
+    def _sink(self, model: str, version: str, dual_run: bool) -> CopySink:
+        key = (model, version, dual_run)
+        sink = self._sinks.get(key)
+        if sink is None:
+            evidence = self.evidence[model]
+            sink = self._sinks[key] = DualRunSink(evidence, version) if dual_run else ShadowSink(evidence, version)
+        return sink
+
+    def _mirror_shadow(
+        self,
+        model: str,
+        version: str,
+        feeds: Tensors,
+        rows: int,
+        deadline: float | None,
+        request_id: str,
+        primary: Sequence[np.ndarray],
+        primary_s: float,
+    ) -> None:
+        sink = self._sink(model, version, dual_run=False)
+        self.lane(model, version).mirror(feeds, rows, deadline, request_id, primary, primary_s, sink, self._tasks)
+
+    def _dual_run(
+        self,
+        model: str,
+        stable: str,
+        canary: str,
+        feeds: Tensors,
+        rows: int,
+        deadline: float | None,
+        canary_outputs: Sequence[np.ndarray],
+        canary_s: float,
+    ) -> None:
+        # The canary's request runs again on the stable version: the reference is the canary's answer.
+        sink = self._sink(model, canary, dual_run=True)
+        self.lane(model, stable).mirror(feeds, rows, deadline, "", canary_outputs, canary_s, sink, self._tasks)
+
+    # -- labels and reports -------------------------------------------------------------
+
+    def feedback(self, model: str, request_id: str, labels: Sequence[float], received: bool = True) -> bool:
+        if not request_id:
+            raise InvalidInput("feedback needs the request id the prediction was made for")
+        if not labels:
+            raise InvalidInput(f"feedback for {request_id!r} has no labels")
+        self.table.get(model)  # NOT_FOUND for an unknown model
+        return self.evidence[model].feedback(request_id, labels, received)
+
+    def combined(self, model: str) -> ModelEvidence:
+        """This process's evidence plus the other workers' (when several share the port)."""
+        evidence = self.evidence[model]
+        peers = self.peers(model)
+        return evidence.merged_with(peers) if peers else evidence
+
+    def report(self, model: str, local: bool = False) -> ModelReport:
+        """The model's report; `local` leaves other workers out (Prometheus adds workers up itself)."""
+        state = self.table.get(model)
+        evidence = self.evidence[model] if local else self.combined(model)
+        roles = {v: state.role_of(v) for v in [state.stable, state.canary, *state.shadows] if v}
+        shadows = {}
+        for (name, version), lane in self._lanes.items():
+            if name == model:
+                c = lane.counters
+                shadows[version] = {
+                    "mirrored": c.mirrored,
+                    "dropped": c.dropped,
+                    "failed": c.failed,
+                    "timed_out": c.timed_out,
+                    "completed": c.completed,
+                    "pending": lane.pending,
+                    "circuit_open": int(lane.breaker.is_open),
+                    "circuit_opened": lane.breaker.opened,
+                }
+        return ModelReport(
+            release=state,
+            versions=model_report(evidence, roles),
+            window_s=time.time() - evidence.started,
+            feedback_joined=evidence.feedback_joined,
+            feedback_unknown=max(0, evidence.labels_received - evidence.feedback_joined),
+            predictions_logged=len(evidence.log),
+            shadows=shadows,
+        )
+
+    async def idle(self) -> None:
+        """Wait for outstanding shadow copies (tests, and a clean drain)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

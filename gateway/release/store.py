@@ -1,0 +1,511 @@
+"""Durable release state and audit log: an interface and its SQLite implementation.
+
+One transaction writes a model's new release state and the audit record of
+the change, so after a crash at any instant the state is entirely old or
+entirely new, and its audit row exists exactly when the new state does.
+SQLite runs in WAL mode with synchronous=FULL: a committed change survives
+power loss, and readers (other worker processes) never block the writer.
+
+The interface is narrow on purpose (load, commit with a revision check,
+append a refusal, read the log, hold a lease) so that a shared database can
+implement it for several gateway replicas later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from gateway.errors import ConfigError, FailedPrecondition, StoreUnavailable
+from gateway.logthrottle import ThrottledLog
+from gateway.release.policy import RolloutState
+from gateway.release.state import ReleaseState
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    model TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    rollout TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT NOT NULL,
+    outcome TEXT NOT NULL,          -- applied | refused
+    before TEXT,
+    after TEXT,
+    reason TEXT NOT NULL,
+    evidence TEXT,
+    revision INTEGER
+);
+CREATE INDEX IF NOT EXISTS audit_model_at ON audit (model, at);
+CREATE TABLE IF NOT EXISTS evidence (        -- each worker's cumulative counts, replaced each flush
+    model TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    data TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (model, worker)
+);
+CREATE TABLE IF NOT EXISTS feedback (        -- labels shared with every worker (several-worker mode)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback_outcome (  -- what a worker made of a shared label set, unless unknown there
+    feedback_id INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    outcome TEXT NOT NULL,                      -- joined | already_labelled | rejected
+    detail TEXT NOT NULL,
+    PRIMARY KEY (feedback_id, worker)
+);
+CREATE TABLE IF NOT EXISTS feedback_progress ( -- the last shared label set each worker has read
+    worker TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRelease:
+    state: ReleaseState
+    rollout: RolloutState = field(default_factory=RolloutState)
+
+    @property
+    def revision(self) -> int:
+        return self.state.revision
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.state.to_dict(), "rollout": asdict(self.rollout)}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    actor: str
+    action: str
+    model: str
+    reason: str
+    outcome: str = "applied"
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    evidence: Any = None
+    revision: int | None = None
+    at: float = 0.0
+    id: int = 0
+
+
+class Conflict(FailedPrecondition):
+    """The release changed since it was read: read it again and retry."""
+
+
+class Store(Protocol):
+    def load_all(self) -> dict[str, StoredRelease]: ...
+
+    def changes(self) -> int:
+        """A number that grows whenever any release changes (cheap to poll)."""
+        ...
+
+    def commit(
+        self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
+    ) -> None:
+        """Store `after` and its audit record(s) in one transaction, if the stored revision
+        is still `expected_revision` (else Conflict)."""
+        ...
+
+    def record_refused(self, audit: AuditEntry) -> None: ...
+
+    def audit_log(
+        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
+    ) -> list[AuditEntry]: ...
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
+
+    def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None: ...
+
+    def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]: ...
+
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]: ...
+
+    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
+
+    def close(self) -> None: ...
+
+
+def _state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
+    data = dict(data)
+    data["shadows"] = MappingProxyType(dict(data.get("shadows", {})))
+    return StoredRelease(ReleaseState(**data), RolloutState(**rollout))
+
+
+# While the store keeps failing (a full disk fails every write: the controller's lease
+# and each worker's evidence, twice a second), one log line per this many seconds.
+STORE_FAILURE_LOG_INTERVAL_S = 30.0
+
+_STARTUP_FIX = "restore it from a backup, or move it aside to start with a fresh store (its audit history is then gone)"
+
+
+def _fix_for(exc: sqlite3.Error) -> str:
+    """What an operator does about a store error, by SQLite's error name."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL"):
+        return "free disk space on its filesystem"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")):
+        return "make the file and its folder writable for the gateway's user"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return _STARTUP_FIX
+    return "check the disk and the file"
+
+
+def _create_if_missing(path: Path) -> None:
+    """Create a new store whole, so that a file at `path` always has a header: an empty
+    (zero-byte) one is then a truncated store, never a new one being made. Workers start
+    at once: each builds its own temporary file and links it into place; the first wins."""
+    if path.exists():
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        db = sqlite3.connect(str(temporary), isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another worker made it first: use theirs
+        except OSError:
+            # A filesystem without hard links: a rename, unless another worker's store is there now.
+            if not path.exists():
+                os.replace(temporary, path)
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)
+
+
+def retry_while_locked(action: Callable[[], None], within_s: float = 15.0) -> None:
+    """Run `action`, again while SQLite says the database is locked: workers start
+    together and race for the schema's (and the journal mode's) exclusive lock."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
+        self._failures = ThrottledLog(log, interval_s=STORE_FAILURE_LOG_INTERVAL_S)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size == 0:
+                raise ConfigError(
+                    f"state_dir: the state database {path} is empty (0 bytes): it holds no release state "
+                    f"and no audit history, so it was truncated; {_STARTUP_FIX}"
+                )
+            _create_if_missing(path)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA busy_timeout=10000")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state_dir: cannot open the state database {path}: {exc}") from None
+        try:
+            self._setup()
+            self._check_integrity()
+            self._check_writable()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise ConfigError(f"state_dir: the state database {path} cannot be used ({exc}): {_fix_for(exc)}") from None
+        except ConfigError:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        """WAL mode and the schema (switching the journal mode takes an exclusive lock)."""
+
+        def setup() -> None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+        retry_while_locked(setup)
+
+    def _check_integrity(self) -> None:
+        """A corrupt page is found now, not on the day a change or an audit query reads it.
+        quick_check skips integrity_check's index cross-checks: linear in the file's size,
+        fast enough for years of audit records."""
+        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise ConfigError(
+                f"state_dir: the state database {self.path} is corrupt ({'; '.join(problems)}): {_STARTUP_FIX}"
+            )
+
+    def _check_writable(self) -> None:
+        """SQLite opens a file it cannot write read-only, silently: write once now, so a
+        store the gateway cannot write stops startup instead of failing every change later."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES ('startup-write-check', ?, 0)",
+                (str(os.getpid()),),
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _unavailable_on_error(self, what: str) -> Iterator[None]:
+        """A store failure while serving: StoreUnavailable (UNAVAILABLE, with the fix) for
+        the caller, and one log line per interval, without a traceback, for the operator."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            fix = _fix_for(exc)
+            message = "the state database %s cannot %s: %s; %s"
+            self._failures.log(logging.ERROR, "store", message, self.path, what, exc, fix)
+            raise StoreUnavailable(
+                f"the state database {self.path} cannot {what} ({exc}); release changes are refused until it can: {fix}"
+            ) from None
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._unavailable_on_error("be read"):
+            yield self._db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._unavailable_on_error("be written"):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full) can leave the transaction open: end it.
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+
+    def load_all(self) -> dict[str, StoredRelease]:
+        with self._reading() as db:
+            rows = db.execute("SELECT model, state, rollout FROM releases").fetchall()
+        loaded = {}
+        for model, state, rollout in rows:
+            try:
+                stored = _state_from(json.loads(state), json.loads(rollout))
+            except (ValueError, TypeError, AttributeError) as exc:
+                # Written by hand or damaged: name what is wrong instead of a traceback.
+                raise ConfigError(
+                    f"state_dir: the state database {self.path} holds a release of model {model!r} that cannot "
+                    f"be read ({type(exc).__name__}: {str(exc)[:200]}): {_STARTUP_FIX}"
+                ) from None
+            loaded[stored.state.model] = stored
+        return loaded
+
+    def changes(self) -> int:
+        with self._reading() as db:
+            row = db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
+        return int(row[0])
+
+    def commit(
+        self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
+    ) -> None:
+        audits = [audit] if isinstance(audit, AuditEntry) else list(audit)
+        data = after.to_dict()
+        rollout = data.pop("rollout")
+        with self._transaction() as db:
+            row = db.execute("SELECT revision FROM releases WHERE model = ?", (after.state.model,)).fetchone()
+            current = None if row is None else int(row[0])
+            if current != expected_revision:
+                raise Conflict(
+                    f"{after.state.model}: the release changed meanwhile (revision {current}, expected "
+                    f"{expected_revision}); read it again and retry"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO releases (model, revision, state, rollout, updated) VALUES (?, ?, ?, ?, ?)",
+                (after.state.model, after.revision, json.dumps(data), json.dumps(rollout), time.time()),
+            )
+            for entry in audits:
+                self._insert_audit(db, entry)
+
+    def record_refused(self, audit: AuditEntry) -> None:
+        with self._transaction() as db:
+            self._insert_audit(db, audit)
+
+    @staticmethod
+    def _insert_audit(db: sqlite3.Connection, a: AuditEntry) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, action, model, outcome, before, after, reason, evidence, revision) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                a.at or time.time(),
+                a.actor,
+                a.action,
+                a.model,
+                a.outcome,
+                None if a.before is None else json.dumps(a.before),
+                None if a.after is None else json.dumps(a.after),
+                a.reason,
+                None if a.evidence is None else json.dumps(a.evidence),
+                a.revision,
+            ),
+        )
+
+    def audit_log(
+        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
+    ) -> list[AuditEntry]:
+        query = "SELECT id, at, actor, action, model, outcome, before, after, reason, evidence, revision FROM audit"
+        where: list[str] = []
+        args: list[Any] = []
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        if since:
+            where.append("at >= ?")
+            args.append(since)
+        if until:
+            where.append("at <= ?")
+            args.append(until)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY id LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        with self._reading() as db:
+            rows = db.execute(query, args).fetchall()
+        return [
+            AuditEntry(
+                id=r[0],
+                at=r[1],
+                actor=r[2],
+                action=r[3],
+                model=r[4],
+                outcome=r[5],
+                before=None if r[6] is None else json.loads(r[6]),
+                after=None if r[7] is None else json.loads(r[7]),
+                reason=r[8],
+                evidence=None if r[9] is None else json.loads(r[9]),
+                revision=r[10],
+            )
+            for r in rows
+        ]
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > now:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?, ?, ?)", (name, holder, now + ttl_s)
+            )
+            return True
+
+    # -- evidence and labels shared between the worker processes of one gateway ----------
+
+    def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            for model, data in snapshots.items():
+                db.execute(
+                    "INSERT OR REPLACE INTO evidence (model, worker, data, updated) VALUES (?, ?, ?, ?)",
+                    (model, worker, json.dumps(data), now),
+                )
+
+    def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]:
+        """Other workers' latest snapshots (stale rows of workers gone are left out)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT data FROM evidence WHERE model = ? AND worker != ? AND updated >= ?",
+                (model, worker, time.time() - max_age_s),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]:
+        """Share label sets with every worker; returns the first and last row id given them."""
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO feedback (model, request_id, labels, at) VALUES (?, ?, ?, ?)",
+                [(model, rid, json.dumps(labels), now) for rid, labels in items],
+            )
+            # Ids are consecutive: this transaction holds the only write lock.
+            last = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
+            db.execute("DELETE FROM feedback WHERE at < ?", (now - 3600.0,))
+            db.execute("DELETE FROM feedback_outcome WHERE feedback_id < (SELECT COALESCE(MIN(id), 0) FROM feedback)")
+        return last - len(items) + 1, last
+
+    def record_feedback_outcomes(self, worker: str, last_id: int, outcomes: list[tuple[int, str, str]]) -> None:
+        """A worker has read shared label sets up to `last_id`; what it made of them
+        (feedback id, outcome, detail), for those it did not find unknown."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO feedback_outcome (feedback_id, worker, outcome, detail) VALUES (?, ?, ?, ?)",
+                [(fid, worker, outcome, detail) for fid, outcome, detail in outcomes],
+            )
+            db.execute("INSERT OR REPLACE INTO feedback_progress (worker, last_id) VALUES (?, ?)", (worker, last_id))
+
+    def feedback_answers(self, first_id: int, last_id: int) -> tuple[dict[str, int], list[tuple[int, str, str, str]]]:
+        """How far each worker has read shared labels, and what they made of ids first..last."""
+        with self._reading() as db:
+            progress = {str(w): int(n) for w, n in db.execute("SELECT worker, last_id FROM feedback_progress")}
+            rows = db.execute(
+                "SELECT feedback_id, worker, outcome, detail FROM feedback_outcome WHERE feedback_id BETWEEN ? AND ?",
+                (first_id, last_id),
+            ).fetchall()
+        return progress, [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def live_workers(self, max_age_s: float = 5.0) -> set[str]:
+        """Workers that published evidence within `max_age_s` (each does so twice a second)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT DISTINCT worker FROM evidence WHERE updated >= ?", (time.time() - max_age_s,)
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT id, model, request_id, labels FROM feedback WHERE id > ? ORDER BY id LIMIT 10000", (last_id,)
+            ).fetchall()
+        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def last_feedback_id(self) -> int:
+        with self._reading() as db:
+            return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
+
+    def integrity_ok(self) -> bool:
+        with self._lock:
+            return bool(self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,116 @@
+"""Making sure a port the gateway listens on is its own.
+
+Workers of one supervisor share the inference port through SO_REUSEPORT, and
+Linux lets any later socket of the same user with SO_REUSEPORT join that
+group: a second gateway started on the port would silently take half of the
+connections. So before anything binds, a plain bind (no SO_REUSEPORT) probes
+the port; it fails whenever any socket at all holds it, reuseport or not. A
+single serving process then binds without SO_REUSEPORT, and a supervisor
+reserves the port with it for its own workers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.config.settings import GatewaySettings
+
+# The flag that sets each port, and how to get a free one, for the message.
+_FLAGS = {
+    "port": ("port", "--port", "0 picks a free one"),
+    "control_port": ("control port", "--control-port", "0 picks a free one, -1 turns the control API off"),
+    "metrics_port": ("metrics port", "--metrics-port", "0 picks a free one, -1 turns metrics off"),
+}
+
+
+def _sockaddr(host: str, port: int, setting: str) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{setting}: cannot listen on {host}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def in_use_message(setting: str, port: int) -> str:
+    label, flag, free = _FLAGS.get(setting, (setting, f"--{setting.replace('_', '-')}", "0 picks a free one"))
+    return f"{label} {port} is in use (another gateway?): stop it, or choose another with {flag} ({free})"
+
+
+def check_free(host: str, port: int, setting: str) -> None:
+    """Refuse, naming the setting and the fix, when any socket holds host:port (port 0 is always free)."""
+    if port <= 0:
+        return
+    family, sockaddr = _sockaddr(host, port, setting)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Connections of an earlier run still in TIME_WAIT are nobody's port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(in_use_message(setting, port)) from None
+            raise ConfigError(f"{setting}: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def check_ports(s: GatewaySettings, inference: bool = True) -> None:
+    """Refuse at once, before any model loads, a port something else holds, naming its flag."""
+    if inference:
+        check_free(s.host, s.port, "port")
+    check_free(s.control_host, s.control_port, "control_port")
+    check_free(s.host, s.metrics_port, "metrics_port")
+
+
+@contextlib.contextmanager
+def startup_lock(port: int) -> Iterator[None]:
+    """One gateway at a time between probing a port and reserving it with SO_REUSEPORT.
+
+    Without it two supervisors started together could both probe a free port,
+    then both join one SO_REUSEPORT group. Keyed by user and port: only sockets
+    of the same user can join a group. Where the lock file cannot be opened the
+    probe alone still refuses every gateway started before this one.
+    """
+    path = Path(tempfile.gettempdir()) / f"gateway-{os.getuid()}-port-{port}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def reserve_shared(host: str, port: int) -> socket.socket:
+    """Bind (without listening) with SO_REUSEPORT, after a probe: the port is ours and our workers'.
+
+    Port 0 becomes one concrete port every worker can share; the kernel never
+    picks a port another SO_REUSEPORT group holds.
+    """
+    family, sockaddr = _sockaddr(host, port, "port")
+    with startup_lock(port) if port > 0 else contextlib.nullcontext():
+        check_free(host, port, "port")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(in_use_message("port", port)) from None
+            raise ConfigError(f"port: cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock

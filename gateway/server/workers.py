@@ -1,0 +1,325 @@
+"""`gateway serve --workers N`: N serving processes on one port.
+
+Python's gRPC server is bound by one core's worth of Python, so the gateway
+scales across cores with one process per core sharing the port through
+SO_REUSEPORT (the kernel spreads connections; clients need several channels).
+The supervisor reserves the port, starts the workers, prints the address once
+all are ready, serves the merged Prometheus metrics of all of them, restarts a
+worker that dies (backing off, and giving up when one keeps failing), and
+forwards SIGTERM/SIGINT so each drains. It also holds the state directory's
+lock for all of its workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from typing import Any
+
+from gateway.config.settings import GatewaySettings, usable_cores
+from gateway.errors import ConfigError, GatewayError
+from gateway.server.ports import check_ports, reserve_shared
+from gateway.server.statelock import lock_state_dir
+from gateway.serving.providers import cuda_prerequisites
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+START_TIMEOUT_S = 300.0
+# A worker that dies is restarted after RESTART_BACKOFF_S, doubled for each failure
+# in a row up to RESTART_BACKOFF_MAX_S. RESTART_LIMIT failures in a row (a worker
+# that served RESTART_STABLE_S before dying starts a new row) stop the gateway: a
+# worker that cannot start would otherwise restart forever, with worker 0's control
+# API and controller down all the while.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_LIMIT = 5
+RESTART_STABLE_S = 60.0
+# The exit code of a worker whose startup failed (its reason went to the supervisor).
+WORKER_START_FAILED = 3
+# The supervisor's exit code when it gave up on a worker.
+GAVE_UP = 1
+
+
+def worker_count(settings: GatewaySettings) -> int:
+    """0 means automatic: one per core on the CPU, one per GPU (one CUDA context per process)."""
+    if settings.workers:
+        return settings.workers
+    if settings.provider != "cpu" and cuda_prerequisites().usable:
+        return 1
+    return usable_cores()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the supervisor dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str, int, str]]) -> None:
+    from gateway.server import gateway as server
+
+    _die_with_parent()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s w{index} %(name)s: %(message)s",
+    )
+
+    async def run() -> bool:
+        gateway = server.Gateway(settings)
+        gateway.install_signal_handlers()
+        try:
+            await gateway.start()
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, GatewayError):
+                logging.getLogger(__name__).exception("worker %d could not start", index)
+            events.put(("error", index, reason))
+            return False
+        events.put(("ready", index, str(gateway.control_port)))
+        await gateway.wait_stopped()
+        return True
+
+    if settings.loop == "uvloop":
+        import uvloop
+
+        started = uvloop.run(run())
+    else:
+        import asyncio
+
+        started = asyncio.run(run())
+    if not started:
+        sys.exit(WORKER_START_FAILED)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-exitcode).name}"
+    if exitcode == WORKER_START_FAILED:
+        return "could not start (see its log above)"
+    return f"exited with code {exitcode} (see its log above)"
+
+
+class Supervisor:
+    def __init__(self, settings: GatewaySettings, count: int) -> None:
+        threads = settings.intra_op_threads or max(1, usable_cores() // count)
+        self.count = count
+        check_ports(settings, inference=False)
+        # Held while the supervisor runs: restarted workers rejoin the port, and no
+        # other gateway can (gateway.server.ports).
+        self._reserved: socket.socket = reserve_shared(settings.host, settings.port)
+        port = self._reserved.getsockname()[1]
+        self.settings = settings
+        self.worker_settings = dataclasses.replace(
+            settings, port=port, metrics_port=-1, workers=1, intra_op_threads=threads
+        )
+        # Release state, evidence and labels are shared through the store; worker 0
+        # serves the control API and runs the controller on everyone's evidence.
+        self.first_worker_settings = self.worker_settings
+        self.worker_settings = dataclasses.replace(self.worker_settings, control_port=-1, controller=False)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()
+        self._procs: dict[int, BaseProcess] = {}
+        self._stopping = False
+        self.control_port = -1
+        self.exit_code = 0
+        # Per worker: when it became ready, failures in a row, why it last failed to
+        # start, and when a pending restart is due.
+        self._ready_at: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._start_errors: dict[int, str] = {}
+        self._restart_at: dict[int, float] = {}
+
+    def _spawn(self, index: int) -> None:
+        settings = self.first_worker_settings if index == 0 else self.worker_settings
+        settings = dataclasses.replace(settings, worker_index=index)
+        proc = self._ctx.Process(target=_worker_main, args=(settings, index, self._events), name=f"gateway-w{index}")
+        proc.start()
+        self._procs[index] = proc
+        log.info("worker %d started (pid %s)", index, proc.pid)
+
+    def _on_event(self, kind: str, index: int, message: str) -> None:
+        if kind == "error":
+            self._start_errors[index] = message
+            return
+        self._ready_at[index] = time.monotonic()
+        if index == 0 and message not in ("", "-1"):
+            self.control_port = int(message)
+            # A restarted worker 0 serves the control API where it was announced,
+            # even when --control-port 0 let the first one pick the port.
+            self.first_worker_settings = dataclasses.replace(self.first_worker_settings, control_port=self.control_port)
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                kind, index, message = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._on_event(kind, index, message)
+
+    def _wait_ready(self, indices: set[int]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        waiting = set(indices)
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfigError("workers did not become ready in time")
+            try:
+                kind, index, message = self._events.get(timeout=min(remaining, 1.0))
+            except Exception:
+                dead = [i for i in waiting if not self._procs[i].is_alive()]
+                if dead:
+                    raise ConfigError(f"worker {dead[0]} exited during startup (see its log above)") from None
+                continue
+            if kind == "error":
+                raise ConfigError(message)
+            self._on_event(kind, index, message)
+            waiting.discard(index)
+
+    def run(self) -> int:
+        from gateway.server.gateway import format_address
+
+        for index in range(self.count):
+            self._spawn(index)
+        try:
+            self._wait_ready(set(self._procs))
+        except ConfigError:
+            self._terminate(signal.SIGKILL)
+            raise
+        metrics = self._serve_metrics()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if self.control_port >= 0:
+            metrics += f", control on {format_address(self.settings.control_host, self.control_port)}"
+        log.info("%d workers serving%s", self.count, metrics)
+        print(f"listening on {format_address(self.settings.host, self.worker_settings.port)}", flush=True)
+        return self._supervise()
+
+    def _serve_metrics(self) -> str:
+        if self.settings.metrics_port < 0:
+            return ""
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        from gateway.server.gateway import format_address
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=registry)
+        return f", metrics on {format_address(self.settings.host, httpd.server_port)}"
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._stopping:
+            log.info("%s received: draining %d workers", signal.Signals(signum).name, len(self._procs))
+            self._stop()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        self._restart_at.clear()
+        self._terminate(signal.SIGTERM)
+
+    def _terminate(self, sig: int) -> None:
+        for proc in self._procs.values():
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def _supervise(self) -> int:
+        from prometheus_client import multiprocess
+
+        grace_end: float | None = None
+        while self._procs or self._restart_at:
+            if self._stopping and grace_end is None:
+                grace_end = time.monotonic() + self.settings.grace_s + 5.0
+            timeout = self._next_wake(grace_end)
+            sentinels = [p.sentinel for p in self._procs.values()]
+            ready = wait(sentinels, timeout=timeout) if sentinels else []
+            if not sentinels:
+                time.sleep(timeout)
+            self._read_events()
+            if grace_end is not None and time.monotonic() >= grace_end:
+                log.error("workers still running after the grace period: killing them")
+                self._terminate(signal.SIGKILL)
+            for index, proc in list(self._procs.items()):
+                if proc.sentinel not in ready and proc.is_alive():
+                    continue
+                proc.join()
+                del self._procs[index]
+                if proc.pid is not None:
+                    multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                if not self._stopping:
+                    self._read_events()  # its start error, if that is why it exited
+                    self._on_exit(index, proc.exitcode)
+            now = time.monotonic()
+            for index, due in list(self._restart_at.items()):
+                if due <= now:
+                    del self._restart_at[index]
+                    self._spawn(index)
+        return self.exit_code
+
+    def _next_wake(self, grace_end: float | None) -> float:
+        wake = [time.monotonic() + 1.0, *self._restart_at.values()]
+        if grace_end is not None:
+            wake.append(grace_end)
+        return max(0.0, min(wake) - time.monotonic())
+
+    def _on_exit(self, index: int, exitcode: int | None) -> None:
+        """Log why a worker ended; restart it after a backoff, or give up on the gateway."""
+        now = time.monotonic()
+        ready_at = self._ready_at.pop(index, None)
+        served = 0.0 if ready_at is None else now - ready_at
+        failures = 1 if served >= RESTART_STABLE_S else self._failures.get(index, 0) + 1
+        self._failures[index] = failures
+        error = self._start_errors.pop(index, None)
+        reason = f"could not start: {error}" if error is not None else describe_exit(exitcode)
+        if failures >= RESTART_LIMIT:
+            log.error(
+                "worker %d %s; it failed %d times in a row: giving up, stopping the gateway",
+                index,
+                reason,
+                failures,
+            )
+            self.exit_code = GAVE_UP
+            self._stop()
+            return
+        delay = min(RESTART_BACKOFF_S * 2 ** (failures - 1), RESTART_BACKOFF_MAX_S)
+        log.error(
+            "worker %d %s; restarting it in %.1f s (failure %d in a row, giving up at %d)",
+            index,
+            reason,
+            delay,
+            failures,
+            RESTART_LIMIT,
+        )
+        self._restart_at[index] = now + delay
+
+
+def serve_workers(settings: GatewaySettings, count: int) -> int:
+    # The supervisor holds the state directory for all of its workers (they share it).
+    state_lock = lock_state_dir(settings.state_dir)
+    directory = tempfile.mkdtemp(prefix="gateway-metrics-")
+    # Set before any worker (or this process) creates a metric: prometheus_client
+    # reads it when a metric is created, and spawned workers inherit it.
+    os.environ[MULTIPROC_ENV] = directory
+    try:
+        return Supervisor(settings, count).run()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        state_lock.release()

@@ -1,0 +1,362 @@
+"""Dynamic batching: one batcher per loaded version.
+
+Requests queue; a single dispatcher task forms batches and runs them, at most
+`instances` at once. Event-driven: the dispatcher sleeps on an event and on
+the head request's batching delay, never on a polling interval.
+
+Every future is settled on every path:
+- result: rows sliced out of the batch's outputs (after checking the output
+  length equals the batch);
+- error: a failed batch of several requests is run again a request at a
+  time, so only the request at fault gets the error (and each rerun is
+  counted); a request run on its own gets its run's exception;
+- cancellation: a cancelled request leaves the queue at once and is never run;
+- expiry: a request whose client deadline or queue timeout passes while it
+  waits fails then (a timer per such request), and is never run;
+- shutdown: `close()` fails everything still queued.
+
+Requests whose non-batch shapes differ are never put in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.config.settings import BatchingSpec
+from gateway.errors import Draining, ModelExecutionError, Overloaded
+from gateway.serving.executor import expired_error, expiry, runs_inline
+from gateway.serving.metrics import VersionMetrics
+from gateway.serving.runtime import OnnxModel
+from gateway.serving.statistics import VersionStats
+from gateway.types import Tensors
+
+# Each input's name and non-batch shape: requests may share a batch only when these match.
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+# A model run's outputs, or the exception it raised.
+RunResult = list[np.ndarray] | Exception
+# A member of a failed batch that was not rerun (it was settled meanwhile).
+_SKIPPED: RunResult = Exception("not rerun")
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    feeds: Tensors
+    rows: int
+    key: ShapeKey
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued: float
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+def shape_key(feeds: Tensors) -> ShapeKey:
+    return tuple((name, a.shape[1:]) for name, a in feeds.items())
+
+
+def concat_feeds(requests: Sequence[Tensors]) -> Tensors:
+    """One batch's feeds: each input's rows in request order (the requests share a shape key)."""
+    if len(requests) == 1:
+        return requests[0]
+    return {name: np.concatenate([feeds[name] for feeds in requests]) for name in requests[0]}
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        model: OnnxModel,
+        spec: BatchingSpec,
+        max_batch_size: int,
+        stats: VersionStats,
+        pool: ThreadPoolExecutor,
+        metrics: VersionMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.stats = stats
+        self.metrics = metrics
+        self.max_rows = max_batch_size
+        self.max_queue = spec.max_queue_size
+        self.delay_s = spec.max_queue_delay_us / 1e6
+        self.preferred = tuple(sorted(s for s in spec.preferred_batch_sizes if s <= max_batch_size))
+        self.execution = spec.execution
+        self._pool = pool
+        self._queue: deque[_Pending] = deque()
+        self._rows_queued = 0
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(spec.instances)
+        self._running: set[asyncio.Task[None]] = set()
+        self._active = 0
+        self._closed = False
+        self.reruns = 0  # members of failed batches run again on their own
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    # -- submission -----------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def running(self) -> int:
+        """Batches executing now."""
+        return self._active
+
+    def busy(self) -> bool:
+        return bool(self._queue) or self._active > 0
+
+    async def submit(
+        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+    ) -> list[np.ndarray]:
+        if self._closed:
+            raise Draining("the model is unloading")
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"queue full ({self.max_queue} waiting): try again later")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = _Pending(feeds, batch, shape_key(feeds), loop.create_future(), now)
+        until, by_timeout = expiry(deadline, timeout_s, now)
+        if until is not None:
+            if until <= now:
+                raise expired_error(by_timeout)
+            item.timer = loop.call_at(loop.time() + (until - now), self._expire, item, by_timeout)
+        self._queue.append(item)
+        self._rows_queued += batch
+        self._wake.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The caller went away: free its slot now, so it is never run.
+            self._forget(item)
+            raise
+
+    def _forget(self, item: _Pending) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return  # already taken into a batch, or expired
+        self._rows_queued -= item.rows
+
+    def _expire(self, item: _Pending, by_timeout: bool) -> None:
+        item.timer = None
+        if not item.future.done():
+            self._forget(item)
+            item.future.set_exception(expired_error(by_timeout))
+
+    # -- dispatching ----------------------------------------------------------------
+
+    def _target_rows(self) -> int:
+        """Rows worth dispatching without waiting: a preferred size reached, or a full batch."""
+        reached = [p for p in self.preferred if p <= self._rows_queued]
+        return reached[-1] if reached else self.max_rows
+
+    async def _dispatch_forever(self) -> None:
+        while not self._closed:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._slots.acquire()
+            # Let handlers that are already runnable enqueue first: they join this batch.
+            await asyncio.sleep(0)
+            # Opportunistic batching: with no batch running, waiting only adds
+            # latency, so dispatch now; while another batch runs, gather rows
+            # for up to max_queue_delay (or until a preferred/full size).
+            if self.delay_s and self._active and self._queue and self._rows_queued < self._target_rows():
+                await self._gather(self.delay_s)
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            self._active += 1
+            self._start(batch)
+
+    async def _gather(self, delay_s: float) -> None:
+        """Wait until `delay_s` passes or enough rows are queued, whichever is first."""
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._wake.set()
+
+        timer = asyncio.get_running_loop().call_later(delay_s, expire)
+        try:
+            while not expired and self._queue and self._rows_queued < self._target_rows():
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            timer.cancel()
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop the head and every later request of the same shapes that fits.
+
+        The batch is capped at the largest preferred size the queue has
+        reached (else at max_batch_size); requests left behind keep their order.
+        """
+        queue = self._queue
+        if not queue:
+            return []
+        key = queue[0].key
+        limit = self._target_rows()
+        rows = 0
+        batch: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        while queue and rows < limit:
+            item = queue.popleft()
+            if item.future.done():  # cancelled or expired: never run
+                self._rows_queued -= item.rows
+                continue
+            if item.key != key or rows + item.rows > limit:
+                kept.append(item)
+                continue
+            if item.timer is not None:
+                item.timer.cancel()
+                item.timer = None
+            batch.append(item)
+            rows += item.rows
+            self._rows_queued -= item.rows
+        kept.extend(queue)
+        self._queue = kept
+        return batch
+
+    def _start(self, batch: list[_Pending]) -> None:
+        rows = sum(item.rows for item in batch)
+        feeds = concat_feeds([item.feeds for item in batch])
+        now = time.monotonic()
+        for item in batch:
+            waited = now - item.enqueued
+            self.stats.queue.add(int(waited * 1e9))
+            if self.metrics is not None:
+                self.metrics.queue_seconds.observe(waited)
+        if runs_inline(self.execution, self.model, rows):
+            start = time.perf_counter_ns()
+            result = self._run_or_error(feeds)
+            if isinstance(result, Exception) and len(batch) > 1:
+                self._finish_alone(batch, self._run_each(batch))
+                return
+            self._finish(batch, rows, start, result)
+            return
+        task = asyncio.get_running_loop().create_task(self._run_threaded(batch, rows, feeds))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _run_or_error(self, feeds: Tensors) -> RunResult:
+        try:
+            return self.model.run(feeds)
+        except Exception as exc:
+            return exc
+
+    def _run_each(self, batch: list[_Pending]) -> list[tuple[RunResult, int]]:
+        """Each member of a failed batch run on its own (with its run time in ns).
+
+        One request's bad value (an index out of range, say) fails the whole
+        batch's run; rerunning the members one by one lets the others still
+        get their answers, and only the request at fault gets the error.
+        Members already settled (cancelled) are not rerun.
+        """
+        results: list[tuple[RunResult, int]] = []
+        for item in batch:
+            if item.future.done():
+                results.append((_SKIPPED, 0))
+                continue
+            start = time.perf_counter_ns()
+            results.append((self._run_or_error(item.feeds), time.perf_counter_ns() - start))
+        return results
+
+    async def _run_threaded(self, batch: list[_Pending], rows: int, feeds: Tensors) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter_ns()
+        try:
+            result = await loop.run_in_executor(self._pool, self._run_or_error, feeds)
+            if isinstance(result, Exception) and len(batch) > 1:
+                # One hop to the pool for all the reruns, not one per member.
+                each = await loop.run_in_executor(self._pool, self._run_each, batch)
+                self._finish_alone(batch, each)
+                return
+        except asyncio.CancelledError:
+            self._release()  # shutdown: close() settles what is queued
+            raise
+        self._finish(batch, rows, start, result)
+
+    def _finish(self, batch: list[_Pending], rows: int, start_ns: int, result: RunResult) -> None:
+        """Settle a batch's futures with its outputs or its error, and free its slot."""
+        try:
+            if isinstance(result, Exception):
+                self._settle_error(batch, result)
+            else:
+                self._settle(batch, rows, result, time.perf_counter_ns() - start_ns)
+        finally:
+            self._release()
+
+    def _finish_alone(self, batch: list[_Pending], each: list[tuple[RunResult, int]]) -> None:
+        """Settle a failed batch from its members' own runs, and free its slot."""
+        try:
+            for item, (result, compute_ns) in zip(batch, each, strict=True):
+                if result is _SKIPPED:
+                    continue
+                self.reruns += 1
+                if self.metrics is not None:
+                    self.metrics.batch_reruns.inc()
+                if isinstance(result, Exception):
+                    self._settle_error([item], result)
+                else:
+                    self._settle([item], item.rows, result, compute_ns)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._active -= 1
+        self._slots.release()
+
+    def _settle(self, batch: list[_Pending], rows: int, outputs: list[np.ndarray], compute_ns: int) -> None:
+        self.stats.record_execution(rows, compute_ns)
+        if self.metrics is not None:
+            self.metrics.compute_seconds.observe(compute_ns / 1e9)
+            self.metrics.batch_size.observe(rows)
+        bad = [i for i, out in enumerate(outputs) if out.ndim == 0 or out.shape[0] != rows]
+        if bad:
+            name = self.model.output_names[bad[0]]
+            got = outputs[bad[0]].shape
+            self._settle_error(
+                batch, ModelExecutionError(f"output {name!r} has shape {got} for a batch of {rows} rows")
+            )
+            return
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            return
+        offset = 0
+        for item in batch:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result([out[offset:end] for out in outputs])
+            offset = end
+
+    @staticmethod
+    def _settle_error(batch: list[_Pending], exc: Exception) -> None:
+        error = exc if isinstance(exc, ModelExecutionError) else ModelExecutionError(f"model run failed: {exc}")
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    async def close(self) -> None:
+        """Fail what is queued, wait for running batches, stop the dispatcher."""
+        self._closed = True
+        while self._queue:
+            item = self._queue.popleft()
+            if item.timer is not None:
+                item.timer.cancel()
+            if not item.future.done():
+                item.future.set_exception(Draining("the model is unloading"))
+        self._rows_queued = 0
+        self._dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._dispatcher
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
