@@ -42,13 +42,14 @@ from gateway.protocol.streams import StreamGuard
 from gateway.release.controller import Controller
 from gateway.release.feedback import RECEIVER, join_shared
 from gateway.release.loader import ModelLoader
+from gateway.release.metrics import ReleaseMetrics
 from gateway.release.model_sync import IntentStore, run_id
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
 from gateway.release.store import SqliteStore
 from gateway.server.ports import check_ports
 from gateway.server.statelock import lock_state_dir
-from gateway.serving.metrics import QUEUE_SAMPLE_S, GatewayMetrics, ReleaseMetrics
+from gateway.serving.metrics import QUEUE_SAMPLE_S, GatewayMetrics
 from gateway.serving.providers import ProviderChooser, cuda_options
 from gateway.serving.registry import ExecutorFactory, Registry, executor_factory, load_model
 from gateway.serving.repository import Repository
