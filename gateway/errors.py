@@ -20,10 +20,6 @@ class ModelNotFound(GatewayError):
     """No such model, or no such version of it."""
 
 
-class ModelNotReady(GatewayError):
-    """The model exists but cannot serve now (loading, unloading, failed)."""
-
-
 class Overloaded(GatewayError):
     """The queue is full: the request was refused before it was queued."""
 
@@ -64,8 +60,8 @@ class ModelExecutionError(GatewayError):
     """The runtime failed while executing a valid request."""
 
 
-class StoreUnavailable(ModelNotReady):
+class StoreUnavailable(GatewayError):
     """The state store cannot be read or written now (disk full, read-only, I/O error).
 
-    A ModelNotReady, so the caller gets UNAVAILABLE: the release cannot change until
-    the store is fixed, and the data plane serves the current release meanwhile."""
+    The caller gets UNAVAILABLE: the release cannot change until the store is fixed,
+    and the data plane serves the current release meanwhile."""

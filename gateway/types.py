@@ -11,24 +11,6 @@ Tensors = dict[str, np.ndarray]
 
 
 @dataclass(slots=True)
-class InferRequest:
-    """A decoded, validated inference request."""
-
-    model: str
-    inputs: Tensors
-    version: str = ""  # empty: let the release decide
-    id: str = ""
-    outputs: tuple[str, ...] = ()  # empty: every output
-    parameters: dict[str, ParamValue] = field(default_factory=dict)
-    # Absolute time.monotonic() after which the answer is useless (client deadline).
-    deadline: float | None = None
-
-    def batch_size(self) -> int:
-        first = next(iter(self.inputs.values()))
-        return int(first.shape[0]) if first.ndim else 1
-
-
-@dataclass(slots=True)
 class InferResponse:
     model: str
     version: str

@@ -26,9 +26,8 @@ def initial(store: SqliteStore) -> StoredRelease:
 
 def check_consistent(db: Path) -> int:
     """State is entirely old or new, and the audit rows match it one for one; returns the revision."""
-    store = SqliteStore(db)
+    store = SqliteStore(db)  # opening runs the startup integrity check: ConfigError if corrupt
     try:
-        assert store.integrity_ok()
         stored = store.load_all()["m"]
         applied = [e for e in store.audit_log(model="m", limit=100_000) if e.outcome == "applied"]
         # One audit row per revision: the init row and one for every committed change.

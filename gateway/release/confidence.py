@@ -60,12 +60,6 @@ class Interval:
     def __sub__(self, other: Interval) -> Interval:
         return Interval(self.low - other.high, self.high - other.low)
 
-    def scaled(self, factor: float) -> Interval:
-        return Interval(self.low * factor, self.high * factor)
-
-
-FULL = Interval(-math.inf, math.inf)
-
 
 def proportion_cs(successes: int, n: int, alpha: float, t_opt: int = 2000) -> Interval:
     """CS for a proportion, with the (smoothed) plug-in Bernoulli variance."""

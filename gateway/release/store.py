@@ -502,10 +502,6 @@ class SqliteStore:
         with self._reading() as db:
             return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
 
-    def integrity_ok(self) -> bool:
-        with self._lock:
-            return bool(self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
-
     def close(self) -> None:
         with self._lock:
             self._db.close()

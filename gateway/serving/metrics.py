@@ -40,7 +40,6 @@ OUTCOME_BY_ERROR: dict[type[Exception], str] = {
     errors.QueueTimeout: "timeout",
     errors.DeadlineExceeded: "deadline",
     errors.Draining: "unavailable",
-    errors.ModelNotReady: "unavailable",
 }
 
 
