@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.errors import ConfigError, InvalidInput
+from gateway.protocol import codec
+from gateway.protocol.pb import inference_pb2 as pb
+from gateway.types import WireRequest
 
 MAGIC = b"GATEWAY-CAPTURE 1\n"
 _HEAD = struct.Struct("<Idd")
@@ -96,6 +99,14 @@ class CaptureWriter:
         if self._file is not None:
             self._file.flush()
 
+    def newest(self, model: str) -> Iterator[WireRequest]:
+        """The model's captured requests, decoded, newest file first: the release gate's
+        source (gateway.release.gate.CapturedRequests), so the release plane never
+        decodes protobuf. Flushes now, on the event loop that writes; the iterator
+        reads lazily, and may run in another thread."""
+        self.flush()
+        return _decoded(self.directory, model)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -120,6 +131,16 @@ def read_capture(path: Path) -> Iterator[Record]:
             (n_resp,) = _LEN.unpack_from(body, 4 + n_req)
             response = body[8 + n_req : 8 + n_req + n_resp]
             yield Record(at, server_s, request, response)
+
+
+def _decoded(directory: Path, model: str) -> Iterator[WireRequest]:
+    if not directory.is_dir():
+        return
+    for path in reversed(capture_files([directory])):
+        for record in read_capture(path):
+            request = pb.ModelInferRequest.FromString(record.request)
+            if request.model_name == model:
+                yield codec.decode_infer(request, None)
 
 
 def capture_files(paths: list[Path]) -> list[Path]:

@@ -4,31 +4,41 @@ requests against it and the stable version, side by side, and require
     candidate p99 <= max_latency_ratio x stable p99   (same requests, interleaved)
     top-1 agreement with the stable version >= min_agreement
 
-The requests are the newest captured live requests for the model (see
-gateway.protocol.capture); without a capture, inputs are generated from the model's
-signature (latency is still measured; agreement on random inputs is weak
-evidence and the audit record says which kind was used).
+The requests are the newest captured live requests for the model, read through a
+`CapturedRequests` the composition root injects (gateway.protocol.capture's writer
+is one); without a capture, inputs are generated from the model's signature
+(latency is still measured; agreement on random inputs is weak evidence and the
+audit record says which kind was used).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from gateway.config.settings import PolicySpec
-from gateway.protocol import codec
-from gateway.protocol.capture import capture_files, read_capture
-from gateway.protocol.pb import inference_pb2 as pb
 from gateway.release.compare import top1
 from gateway.release.confidence import Verdict
 from gateway.release.policy import CheckResult
 from gateway.serving.registry import LoadedVersion
 from gateway.serving.validation import build_inputs
-from gateway.types import Tensors
+from gateway.types import Tensors, WireRequest
+
+
+class CapturedRequests(Protocol):
+    """Recorded live requests, already decoded: the release plane reads captures
+    without knowing their wire format, which belongs to the protocol edge."""
+
+    def newest(self, model: str) -> Iterator[WireRequest]:
+        """The model's captured requests, most recent capture file first.
+
+        Called on the event loop, so a writer can flush its buffered records there
+        first; the iterator it returns is then read in a worker thread."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,22 +53,16 @@ class GateResult:
         return f"load-test gate on {self.requests} {self.source} requests: " + "; ".join(parts)
 
 
-def captured_inputs(directory: Path | None, stable: LoadedVersion, limit: int) -> list[tuple[Tensors, int]]:
-    if directory is None or not directory.is_dir():
-        return []
+def captured_inputs(requests: Iterator[WireRequest], stable: LoadedVersion, limit: int) -> list[tuple[Tensors, int]]:
+    """Up to `limit` of `requests` that the stable version accepts, as model feeds."""
     found: list[tuple[Tensors, int]] = []
-    for path in reversed(capture_files([directory])):
-        for record in read_capture(path):
-            request = pb.ModelInferRequest.FromString(record.request)
-            if request.model_name != stable.name:
-                continue
-            wire = codec.decode_infer(request, None)
-            try:
-                found.append(build_inputs(wire.inputs, stable.model.inputs, stable.spec, stable.name))
-            except Exception:
-                continue
-            if len(found) >= limit:
-                return found
+    for wire in requests:
+        try:
+            found.append(build_inputs(wire.inputs, stable.model.inputs, stable.spec, stable.name))
+        except Exception:
+            continue
+        if len(found) >= limit:
+            return found
     return found
 
 
@@ -78,6 +82,7 @@ async def run_gate(
     stable: LoadedVersion,
     candidate: LoadedVersion,
     requests: Sequence[tuple[Tensors, int]],
+    *,
     policy: PolicySpec,
     source: str,
     output_index: int,

@@ -16,12 +16,12 @@ from typing import Any
 
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
 from gateway.logthrottle import one_line
-from gateway.protocol.capture import CaptureWriter
-from gateway.release.gate import captured_inputs, generated_inputs, run_gate
+from gateway.release.gate import CapturedRequests, captured_inputs, generated_inputs, run_gate
 from gateway.release.plane import ReleasePlane
 from gateway.release.policy import CheckResult, Event, RolloutState
 from gateway.release.state import ReleaseState
 from gateway.release.store import AuditEntry, Conflict, Store, StoredRelease
+from gateway.types import Tensors
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ class Step:
 
 
 class ReleaseOps:
-    def __init__(self, plane: ReleasePlane, store: Store, capture: CaptureWriter | None = None) -> None:
+    def __init__(self, plane: ReleasePlane, store: Store, captured: CapturedRequests | None = None) -> None:
         self.plane = plane
         self.store = store
-        self.capture = capture
+        self.captured = captured
         self.rollouts: dict[str, RolloutState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -296,16 +296,15 @@ class ReleaseOps:
         registry = self.plane.registry
         spec = registry.entry(model).spec.policy
         stable_v, candidate_v = registry.get(model, stable), registry.get(model, candidate)
-        directory = None
-        if self.capture is not None:
-            self.capture.flush()
-            directory = self.capture.directory
-        inputs = await asyncio.to_thread(captured_inputs, directory, stable_v, spec.gate_requests)
+        inputs: list[tuple[Tensors, int]] = []
+        if self.captured is not None:
+            requests = self.captured.newest(model)  # on the loop: see CapturedRequests.newest
+            inputs = await asyncio.to_thread(captured_inputs, requests, stable_v, spec.gate_requests)
         source = "captured"
         if not inputs:
             inputs, source = generated_inputs(stable_v, spec.gate_requests), "generated"
         index = self.plane.evidence[model].output_index
-        result = await run_gate(stable_v, candidate_v, inputs, spec, source, index)
+        result = await run_gate(stable_v, candidate_v, inputs, policy=spec, source=source, output_index=index)
         log.info("%s: %s", model, result.summary())
         if not result.passed:
             before = self.current(model)
