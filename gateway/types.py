@@ -2,12 +2,80 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
+
 ParamValue = bool | int | float | str
 Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output of a model as the ONNX graph declares it: the one signature type.
+
+    The gateway validates requests against it, the CUDA runner sizes its buffers
+    from it, and the load tests and the load-test gate generate inputs from it.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a variable dimension
+    # The graph's name for each variable dimension ("" where fixed or unnamed; empty
+    # when not known). In ONNX, dimensions with the same name have the same size.
+    symbols: tuple[str, ...] = ()
+
+    @classmethod
+    def from_onnx(cls, arg: Any) -> TensorSpec | None:
+        """From an onnxruntime NodeArg (`name`, `type`, `shape`); None when the protocol has no datatype for it."""
+        datatype = DATATYPE_BY_ONNX.get(arg.type)
+        if datatype is None:
+            return None
+        dims = list(arg.shape or [])
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+        symbols = tuple(d if isinstance(d, str) else "" for d in dims)
+        return cls(arg.name, datatype, shape, symbols)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return NUMPY_BY_DATATYPE[self.datatype]
+
+    @property
+    def batched(self) -> bool:
+        """Whether the first dimension is variable: the one requests are batched along."""
+        return bool(self.shape) and self.shape[0] < 0
+
+    @property
+    def trailing(self) -> tuple[int, ...] | None:
+        """The dimensions after a variable batch dimension when all of them are fixed, else None."""
+        if not self.batched or any(d < 0 for d in self.shape[1:]):
+            return None
+        return self.shape[1:]
+
+    def concrete_shape(self, rows: int) -> tuple[int, ...]:
+        """A shape to send: the variable batch dimension is `rows`, any other variable one 1."""
+        return tuple(rows if d < 0 and i == 0 else 1 if d < 0 else d for i, d in enumerate(self.shape))
+
+
+def random_inputs(signature: Sequence[TensorSpec], rows: int, rng: np.random.Generator) -> Tensors:
+    """Inputs for `rows` rows that fit `signature`: the one input generator (load tests, the gate, tests).
+
+    Floats are uniform in [0, 1); every other type is zero, which is valid wherever
+    an integer input is an index or a flag. The draws depend only on `rng`, so the
+    same seed gives the same inputs.
+    """
+    feeds: Tensors = {}
+    for spec in signature:
+        shape = spec.concrete_shape(rows)
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.random(shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feeds
 
 
 @dataclass(slots=True)

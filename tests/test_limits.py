@@ -19,9 +19,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.config.settings import GatewaySettings, ModelSpec, load_settings
 from gateway.errors import ConfigError, InvalidInput
 from gateway.release.evidence import PredictionLog
-from gateway.serving.runtime import TensorSpec
 from gateway.serving.validation import build_inputs, check_outputs
-from gateway.types import WireInput
+from gateway.types import TensorSpec, WireInput
 from tests.support import gateway_in_thread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

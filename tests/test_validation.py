@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from gateway.config.settings import ModelSpec
-from gateway.serving.runtime import TensorSpec
 from gateway.serving.validation import build_inputs
-from gateway.types import WireInput
+from gateway.types import TensorSpec, WireInput
 
 SIGNATURE = [TensorSpec("a", "FP32", (-1, -1)), TensorSpec("b", "FP32", (-1, -1))]
 

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from gateway.dtypes import NUMPY_BY_DATATYPE
+from gateway.percentiles import quantile
 from gateway.protocol.capture import Record, capture_files, read_capture
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.release.compare import top1
@@ -42,18 +43,18 @@ class ReplayResult:
     error_messages: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | int]:
-        lat = np.array(self.latencies_ms or [0.0])
-        rec = np.array(self.recorded_ms or [0.0])
+        lat = sorted(self.latencies_ms or [0.0])
+        rec = sorted(self.recorded_ms or [0.0])
         return {
             "requests": self.requests,
             "errors": self.errors,
             "exact_match": self.exact / max(1, self.requests - self.errors),
             "agreement": self.agree / self.rows if self.rows else float("nan"),
             "max_abs_diff": self.max_abs_diff,
-            "p50_ms": float(np.quantile(lat, 0.5)),
-            "p99_ms": float(np.quantile(lat, 0.99)),
-            "recorded_p50_ms": float(np.quantile(rec, 0.5)),
-            "recorded_p99_ms": float(np.quantile(rec, 0.99)),
+            "p50_ms": quantile(lat, 0.5),
+            "p99_ms": quantile(lat, 0.99),
+            "recorded_p50_ms": quantile(rec, 0.5),
+            "recorded_p99_ms": quantile(rec, 0.99),
         }
 
     def compare(self, recorded: bytes, answer: bytes) -> None:

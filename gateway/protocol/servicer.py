@@ -16,7 +16,7 @@ from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.status import Unparseable, status_for
 from gateway.serving.registry import PLATFORM, LoadedVersion, Registry
-from gateway.serving.runtime import TensorSpec
+from gateway.types import TensorSpec
 
 # grpc ships no type hints; this is a grpc.aio.ServicerContext.
 Context: TypeAlias = Any

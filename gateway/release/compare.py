@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from gateway.config.settings import CompareSpec
+from gateway.percentiles import quantile_rank
 
 # Latency histogram: log-spaced buckets from 10 us to ~100 s, 2% apart, so
 # percentiles are exact to within 2% and a window is a fixed-size count array.
@@ -49,14 +50,14 @@ class LatencyHistogram:
         self.total += other.total
 
     def quantile(self, q: float) -> float:
-        """Upper edge of the bucket holding the q-quantile (seconds); 0 when empty."""
+        """Upper edge of the bucket holding the q-quantile (seconds, nearest rank); 0 when empty."""
         if not self.total:
             return 0.0
-        rank = q * self.total
+        rank = quantile_rank(q, self.total)
         seen = 0
         for i, c in enumerate(self.counts):
             seen += c
-            if seen >= rank and c:
+            if seen >= rank:
                 return _LOW_S * _RATIO**i
         return _LOW_S * _RATIO ** (_BUCKETS - 1)
 

@@ -21,12 +21,13 @@ from typing import Protocol
 import numpy as np
 
 from gateway.config.settings import PolicySpec
+from gateway.percentiles import p99
 from gateway.release.compare import top1
 from gateway.release.confidence import Verdict
 from gateway.release.policy import CheckResult
 from gateway.serving.registry import LoadedVersion
 from gateway.serving.validation import build_inputs
-from gateway.types import Tensors, WireRequest
+from gateway.types import Tensors, WireRequest, random_inputs
 
 
 class CapturedRequests(Protocol):
@@ -68,14 +69,7 @@ def captured_inputs(requests: Iterator[WireRequest], stable: LoadedVersion, limi
 
 def generated_inputs(stable: LoadedVersion, count: int, seed: int = 0) -> list[tuple[Tensors, int]]:
     rng = np.random.default_rng(seed)
-    inputs = []
-    for _ in range(count):
-        feeds = {
-            spec.name: rng.random([1 if d < 0 else d for d in spec.shape]).astype(spec.dtype)
-            for spec in stable.model.inputs
-        }
-        inputs.append((feeds, 1))
-    return inputs
+    return [(random_inputs(stable.model.inputs, 1, rng), 1) for _ in range(count)]
 
 
 async def run_gate(
@@ -103,8 +97,7 @@ async def run_gate(
         if base.shape == cand.shape:
             agree += int(np.count_nonzero(top1(base) == top1(cand)))
         rows += batch
-    s99 = float(np.quantile(latencies["stable"], 0.99))
-    c99 = float(np.quantile(latencies["candidate"], 0.99))
+    s99, c99 = p99(latencies["stable"]), p99(latencies["candidate"])
     ratio = c99 / s99 if s99 > 0 else float("inf")
     agreement = agree / rows if rows else 0.0
     n = len(requests)

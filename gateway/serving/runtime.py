@@ -12,34 +12,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
+from gateway.dtypes import DATATYPE_BY_ONNX
 from gateway.errors import InvalidInput, ModelExecutionError, ModelLoadError
 from gateway.serving.cuda.runner import CudaRunner
 from gateway.serving.providers import CUDA, ProviderChooser
-from gateway.types import Tensors
+from gateway.types import Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for a variable dimension
-    # The graph's name for each variable dimension ("" where fixed or unnamed; empty
-    # when not known). In ONNX, dimensions with the same name have the same size.
-    symbols: tuple[str, ...] = ()
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return NUMPY_BY_DATATYPE[self.datatype]
 
 
 # Symbol names come from the model file; a hostile one must not swell a message.
@@ -90,13 +75,10 @@ def check_batchable(inputs: Sequence[TensorSpec], max_batch_size: int, model: st
 
 
 def _tensor_spec(arg: Any, path: Path) -> TensorSpec:
-    datatype = DATATYPE_BY_ONNX.get(arg.type)
-    if datatype is None:
+    spec = TensorSpec.from_onnx(arg)
+    if spec is None:
         raise ModelLoadError(f"{path}: tensor {arg.name!r} has type {arg.type}, which the gateway does not serve")
-    dims = list(arg.shape or [])
-    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
-    symbols = tuple(d if isinstance(d, str) else "" for d in dims)
-    return TensorSpec(arg.name, datatype, shape, symbols)
+    return spec
 
 
 def _servable_outputs(args: list[Any], path: Path) -> tuple[list[TensorSpec], list[str]]:

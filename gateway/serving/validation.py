@@ -16,8 +16,8 @@ import numpy as np
 from gateway.config.settings import ModelSpec
 from gateway.dtypes import CONTENTS_FIELD, NUMPY_BY_DATATYPE
 from gateway.errors import InvalidInput
-from gateway.serving.runtime import TensorSpec, check_shared_dims
-from gateway.types import Tensors, WireInput
+from gateway.serving.runtime import check_shared_dims
+from gateway.types import Tensors, TensorSpec, WireInput
 
 # Error messages quote what the client sent, and they travel in the call's trailing
 # metadata, which gRPC caps (8 KiB by default): an echoed value must stay short, or

@@ -37,10 +37,10 @@ import numpy as np
 import onnxruntime as ort
 
 from gateway.config.settings import GatewaySettings
-from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
 from gateway.errors import ConfigError
 from gateway.serving.cuda.buckets import bucket_for, unpad_outputs
 from gateway.serving.providers import CUDA, cuda_options
+from gateway.types import TensorSpec
 
 GRAPH_ID = "gpu_graph_id"
 # The CUDA EP docs: "If the gpu_graph_id is set to -1, cuda graph capture/replay is disabled in that run."
@@ -122,13 +122,6 @@ def host_buffer(shape: Sequence[int], dtype: np.dtype[Any], memory_info: Any | N
     return np.zeros(tuple(shape), dtype=dtype), None
 
 
-@dataclass(frozen=True, slots=True)
-class _Input:
-    name: str
-    dtype: np.dtype[Any]
-    trailing: tuple[int, ...] | None  # the non-batch dimensions when all are fixed, else None
-
-
 @dataclass(eq=False, slots=True)
 class _Slot:
     """Buffers for one bucket: staging on the host and, with graphs, the bound device values."""
@@ -143,14 +136,11 @@ class _Slot:
     run_options: Any = None
 
 
-def _input(arg: Any) -> _Input:
-    datatype = DATATYPE_BY_ONNX.get(arg.type)
-    if datatype is None:
+def _input(arg: Any) -> TensorSpec:
+    spec = TensorSpec.from_onnx(arg)
+    if spec is None:
         raise ConfigError(f"input {arg.name!r} has type {arg.type}, which the gateway does not serve")
-    shape = list(arg.shape or [])
-    batched = bool(shape) and not (isinstance(shape[0], int) and shape[0] >= 0)
-    fixed = all(isinstance(d, int) and d >= 0 for d in shape[1:])
-    return _Input(arg.name, NUMPY_BY_DATATYPE[datatype], tuple(shape[1:]) if batched and fixed else None)
+    return spec
 
 
 def _to_host(value: Any) -> np.ndarray:
