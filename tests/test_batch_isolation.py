@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2_grpc
 
-from gateway.config.settings import BatchingSpec
+from gateway.config.spec import BatchingSpec
 from gateway.errors import ModelExecutionError
 from gateway.serving.batcher import DynamicBatcher
 from gateway.serving.statistics import VersionStats

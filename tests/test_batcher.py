@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.config.settings import BatchingSpec
+from gateway.config.spec import BatchingSpec
 from gateway.errors import DeadlineExceeded, Draining, ModelExecutionError, Overloaded, QueueTimeout
 from gateway.serving.batcher import DynamicBatcher
 from gateway.serving.statistics import VersionStats

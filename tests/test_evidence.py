@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.config.settings import CompareSpec
+from gateway.config.spec import CompareSpec
 from gateway.release.evidence import ModelEvidence, PredictionLog
 
 

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.config.settings import GatewaySettings, ModelSpec, load_settings
+from gateway.config.settings import GatewaySettings, load_settings
+from gateway.config.spec import ModelSpec
 from gateway.errors import ConfigError, InvalidInput
 from gateway.release.evidence import PredictionLog
 from gateway.serving.validation import build_inputs, check_outputs

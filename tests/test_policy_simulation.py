@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.config.settings import PolicySpec
+from gateway.config.spec import PolicySpec
 from gateway.release.compare import PairWindow, VersionWindow, bucket_edges
 from gateway.release.policy import RolloutEvidence, RolloutState, decide
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
-from gateway.config.settings import CompareSpec
+from gateway.config.spec import CompareSpec
 from gateway.release.compare import PairWindow, compare_outputs
 from gateway.release.evidence import ModelEvidence
 from gateway.release.plane import DualRunSink, ShadowSink

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.config.settings import CompareSpec
+from gateway.config.spec import CompareSpec
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.release.compare import PairWindow, compare_outputs, top1

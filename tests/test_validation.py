@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.config.settings import ModelSpec
+from gateway.config.spec import ModelSpec
 from gateway.serving.validation import build_inputs
 from gateway.types import TensorSpec, WireInput
 

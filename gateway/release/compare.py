@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.config.settings import CompareSpec
+from gateway.config.spec import CompareSpec
 from gateway.percentiles import quantile_rank
 
 # Latency histogram: log-spaced buckets from 10 us to ~100 s, 2% apart, so

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.config.settings import CompareSpec
+from gateway.config.spec import CompareSpec
 from gateway.errors import InvalidInput
 from gateway.release.compare import (
     PairWindow,

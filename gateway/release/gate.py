@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.config.settings import PolicySpec
+from gateway.config.spec import PolicySpec
 from gateway.percentiles import p99
 from gateway.release.compare import top1
 from gateway.release.confidence import Verdict

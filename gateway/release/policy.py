@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.config.settings import PolicySpec
+from gateway.config.spec import PolicySpec
 from gateway.errors import FailedPrecondition
 from gateway.release.compare import LatencyHistogram, PairWindow, VersionWindow, bucket_edges
 from gateway.release.confidence import Interval, Verdict, at_least, at_most, difference_cs, proportion_cs, quantile_cs

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gateway.config.settings import ModelSpec
+from gateway.config.spec import ModelSpec
 from gateway.errors import FailedPrecondition, InvalidInput, ModelNotFound
 from gateway.release.routing import BASIS_POINTS, Split
 

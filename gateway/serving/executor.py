@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.config.settings import BatchingSpec, ExecutionMode
+from gateway.config.spec import BatchingSpec, ExecutionMode
 from gateway.errors import DeadlineExceeded, Draining, Overloaded, QueueTimeout
 from gateway.serving.runtime import OnnxModel
 from gateway.serving.statistics import VersionStats

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from gateway.config.settings import BatchingSpec, GatewaySettings, ModelSpec
+from gateway.config.settings import GatewaySettings
+from gateway.config.spec import BatchingSpec, ModelSpec
 from gateway.errors import GatewayError, ModelLoadError, ModelNotFound
 from gateway.release.state import initial_state
 from gateway.serving.batcher import DynamicBatcher

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config.settings import ModelSpec, load_model_spec
+from gateway.config.spec import ModelSpec, load_model_spec
 from gateway.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.config.settings import ModelSpec
+from gateway.config.spec import ModelSpec
 from gateway.dtypes import CONTENTS_FIELD, NUMPY_BY_DATATYPE
 from gateway.errors import InvalidInput
 from gateway.serving.runtime import check_shared_dims

@@ -1,0 +1,173 @@
+"""Model specs: `models/<name>/model.toml` and its sections, validated once at load.
+
+A missing file gives the defaults. Unknown keys are errors: a typo in a spec
+must not silently fall back to a default. Every refusal starts with the spec
+file, then the setting (`batching.max_queue_size`), the value and what was
+expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gateway.config._parse import MIB, Schema, check_choices, check_number, read_toml
+from gateway.errors import ConfigError
+
+ExecutionMode = Literal["auto", "inline", "thread"]
+CompareKind = Literal["classification", "regression"]
+# The load-test gate holds every request it sends in memory (gateway/release/gate.py).
+MAX_GATE_REQUESTS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSpec:
+    enabled: bool = True
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 4096
+    instances: int = 1  # batches in flight at once (more only help where runs overlap, e.g. a GPU)
+    default_timeout_us: int = 0  # 0: no queue timeout
+    # Where a batch runs: on the event loop (cheapest for tiny models), on a
+    # thread (onnxruntime releases the GIL), or chosen from warm-up timing.
+    execution: ExecutionMode = "auto"
+
+    def __post_init__(self) -> None:
+        check_choices(self, "batching.")
+        for name in ("max_queue_delay_us", "default_timeout_us"):
+            check_number(f"batching.{name}", getattr(self, name), 0)
+        check_number("batching.max_queue_size", self.max_queue_size, 1)
+        check_number("batching.instances", self.instances, 1)
+        for size in self.preferred_batch_sizes:
+            check_number("batching.preferred_batch_sizes", size, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CompareSpec:
+    kind: CompareKind = "classification"
+    output: str = ""  # the output compared; empty: the model's first output
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_choices(self, "compare.")
+        check_number("compare.atol", self.atol, 0)
+        check_number("compare.rtol", self.rtol, 0)
+
+    def output_index(self, output_names: list[str], where: str) -> int:
+        """Which output `compare.output` names; refuses a name the model does not have."""
+        if not self.output:
+            return 0
+        if self.output not in output_names:
+            raise ConfigError(
+                f"{where}: compare.output: the model has no output {self.output!r} "
+                f"(its outputs: {', '.join(output_names) or 'none'})"
+            )
+        return output_names.index(self.output)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSpec:
+    stable: str = ""  # empty: the highest version
+    canary: str = ""
+    canary_weight_bp: int = 0
+    shadows: Mapping[str, float] = field(default_factory=dict)
+    # Fraction of canary requests also run on the stable version (for agreement figures).
+    canary_compare_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number("release.canary_compare_fraction", self.canary_compare_fraction, 0, 1)
+        check_number("release.canary_weight_bp", self.canary_weight_bp, 0, 10_000)
+        for version, fraction in self.shadows.items():
+            check_number(f"release.shadows.{version}", fraction, 0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """How a rollout moves (Flagger's vocabulary; see docs/promotion.md for the statistics)."""
+
+    interval_s: float = 30.0  # analysis period
+    step_weights: tuple[float, ...] = (1.0, 5.0, 10.0, 25.0, 50.0)  # percent of traffic per step
+    threshold: int = 2  # intervals with a failed check before rollback
+    min_samples: int = 200  # per arm, before any check decides
+    max_latency_ratio: float = 1.2  # canary p99 / stable p99 (0: off)
+    max_error_increase: float = 0.01  # canary error rate - stable error rate (negative: off)
+    min_agreement: float = 0.0  # top-1 agreement with stable (0: off)
+    max_accuracy_drop: float = -1.0  # stable accuracy - canary accuracy (negative: off; needs labels)
+    max_duration_s: float = 3600.0
+    alpha: float = 0.05  # for all checks together
+    shadow_intervals: int = 0  # >0: mirror the candidate first, traffic only after its checks pass
+    # Load-test gate before the first traffic shift (see gateway/release/gate.py).
+    gate: bool = False
+    gate_requests: int = 300
+    gate_max_latency_ratio: float = 1.5  # candidate p99 / stable p99 on the same requests
+    gate_min_agreement: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_number("policy.interval_s", self.interval_s, 0, above=True)
+        if not self.step_weights:
+            raise ConfigError("policy.step_weights: must list at least one percentage, got []")
+        for weight in self.step_weights:
+            check_number("policy.step_weights", weight, 0, 100, above=True)
+        if list(self.step_weights) != sorted(self.step_weights):
+            raise ConfigError(f"policy.step_weights: must increase, got {list(self.step_weights)}")
+        check_number("policy.alpha", self.alpha, 0, 1, above=True)
+        if self.alpha == 1:
+            raise ConfigError("policy.alpha: must be in (0, 1), got 1.0")
+        check_number("policy.threshold", self.threshold, 1)
+        check_number("policy.min_samples", self.min_samples, 1)
+        # Each check's "off" value is part of its range (see the comments above).
+        check_number("policy.max_latency_ratio", self.max_latency_ratio, 0)
+        check_number("policy.max_error_increase", self.max_error_increase, None, 1)
+        check_number("policy.min_agreement", self.min_agreement, 0, 1)
+        check_number("policy.max_accuracy_drop", self.max_accuracy_drop, None, 1)
+        check_number("policy.max_duration_s", self.max_duration_s, 0, above=True)
+        check_number("policy.shadow_intervals", self.shadow_intervals, 0)
+        check_number("policy.gate_requests", self.gate_requests, 1, MAX_GATE_REQUESTS)
+        check_number("policy.gate_max_latency_ratio", self.gate_max_latency_ratio, 0, above=True)
+        check_number("policy.gate_min_agreement", self.gate_min_agreement, 0, 1)
+
+    @property
+    def step_weights_bp(self) -> list[int]:
+        return [round(w * 100) for w in self.step_weights]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSpec:
+    # Caps on what one request may make us allocate, checked before any buffer.
+    max_elements: int = 1 << 24  # per input tensor
+    max_request_bytes: int = 256 * MIB  # all inputs together
+
+    def __post_init__(self) -> None:
+        check_number("limits.max_elements", self.max_elements, 1)
+        check_number("limits.max_request_bytes", self.max_request_bytes, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    max_batch_size: int = 0  # 0: the model has no batch dimension
+    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    compare: CompareSpec = field(default_factory=CompareSpec)
+    release: ReleaseSpec = field(default_factory=ReleaseSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
+
+    def __post_init__(self) -> None:
+        check_number("max_batch_size", self.max_batch_size, 0)
+
+
+_SCHEMA = Schema.of(ModelSpec)
+
+
+def load_model_spec(path: Path) -> ModelSpec:
+    """Read `model.toml`; a missing file gives the defaults."""
+    if not path.exists():
+        return ModelSpec()
+    data = read_toml(path, "spec")
+    try:
+        spec: ModelSpec = _SCHEMA.build(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return spec
