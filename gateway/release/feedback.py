@@ -32,6 +32,11 @@ MAX_FEEDBACK_ITEMS = 10_000
 FEEDBACK_WAIT_S = 10.0
 # How often the other workers look for shared labels, and worker 0 for their answers.
 FEEDBACK_POLL_S = 0.1
+# A worker counts as running (and is waited for) if it published its evidence this
+# recently. It does so twice a second, but a busy loop or a store held by another
+# writer can delay that by seconds; a worker missed here would have its labels
+# reported "unknown" although it joins them, so err on the side of waiting.
+PEER_SEEN_WITHIN_S = 30.0
 # The worker that serves the control API and so receives all labels.
 RECEIVER = "0"
 REJECTED = "rejected"
@@ -116,7 +121,7 @@ async def _shared(
     store: SqliteStore, model: str, items: list[tuple[str, list[float]]], wait_s: float, tally: FeedbackTally
 ) -> None:
     first, last = await asyncio.to_thread(store.add_feedback, model, items)
-    peers = await asyncio.to_thread(store.live_workers)
+    peers = await asyncio.to_thread(store.live_workers, PEER_SEEN_WITHIN_S)
     peers.discard(RECEIVER)
     deadline = time.monotonic() + wait_s
     while True:
