@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gateway.errors import Draining, InvalidInput, ModelExecutionError
 from gateway.logthrottle import ThrottledLog, one_line
 from gateway.release.plane import ReleasePlane, routing_key
+from gateway.release.routing import Role
+from gateway.release.state import ReleaseState
 from gateway.serving.metrics import VERSION_FAULTS, outcome_of
-from gateway.serving.registry import Registry
+from gateway.serving.registry import LoadedVersion, Registry
 from gateway.serving.validation import build_inputs, check_outputs
 from gateway.types import InferResponse, Tensors, WireRequest
 
@@ -28,6 +31,20 @@ def _timeout_s(req: WireRequest, default_us: int) -> float | None:
     if value <= 0:
         raise InvalidInput(f"parameter 'timeout_us' must be > 0, got {value}")
     return value / 1e6
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request on its way through `DataPlane.infer`: what its accounting needs at the end."""
+
+    req: WireRequest
+    loaded: LoadedVersion
+    role: Role
+    state: ReleaseState | None
+    start: int = field(default_factory=time.perf_counter_ns)
+    batch: int = 1
+    feeds: Tensors | None = None
+    results: list[np.ndarray] | None = None
 
 
 class DataPlane:
@@ -53,48 +70,65 @@ class DataPlane:
             raise Draining("the server is shutting down; retry on another replica")
         key = routing_key(req.parameters, req.id)
         loaded, role, state = self.releases.route(req.model, req.version, key)
-        start = time.perf_counter_ns()
-        error: BaseException | None = None
-        batch = 1
-        feeds: Tensors | None = None
-        results: list[np.ndarray] | None = None
+        call = _Call(req, loaded, role, state)
         self.inflight += 1
         self._idle.clear()
         try:
-            model = loaded.model
-            if req.outputs:
-                check_outputs(req.outputs, model.outputs, req.model)
-            feeds, batch = build_inputs(req.inputs, model.inputs, loaded.spec, req.model)
-            timeout_s = _timeout_s(req, loaded.spec.batching.default_timeout_us)
-            results = await loaded.executor.submit(feeds, batch, req.deadline, timeout_s)
-            if req.outputs:
-                wanted = set(req.outputs)
-                outputs = {n: a for n, a in zip(model.output_names, results, strict=True) if n in wanted}
-            else:
-                outputs = dict(zip(model.output_names, results, strict=True))
+            outputs = await self._run(call)
         except BaseException as exc:
-            error = exc
+            # Accounted here, never from a `finally` reading a saved copy of the
+            # exception: a local holding it closes the cycle exception ->
+            # traceback -> this frame -> exception, and the frame holds the
+            # request (up to the message size), which then stayed in memory until
+            # a full collection (on an idle server: never).
+            self._finish(call, exc)
             raise
-        finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._idle.set()
-            elapsed = time.perf_counter_ns() - start
-            loaded.stats.record_request(error is None, elapsed, batch)
-            outcome = outcome_of(error, client_timeout="timeout_us" in req.parameters)
-            if loaded.metrics is not None:
-                loaded.metrics.count(outcome)
-                loaded.metrics.request_seconds.observe(elapsed / 1e9)
-            if isinstance(error, ModelExecutionError):
-                self._log_failure(loaded.name, loaded.version, req.id, error)
-            # Only what the version caused is its evidence (see VERSION_FAULTS): a
-            # client's bad parameters, deadlines and cancellations are counted apart,
-            # in the outcome above, so no client can roll back a healthy candidate.
-            if feeds is not None and (error is None or outcome in VERSION_FAULTS):
-                self.releases.record(
-                    loaded, role, state, req.id, error is None, elapsed / 1e9, batch, feeds, results, req.deadline
-                )
+        self._finish(call, None)
         return InferResponse(req.model, loaded.version, outputs, req.id, {"role": role})
+
+    async def _run(self, call: _Call) -> dict[str, np.ndarray]:
+        req, loaded = call.req, call.loaded
+        model = loaded.model
+        if req.outputs:
+            check_outputs(req.outputs, model.outputs, req.model)
+        call.feeds, call.batch = build_inputs(req.inputs, model.inputs, loaded.spec, req.model)
+        timeout_s = _timeout_s(req, loaded.spec.batching.default_timeout_us)
+        call.results = await loaded.executor.submit(call.feeds, call.batch, req.deadline, timeout_s)
+        if req.outputs:
+            wanted = set(req.outputs)
+            return {n: a for n, a in zip(model.output_names, call.results, strict=True) if n in wanted}
+        return dict(zip(model.output_names, call.results, strict=True))
+
+    def _finish(self, call: _Call, error: BaseException | None) -> None:
+        """Count the request's outcome and record it as evidence where it is the version's."""
+        self.inflight -= 1
+        if not self.inflight:
+            self._idle.set()
+        req, loaded = call.req, call.loaded
+        elapsed = time.perf_counter_ns() - call.start
+        loaded.stats.record_request(error is None, elapsed, call.batch)
+        outcome = outcome_of(error, client_timeout="timeout_us" in req.parameters)
+        if loaded.metrics is not None:
+            loaded.metrics.count(outcome)
+            loaded.metrics.request_seconds.observe(elapsed / 1e9)
+        if isinstance(error, ModelExecutionError):
+            self._log_failure(loaded.name, loaded.version, req.id, error)
+        # Only what the version caused is its evidence (see VERSION_FAULTS): a
+        # client's bad parameters, deadlines and cancellations are counted apart,
+        # in the outcome above, so no client can roll back a healthy candidate.
+        if call.feeds is not None and (error is None or outcome in VERSION_FAULTS):
+            self.releases.record(
+                loaded,
+                call.role,
+                call.state,
+                req.id,
+                error is None,
+                elapsed / 1e9,
+                call.batch,
+                call.feeds,
+                call.results,
+                req.deadline,
+            )
 
     def _log_failure(self, model: str, version: str, request_id: str, error: BaseException) -> None:
         """The caller got INTERNAL "details are in the gateway log": these are the details."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.config.spec import BatchingSpec
+from gateway.config.settings import BatchingSpec
 from gateway.errors import Draining, ModelExecutionError, Overloaded
 from gateway.serving.executor import expired_error, expiry, runs_inline
 from gateway.serving.metrics import VersionMetrics
@@ -44,6 +44,18 @@ ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 RunResult = list[np.ndarray] | Exception
 # A member of a failed batch that was not rerun (it was settled meanwhile).
 _SKIPPED: RunResult = Exception("not rerun")
+
+
+def _detached(exc: Exception) -> Exception:
+    """`exc` without its traceback, cause and context: only its message travels on.
+
+    A run's error is returned, not raised, to the caller that settles the batch
+    (`_start`, or the pool thread's work item), whose frame keeps it as a local.
+    Its traceback holds the failed run's frame, whose `f_back` is that caller's
+    frame: a cycle holding the whole batch's inputs (each request up to the
+    message size) until a full collection, on an idle server never."""
+    exc.__cause__ = exc.__context__ = None
+    return exc.with_traceback(None)
 
 
 @dataclass(slots=True, eq=False)
@@ -132,6 +144,13 @@ class DynamicBatcher:
             # The caller went away: free its slot now, so it is never run.
             self._forget(item)
             raise
+        finally:
+            # A failed request's error is raised here, so its traceback holds this
+            # frame, and the future holds the error: this local would close the
+            # cycle error -> traceback -> frame -> item -> future -> error, keeping
+            # the request's inputs (and every caller frame, with the request) until
+            # a full collection.
+            del item
 
     def _forget(self, item: _Pending) -> None:
         if item.timer is not None:
@@ -175,6 +194,9 @@ class DynamicBatcher:
                 continue
             self._active += 1
             self._start(batch)
+            # Not kept until the next dispatch (on an idle model: forever): a failed
+            # batch's futures hold errors whose tracebacks hold every caller's request.
+            del batch
 
     async def _gather(self, delay_s: float) -> None:
         """Wait until `delay_s` passes or enough rows are queued, whichever is first."""
@@ -250,7 +272,7 @@ class DynamicBatcher:
         try:
             return self.model.run(feeds)
         except Exception as exc:
-            return exc
+            return _detached(exc)
 
     def _run_each(self, batch: list[_Pending]) -> list[tuple[RunResult, int]]:
         """Each member of a failed batch run on its own (with its run time in ns).
