@@ -78,6 +78,11 @@ def random_inputs(signature: Sequence[TensorSpec], rows: int, rng: np.random.Gen
     return feeds
 
 
+# Traffic weights are whole basis points (1/100 of a percent) everywhere: model.toml,
+# the control API, the stored release. The scale is here so that every layer names it.
+BASIS_POINTS = 10_000
+
+
 @dataclass(slots=True)
 class InferResponse:
     model: str

@@ -24,7 +24,8 @@ import numpy as np
 
 from gateway.config.spec import PolicySpec
 from gateway.release.compare import PairWindow, VersionWindow, bucket_edges
-from gateway.release.policy import RolloutEvidence, RolloutState, decide
+from gateway.release.confidence import Verdict
+from gateway.release.policy import Event, Phase, RolloutEvidence, RolloutState, decide
 
 PER_INTERVAL = 2000
 SPEC = PolicySpec(
@@ -72,22 +73,22 @@ def add_interval(window: VersionWindow, arm: Arm, rng: np.random.Generator, prob
 def simulate(stable: Arm, candidate: Arm, seed: int, max_intervals: int = 60) -> tuple[str, int]:
     """Run one rollout; returns ("promoted" | "rolled_back" | "undecided", intervals used)."""
     rng = np.random.default_rng(seed)
-    state = RolloutState("progressing", 0, 0, "2", 0.0)
+    state = RolloutState(Phase.PROGRESSING, 0, 0, "2", 0.0)
     evidence = RolloutEvidence(VersionWindow(), VersionWindow(), PairWindow())
     probs = bucket_probabilities(stable), bucket_probabilities(candidate)
     for interval in range(1, max_intervals + 1):
         add_interval(evidence.stable, stable, rng, probs[0])
         add_interval(evidence.candidate, candidate, rng, probs[1])
         decision = decide(state, evidence, SPEC, now=float(interval))
-        if decision.event == "rollback":
+        if decision.event is Event.ROLLBACK:
             return "rolled_back", interval
-        if decision.event == "finish":
+        if decision.event is Event.FINISH:
             return "promoted", interval
-        if decision.event == "hold":
-            failed = any(c.verdict.value == "fail" for c in decision.checks)
-            state = state.on("hold", failed_checks=state.failed_checks + int(failed))
+        if decision.event is Event.HOLD:
+            failed = any(c.verdict is Verdict.FAIL for c in decision.checks)
+            state = state.on(Event.HOLD, failed_checks=state.failed_checks + int(failed))
         else:
-            state = state.on("advance", step=state.step + 1)
+            state = state.on(Event.ADVANCE, step=state.step + 1)
     return "undecided", max_intervals
 
 

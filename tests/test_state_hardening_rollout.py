@@ -12,7 +12,7 @@ import pytest
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from gateway.release.policy import RolloutState
+from gateway.release.policy import Phase, RolloutState
 from gateway.release.store import AuditEntry, SqliteStore, StoredRelease
 from tests.support import MODELS, gateway_in_thread
 
@@ -33,7 +33,7 @@ def leave_promoting(state_dir: Path, candidate: str) -> int:
         stored = store.load_all()["digits"]
         after = StoredRelease(
             dataclasses.replace(stored.state, canary=candidate, canary_weight_bp=10_000, revision=stored.revision + 1),
-            RolloutState(phase="promoting", step=1, candidate=candidate, started_at=time.time() - 60),
+            RolloutState(phase=Phase.PROMOTING, step=1, candidate=candidate, started_at=time.time() - 60),
         )
         entry = AuditEntry(
             actor="controller",
@@ -79,7 +79,7 @@ def test_a_promotion_that_cannot_complete_is_rolled_back(repo: Path, tmp_path: P
     stored = store.load_all()["digits"]
     after = StoredRelease(
         dataclasses.replace(stored.state, canary="2", canary_weight_bp=10_000, revision=stored.revision + 1),
-        RolloutState(phase="promoting", step=1, candidate="9", started_at=time.time() - 60),
+        RolloutState(phase=Phase.PROMOTING, step=1, candidate="9", started_at=time.time() - 60),
     )
     entry = AuditEntry(actor="controller", action="advance", model="digits", reason="x", revision=after.revision)
     store.commit(stored.revision, after, entry)

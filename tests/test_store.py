@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.release.state import ReleaseState
-from gateway.release.store import AuditEntry, Conflict, SqliteStore, StoredRelease
+from gateway.release.store import AuditEntry, AuditOutcome, Conflict, SqliteStore, StoredRelease
 from tests.support import ROOT
 
 
@@ -29,7 +29,7 @@ def check_consistent(db: Path) -> int:
     store = SqliteStore(db)  # opening runs the startup integrity check: ConfigError if corrupt
     try:
         stored = store.load_all()["m"]
-        applied = [e for e in store.audit_log(model="m", limit=100_000) if e.outcome == "applied"]
+        applied = [e for e in store.audit_log(model="m", limit=100_000) if e.outcome is AuditOutcome.APPLIED]
         # One audit row per revision: the init row and one for every committed change.
         assert len(applied) == stored.revision
         assert [e.revision for e in applied] == list(range(1, stored.revision + 1))
@@ -79,7 +79,7 @@ def test_a_stale_revision_is_refused(tmp_path: Path) -> None:
     audit = store.audit_log(model="m")
     assert [e.action for e in audit] == ["init"]
     store.record_refused(
-        AuditEntry(actor="t", action="promote", model="m", reason="refused: no canary", outcome="refused")
+        AuditEntry(actor="t", action="promote", model="m", reason="refused: no canary", outcome=AuditOutcome.REFUSED)
     )
     assert [(e.action, e.outcome) for e in store.audit_log(model="m")] == [("init", "applied"), ("promote", "refused")]
     assert store.audit_log(model="m", limit=1, offset=1)[0].action == "promote"

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 
 from gateway.errors import GatewayError, StoreUnavailable
+from gateway.release.confidence import Verdict
 from gateway.release.operations import ReleaseOps
-from gateway.release.policy import RolloutEvidence, decide
+from gateway.release.policy import DECIDING, Event, Phase, RolloutEvidence, decide
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,10 @@ class Controller:
         now = self.clock()
         for model in self.ops.plane.table.models():
             rollout = self.ops.rollouts.get(model)
-            if rollout is not None and rollout.phase == "promoting":
+            if rollout is not None and rollout.phase is Phase.PROMOTING:
                 await self.complete_promotion(model)
                 continue
-            if rollout is None or rollout.phase not in ("shadowing", "progressing"):
+            if rollout is None or rollout.phase not in DECIDING:
                 self._last.pop(model, None)
                 continue
             spec = self.ops.plane.registry.entry(model).spec.policy
@@ -73,14 +74,14 @@ class Controller:
         decision = decide(rollout, RolloutEvidence(stable, candidate, pair), spec, self.clock())
         reason = decision.reason
         try:
-            if decision.event == "rollback":
+            if decision.event is Event.ROLLBACK:
                 await ops.rollback(model, "controller", reason, decision.checks)
-            elif decision.event == "finish":
+            elif decision.event is Event.FINISH:
                 await ops.finish(model, reason, decision.checks)
-            elif decision.event == "advance":
+            elif decision.event is Event.ADVANCE:
                 changes: dict[str, object] = {"canary_weight_bp": decision.weight_bp or 0}
                 step = rollout.step + 1
-                if rollout.phase == "shadowing":
+                if rollout.phase is Phase.SHADOWING:
                     current = ops.plane.table.get(model)
                     shadows = {v: f for v, f in current.shadows.items() if v != rollout.candidate}
                     changes = {
@@ -95,23 +96,22 @@ class Controller:
                     "controller",
                     "advance",
                     reason,
-                    "advance",
-                    changes,
-                    {"step": step, "failed_checks": 0},
-                    decision.checks,
+                    event=Event.ADVANCE,
+                    state_changes=changes,
+                    rollout_changes={"step": step, "failed_checks": 0},
+                    checks=decision.checks,
                 )
             else:
-                failed = any(c.verdict.value == "fail" for c in decision.checks)
+                failed = any(c.verdict is Verdict.FAIL for c in decision.checks)
                 if failed:
                     await ops.change(
                         model,
                         "controller",
                         "failed_check",
                         reason,
-                        "hold",
-                        {},
-                        {"failed_checks": rollout.failed_checks + 1},
-                        decision.checks,
+                        event=Event.HOLD,
+                        rollout_changes={"failed_checks": rollout.failed_checks + 1},
+                        checks=decision.checks,
                     )
                 else:
                     log.info("%s: hold (%s)", model, reason)

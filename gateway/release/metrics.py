@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from gateway.types import BASIS_POINTS
+
 if TYPE_CHECKING:
     from gateway.release.plane import ModelReport
 
@@ -73,7 +75,7 @@ class ReleaseMetrics:
     def sync(self, report: ModelReport) -> None:
         state = report.release
         model = state.model
-        weight = state.canary_weight_bp / 10_000 if state.canary else 0.0
+        weight = state.canary_weight_bp / BASIS_POINTS if state.canary else 0.0
         self.weight.labels(model, state.stable, "stable").set(1.0 - weight)
         if state.canary:
             self.weight.labels(model, state.canary, "canary").set(weight)

@@ -11,17 +11,17 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
 from gateway.logthrottle import one_line
 from gateway.release.gate import CapturedRequests, captured_inputs, generated_inputs, run_gate
 from gateway.release.plane import ReleasePlane
-from gateway.release.policy import CheckResult, Event, RolloutState
+from gateway.release.policy import ACTIVE, AT_REST, DECIDING, CheckResult, Event, Phase, RolloutState
 from gateway.release.state import ReleaseState
-from gateway.release.store import AuditEntry, Conflict, Store, StoredRelease
-from gateway.types import Tensors
+from gateway.release.store import AuditEntry, AuditOutcome, Conflict, Store, StoredRelease
+from gateway.types import BASIS_POINTS, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,15 @@ def check_reason(reason: str) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     """One audited change of a release: what `ReleaseOps.change` takes, for `change_steps`."""
 
     action: str
     reason: str
-    event: Event | None
-    state_changes: dict[str, Any]
-    rollout_changes: dict[str, Any] | None = None
+    event: Event | None  # None: no rollout transition (a shadow added or removed)
+    state_changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rollout_changes: Mapping[str, Any] | None = None
     checks: Sequence[CheckResult] = ()
 
 
@@ -87,14 +87,14 @@ class ReleaseOps:
                         dataclasses.replace(self.plane.table.get(model), revision=current.revision + 1)
                     )
                     self.store.commit(
-                        current.revision, after, self._audit("gateway", "reset", current, after, str(exc))
+                        current.revision, after, self._audit("gateway", "reset", str(exc), before=current, after=after)
                     )
                     self._install(after)
                     continue
             initial = StoredRelease(self.plane.table.get(model))
             try:
                 self.store.commit(
-                    None, initial, self._audit("gateway", "init", None, initial, "release from model.toml")
+                    None, initial, self._audit("gateway", "init", "release from model.toml", before=None, after=initial)
                 )
             except Conflict:
                 # Another worker of this gateway stored it first: serve theirs.
@@ -114,10 +114,12 @@ class ReleaseOps:
             except GatewayError:
                 pass
             after = StoredRelease(dataclasses.replace(current.state, revision=stored.revision + 1), current.rollout)
-            self.store.commit(stored.revision, after, self._audit("gateway", "reset", stored, after, "model reloaded"))
+            self.store.commit(
+                stored.revision, after, self._audit("gateway", "reset", "model reloaded", before=stored, after=after)
+            )
             self._install(after)
             return
-        self.store.commit(None, current, self._audit("gateway", "init", None, current, "model loaded"))
+        self.store.commit(None, current, self._audit("gateway", "init", "model loaded", before=None, after=current))
         self.rollouts[model] = current.rollout
 
     def forget(self, model: str) -> None:
@@ -138,14 +140,14 @@ class ReleaseOps:
         self.plane.table.install(stored.state)
         self.rollouts[model] = stored.rollout
         evidence = self.plane.evidence[model]
-        active = stored.rollout.phase in ("shadowing", "progressing")
+        active = stored.rollout.phase in DECIDING
         if active and (
             previous is None or previous.started_at != stored.rollout.started_at or evidence.rollout is None
         ):
             # A new rollout, or one resumed after a restart: evidence starts afresh.
             key = f"{stored.state.stable}>{stored.rollout.candidate}@{stored.rollout.started_at}"
             evidence.begin_rollout(stored.state.stable, stored.rollout.candidate, key)
-        elif not active and stored.rollout.phase != "paused":
+        elif not active and stored.rollout.phase is not Phase.PAUSED:
             evidence.end_rollout()
 
     # -- the one way to change a release ------------------------------------------------
@@ -157,17 +159,17 @@ class ReleaseOps:
         self,
         actor: str,
         action: str,
+        reason: str,
+        *,
         before: StoredRelease | None,
         after: StoredRelease | None,
-        reason: str,
         evidence: Any = None,
-        outcome: str = "applied",
-        model: str = "",
+        outcome: AuditOutcome = AuditOutcome.APPLIED,
     ) -> AuditEntry:
         return AuditEntry(
             actor=actor,
             action=action,
-            model=model or (after or before).state.model,  # type: ignore[union-attr]
+            model=(after or before).state.model,  # type: ignore[union-attr]
             reason=reason,
             outcome=outcome,
             before=None if before is None else before.to_dict(),
@@ -177,18 +179,42 @@ class ReleaseOps:
             at=time.time(),
         )
 
+    async def _record_refusal(
+        self, actor: str, action: str, error: object, *, before: StoredRelease, evidence: Any = None
+    ) -> None:
+        """Audit a change that was refused, with why, before the caller raises."""
+        entry = self._audit(
+            actor,
+            action,
+            f"refused: {error}",
+            before=before,
+            after=None,
+            evidence=evidence,
+            outcome=AuditOutcome.REFUSED,
+        )
+        await asyncio.to_thread(self.store.record_refused, entry)
+
     async def change(
         self,
         model: str,
         actor: str,
         action: str,
         reason: str,
+        *,
         event: Event | None,
-        state_changes: dict[str, Any],
-        rollout_changes: dict[str, Any] | None = None,
+        state_changes: Mapping[str, Any] | None = None,
+        rollout_changes: Mapping[str, Any] | None = None,
         checks: Sequence[CheckResult] = (),
     ) -> StoredRelease:
-        step = Step(action, reason, event, state_changes, rollout_changes, checks)
+        """One step of `change_steps`; `event` is its rollout transition (None: none)."""
+        step = Step(
+            action=action,
+            reason=reason,
+            event=event,
+            state_changes=state_changes or {},
+            rollout_changes=rollout_changes,
+            checks=checks,
+        )
         return await self.change_steps(model, actor, [step])
 
     async def change_steps(self, model: str, actor: str, steps: Sequence[Step]) -> StoredRelease:
@@ -208,12 +234,11 @@ class ReleaseOps:
                 try:
                     after = self._plan(previous, step)
                 except GatewayError as exc:
-                    refused = self._audit(
-                        actor, step.action, previous, None, f"refused: {exc}", evidence, "refused", model
-                    )
-                    await asyncio.to_thread(self.store.record_refused, refused)
+                    await self._record_refusal(actor, step.action, exc, before=previous, evidence=evidence)
                     raise
-                entries.append(self._audit(actor, step.action, previous, after, step.reason, evidence))
+                entries.append(
+                    self._audit(actor, step.action, step.reason, before=previous, after=after, evidence=evidence)
+                )
                 previous = after
             await asyncio.to_thread(self.store.commit, before.revision, previous, entries)
             self._install(previous)
@@ -247,21 +272,20 @@ class ReleaseOps:
                 f"canary is empty but weight_bp is {weight_bp}: name the canary version, or set weight_bp 0 "
                 "to send everything to stable"
             )
-        return await self.change(
-            model, actor, "set_traffic", reason, "set_weight", {"canary": canary, "canary_weight_bp": weight_bp}
-        )
+        changes = {"canary": canary, "canary_weight_bp": weight_bp}
+        return await self.change(model, actor, "set_traffic", reason, event=Event.SET_WEIGHT, state_changes=changes)
 
     async def add_shadow(self, model: str, version: str, fraction: float, actor: str, reason: str) -> StoredRelease:
         shadows = dict(self.plane.table.get(model).shadows)
         shadows[version] = fraction
-        return await self.change(model, actor, "add_shadow", reason, None, {"shadows": shadows})
+        return await self.change(model, actor, "add_shadow", reason, event=None, state_changes={"shadows": shadows})
 
     async def remove_shadow(self, model: str, version: str, actor: str, reason: str) -> StoredRelease:
         shadows = dict(self.plane.table.get(model).shadows)
         if version not in shadows:
             raise FailedPrecondition(f"{model} has no shadow {version!r}: nothing to remove")
         del shadows[version]
-        return await self.change(model, actor, "remove_shadow", reason, None, {"shadows": shadows})
+        return await self.change(model, actor, "remove_shadow", reason, event=None, state_changes={"shadows": shadows})
 
     async def start_rollout(self, model: str, candidate: str, actor: str, reason: str) -> StoredRelease:
         check_reason(reason)
@@ -273,7 +297,7 @@ class ReleaseOps:
             raise FailedPrecondition(f"{model}: version {candidate} is already the stable version")
         shadows = {v: f for v, f in current.shadows.items() if v != candidate}
         rollout = {"step": 0, "failed_checks": 0, "candidate": candidate, "started_at": time.time()}
-        self.current(model).rollout.on("start")  # refuse (and audit) before any gate work
+        self.current(model).rollout.on(Event.START)  # refuse (and audit) before any gate work
         gate_checks: Sequence[CheckResult] = ()
         if spec.gate:
             gate_checks = await self._gate(model, current.stable, candidate, actor, reason)
@@ -281,7 +305,14 @@ class ReleaseOps:
             shadows[candidate] = 1.0
             changes: dict[str, Any] = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
             return await self.change(
-                model, actor, "start_rollout", reason, "start_shadow", changes, rollout, gate_checks
+                model,
+                actor,
+                "start_rollout",
+                reason,
+                event=Event.START_SHADOW,
+                state_changes=changes,
+                rollout_changes=rollout,
+                checks=gate_checks,
             )
         changes = {
             "canary": candidate,
@@ -289,7 +320,16 @@ class ReleaseOps:
             "shadows": shadows,
             "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if spec.min_agreement > 0 else 0.0),
         }
-        return await self.change(model, actor, "start_rollout", reason, "start", changes, rollout, gate_checks)
+        return await self.change(
+            model,
+            actor,
+            "start_rollout",
+            reason,
+            event=Event.START,
+            state_changes=changes,
+            rollout_changes=rollout,
+            checks=gate_checks,
+        )
 
     async def _gate(self, model: str, stable: str, candidate: str, actor: str, reason: str) -> list[CheckResult]:
         """Run the load-test gate; a failure refuses the rollout (audited with the evidence)."""
@@ -307,37 +347,31 @@ class ReleaseOps:
         result = await run_gate(stable_v, candidate_v, inputs, policy=spec, source=source, output_index=index)
         log.info("%s: %s", model, result.summary())
         if not result.passed:
-            before = self.current(model)
             evidence = [c.to_dict() for c in result.checks]
             message = f"{model}: {result.summary()}"
-            entry = self._audit(actor, "start_rollout", before, None, f"refused: {message}", evidence, "refused", model)
-            await asyncio.to_thread(self.store.record_refused, entry)
+            await self._record_refusal(actor, "start_rollout", message, before=self.current(model), evidence=evidence)
             raise FailedPrecondition(message)
         return result.checks
 
     async def pause(self, model: str, actor: str, reason: str) -> StoredRelease:
-        return await self.change(model, actor, "pause", reason, "pause", {})
+        return await self.change(model, actor, "pause", reason, event=Event.PAUSE)
 
     async def resume(self, model: str, actor: str, reason: str) -> StoredRelease:
-        return await self.change(model, actor, "resume", reason, "resume", {})
+        return await self.change(model, actor, "resume", reason, event=Event.RESUME)
 
     async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         check_reason(reason)
         current = self.current(model)
-        active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
+        active = current.rollout.phase in ACTIVE
         candidate = (current.rollout.candidate if active else "") or current.state.canary
         if not candidate:
             refused = FailedPrecondition(f"{model} has no canary: nothing to promote")
-            entry = self._audit(actor, "promote", current, None, f"refused: {refused}", None, "refused", model)
-            await asyncio.to_thread(self.store.record_refused, entry)
+            await self._record_refusal(actor, "promote", refused, before=current)
             raise refused
-        event: Event = "promote"
-        if current.rollout.phase in ("idle", "succeeded", "rolled_back"):
-            # A canary set by hand, outside a rollout: promoting it is a traffic change.
-            event = "set_weight"
-        return await self.change(
-            model, actor, "promote", reason, event, _promotion(current.state, candidate), None, checks
-        )
+        # A canary set by hand, outside a rollout: promoting it is a traffic change.
+        event = Event.SET_WEIGHT if current.rollout.phase in AT_REST else Event.PROMOTE
+        changes = _promotion(current.state, candidate)
+        return await self.change(model, actor, "promote", reason, event=event, state_changes=changes, checks=checks)
 
     async def finish(self, model: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         """The controller's last step: all traffic to the candidate, then promote it, in one
@@ -346,27 +380,38 @@ class ReleaseOps:
         candidate = current.rollout.candidate
         full = current.state
         steps = [
-            Step("advance", reason, "finish", {"canary_weight_bp": 10_000}, None, checks),
-            Step("promote", "all steps passed", "promote", _promotion(full, candidate), None, checks),
+            Step(
+                action="advance",
+                reason=reason,
+                event=Event.FINISH,
+                state_changes={"canary_weight_bp": BASIS_POINTS},
+                checks=checks,
+            ),
+            Step(
+                action="promote",
+                reason="all steps passed",
+                event=Event.PROMOTE,
+                state_changes=_promotion(full, candidate),
+                checks=checks,
+            ),
         ]
         return await self.change_steps(model, "controller", steps)
 
     async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         check_reason(reason)
         current = self.current(model)
-        active = current.rollout.phase in ("shadowing", "progressing", "promoting", "paused")
+        active = current.rollout.phase in ACTIVE
         candidate = (current.rollout.candidate if active else "") or current.state.canary
         if not candidate:
             # Nothing routes away from stable: a "rollback" would only bump the revision.
             refused = FailedPrecondition(f"{model} has no canary and no rollout: nothing to roll back")
-            entry = self._audit(actor, "rollback", current, None, f"refused: {refused}", None, "refused", model)
-            await asyncio.to_thread(self.store.record_refused, entry)
+            await self._record_refusal(actor, "rollback", refused, before=current)
             raise refused
         shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
         changes = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
         # Outside a rollout, a rollback of a hand-set canary is a traffic change.
-        event: Event = "rollback" if active else "set_weight"
-        return await self.change(model, actor, "rollback", reason, event, changes, None, checks)
+        event = Event.ROLLBACK if active else Event.SET_WEIGHT
+        return await self.change(model, actor, "rollback", reason, event=event, state_changes=changes, checks=checks)
 
 
 def _promotion(state: ReleaseState, candidate: str) -> dict[str, Any]:

@@ -15,37 +15,63 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import StrEnum
 
 from gateway.config.spec import PolicySpec
 from gateway.errors import FailedPrecondition
 from gateway.release.compare import LatencyHistogram, PairWindow, VersionWindow, bucket_edges
 from gateway.release.confidence import Interval, Verdict, at_least, at_most, difference_cs, proportion_cs, quantile_cs
+from gateway.types import BASIS_POINTS
 
-Phase = Literal["idle", "shadowing", "progressing", "promoting", "succeeded", "paused", "rolled_back"]
-Event = Literal[
-    "start", "start_shadow", "advance", "finish", "promote", "pause", "resume", "rollback", "set_weight", "hold"
-]
-ACTIVE: frozenset[Phase] = frozenset({"shadowing", "progressing", "promoting", "paused"})
-AT_REST: frozenset[Phase] = frozenset({"idle", "succeeded", "rolled_back"})
+
+class Phase(StrEnum):
+    """A rollout's phase. The values are stored in the state database and sent by the
+    control API as strings: never change one."""
+
+    IDLE = "idle"
+    SHADOWING = "shadowing"
+    PROGRESSING = "progressing"
+    PROMOTING = "promoting"
+    SUCCEEDED = "succeeded"
+    PAUSED = "paused"
+    ROLLED_BACK = "rolled_back"
+
+
+class Event(StrEnum):
+    START = "start"
+    START_SHADOW = "start_shadow"
+    ADVANCE = "advance"
+    FINISH = "finish"
+    PROMOTE = "promote"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ROLLBACK = "rollback"
+    SET_WEIGHT = "set_weight"
+    HOLD = "hold"
+
+
+ACTIVE = frozenset({Phase.SHADOWING, Phase.PROGRESSING, Phase.PROMOTING, Phase.PAUSED})
+AT_REST = frozenset({Phase.IDLE, Phase.SUCCEEDED, Phase.ROLLED_BACK})
+# The phases the controller decides in, and in which evidence gathers for the rollout.
+DECIDING = frozenset({Phase.SHADOWING, Phase.PROGRESSING})
 
 # (phase, event) -> next phase. Anything missing is illegal.
 TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
-    **{(p, "start"): "progressing" for p in AT_REST},
-    **{(p, "start_shadow"): "shadowing" for p in AT_REST},
-    **{(p, "set_weight"): p for p in (*AT_REST, "paused")},
-    ("shadowing", "advance"): "progressing",
-    ("progressing", "advance"): "progressing",
-    ("progressing", "finish"): "promoting",
-    ("shadowing", "hold"): "shadowing",
-    ("progressing", "hold"): "progressing",
-    ("promoting", "promote"): "succeeded",
-    ("progressing", "promote"): "succeeded",
-    ("paused", "promote"): "succeeded",
-    ("shadowing", "pause"): "paused",
-    ("progressing", "pause"): "paused",
-    ("paused", "resume"): "progressing",  # or shadowing: RolloutState.resume_to decides
-    **{(p, "rollback"): "rolled_back" for p in ACTIVE},
+    **{(p, Event.START): Phase.PROGRESSING for p in AT_REST},
+    **{(p, Event.START_SHADOW): Phase.SHADOWING for p in AT_REST},
+    **{(p, Event.SET_WEIGHT): p for p in (*AT_REST, Phase.PAUSED)},
+    (Phase.SHADOWING, Event.ADVANCE): Phase.PROGRESSING,
+    (Phase.PROGRESSING, Event.ADVANCE): Phase.PROGRESSING,
+    (Phase.PROGRESSING, Event.FINISH): Phase.PROMOTING,
+    (Phase.SHADOWING, Event.HOLD): Phase.SHADOWING,
+    (Phase.PROGRESSING, Event.HOLD): Phase.PROGRESSING,
+    (Phase.PROMOTING, Event.PROMOTE): Phase.SUCCEEDED,
+    (Phase.PROGRESSING, Event.PROMOTE): Phase.SUCCEEDED,
+    (Phase.PAUSED, Event.PROMOTE): Phase.SUCCEEDED,
+    (Phase.SHADOWING, Event.PAUSE): Phase.PAUSED,
+    (Phase.PROGRESSING, Event.PAUSE): Phase.PAUSED,
+    (Phase.PAUSED, Event.RESUME): Phase.PROGRESSING,  # or shadowing: RolloutState.resume_to decides
+    **{(p, Event.ROLLBACK): Phase.ROLLED_BACK for p in ACTIVE},
 }
 
 
@@ -55,12 +81,17 @@ class IllegalTransition(FailedPrecondition):
 
 @dataclass(frozen=True, slots=True)
 class RolloutState:
-    phase: Phase = "idle"
+    phase: Phase = Phase.IDLE
     step: int = 0
     failed_checks: int = 0
     candidate: str = ""
     started_at: float = 0.0
-    resume_to: Phase = "progressing"
+    resume_to: Phase = Phase.PROGRESSING
+
+    def __post_init__(self) -> None:
+        # Read back from the store, a phase is a string: the member, or ValueError naming it.
+        object.__setattr__(self, "phase", Phase(self.phase))
+        object.__setattr__(self, "resume_to", Phase(self.resume_to))
 
     def on(self, event: Event, **changes: object) -> RolloutState:
         """The state after `event`, or IllegalTransition."""
@@ -71,9 +102,9 @@ class RolloutState:
                 f"cannot {event.replace('_', ' ')} while the rollout is {self.phase} "
                 f"(allowed now: {', '.join(allowed) or 'nothing'})"
             )
-        if event == "resume":
+        if event == Event.RESUME:
             target = self.resume_to
-        if event == "pause":
+        if event == Event.PAUSE:
             changes.setdefault("resume_to", self.phase)
         return dataclasses.replace(self, phase=target, **changes)  # type: ignore[arg-type]
 
@@ -180,31 +211,31 @@ def run_checks(evidence: RolloutEvidence, spec: PolicySpec, with_traffic: bool) 
 
 def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now: float) -> Decision:
     """The next step of an automatic rollout in `shadowing` or `progressing`."""
-    if state.phase not in ("shadowing", "progressing"):
+    if state.phase not in DECIDING:
         raise IllegalTransition(f"no automatic decision while the rollout is {state.phase}")
-    checks = run_checks(evidence, spec, with_traffic=state.phase == "progressing")
+    checks = run_checks(evidence, spec, with_traffic=state.phase is Phase.PROGRESSING)
     failed = [c.name for c in checks if c.verdict is Verdict.FAIL]
     if failed:
         if state.failed_checks + 1 >= spec.threshold:
-            return Decision("rollback", f"failed checks: {', '.join(failed)}", checks, weight_bp=0)
+            return Decision(Event.ROLLBACK, f"failed checks: {', '.join(failed)}", checks, weight_bp=0)
         return Decision(
-            "hold", f"failed checks ({state.failed_checks + 1}/{spec.threshold}): {', '.join(failed)}", checks
+            Event.HOLD, f"failed checks ({state.failed_checks + 1}/{spec.threshold}): {', '.join(failed)}", checks
         )
     if now - state.started_at > spec.max_duration_s:
         return Decision(
-            "rollback", f"no decision within max_duration ({spec.max_duration_s:.0f} s)", checks, weight_bp=0
+            Event.ROLLBACK, f"no decision within max_duration ({spec.max_duration_s:.0f} s)", checks, weight_bp=0
         )
     if not checks or any(c.verdict is not Verdict.PASS for c in checks):
         waiting = [c.name for c in checks if c.verdict is not Verdict.PASS]
-        return Decision("hold", f"inconclusive: {', '.join(waiting)}", checks)
+        return Decision(Event.HOLD, f"inconclusive: {', '.join(waiting)}", checks)
     weights = spec.step_weights_bp
-    if state.phase == "shadowing":
-        return Decision("advance", "shadow checks passed: first traffic step", checks, weight_bp=weights[0])
+    if state.phase is Phase.SHADOWING:
+        return Decision(Event.ADVANCE, "shadow checks passed: first traffic step", checks, weight_bp=weights[0])
     if state.step + 1 < len(weights):
         return Decision(
-            "advance",
+            Event.ADVANCE,
             f"checks passed at step {state.step + 1}/{len(weights)}",
             checks,
             weight_bp=weights[state.step + 1],
         )
-    return Decision("finish", "checks passed at the last step: promote", checks, weight_bp=10_000)
+    return Decision(Event.FINISH, "checks passed at the last step: promote", checks, weight_bp=BASIS_POINTS)

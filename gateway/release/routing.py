@@ -16,8 +16,9 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.types import BASIS_POINTS
+
 Role = Literal["stable", "canary", "pinned", "shadow"]
-BASIS_POINTS = 10_000
 _SCALE = float(1 << 64)
 
 

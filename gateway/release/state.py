@@ -16,7 +16,8 @@ from types import MappingProxyType
 
 from gateway.config.spec import ModelSpec
 from gateway.errors import FailedPrecondition, InvalidInput, ModelNotFound
-from gateway.release.routing import BASIS_POINTS, Split
+from gateway.release.routing import Split
+from gateway.types import BASIS_POINTS
 
 
 @dataclass(frozen=True, slots=True)

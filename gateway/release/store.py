@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -101,13 +102,21 @@ class StoredRelease:
         return {**self.state.to_dict(), "rollout": asdict(self.rollout)}
 
 
+class AuditOutcome(StrEnum):
+    """What became of a change an audit record names. Stored in the audit log and sent by
+    the control API as strings: never change a value."""
+
+    APPLIED = "applied"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     actor: str
     action: str
     model: str
     reason: str
-    outcome: str = "applied"
+    outcome: AuditOutcome = AuditOutcome.APPLIED
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
     evidence: Any = None
@@ -408,7 +417,7 @@ class SqliteStore:
                 actor=r[2],
                 action=r[3],
                 model=r[4],
-                outcome=r[5],
+                outcome=AuditOutcome(r[5]),
                 before=None if r[6] is None else json.loads(r[6]),
                 after=None if r[7] is None else json.loads(r[7]),
                 reason=r[8],
