@@ -11,13 +11,13 @@ import numpy as np
 
 from gateway.errors import Draining, InvalidInput, ModelExecutionError
 from gateway.logthrottle import ThrottledLog, one_line
-from gateway.release.plane import ReleasePlane, routing_key
+from gateway.release.plane import ReleasePlane, Served, routing_key
 from gateway.release.routing import Role
 from gateway.release.state import ReleaseState
 from gateway.serving.metrics import VERSION_FAULTS, outcome_of
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.serving.validation import build_inputs, check_outputs
-from gateway.types import InferResponse, Tensors, WireRequest
+from gateway.types import InferResponse, RequestRun, Tensors, WireRequest
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,15 @@ class DataPlane:
         # client's bad parameters, deadlines and cancellations are counted apart,
         # in the outcome above, so no client can roll back a healthy candidate.
         if call.feeds is not None and (error is None or outcome in VERSION_FAULTS):
-            self.releases.record(
-                loaded,
-                call.role,
-                call.state,
-                req.id,
-                error is None,
-                elapsed / 1e9,
-                call.batch,
-                call.feeds,
-                call.results,
-                req.deadline,
+            run = RequestRun(
+                request_id=req.id,
+                feeds=call.feeds,
+                rows=call.batch,
+                outputs=call.results or (),
+                seconds=elapsed / 1e9,
+                deadline=req.deadline,
             )
+            self.releases.record(Served(loaded=loaded, role=call.role, state=call.state, ok=error is None, run=run))
 
     def _log_failure(self, model: str, version: str, request_id: str, error: BaseException) -> None:
         """The caller got INTERNAL "details are in the gateway log": these are the details."""

@@ -118,3 +118,19 @@ class WireRequest:
     outputs: tuple[str, ...]
     parameters: dict[str, ParamValue]
     deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRun:
+    """One request as it ran on a version: what went in, what came out, how long it took.
+
+    The release plane records it as evidence, and a shadow copy runs the same
+    feeds on another version and is compared with these outputs.
+    """
+
+    request_id: str
+    feeds: Tensors
+    rows: int
+    outputs: Sequence[np.ndarray] = ()  # none when the run failed
+    seconds: float
+    deadline: float | None = None  # time.monotonic(); a copy gets no longer than the request had

@@ -22,7 +22,7 @@ from gateway.release.compare import PairWindow, compare_outputs
 from gateway.release.evidence import ModelEvidence
 from gateway.release.plane import DualRunSink, ShadowSink
 from gateway.release.shadow import ShadowCopy, ShadowLane
-from gateway.types import Tensors
+from gateway.types import RequestRun, Tensors
 
 WEIGHTS = np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32)
 
@@ -104,8 +104,16 @@ async def settle(lane: ShadowLane, tasks: set[asyncio.Task[None]]) -> None:
         await asyncio.gather(*list(tasks))
 
 
+def ran(
+    feeds: Tensors, outputs: list[np.ndarray], *, rid: str = "", seconds: float = 0.0, deadline: float | None = None
+) -> RequestRun:
+    """The primary's run of `feeds`, as the release plane hands it to a lane."""
+    rows = next(iter(feeds.values())).shape[0]
+    return RequestRun(request_id=rid, feeds=feeds, rows=rows, outputs=outputs, seconds=seconds, deadline=deadline)
+
+
 def mirror(lane: ShadowLane, feeds: Tensors, sink: object, tasks: set[asyncio.Task[None]], rid: str = "") -> None:
-    lane.mirror(feeds, feeds["x"].shape[0], None, rid, primary_answer(feeds, 0.0), 0.001, sink, tasks)  # type: ignore[arg-type]
+    lane.mirror(ran(feeds, primary_answer(feeds, 0.0), rid=rid, seconds=0.001), sink, tasks)  # type: ignore[arg-type]
 
 
 @in_loop
@@ -143,7 +151,7 @@ async def test_a_batch_never_exceeds_max_rows_and_never_mixes_shapes() -> None:
     lane = ShadowLane(shapes, max_rows=64, gather_s=0.005)
     wide = {"x": np.zeros((1, 8), np.float32)}
     for feeds in (request(1), wide, request(2)):
-        lane.mirror(feeds, 1, None, "", [np.zeros((1, 3), np.float32)], 0.0, sink, tasks)
+        lane.mirror(ran(feeds, [np.zeros((1, 3), np.float32)]), sink, tasks)
     await settle(lane, tasks)
     assert shapes.runs == [4, 8]
 
@@ -224,7 +232,7 @@ async def test_shadow_sink_logs_each_request_and_compares_like_one_by_one() -> N
     requests = [request(i, rows=1 + i % 2) for i in range(8)]
     for i, feeds in enumerate(requests):
         reference = primary_answer(feeds, 0.05 * (i % 3), flip=i % 4 == 1)
-        lane.mirror(feeds, feeds["x"].shape[0], None, f"r{i}", reference, 0.002, ShadowSink(batched, "3"), tasks)
+        lane.mirror(ran(feeds, reference, rid=f"r{i}", seconds=0.002), ShadowSink(batched, "3"), tasks)
         # The same request compared on its own, as the lane did before it batched.
         shadow = feeds["x"] @ WEIGHTS
         assert single.record_pair("3", reference[0], shadow, 0.0)
@@ -255,7 +263,7 @@ async def test_dual_run_sink_compares_the_canary_against_the_stable_rerun() -> N
     for i in range(5):
         feeds = request(i)
         canary = primary_answer(feeds, 0.5)  # the canary's answer, already returned to the client
-        lane.mirror(feeds, 1, None, "", canary, 0.003, DualRunSink(evidence, "2"), tasks)
+        lane.mirror(ran(feeds, canary, seconds=0.003), DualRunSink(evidence, "2"), tasks)
     await settle(lane, tasks)
     pair = evidence.pairs["2"]
     assert pair.requests == 5 and pair.rows == 5 and pair.max_abs > 0
@@ -316,7 +324,7 @@ async def test_copies_with_short_deadlines_still_run_when_the_primary_is_idle() 
     for i in range(20):
         feeds = request(i)
         deadline = time.monotonic() + 0.1  # far less than the 500 ms gather
-        lane.mirror(feeds, 1, deadline, "", primary_answer(feeds, 0.0), 0.0, sink, tasks)
+        lane.mirror(ran(feeds, primary_answer(feeds, 0.0), deadline=deadline), sink, tasks)
         await asyncio.sleep(0.002)
     await settle(lane, tasks)
     assert lane.counters.completed == 20 and lane.counters.timed_out == 0
@@ -371,8 +379,8 @@ async def test_inputs_are_batched_by_name_and_shape() -> None:
     lane = ShadowLane(executor, max_rows=64, gather_s=0.005)
     narrow, wide = np.zeros((1, 3), np.float32), np.zeros((1, 5), np.float32)
     reference = [np.zeros((1, 3), np.float32)]
-    lane.mirror({"a": narrow, "b": wide}, 1, None, "", reference, 0.0, sink, tasks)
-    lane.mirror({"b": narrow, "a": wide}, 1, None, "", reference, 0.0, sink, tasks)  # same shapes, swapped
+    lane.mirror(ran({"a": narrow, "b": wide}, reference), sink, tasks)
+    lane.mirror(ran({"b": narrow, "a": wide}, reference), sink, tasks)  # same shapes, swapped
     await settle(lane, tasks)
     assert executor.runs == [1, 1] and lane.counters.completed == 2
 

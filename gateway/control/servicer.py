@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import asdict
 from typing import Any, TypeAlias
 
 from gateway.control.auth import ACTOR
@@ -20,6 +21,7 @@ from gateway.release.model_sync import ACK_WAIT_S
 from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
 from gateway.release.plane import ModelReport, ReleasePlane
 from gateway.release.policy import RolloutState
+from gateway.release.shadow import ShadowReport
 from gateway.release.state import ReleaseState
 from gateway.release.store import SqliteStore, StoredRelease
 
@@ -53,7 +55,13 @@ def report_message(report: ModelReport) -> pb.Report:
         feedback_joined=report.feedback_joined,
         feedback_unknown=report.feedback_unknown,
         predictions_logged=report.predictions_logged,
-        shadows={v: pb.ShadowCounters(**c) for v, c in report.shadows.items()},  # type: ignore[arg-type]
+        shadows={v: _shadow_message(s) for v, s in report.shadows.items()},
+    )
+
+
+def _shadow_message(s: ShadowReport) -> pb.ShadowCounters:
+    return pb.ShadowCounters(
+        **asdict(s.counters), pending=s.pending, circuit_open=s.circuit_open, circuit_opened=s.circuit_opened
     )
 
 

@@ -6,6 +6,7 @@ release plane's reports, and the serving plane must not know the release plane.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -81,10 +82,10 @@ class ReleaseMetrics:
             self.weight.labels(model, state.canary, "canary").set(weight)
         for version, fraction in state.shadows.items():
             self.weight.labels(model, version, "shadow").set(fraction)
-        for version, counters in report.shadows.items():
-            for outcome in ("mirrored", "dropped", "failed", "timed_out", "completed"):
-                self._inc(self.shadow, (model, version, outcome), counters[outcome])
-            self.circuit.labels(model, version).set(counters["circuit_open"])
+        for version, shadow in report.shadows.items():
+            for outcome, count in asdict(shadow.counters).items():
+                self._inc(self.shadow, (model, version, outcome), count)
+            self.circuit.labels(model, version).set(shadow.circuit_open)
         self._inc(self.feedback, (model, "joined"), report.feedback_joined)
         self._inc(self.feedback, (model, "unknown"), report.feedback_unknown)
         for v in report.versions:

@@ -20,10 +20,10 @@ import numpy as np
 from gateway.errors import GatewayError, InvalidInput
 from gateway.release.evidence import ModelEvidence, VersionReport, model_report
 from gateway.release.routing import Role
-from gateway.release.shadow import CopySink, PrimaryActivity, ShadowCopy, ShadowLane
+from gateway.release.shadow import CopySink, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
 from gateway.serving.registry import LoadedVersion, Registry
-from gateway.types import ParamValue, Tensors
+from gateway.types import ParamValue, RequestRun
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,18 @@ class ModelReport:
     feedback_joined: int
     feedback_unknown: int
     predictions_logged: int
-    shadows: dict[str, dict[str, int]]  # version -> counters (+ circuit state)
+    shadows: dict[str, ShadowReport]  # by version
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Served:
+    """What the data plane tells the release plane about one request it served."""
+
+    loaded: LoadedVersion
+    role: Role
+    state: ReleaseState | None  # the release that routed it; None when pinned to a version
+    ok: bool
+    run: RequestRun
 
 
 def routing_key(parameters: dict[str, ParamValue], request_id: str) -> str | None:
@@ -47,10 +58,10 @@ def routing_key(parameters: dict[str, ParamValue], request_id: str) -> str | Non
 
 
 def _stacked(copies: Sequence[ShadowCopy], evidence: ModelEvidence) -> np.ndarray:
-    """The compared output of every copy's reference answer, rows stacked in copy order."""
+    """The compared output of every copy's primary answer, rows stacked in copy order."""
     if len(copies) == 1:
-        return evidence.compared(copies[0].reference)
-    return np.concatenate([evidence.compared(c.reference) for c in copies])
+        return evidence.compared(copies[0].primary.outputs)
+    return np.concatenate([evidence.compared(c.primary.outputs) for c in copies])
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +74,16 @@ class ShadowSink:
     def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
         evidence = self.evidence
         n = len(copies)
-        rows = sum(c.rows for c in copies)
+        rows = sum(c.primary.rows for c in copies)
         shadow = evidence.compared(outputs)
-        latency_diff = n * seconds - sum(c.reference_s for c in copies)
+        latency_diff = n * seconds - sum(c.primary.seconds for c in copies)
         if not evidence.record_pair(self.version, _stacked(copies, evidence), shadow, latency_diff, n):
             evidence.record_request(self.version, False, seconds, rows, n, served=False)
             return False  # wrong shape: a failure, not evidence
         evidence.record_request(self.version, True, seconds, rows, n, served=False)
-        evidence.record_predictions(self.version, "shadow", [(c.request_id, c.rows) for c in copies], shadow)
+        evidence.record_predictions(
+            self.version, "shadow", [(c.primary.request_id, c.primary.rows) for c in copies], shadow
+        )
         return True
 
 
@@ -83,7 +96,7 @@ class DualRunSink:
 
     def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
         evidence = self.evidence
-        latency_diff = sum(c.reference_s for c in copies) - len(copies) * seconds
+        latency_diff = sum(c.primary.seconds for c in copies) - len(copies) * seconds
         stable = evidence.compared(outputs)
         return evidence.record_pair(self.canary, stable, _stacked(copies, evidence), latency_diff, len(copies))
 
@@ -161,32 +174,24 @@ class ReleasePlane:
         chosen, role = state.split.choose(key, self.rng)
         return self.registry.get(model, chosen), role, state
 
-    def record(
-        self,
-        loaded: LoadedVersion,
-        role: Role,
-        state: ReleaseState | None,
-        request_id: str,
-        ok: bool,
-        seconds: float,
-        rows: int,
-        feeds: Tensors | None = None,
-        outputs: Sequence[np.ndarray] | None = None,
-        deadline: float | None = None,
-    ) -> None:
-        evidence = self.evidence[loaded.name]
-        evidence.record_request(loaded.version, ok, seconds, rows)
-        if not ok or outputs is None or feeds is None:
+    def record(self, served: Served) -> None:
+        loaded, run, state = served.loaded, served.run, served.state
+        model = loaded.name
+        evidence = self.evidence[model]
+        evidence.record_request(loaded.version, served.ok, run.seconds, run.rows)
+        if not served.ok or not run.outputs:
             return
-        evidence.record_prediction(request_id, loaded.version, role, outputs)
+        evidence.record_prediction(run.request_id, loaded.version, served.role, run.outputs)
         if state is None:
             return  # pinned requests take no part in the release
-        if role == "stable":
+        if served.role == "stable":
             for version, fraction in state.shadows.items():
                 if fraction >= 1.0 or self.rng.random() < fraction:
-                    self._mirror_shadow(loaded.name, version, feeds, rows, deadline, request_id, outputs, seconds)
-        elif role == "canary" and self.rng.random() < state.canary_compare_fraction:
-            self._dual_run(loaded.name, state.stable, loaded.version, feeds, rows, deadline, outputs, seconds)
+                    self.lane(model, version).mirror(run, self._sink(model, version, dual_run=False), self._tasks)
+        elif served.role == "canary" and self.rng.random() < state.canary_compare_fraction:
+            # The canary's request runs again on the stable version: the reference is the canary's answer.
+            sink = self._sink(model, loaded.version, dual_run=True)
+            self.lane(model, state.stable).mirror(run, sink, self._tasks)
 
     def lane(self, model: str, version: str) -> ShadowLane:
         lane = self._lanes.get((model, version))
@@ -204,35 +209,6 @@ class ReleasePlane:
             evidence = self.evidence[model]
             sink = self._sinks[key] = DualRunSink(evidence, version) if dual_run else ShadowSink(evidence, version)
         return sink
-
-    def _mirror_shadow(
-        self,
-        model: str,
-        version: str,
-        feeds: Tensors,
-        rows: int,
-        deadline: float | None,
-        request_id: str,
-        primary: Sequence[np.ndarray],
-        primary_s: float,
-    ) -> None:
-        sink = self._sink(model, version, dual_run=False)
-        self.lane(model, version).mirror(feeds, rows, deadline, request_id, primary, primary_s, sink, self._tasks)
-
-    def _dual_run(
-        self,
-        model: str,
-        stable: str,
-        canary: str,
-        feeds: Tensors,
-        rows: int,
-        deadline: float | None,
-        canary_outputs: Sequence[np.ndarray],
-        canary_s: float,
-    ) -> None:
-        # The canary's request runs again on the stable version: the reference is the canary's answer.
-        sink = self._sink(model, canary, dual_run=True)
-        self.lane(model, stable).mirror(feeds, rows, deadline, "", canary_outputs, canary_s, sink, self._tasks)
 
     # -- labels and reports -------------------------------------------------------------
 
@@ -255,20 +231,7 @@ class ReleasePlane:
         state = self.table.get(model)
         evidence = self.evidence[model] if local else self.combined(model)
         roles = {v: state.role_of(v) for v in [state.stable, state.canary, *state.shadows] if v}
-        shadows = {}
-        for (name, version), lane in self._lanes.items():
-            if name == model:
-                c = lane.counters
-                shadows[version] = {
-                    "mirrored": c.mirrored,
-                    "dropped": c.dropped,
-                    "failed": c.failed,
-                    "timed_out": c.timed_out,
-                    "completed": c.completed,
-                    "pending": lane.pending,
-                    "circuit_open": int(lane.breaker.is_open),
-                    "circuit_opened": lane.breaker.opened,
-                }
+        shadows = {version: lane.report() for (name, version), lane in self._lanes.items() if name == model}
         return ModelReport(
             release=state,
             versions=model_report(evidence, roles),

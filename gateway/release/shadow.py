@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -30,7 +30,7 @@ from gateway.errors import DeadlineExceeded, QueueTimeout
 from gateway.logthrottle import ThrottledLog, one_line
 from gateway.serving.batcher import concat_feeds, shape_key
 from gateway.serving.executor import Executor
-from gateway.types import Tensors
+from gateway.types import RequestRun
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,24 @@ class PrimaryActivity(Protocol):
 
 @dataclass(slots=True)
 class ShadowCounters:
+    """What became of a lane's copies. The field names are the outcomes the metrics
+    label them with: a new counter is a new outcome."""
+
     mirrored: int = 0
     dropped: int = 0  # queue bound reached, or circuit open
     failed: int = 0  # raised, or answered with the wrong shape
     timed_out: int = 0
     completed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowReport:
+    """One lane as a report shows it: its counters (a copy), what is pending, its circuit."""
+
+    counters: ShadowCounters
+    pending: int
+    circuit_open: bool
+    circuit_opened: int  # times the circuit opened
 
 
 class CopySink(Protocol):
@@ -99,16 +112,12 @@ class CopySink(Protocol):
 
 @dataclass(slots=True, eq=False)
 class ShadowCopy:
-    """One mirrored request, and the primary's answer it is compared with."""
+    """One mirrored request: the run it copies, whose outputs it is compared with."""
 
-    feeds: Tensors
-    rows: int
+    primary: RequestRun
     until: float  # monotonic; the primary's deadline, or the lane's default timeout
-    request_id: str
-    reference: Sequence[np.ndarray]
-    reference_s: float
     sink: CopySink
-    nbytes: int  # the feeds' and the reference's, held until the copy is done
+    nbytes: int  # the feeds' and the outputs', held until the copy is done
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -160,21 +169,15 @@ class ShadowLane:
         """Copies queued or running."""
         return len(self._queued) + len(self._round) + self._running
 
-    def mirror(
-        self,
-        feeds: Tensors,
-        rows: int,
-        deadline: float | None,
-        request_id: str,
-        reference: Sequence[np.ndarray],
-        reference_s: float,
-        sink: CopySink,
-        tasks: set[asyncio.Task[None]],
-    ) -> None:
-        """Queue a copy, or drop it at once; never blocks the caller."""
+    def report(self) -> ShadowReport:
+        return ShadowReport(replace(self.counters), self.pending, self.breaker.is_open, self.breaker.opened)
+
+    def mirror(self, primary: RequestRun, sink: CopySink, tasks: set[asyncio.Task[None]]) -> None:
+        """Queue a copy of `primary` for `sink`, or drop it at once; never blocks the caller."""
         now = time.monotonic()
+        deadline = primary.deadline
         until = now + self.default_timeout_s if deadline is None else min(deadline, now + self.default_timeout_s)
-        nbytes = sum(a.nbytes for a in feeds.values()) + sum(a.nbytes for a in reference)
+        nbytes = sum(a.nbytes for a in primary.feeds.values()) + sum(a.nbytes for a in primary.outputs)
         if (
             until <= now
             or self.pending >= self.max_pending
@@ -183,8 +186,8 @@ class ShadowLane:
         ):
             self.counters.dropped += 1
             return
-        self._queued.append(ShadowCopy(feeds, rows, until, request_id, reference, reference_s, sink, nbytes))
-        self._queued_rows += rows
+        self._queued.append(ShadowCopy(primary, until, sink, nbytes))
+        self._queued_rows += primary.rows
         self._pending_bytes += nbytes
         self.counters.mirrored += 1
         full = self._full
@@ -221,7 +224,7 @@ class ShadowLane:
         finally:
             # Cancelled mid-round (shutdown): what this round did not run is still queued.
             self._queued[:0] = self._round
-            self._queued_rows = sum(c.rows for c in self._queued)
+            self._queued_rows = sum(c.primary.rows for c in self._queued)
             self._round = []
             self._flusher = None
 
@@ -274,22 +277,22 @@ class ShadowLane:
         """The head copy and every later one that fits in one run with it, in order."""
         queued = self._round
         head = queued[0]
-        key = shape_key(head.feeds)
+        key = shape_key(head.primary.feeds)
         limit = self._run_rows()
         batch = [head]
-        rows = head.rows
+        rows = head.primary.rows
         kept: list[ShadowCopy] = []
         for c in queued[1:]:
-            if rows + c.rows <= limit and c.sink is head.sink and shape_key(c.feeds) == key:
+            if rows + c.primary.rows <= limit and c.sink is head.sink and shape_key(c.primary.feeds) == key:
                 batch.append(c)
-                rows += c.rows
+                rows += c.primary.rows
             else:
                 kept.append(c)
         self._round = kept
         return batch
 
     def _log_failure(self, what: str, batch: Sequence[ShadowCopy], exc: Exception) -> None:
-        ids = ", ".join(repr(c.request_id) for c in batch[:3]) + (
+        ids = ", ".join(repr(c.primary.request_id) for c in batch[:3]) + (
             f" and {len(batch) - 3} more" if len(batch) > 3 else ""
         )
         self.failure_log.log(
@@ -306,13 +309,13 @@ class ShadowLane:
 
     async def _run(self, batch: list[ShadowCopy]) -> None:
         n = len(batch)
-        rows = sum(c.rows for c in batch)
+        rows = sum(c.primary.rows for c in batch)
         until = min(c.until for c in batch)
         self._running += n
         start = time.monotonic()
         try:
             async with asyncio.timeout(max(0.0, until - start)):
-                outputs = await self.executor.submit(concat_feeds([c.feeds for c in batch]), rows, until, None)
+                outputs = await self.executor.submit(concat_feeds([c.primary.feeds for c in batch]), rows, until, None)
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             self.counters.timed_out += n
             self.breaker.failure()
