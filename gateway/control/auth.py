@@ -78,7 +78,21 @@ def load_tokens(path: Path | None, env: Mapping[str, str]) -> list[Token]:
     names = [t.name for t in tokens]
     if len(set(names)) != len(names):
         raise ConfigError("control tokens: names must be unique")
+    _check_distinct_secrets(tokens)
     return tokens
+
+
+def _check_distinct_secrets(tokens: list[Token]) -> None:
+    """Refuse two tokens with one secret: the caller would get whichever matched last, so a
+    read token could act with write's role (or the reverse) depending on the order of the file."""
+    first: dict[bytes, str] = {}
+    for token in tokens:
+        other = first.setdefault(token.secret, token.name)
+        if other != token.name:
+            # Name both tokens, never the secret.
+            raise ConfigError(
+                f"control tokens: tokens {other!r} and {token.name!r} have the same secret; give each its own"
+            )
 
 
 def _file_tokens(path: Path) -> list[Token]:
