@@ -27,6 +27,7 @@ from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from gateway.release.policy import Phase
 from gateway.server import launch
 from gateway.server.launch import Launched
 
@@ -113,7 +114,7 @@ def _start_gateway(repo: Path, state: Path) -> Launched:
         raise click.ClickException(f"the demo gateway did not start: {exc}") from None
 
 
-def _watch(console: Console, control: rgrpc.ReleaseServiceStub, done: str, timeout: float) -> rpb.Release:
+def _watch(console: Console, control: rgrpc.ReleaseServiceStub, done: Phase, timeout: float) -> rpb.Release:
     deadline = time.monotonic() + timeout
     with Live(console=console, refresh_per_second=4) as live:
         while time.monotonic() < deadline:
@@ -155,11 +156,11 @@ def demo(models: Path) -> None:
         traffic.start()
         console.rule("rollout of digits v2 (an MLP, more accurate than v1)")
         control.StartRollout(rpb.StartRolloutRequest(model="digits", candidate="2", reason="demo: new MLP"))
-        release = _watch(console, control, "succeeded", 120)
+        release = _watch(console, control, Phase.SUCCEEDED, 120)
         console.print(f"[green]v2 promoted[/]: stable is now {release.stable}")
         console.rule("rollout of digits v3 (trained on corrupted labels)")
         control.StartRollout(rpb.StartRolloutRequest(model="digits", candidate="3", reason="demo: suspicious model"))
-        release = _watch(console, control, "rolled_back", 120)
+        release = _watch(console, control, Phase.ROLLED_BACK, 120)
         console.print(f"[red]v3 rolled back[/]: stable stays {release.stable}, no traffic on v3")
         console.rule("audit trail")
         for record in control.GetAuditLog(rpb.GetAuditLogRequest(model="digits", limit=1000)).records:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.control.client import EXIT_REFUSED, CommandFailed
 from gateway.protocol.pb import release_pb2 as rpb
+from gateway.release.store import AuditOutcome
 
 
 def plot_rollout(model: str, records: list[rpb.AuditRecord], report: rpb.Report, out: Path) -> None:
@@ -28,7 +29,7 @@ def plot_rollout(model: str, records: list[rpb.AuditRecord], report: rpb.Report,
     times, weights = [], []
     checks: dict[str, list[tuple[float, float, float, float]]] = {}
     for r in records:
-        if r.outcome != "applied" or not r.after_json:
+        if r.outcome != AuditOutcome.APPLIED or not r.after_json:
             continue
         after = json.loads(r.after_json)
         times.append(r.at - start)

@@ -25,6 +25,8 @@ from rich.table import Table
 
 from gateway.control.client import EXIT_REFUSED, CommandFailed, ControlClient
 from gateway.protocol.pb import release_pb2 as rpb
+from gateway.release.policy import Phase
+from gateway.release.store import AuditOutcome
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(highlight=False)
@@ -71,8 +73,8 @@ def _release_line(r: rpb.Release) -> str:
         parts.append(f"canary {r.canary} at {_pct(r.canary_weight_bp)}")
     if r.shadows:
         parts.append("shadows " + ", ".join(f"{v} ({f:.0%})" for v, f in sorted(r.shadows.items())))
-    if r.phase and r.phase != "idle":
-        parts.append(f"rollout {r.phase}" + (f" step {r.step + 1}" if r.phase == "progressing" else ""))
+    if r.phase and r.phase != Phase.IDLE:
+        parts.append(f"rollout {r.phase}" + (f" step {r.step + 1}" if r.phase == Phase.PROGRESSING else ""))
     parts.append(f"revision {r.revision}")
     return "  ·  ".join(parts)
 
@@ -289,7 +291,7 @@ def describe_audit(r: rpb.AuditRecord) -> str:
         if after.get("canary"):
             change += f", canary {after['canary']} {_pct(after.get('canary_weight_bp', 0))}"
         phase = after.get("rollout", {}).get("phase", "")
-        if phase and phase != "idle":
+        if phase and phase != Phase.IDLE:
             change += f", {phase}"
     checks = ""
     if r.evidence_json:
@@ -302,7 +304,7 @@ def describe_audit(r: rpb.AuditRecord) -> str:
             + "]"
         )
     stamp = datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    outcome = "" if r.outcome == "applied" else " REFUSED"
+    outcome = "" if r.outcome == AuditOutcome.APPLIED else " REFUSED"
     return f"{stamp}  #{r.id:<4} {r.model:<10} {r.action:<14}{outcome} by {r.actor}: {r.reason}  → {change}{checks}"
 
 

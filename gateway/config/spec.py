@@ -15,6 +15,7 @@ from typing import Literal
 
 from gateway.config._parse import MIB, Schema, check_choices, check_number, read_toml
 from gateway.errors import ConfigError
+from gateway.types import BASIS_POINTS
 
 ExecutionMode = Literal["auto", "inline", "thread"]
 CompareKind = Literal["classification", "regression"]
@@ -79,7 +80,7 @@ class ReleaseSpec:
 
     def __post_init__(self) -> None:
         check_number("release.canary_compare_fraction", self.canary_compare_fraction, 0, 1)
-        check_number("release.canary_weight_bp", self.canary_weight_bp, 0, 10_000)
+        check_number("release.canary_weight_bp", self.canary_weight_bp, 0, BASIS_POINTS)
         for version, fraction in self.shadows.items():
             check_number(f"release.shadows.{version}", fraction, 0, 1)
 
