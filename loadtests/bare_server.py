@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,11 @@ import grpc
 from grpc import aio
 
 from gateway.protocol.pb import inference_pb2 as pb
-from loadtests.loadgen import MAX_MESSAGE_BYTES, ModelSignature, load_signature
+from gateway.server import launch
+from loadtests.loadgen import MAX_MESSAGE_BYTES
+from loadtests.signature import ModelSignature, load_signature
 
 SERVICE = "inference.GRPCInferenceService"
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 def build_response(signature: ModelSignature, rows: int) -> bytes:
@@ -89,21 +88,18 @@ async def serve(host: str, port: int, response: bytes, parse: bool, workers: int
     print(f"listening on {host}:{bound}", flush=True)
     await stopped.wait()
     for child in children:
-        child.terminate()
+        child.proc.terminate()
     await server.stop(1.0)
     for child in children:
-        child.wait(10)
+        child.proc.wait(10)
 
 
-def _start_worker(argv: list[str], port: int) -> subprocess.Popen[str]:
+def _start_worker(argv: list[str], port: int) -> launch.Launched:
     args = [*argv, "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "loadtests.bare_server", *args], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not LISTENING.search(line):
-        proc.kill()
-        raise SystemExit(f"bare_server: a worker did not start: {line!r}")
-    return proc
+    try:
+        return launch.start([sys.executable, "-m", "loadtests.bare_server", *args])
+    except launch.LaunchError as exc:
+        raise SystemExit(f"bare_server: a worker did not start: {exc}") from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -71,9 +71,9 @@ def card_description() -> str:
 def versions() -> dict[str, Any]:
     import onnxruntime as ort
 
-    from loadtests.bench import environment
+    from loadtests.bench.environment import versions as bench_versions
 
-    found: dict[str, Any] = environment()["versions"]
+    found: dict[str, Any] = bench_versions()
     found["onnxruntime_cuda_build"] = getattr(ort, "cuda_version", None) or None
     return found
 
@@ -105,7 +105,7 @@ def _session(path: Path, provider: str, graphs: bool) -> Any:
 
 
 def in_process_points(
-    models: Path, model: str, provider: str, batches: Sequence[int], warmup_s: float, duration_s: float, graphs: bool
+    models: Path, model: str, *, provider: str, batches: Sequence[int], warmup_s: float, duration_s: float, graphs: bool
 ) -> list[dict[str, Any]]:
     """One IO-bound run after another at each batch size: rows/s and per-run latency.
 
@@ -113,7 +113,8 @@ def in_process_points(
     the gateway starts on the same card.
     """
     from gateway.serving.cuda.runner import CudaRunner, IoBindingRunner
-    from loadtests.loadgen import latency_summary_ms, load_signature, make_feeds
+    from loadtests.loadgen import latency_summary_ms
+    from loadtests.signature import feeds, load_signature
 
     signature = load_signature(models, model)
     session = _session(signature.path, provider, graphs)
@@ -126,14 +127,14 @@ def in_process_points(
         runner.warm_up()  # with graphs: every bucket captured before timing
         points = []
         for batch in batches:
-            feeds = make_feeds(signature, batch)
+            values = feeds(signature, batch)
             until = time.perf_counter() + warmup_s
             while time.perf_counter() < until:
-                runner.run(feeds)
+                runner.run(values)
             samples: list[float] = []
             begin = time.perf_counter()
             while (start := time.perf_counter()) - begin < duration_s:
-                runner.run(feeds)
+                runner.run(values)
                 samples.append(time.perf_counter() - start)
             busy = sum(samples)
             points.append(
@@ -150,14 +151,20 @@ def in_process_points(
         runner.close()
 
 
-def measure_in_process(
-    models: Path, model: str, provider: str, batches: Sequence[int], warmup_s: float, duration_s: float, graphs: bool
-) -> list[dict[str, Any]]:
+def measure_in_process(args: argparse.Namespace, model: str, *, graphs: bool) -> list[dict[str, Any]]:
+    """`in_process_points` at batches = the concurrency list, in a process of its own."""
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as executor:
         future = executor.submit(
-            in_process_points, models, model, provider, list(batches), warmup_s, duration_s, graphs
+            in_process_points,
+            args.models,
+            model,
+            provider=args.provider,
+            batches=list(args.concurrency),
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+            graphs=graphs,
         )
         return future.result(timeout=600)
 
@@ -165,35 +172,31 @@ def measure_in_process(
 # --------------------------------------------------------------------------- the gateway end to end
 
 
-def gateway_summary(
-    models: Path, model: str, provider: str, concurrency: Sequence[int], args: argparse.Namespace
-) -> list[dict[str, Any]]:
+def gateway_summary(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
     """`gateway bench`'s gateway-nobatch and gateway targets: `gateway serve --workers 1`, batching off and on."""
-    from loadtests.bench import BenchConfig, choose_cpus, run_bench
+    from loadtests.bench.config import BenchConfig
+    from loadtests.bench.cpus import choose_cpus
+    from loadtests.bench.sweep import run_bench
 
-    server_cpus, client_cpus, how = choose_cpus(None, None)
+    cpus = choose_cpus(None, None)
     config = BenchConfig(
-        models=models,
+        models=args.models,
         model=model,
-        version=None,
-        rows=1,
-        concurrency=list(concurrency),
+        concurrency=list(args.concurrency),
         rates=[],
         duration_s=args.duration,
         warmup_s=args.warmup,
         repeats=args.repeats,
-        processes=len(client_cpus) if client_cpus else 1,
-        channels=4,
+        processes=len(cpus.client) if cpus.client else 1,
         targets=["gateway-nobatch", "gateway"],
         workers=1,  # one worker per GPU: each process holds its own CUDA context
-        intra_op_threads=len(server_cpus) if server_cpus else 0,
+        intra_op_threads=len(cpus.server) if cpus.server else 0,
         out=args.out,
-        smoke=False,
-        server_cpus=server_cpus,
-        client_cpus=client_cpus,
-        pinning=how,
+        server_cpus=cpus.server,
+        client_cpus=cpus.client,
+        pinning=cpus.how,
         request_timeout_s=max(2.0, args.duration),
-        provider=provider,
+        provider=args.provider,
     )
     summary: list[dict[str, Any]] = run_bench(config)["summary"]
     return summary
@@ -220,11 +223,13 @@ def _ratio(top: float | None, bottom: float | None) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """One line per model and concurrency; rows/s = req/s here (one row per request)."""
+    from loadtests.bench.report import table, to_text
+
     graphs = any("graphs" in r for r in results["models"].values())
     head = ["model", "c", "ort rows/s", "ort p99"]
     head += ["graphs rows/s", "graphs p99"] if graphs else []
     head += ["off req/s", "off p99", "on req/s", "on p99", "on batch", "on/off", "on/ort"]
-    rows = [head]
+    rows = []
     for model, result in results["models"].items():
         ort_by_batch = {p["batch"]: p for p in result["ort"]}
         graph_by_batch = {p["batch"]: p for p in result.get("graphs", [])}
@@ -245,19 +250,12 @@ def format_table(results: dict[str, Any]) -> str:
                 _ratio(on, ort.get("rows_per_s")),
             ]
             rows.append(line)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(
-            cell.rjust(w) if i > 0 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
     notes = [
         "ort: in-process onnxruntime, IO binding, one run after another at batch = c; p99 in ms per run",
         "off/on: the gateway (--workers 1) with batching off/on, c requests of one row in flight; p99 in ms",
         "on/ort: gateway rows/s over in-process rows/s at the same batch",
     ]
-    return "\n".join([*lines, "", *notes])
+    return "\n".join([to_text(table(None, head, rows, plain=True)), "", *notes])
 
 
 # --------------------------------------------------------------------------- main
@@ -302,14 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for model in models:
             result: dict[str, Any] = {}
-            result["ort"] = measure_in_process(
-                args.models, model, args.provider, args.concurrency, args.warmup, args.duration, graphs=False
-            )
+            result["ort"] = measure_in_process(args, model, graphs=False)
             if args.cuda_graphs:
                 try:
-                    result["graphs"] = measure_in_process(
-                        args.models, model, args.provider, args.concurrency, args.warmup, args.duration, graphs=True
-                    )
+                    result["graphs"] = measure_in_process(args, model, graphs=True)
                 except NoCuda:
                     raise
                 except Exception as exc:  # e.g. a model with nodes off the CUDA EP: no graphs for it, the rest goes on
@@ -328,9 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for model in models:
         try:
-            results["models"][model]["gateway"] = gateway_summary(
-                args.models, model, args.provider, args.concurrency, args
-            )
+            results["models"][model]["gateway"] = gateway_summary(args, model)
         except click.ClickException as exc:
             print(f"gpu_bench: {model}: the gateway run failed: {exc.format_message()}", file=sys.stderr)
             return 1

@@ -26,13 +26,14 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
+from gateway.percentiles import quantile
 from gateway.protocol.pb import inference_pb2 as pb
+from gateway.types import TensorSpec
+from loadtests.signature import ModelSignature, check_response, feeds
 
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -43,135 +44,7 @@ START_MARGIN_S = 0.05
 SETUP_TIMEOUT_S = 30.0
 
 
-# --------------------------------------------------------------------------- model signature
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for a variable dimension
-
-    def concrete_shape(self, rows: int) -> tuple[int, ...]:
-        """The leading variable dimension is the batch; any other variable one becomes 1."""
-        return tuple(rows if (d < 0 and i == 0) else (1 if d < 0 else d) for i, d in enumerate(self.shape))
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return NUMPY_BY_DATATYPE[self.datatype]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSignature:
-    name: str
-    version: str
-    path: Path
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
-
-    @property
-    def batched(self) -> bool:
-        return all(t.shape and t.shape[0] < 0 for t in self.inputs)
-
-
-def resolve_version(models: Path, model: str, version: str | None) -> str:
-    """The version a request without a version gets: release.stable, else the highest."""
-    from gateway.serving.repository import Repository
-
-    repository = Repository(models)
-    versions = repository.versions(model)
-    if version:
-        if version not in versions:
-            raise ValueError(f"model {model!r} has no version {version!r} (has {', '.join(versions)})")
-        return version
-    if not versions:
-        raise ValueError(f"model {model!r} has no versions under {models}")
-    stable = repository.spec(model).release.stable
-    return stable or versions[-1]
-
-
-def _tensor_info(arg: Any) -> TensorInfo:
-    datatype = DATATYPE_BY_ONNX.get(arg.type)
-    if datatype is None:
-        raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which the bench cannot generate")
-    return TensorInfo(arg.name, datatype, tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape or []))
-
-
-def load_signature(models: Path, model: str, version: str | None = None) -> ModelSignature:
-    """Inputs and outputs straight from the ONNX graph, so any model in the repository works."""
-    import onnxruntime as ort
-
-    from gateway.serving.repository import Repository
-
-    resolved = resolve_version(models, model, version)
-    path = Repository(models).version_files(model, resolved).path
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    return ModelSignature(
-        name=model,
-        version=resolved,
-        path=path,
-        inputs=tuple(_tensor_info(a) for a in session.get_inputs()),
-        outputs=tuple(_tensor_info(a) for a in session.get_outputs()),
-    )
-
-
-def make_feeds(signature: ModelSignature, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs: uniform [0, 1) for floats, zeros otherwise (no model here needs more)."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for tensor in signature.inputs:
-        shape = tensor.concrete_shape(rows)
-        if tensor.dtype.kind == "f":
-            feeds[tensor.name] = rng.random(shape).astype(tensor.dtype)
-        else:
-            feeds[tensor.name] = np.zeros(shape, dtype=tensor.dtype)
-    return feeds
-
-
-def build_request(signature: ModelSignature, rows: int, pin_version: bool, seed: int = 0) -> bytes:
-    """One serialized ModelInferRequest with raw_input_contents (every output returned)."""
-    request = pb.ModelInferRequest(model_name=signature.name, model_version=signature.version if pin_version else "")
-    for tensor, values in zip(signature.inputs, make_feeds(signature, rows, seed).values(), strict=True):
-        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=values.shape)
-        request.raw_input_contents.append(np.ascontiguousarray(values).tobytes())
-    data: bytes = request.SerializeToString()
-    return data
-
-
-def check_response(data: bytes, outputs: Sequence[TensorInfo], rows: int) -> str | None:
-    """What is wrong with a response (None when it has every output, with sane shapes and sizes)."""
-    response = pb.ModelInferResponse.FromString(data)
-    got = {o.name: (i, o) for i, o in enumerate(response.outputs)}
-    raw = response.raw_output_contents
-    if raw and len(raw) != len(response.outputs):
-        return f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs"
-    for expected in outputs:
-        if expected.name not in got:
-            return f"output {expected.name!r} missing (got {sorted(got)})"
-        index, tensor = got[expected.name]
-        shape = tuple(tensor.shape)
-        if expected.shape and expected.shape[0] < 0 and (not shape or shape[0] != rows):
-            return f"output {expected.name!r} has shape {list(shape)}, expected {rows} rows"
-        if raw:
-            size = math.prod(shape) * NUMPY_BY_DATATYPE[tensor.datatype].itemsize
-            if len(raw[index]) != size:
-                return f"output {expected.name!r}: {len(raw[index])} bytes for shape {list(shape)} {tensor.datatype}"
-        elif not tensor.HasField("contents"):
-            return f"output {expected.name!r} has no data"
-    return None
-
-
 # --------------------------------------------------------------------------- statistics
-
-
-def percentile(ordered: np.ndarray, q: float) -> float:
-    """Nearest-rank percentile of an ascending array: a latency some request really had."""
-    if len(ordered) == 0:
-        return math.nan
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return float(ordered[min(rank, len(ordered)) - 1])
 
 
 def merge_samples(parts: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
@@ -187,9 +60,9 @@ def latency_summary_ms(samples_s: np.ndarray) -> dict[str, float]:
     ordered = samples_s if _is_sorted(samples_s) else np.sort(samples_s)
     ms = 1000.0
     return {
-        "p50_ms": percentile(ordered, 50) * ms,
-        "p90_ms": percentile(ordered, 90) * ms,
-        "p99_ms": percentile(ordered, 99) * ms,
+        "p50_ms": quantile(ordered, 0.50) * ms,
+        "p90_ms": quantile(ordered, 0.90) * ms,
+        "p99_ms": quantile(ordered, 0.99) * ms,
         "max_ms": float(ordered[-1]) * ms if len(ordered) else math.nan,
         "mean_ms": float(ordered.mean()) * ms if len(ordered) else math.nan,
     }
@@ -211,14 +84,14 @@ def arrival_times(begin: float, rate: float, seed: int) -> Iterator[float]:
 # --------------------------------------------------------------------------- one point
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoadSpec:
     """One measurement point, as every client process receives it."""
 
     address: str
     payload: bytes
     rows: int
-    outputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorSpec, ...]
     mode: Mode
     offered: float  # closed: concurrency; open: requests per second
     duration_s: float
@@ -341,7 +214,8 @@ class _Recorder:
     def verify(self, data: bytes) -> None:
         self.verified = True
         try:
-            self.result.problem = check_response(data, self.spec.outputs, self.spec.rows)
+            response = pb.ModelInferResponse.FromString(data)
+            self.result.problem = check_response(response, self.spec.outputs, self.spec.rows)
         except Exception as exc:  # an unparseable response is a finding, not a crash
             self.result.problem = f"response does not parse: {exc}"
 
@@ -590,34 +464,34 @@ class ClientPool:
 # --------------------------------------------------------------------------- in-process onnxruntime
 
 
-_SESSIONS: dict[tuple[str, int], Any] = {}
-
-
 def pin_current_process(cpus: Sequence[int] | None) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
 
 
-def ort_point(
-    signature: ModelSignature, batch: int, warmup_s: float, duration_s: float, intra_op_threads: int = 0
-) -> dict[str, Any]:
-    """session.run in a loop at one batch size: the compute limit, no serving at all.
+def ort_points(
+    signature: ModelSignature, batches: Sequence[int], *, warmup_s: float, duration_s: float, intra_op_threads: int = 0
+) -> list[dict[str, Any]]:
+    """session.run in a loop at each batch size in turn: the compute limit, no serving at all.
 
     Runs in a process pinned to the server's CPUs, with the session options the
-    gateway uses, so the comparison is compute against compute plus serving.
+    gateway uses, so the comparison is compute against compute plus serving. One
+    session serves every batch size, as one gateway session serves every batch.
     """
     import onnxruntime as ort
 
-    key = (str(signature.path), intra_op_threads)
-    session = _SESSIONS.get(key)
-    if session is None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        session = ort.InferenceSession(key[0], sess_options=options, providers=["CPUExecutionProvider"])
-        _SESSIONS[key] = session
-    feeds = make_feeds(signature, batch)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    session = ort.InferenceSession(str(signature.path), sess_options=options, providers=["CPUExecutionProvider"])
+    return [_ort_point(session, signature, b, warmup_s=warmup_s, duration_s=duration_s) for b in batches]
+
+
+def _ort_point(
+    session: Any, signature: ModelSignature, batch: int, *, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    values = feeds(signature, batch)
     names = [o.name for o in signature.outputs]
     now = time.monotonic
     cpu_before = 0.0
@@ -631,7 +505,7 @@ def ort_point(
             break
         if not measuring and t0 >= start:
             measuring, cpu_before = True, _cpu_seconds()
-        session.run(names, feeds)
+        session.run(names, values)
         if measuring:
             samples.append(now() - t0)
     elapsed = sum(samples)

@@ -18,8 +18,9 @@ options also read environment variables and Locust's config files:
 Each user first asks the gateway for the model's metadata (ModelMetadata), then
 sends ModelInfer in a closed loop (no think time). For `digits` the rows are
 sampled from the held-out split (models/digits/heldout.npz); for any other
-model they are generated from the metadata (floats uniform in [0, 1), integers
-small, every -1 dimension but the batch one set to 1). With `--routing-keys K`
+model they are generated from the metadata by gateway.types.random_inputs
+(floats uniform in [0, 1), other types zero, every -1 dimension but the batch
+one set to 1). With `--routing-keys K`
 every request carries one of K keys, picked at random per request by every
 user, so the same key arrives from many users and connections and the
 gateway's sticky split is exercised; at the end each process logs which
@@ -56,6 +57,8 @@ from locust.exception import LocustError
 from gateway.dtypes import NUMPY_BY_DATATYPE
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
+from gateway.types import TensorSpec, random_inputs
+from loadtests.signature import check_response, infer_request
 
 # gRPC's sync API blocks in C unless its completion queue is polled through
 # gevent: without this, one user's call would stall every greenlet in the process.
@@ -228,23 +231,8 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 # --------------------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for a variable dimension
-
-    def concrete(self, rows: int) -> tuple[int, ...]:
-        """The leading -1 is the batch; any other -1 becomes 1."""
-        return tuple(rows if d < 0 and i == 0 else 1 if d < 0 else d for i, d in enumerate(self.shape))
-
-    @property
-    def batched(self) -> bool:
-        return bool(self.shape) and self.shape[0] < 0
-
-
-def _tensors(metadata: Sequence[Any]) -> tuple[Tensor, ...]:
-    return tuple(Tensor(t.name, t.datatype, tuple(t.shape)) for t in metadata)
+def _tensors(metadata: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata)
 
 
 def _heldout_rows() -> np.ndarray | None:
@@ -260,8 +248,8 @@ class RequestFactory:
 
     model: str
     version: str
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     pool: np.ndarray | None = None  # rows to sample from, for a single [-1, F] input
 
     @classmethod
@@ -286,23 +274,12 @@ class RequestFactory:
                 log.warning("digits: the held-out rows do not fit the served inputs; generating inputs instead")
         return factory
 
-    def _values(self, tensor: Tensor, rows: int, rng: np.random.Generator) -> np.ndarray:
-        if self.pool is not None:
-            return self.pool[rng.integers(0, len(self.pool), rows)]
-        shape = tensor.concrete(rows)
-        dtype = NUMPY_BY_DATATYPE[tensor.datatype]
-        if dtype.kind == "f":
-            return rng.random(shape).astype(dtype)
-        if dtype.kind == "b":
-            return rng.integers(0, 2, shape).astype(dtype)
-        return rng.integers(0, 10, shape).astype(dtype)
-
     def request(self, rows: int, rng: np.random.Generator, routing_key: str | None) -> pb.ModelInferRequest:
-        request = pb.ModelInferRequest(model_name=self.model, model_version=self.version)
-        for tensor in self.inputs:
-            values = self._values(tensor, rows, rng)
-            request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=values.shape)
-            request.raw_input_contents.append(np.ascontiguousarray(values).tobytes())
+        if self.pool is not None:
+            values = {self.inputs[0].name: self.pool[rng.integers(0, len(self.pool), rows)]}
+        else:
+            values = random_inputs(self.inputs, rows, rng)
+        request = infer_request(self.model, self.version, self.inputs, values)
         if routing_key is not None:
             request.parameters["routing_key"].string_param = routing_key
         return request
@@ -310,21 +287,7 @@ class RequestFactory:
     def problem(self, request: pb.ModelInferRequest, response: pb.ModelInferResponse) -> str | None:
         """What is wrong with a response to `request` (None when every output is there with its rows)."""
         rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
-        got = {o.name: (i, o) for i, o in enumerate(response.outputs)}
-        raw = response.raw_output_contents
-        for expected in self.outputs:
-            if expected.name not in got:
-                return f"output {expected.name!r} missing"
-            index, tensor = got[expected.name]
-            shape = list(tensor.shape)
-            if expected.batched and (not shape or shape[0] != rows):
-                return f"output {expected.name!r} has shape {shape}, expected {rows} rows"
-            dtype = NUMPY_BY_DATATYPE.get(tensor.datatype)
-            if raw and dtype is not None and len(raw[index]) != int(np.prod(shape)) * dtype.itemsize:
-                return f"output {expected.name!r}: {len(raw[index])} bytes for {tensor.datatype} {shape}"
-            if not raw and not tensor.HasField("contents"):
-                return f"output {expected.name!r} has no data"
-        return None
+        return check_response(response, self.outputs, rows)
 
 
 # Per process: the first user to get a model's metadata shares it with the rest.

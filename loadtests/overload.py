@@ -30,10 +30,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from gateway.server import launch
-from loadtests.loadgen import build_request, load_signature
+from loadtests.loadgen import arrival_times
+from loadtests.signature import build_request, load_signature
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -68,12 +68,11 @@ async def closed_loop(address: str, request: bytes, concurrency: int, seconds: f
 
 
 async def open_loop(
-    address: str, request: bytes, rate: float, seconds: float, pid: int, metrics_port: int
+    address: str, request: bytes, *, rate: float, seconds: float, pid: int, metrics_port: int
 ) -> dict[str, object]:
     counts = {"offered": 0, "ok": 0, "rejected": 0, "other_errors": 0}
     codes: dict[str, int] = {}
     samples: list[tuple[float, float, float]] = []
-    rng = np.random.default_rng(7)
     pending: set[asyncio.Task[None]] = set()
     channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
     calls = [c.unary_unary(METHOD, request_serializer=None, response_deserializer=None) for c in channels]
@@ -94,16 +93,14 @@ async def open_loop(
 
     sampler = asyncio.create_task(sample())
     start = time.monotonic()
-    next_at = start
-    i = 0
-    while next_at < start + seconds:
-        next_at += rng.exponential(1.0 / rate)
+    for i, next_at in enumerate(arrival_times(start, rate, seed=7)):
+        if next_at >= start + seconds:
+            break
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         task = asyncio.create_task(one(i))
         pending.add(task)
         task.add_done_callback(pending.discard)
         counts["offered"] += 1
-        i += 1
     if pending:
         await asyncio.wait(pending, timeout=40)
     sampler.cancel()
@@ -177,7 +174,9 @@ def main() -> int:
             f"for {args.duration:.0f} s, queue capped at {args.queue}",
             flush=True,
         )
-        result = asyncio.run(open_loop(address, request, rate, args.duration, proc.pid, metrics_port))
+        result = asyncio.run(
+            open_loop(address, request, rate=rate, seconds=args.duration, pid=proc.pid, metrics_port=metrics_port)
+        )
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         result["server_outcomes"] = {
             m.group(1): float(m.group(2))

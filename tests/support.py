@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,16 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.config.settings import GatewaySettings
+from gateway.server import launch
 from gateway.server.gateway import Gateway
+from gateway.server.launch import Launched
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 T = TypeVar("T")
 
 
@@ -86,17 +86,32 @@ def gateway_in_thread(models: Path = MODELS, **settings: Any) -> Iterator[Runnin
 
 @dataclass
 class Process:
-    proc: subprocess.Popen[str]
-    address: str
-    port: int
-    lines: list[str] = field(default_factory=list)
+    """A `gateway serve` subprocess started by `gateway_process` (through gateway.server.launch)."""
+
+    launched: Launched
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        return self.launched.proc
+
+    @property
+    def address(self) -> str:
+        return self.launched.address
+
+    @property
+    def port(self) -> int:
+        return self.launched.port
+
+    @property
+    def lines(self) -> list[str]:
+        """Every line of output so far (the reader thread keeps adding)."""
+        return self.launched.output.lines()
 
     @property
     def control(self) -> str:
         for line in self.lines:
-            match = re.search(r"control on (\S+:\d+)", line)
-            if match:
-                return match.group(1)
+            if found := launch.CONTROL.search(line):
+                return found.group(1)
         raise AssertionError("the gateway did not report a control address")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
@@ -114,39 +129,17 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: floa
     """`gateway serve ...` as a subprocess; waits for its `listening on` line."""
     if "--state-dir" not in args:
         args = ("--state-dir", tempfile.mkdtemp(prefix="gateway-state-"), *args)
-    cmd = gateway_command(
-        "serve", "--port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu", *args
-    )
-    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=merged, cwd=ROOT)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    match = None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = LISTENING.search(line)
-        if match:
-            break
-    if match is None:
-        proc.kill()
-        raise AssertionError("gateway did not start:\n" + "".join(lines))
-    # Keep draining output so the child never blocks on a full pipe.
-    threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True).start()
-    running = Process(proc, f"{match.group(1)}:{match.group(2)}", int(match.group(2)), lines)
+    serve_args = ["--port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu", *args]
     try:
-        yield running
+        launched = launch.start(
+            launch.serve_command(serve_args), env={**os.environ, **(env or {})}, cwd=ROOT, timeout_s=timeout
+        )
+    except launch.LaunchError as exc:
+        raise AssertionError(f"gateway did not start: {exc}") from None
+    try:
+        yield Process(launched)
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # a drain, so worker processes exit with their supervisor
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        launched.stop()
 
 
 def poll_until(

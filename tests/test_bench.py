@@ -18,30 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from gateway.cli import bench as bench_command
+from gateway.percentiles import quantile
+from gateway.protocol.pb import inference_pb2 as pb
 from loadtests.bare_server import build_response
-from loadtests.bench import (
-    compute_ratios,
-    format_cpus,
-    format_report,
-    parse_cpus,
-    routing_cost,
-    summarize,
-    with_shadow_release,
-)
+from loadtests.bench.cpus import format_cpus, parse_cpus
+from loadtests.bench.report import report, to_text
+from loadtests.bench.routing import routing_cost
+from loadtests.bench.summary import compute_ratios, summarize
+from loadtests.bench.targets import with_shadow_release
 from loadtests.loadgen import (
     ClientPool,
     LoadSpec,
     WorkerResult,
     arrival_times,
-    build_request,
-    check_response,
-    load_signature,
     merge_results,
     merge_samples,
-    percentile,
     split_evenly,
 )
+from loadtests.signature import build_request, check_response, load_signature
 from tests.support import MODELS, ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -134,12 +131,13 @@ def test_open_loop_against_the_bare_server() -> None:
 
 def test_percentile_is_nearest_rank() -> None:
     ordered = np.arange(1, 101, dtype=np.float64)
-    assert percentile(ordered, 50) == 50
-    assert percentile(ordered, 99) == 99
-    assert percentile(ordered, 100) == 100
-    assert percentile(ordered, 0) == 1
-    assert percentile(np.array([7.0]), 99) == 7
-    assert math.isnan(percentile(np.empty(0), 50))
+    assert quantile(ordered, 0.50) == 50
+    assert quantile(ordered, 0.99) == 99
+    assert quantile(ordered, 1.0) == 100
+    assert quantile(ordered, 0.0) == 1
+    assert quantile(ordered, 0.07) == 7  # 0.07 * 100 is 7.000000000000001 in floating point
+    assert quantile(np.array([7.0]), 0.99) == 7
+    assert math.isnan(quantile(np.empty(0), 0.50))
 
 
 def test_percentiles_come_from_all_samples_merged() -> None:
@@ -148,12 +146,23 @@ def test_percentiles_come_from_all_samples_merged() -> None:
     merged = merge_samples([fast, slow])
     assert len(merged) == 1990 and bool(np.all(merged[:-1] <= merged[1:]))
     # 20 slow of 1990 is 1.005% > 1%: the merged p99 is slow; the mean of the per-process p99s would not be.
-    assert percentile(merged, 99) == 0.100
-    assert percentile(merged, 98) == 0.001
+    assert quantile(merged, 0.99) == 0.100
+    assert quantile(merged, 0.98) == 0.001
 
 
 def test_merge_results_sums_processes() -> None:
-    spec = LoadSpec("127.0.0.1:1", b"", 4, (), "closed", 3, 2.0, 0.5, 1, 2.0)
+    spec = LoadSpec(
+        address="127.0.0.1:1",
+        payload=b"",
+        rows=4,
+        outputs=(),
+        mode="closed",
+        offered=3,
+        duration_s=2.0,
+        warmup_s=0.5,
+        channels=1,
+        request_timeout_s=2.0,
+    )
     a, b = WorkerResult(), WorkerResult()
     a.latencies.extend([0.001, 0.002])
     a.completed_in_window = 2
@@ -199,11 +208,14 @@ def test_cpu_lists() -> None:
 
 def test_response_check_finds_missing_and_short_outputs() -> None:
     signature = load_signature(MODELS, "digits")
-    good = build_response(signature, 3)
+    good = pb.ModelInferResponse.FromString(build_response(signature, 3))
     assert check_response(good, signature.outputs, 3) is None
     assert "expected 2 rows" in (check_response(good, signature.outputs, 2) or "")
     only_one = build_response(dataclasses.replace(signature, outputs=signature.outputs[:1]), 3)
-    assert "missing" in (check_response(only_one, signature.outputs, 3) or "")
+    assert "missing" in (check_response(pb.ModelInferResponse.FromString(only_one), signature.outputs, 3) or "")
+    short = pb.ModelInferResponse.FromString(build_response(signature, 3))
+    short.raw_output_contents[0] = short.raw_output_contents[0][:-1]
+    assert "bytes for" in (check_response(short, signature.outputs, 3) or "")
 
 
 def _point(target: str, offered: float, rps: float, p99: float, repeat: int = 0) -> dict[str, object]:
@@ -340,15 +352,34 @@ def test_shadow_ratios_per_closed_and_open_point() -> None:
     assert ratios["shadow_over_gateway_p50"] == {"16": pytest.approx(1.25), "r=1600": pytest.approx(1.1)}
     assert ratios["shadow_over_gateway_p99"] == {"16": pytest.approx(1.5), "r=1600": pytest.approx(1.5)}
     assert ratios["shadow_rows_per_primary_row"] == {"16": 1.0, "r=1600": 0.5}
-    report = format_report(summary, ratios, ["gateway", "gateway-shadow"])
-    assert "c=16: 1.25  r=1600: 1.10" in report and "c=r=" not in report
+    text = to_text(report(summary, ratios, ["gateway", "gateway-shadow"]))
+    assert "c=16: 1.25  r=1600: 1.10" in text and "c=r=" not in text
 
 
 def test_report_warns_about_points_other_processes_disturbed() -> None:
     quiet = {**_point("gateway", 16, 3000.0, 8.0), "other_cpu_share": 0.01}
     noisy = {**_point("gateway", 64, 2000.0, 30.0), "other_cpu_share": 0.4}
     summary = summarize([quiet, noisy])
-    report = format_report(summary, {}, ["gateway"])
-    assert "WARNING: other processes were busy" in report
-    assert "gateway c=64 (up to 40%)" in report and "c=16 (" not in report
-    assert "WARNING" not in format_report(summarize([quiet]), {}, ["gateway"])
+    text = to_text(report(summary, {}, ["gateway"]))
+    assert "WARNING: other processes were busy" in text
+    assert "gateway c=64 (up to 40%)" in text and "c=16 (" not in text
+    assert "WARNING" not in to_text(report(summarize([quiet]), {}, ["gateway"]))
+
+
+def test_gateway_bench_says_so_without_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An installed gateway without the source tree: one clear line, exit 1, nothing run.
+    monkeypatch.setattr(bench_command, "checkout_root", lambda: None)
+    result = CliRunner().invoke(bench_command.bench, ["--smoke"])
+    assert result.exit_code == 1
+    assert "runs the load tests of the source checkout" in result.output and "loadtests/bench" in result.output
+
+
+def test_gateway_never_imports_the_load_tests() -> None:
+    # `gateway bench` runs them as a program of their own; the package itself never imports them.
+    code = (
+        "import sys, gateway.cli.main, gateway.server.gateway; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'loadtests'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -119,6 +119,7 @@ def serve(config_file: Path | None, **flags: Any) -> None:
 
 
 def _add_commands() -> None:
+    from gateway.cli.bench import bench
     from gateway.cli.demo import demo
     from gateway.cli.release import COMMANDS
     from gateway.cli.replay import replay_command
@@ -127,10 +128,6 @@ def _add_commands() -> None:
         main.add_command(command)
     main.add_command(demo)
     main.add_command(replay_command, "replay")
-    try:
-        from loadtests.bench import bench
-    except ImportError:  # loadtests ships with the source tree, not every install
-        return
     main.add_command(bench)
 
 

@@ -1,0 +1,47 @@
+"""What one bench run does, resolved from the command line (or built by loadtests.gpu_bench)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGETS = ("ort", "bare", "gateway-nobatch", "gateway", "gateway-shadow")
+DEFAULT_TARGETS = "ort,bare,gateway-nobatch,gateway"
+
+
+@dataclass(slots=True, kw_only=True)
+class BenchConfig:
+    models: Path
+    model: str
+    version: str | None = None
+    rows: int = 1
+    concurrency: list[int]
+    rates: list[float]
+    duration_s: float
+    warmup_s: float
+    repeats: int
+    processes: int
+    channels: int = 4
+    # Run in this order each repeat; "vA" (from --compare) is the gateway with requests pinned to version A.
+    targets: list[str]
+    workers: int | None = None
+    intra_op_threads: int = 0
+    out: Path
+    smoke: bool = False
+    server_cpus: list[int] | None
+    client_cpus: list[int] | None
+    pinning: str
+    request_timeout_s: float
+    shadow: str | None = None
+    provider: str = "cpu"
+
+    def estimate_s(self) -> float:
+        point = self.warmup_s + self.duration_s + 0.15
+        servers = [t for t in self.targets if t != "ort"]
+        ort = (len(self.ort_concurrency()) * point + 0.5) if "ort" in self.targets else 0.0
+        per_repeat = ort + len(servers) * ((len(self.concurrency) + len(self.rates)) * point + 1.0)
+        return self.repeats * per_repeat + 2.0
+
+    def ort_concurrency(self) -> list[int]:
+        # Batch `rows` (c=1) is the per-request compute limit; keep it even if the sweep skips c=1.
+        return sorted({1, *self.concurrency})
