@@ -62,7 +62,7 @@ def test_buckets_do_not_change_cpu_runs(tmp_path: Path) -> None:
 
 def test_gpu_batching_defaults_apply_only_on_the_gpu(tmp_path: Path) -> None:
     from gateway.config.spec import BatchingSpec, ModelSpec
-    from gateway.serving.registry import gpu_defaults
+    from gateway.serving.builder import gpu_defaults
 
     write_identity_model(tmp_path / "m.onnx", "FP32")
     model = OnnxModel(tmp_path / "m.onnx", ProviderChooser("cpu"))

@@ -1,13 +1,18 @@
-"""Loading and unloading models while serving (the control API's LoadModel/UnloadModel).
+"""The one model loader: at startup, and while serving (the control API's LoadModel/UnloadModel).
 
-Load-before-unload: a reload builds and warms every new session on a worker
-thread while the old versions keep answering; the registry then switches in
-one step, and the old executors drain what they already accepted before they
-close. A load is all-or-nothing: the files, the spec and its [release] are
-checked before anything is swapped in, and should the swap itself fail the
-previous model (or its absence) is put back exactly and the new executors
-closed. Names reach here from the network, so they go through the
-repository's checks (no `..`, no `/`, nothing outside the root).
+Building a model's versions is the serving plane's (gateway.serving.builder);
+this module decides when, and what the release plane does with them. At
+startup every model is built before anything is served, then the stored
+releases are restored.
+
+While serving it is load-before-unload: a reload builds and warms every new
+session on a worker thread while the old versions keep answering; the registry
+then switches in one step, and the old executors drain what they already
+accepted before they close. A load is all-or-nothing: the files, the spec and
+its [release] are checked before anything is swapped in, and should the swap
+itself fail the previous model (or its absence) is put back exactly and the
+new executors closed. Names reach here from the network, so they go through
+the repository's checks (no `..`, no `/`, nothing outside the root).
 
 With several worker processes, worker 0 (the control API) applies a change,
 then every other worker applies it through the state database
@@ -17,11 +22,12 @@ then every other worker applies it through the state database
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 
-from gateway.config.settings import GatewaySettings
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.config.spec import ModelSpec
+from gateway.errors import GatewayError, ModelLoadError, ModelNotFound
 from gateway.release.model_sync import (
     ACK_POLL_S,
     ACK_WAIT_S,
@@ -35,11 +41,11 @@ from gateway.release.model_sync import (
 )
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
+from gateway.release.state import initial_state
+from gateway.serving.builder import ModelBuilder
 from gateway.serving.executor import drain_and_close
-from gateway.serving.metrics import GatewayMetrics
-from gateway.serving.providers import ProviderChooser
-from gateway.serving.registry import ExecutorFactory, ModelEntry, Registry, assemble, load_sessions
-from gateway.serving.repository import Repository, check_name
+from gateway.serving.registry import ModelEntry, Registry
+from gateway.serving.repository import check_name
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +54,18 @@ async def close_entry(entry: ModelEntry) -> None:
     await asyncio.gather(*(drain_and_close(v.executor) for v in entry.versions.values()))
 
 
+def check_release(name: str, spec: ModelSpec, versions: list[str], default: str) -> None:
+    """Refuse a [release] naming versions that do not exist (or overlapping roles) before
+    any session is built: the release plane would refuse it only after the swap."""
+    try:
+        initial_state(name, spec, versions, default)
+    except GatewayError as exc:
+        raise ModelLoadError(f"[release]: {exc}") from None
+
+
 class ModelLoader:
-    def __init__(
-        self,
-        repository: Repository,
-        settings: GatewaySettings,
-        chooser: ProviderChooser,
-        make_executor: ExecutorFactory,
-        metrics: GatewayMetrics,
-        registry: Registry,
-        plane: ReleasePlane,
-        ops: ReleaseOps,
-    ) -> None:
-        self.repository = repository
-        self.settings = settings
-        self.chooser = chooser
-        self.make_executor = make_executor
-        self.metrics = metrics
+    def __init__(self, builder: ModelBuilder, registry: Registry, plane: ReleasePlane, ops: ReleaseOps) -> None:
+        self.builder = dataclasses.replace(builder, checks=(*builder.checks, check_release))
         self.registry = registry
         self.plane = plane
         self.ops = ops
@@ -78,11 +79,28 @@ class ModelLoader:
 
     # -- this process -------------------------------------------------------------------
 
+    async def load_at_startup(self) -> None:
+        """Every model the settings name, before anything is served; then the stored releases.
+
+        A model that cannot be built stops the startup (the caller unwinds what was built)."""
+        async with self._lock:
+            for name in self.builder.model_names():
+                entry = await self._build(name)
+                self.registry.add(entry)
+                self.plane.add_model(name)
+        self.builder.note_provider()
+        self.ops.restore()
+
+    async def _build(self, name: str) -> ModelEntry:
+        # Sessions are built and warmed on a worker thread (the loop keeps serving
+        # the versions loaded now); executors must be made on the loop.
+        sessions = await asyncio.to_thread(self.builder.sessions, name)
+        return self.builder.assemble(sessions)
+
     async def load(self, name: str) -> ModelEntry:
         check_name("model", name)
         async with self._lock:
-            sessions = await asyncio.to_thread(load_sessions, self.repository, name, self.settings, self.chooser)
-            entry = assemble(sessions, self.make_executor, self.metrics)
+            entry = await self._build(name)
             try:
                 previous = self._swap_in(entry)
             except BaseException:

@@ -1,14 +1,28 @@
 """Composition root: builds the gateway from settings, serves, drains.
 
 Only this module (and the CLI) wires concrete parts together; everything else
-receives what it needs.
+receives what it needs. `Gateway.start` is the one factory: it builds the parts
+in startup order and, as each one comes up, puts what undoes it on one
+AsyncExitStack at its place in the drain order; `drain` (or a failed start)
+unwinds that stack. The drain, first to last:
+
+1. health says NOT_SERVING; open streams end at their next wait for a message;
+2. the data plane refuses new calls (UNAVAILABLE) and answers those in flight,
+   until it is idle or the grace period ends; so do the streams;
+3. the inference server stops (what is left of the grace period), then the control API;
+4. the release plane finishes its shadow copies; the models' executors close;
+5. background loops are cancelled; the store and the capture files close;
+6. the metrics endpoint and the thread pool shut down.
+
+A part that starts after its place in that order (the metrics endpoint starts
+with the inference server, the control API after it) gets its place reserved
+beforehand (`_reserve`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -16,7 +30,7 @@ import signal
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 
 import grpc
 from grpc import aio
@@ -25,11 +39,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from gateway.config.settings import GatewaySettings, usable_cores
+from gateway.config.settings import GatewaySettings
 from gateway.control.auth import Authenticator, AuthInterceptor, check_bind, load_tokens
 from gateway.control.servicer import ReleaseServicer
 from gateway.dataplane import DataPlane
-from gateway.errors import ConfigError, StoreUnavailable
+from gateway.errors import ConfigError
 from gateway.protocol.capture import CaptureWriter
 from gateway.protocol.limits import WireLimits, infer_parsers
 from gateway.protocol.pb import inference_pb2 as pb
@@ -40,23 +54,21 @@ from gateway.protocol.servicer import InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
 from gateway.protocol.streams import StreamGuard
 from gateway.release.controller import Controller
-from gateway.release.feedback import RECEIVER, join_shared
 from gateway.release.loader import ModelLoader
 from gateway.release.metrics import ReleaseMetrics
 from gateway.release.model_sync import IntentStore, run_id
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
 from gateway.release.store import SqliteStore
+from gateway.release.sync import sync_loops
 from gateway.server.ports import check_ports
 from gateway.server.statelock import lock_state_dir
+from gateway.serving.builder import ModelBuilder
 from gateway.serving.metrics import QUEUE_SAMPLE_S, GatewayMetrics
-from gateway.serving.providers import ProviderChooser, cuda_options
-from gateway.serving.registry import ExecutorFactory, Registry, executor_factory, load_model
-from gateway.serving.repository import Repository
+from gateway.serving.registry import Registry
 
 log = logging.getLogger(__name__)
 
-SHARE_EVERY_S = 0.5
 # The server pings a connection idle this long, and drops it when no answer comes in
 # KEEPALIVE_TIMEOUT_S: a vanished client's streams do not stay open until the idle limit.
 KEEPALIVE_TIME_S = 60
@@ -69,32 +81,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def build_registry(
-    settings: GatewaySettings, pool: ThreadPoolExecutor, metrics: GatewayMetrics
-) -> tuple[Registry, ModelLoaderParts]:
-    repository = Repository(settings.models)
-    names = list(settings.load) or repository.model_names()
-    if not names:
-        raise ConfigError(f"models: no models under {repository.root} (expected <name>/<version>/model.onnx)")
-    chooser = ProviderChooser(
-        settings.provider,
-        cuda_options(
-            settings.cuda_device, settings.cuda_mem_limit_mb, settings.cudnn_conv_algo_search, settings.cuda_graphs
-        ),
-    )
-    if not settings.intra_op_threads:
-        # onnxruntime sizes its pool by the machine, not by this process's CPU
-        # mask (taskset, cpusets): give it the cores we may actually use.
-        settings = dataclasses.replace(settings, intra_op_threads=usable_cores())
-    registry = Registry()
-    make_executor = executor_factory(pool, batching=settings.batching == "spec")
-    for name in names:
-        registry.add(load_model(repository, name, settings, chooser, make_executor, metrics))
-    if chooser.cuda_reason and settings.provider == "auto":
-        log.info("running on the CPU: %s", chooser.cuda_reason)
-    return registry, ModelLoaderParts(repository, settings, chooser, make_executor)
 
 
 def inference_options(s: GatewaySettings) -> list[tuple[str, int]]:
@@ -145,98 +131,122 @@ def bind(server: aio.Server, host: str, port: int, setting: str, settings: Gatew
     return int(bound)
 
 
-@dataclass(frozen=True, slots=True)
-class ModelLoaderParts:
-    repository: Repository
-    settings: GatewaySettings
-    chooser: ProviderChooser
-    make_executor: ExecutorFactory
-
-
 class Gateway:
-    """One serving process: the inference port, health, reflection and metrics."""
+    """One serving process: the inference port, health, reflection, metrics and the control API."""
+
+    # Set by start.
+    metrics: GatewayMetrics
+    release_metrics: ReleaseMetrics
+    ops: ReleaseOps
+    loader: ModelLoader
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.port = 0
         self.metrics_port = -1
-        # Threads start lazily; every batcher caps its own batches in flight
-        # (`instances`), so the pool never queues one version behind another.
-        self._pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="ort")
-        self._server: aio.Server | None = None
-        self._streams: StreamGuard | None = None
-        self._health = health_aio.HealthServicer()
-        self._stopped = asyncio.Event()
-        self._metrics_httpd: object | None = None
+        self.control_port = -1
+        # The parts tests and tools look at; None until start builds them.
         self.registry: Registry | None = None
         self.dataplane: DataPlane | None = None
-        self._sampler: asyncio.Task[None] | None = None
-        self._background: list[asyncio.Task[None]] = []
-        self.controller: Controller | None = None
-        self._draining = False
-        self._control: aio.Server | None = None
-        self.control_port = -1
         self.releases: ReleasePlane | None = None
         self.store: SqliteStore | None = None
         self.capture: CaptureWriter | None = None
+        self.controller: Controller | None = None
+        self._streams: StreamGuard | None = None
+        self._health = health_aio.HealthServicer()
+        self._teardown = AsyncExitStack()
+        self._grace_end = 0.0  # when the drain's waits give up (set when it starts)
+        self._starting = False
+        self._started = asyncio.Event()  # start returned or failed
+        self._draining = False
+        self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        """Build every part and serve; a failure undoes what was built (in drain order) and raises."""
+        self._starting = True
+        try:
+            await self._build(self._teardown)
+        except BaseException:
+            try:
+                await self._teardown.aclose()
+            except Exception:
+                log.exception("undoing a failed start failed")
+            raise
+        finally:
+            self._started.set()
+        # Everything loaded so far (modules, sessions, descriptors) lives as long as
+        # the process: keep it out of full collections, which would otherwise walk
+        # ~100k startup objects every time and stall the loop for milliseconds.
+        gc.freeze()
+        return self.port
+
+    async def _build(self, stack: AsyncExitStack) -> None:
         s = self.settings
+        # Threads start lazily; every batcher caps its own batches in flight
+        # (`instances`), so the pool never queues one version behind another.
+        pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="ort")
+        stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+        metrics_endpoint = await _reserve(stack)
         metrics_registry = CollectorRegistry()
         self.metrics = GatewayMetrics(metrics_registry)
         self.release_metrics = ReleaseMetrics(metrics_registry)
-        # Loading blocks this loop (session build, warm-up), which is fine: nothing
-        # is served before it ends, and batchers must be created on this loop.
-        self.registry, parts = build_registry(s, self._pool, self.metrics)
-        registry = self.registry
-        self.releases = releases = ReleasePlane(registry)
-        self.dataplane = DataPlane(registry, releases)
-        releases.primary = self.dataplane
-        self.store = SqliteStore(s.state_dir / "state.db")
         if s.capture_dir is not None:
             self.capture = CaptureWriter(
                 s.capture_dir, s.capture_fraction, s.capture_file_mb << 20, s.capture_max_mb << 20
             )
-        self.ops = ReleaseOps(releases, self.store, self.capture)
-        self.ops.restore()
-        self.loader = ModelLoader(
-            parts.repository,
-            parts.settings,
-            parts.chooser,
-            parts.make_executor,
-            self.metrics,
-            registry,
-            releases,
-            self.ops,
-        )
+            stack.callback(self.capture.close)
+        self.store = store = SqliteStore(s.state_dir / "state.db")
+        stack.callback(store.close)
+        # The loops use the store and the models: cancelled after the models close, before the store does.
+        tasks: list[asyncio.Task[None]] = []
+        stack.callback(_cancel_all, tasks)
+        self.registry = registry = Registry()
+        stack.push_async_callback(registry.close)
+        self.releases = releases = ReleasePlane(registry)
+        stack.push_async_callback(self._finish_releases, releases)
+        self.dataplane = dataplane = DataPlane(registry, releases)
+        releases.primary = dataplane
+        self.ops = ops = ReleaseOps(releases, store, self.capture)
+        self.loader = loader = ModelLoader(ModelBuilder.from_settings(s, pool, self.metrics), registry, releases, ops)
+        await loader.load_at_startup()  # nothing is served before it ends
         loop = asyncio.get_running_loop()
         if s.worker_index >= 0:
             # Run-time loads/unloads reach every worker through the store (gateway.release.model_sync).
-            await self.loader.join(IntentStore(self.store.path, run_id()), str(s.worker_index))
-            self._background.append(loop.create_task(self.loader.follow()))
-        self._background.append(loop.create_task(self._follow_store(self.store)))
-        if s.worker_index >= 0:
-            worker = str(s.worker_index)
-            store = self.store
-            releases.peers = lambda model: store.peer_evidence(model, worker)
-            self._background.append(loop.create_task(self._share_evidence(store, worker)))
-            if worker != RECEIVER:  # worker 0 joins labels as they arrive; the others, as it shares them
-                self._background.append(loop.create_task(join_shared(releases, store, worker)))
+            await loader.join(IntentStore(store.path, run_id()), str(s.worker_index))
+            tasks.append(loop.create_task(loader.follow()))
+        tasks += [loop.create_task(sync) for sync in sync_loops(store, releases, ops, s.worker_index)]
         if s.controller:
-            self.controller = Controller(self.ops)
-            self._background.append(loop.create_task(self.controller.run()))
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_queues())
-        self._streams = StreamGuard(s.max_streams, s.stream_idle_s)
+            self.controller = Controller(ops)
+            tasks.append(loop.create_task(self.controller.run()))
+        tasks.append(loop.create_task(self._sample_queues(registry, releases, self.capture)))
+        control_api = await _reserve(stack)  # stops after the inference server
+        await self._start_inference(stack, dataplane, registry)
+        if s.metrics_port >= 0:
+            try:
+                httpd, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics_registry)
+            except OSError as exc:
+                raise ConfigError(f"metrics_port: cannot listen on {s.host}:{s.metrics_port}: {exc.strerror}") from None
+            metrics_endpoint.callback(httpd.shutdown)
+            self.metrics_port = httpd.server_port
+        if s.control_port >= 0:
+            control = await self._start_control(releases, ops, loader)
+            control_api.push_async_callback(control.stop, 0.5)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        stack.push_async_callback(self._set_health, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _start_inference(self, stack: AsyncExitStack, dataplane: DataPlane, registry: Registry) -> None:
+        s = self.settings
+        self._streams = streams = StreamGuard(s.max_streams, s.stream_idle_s)
         server = aio.server(
             migration_thread_pool=None,
             options=inference_options(s),
             # The guard sits inside the error mapping: it ends streams with its own status.
-            interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))), self._streams],
+            interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))), streams],
             # Streams have their own cap (the guard's), so unary calls always keep max_inflight.
             maximum_concurrent_rpcs=s.max_inflight + s.max_streams,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.dataplane, registry, self.capture, WireLimits.from_settings(s)), server
+            InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s)), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -246,24 +256,14 @@ class Gateway:
         )
         self.port = bind(server, s.host, s.port, "port", s)
         await server.start()
-        self._server = server
-        if s.metrics_port >= 0:
-            try:
-                httpd, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics_registry)
-            except OSError as exc:
-                raise ConfigError(f"metrics_port: cannot listen on {s.host}:{s.metrics_port}: {exc.strerror}") from None
-            self._metrics_httpd = httpd
-            self.metrics_port = httpd.server_port
-        if s.control_port >= 0:
-            await self._start_control(releases)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        # Everything loaded so far (modules, sessions, descriptors) lives as long as
-        # the process: keep it out of full collections, which would otherwise walk
-        # ~100k startup objects every time and stall the loop for milliseconds.
-        gc.freeze()
-        return self.port
+        stack.push_async_callback(self._stop_server, server)
+        stack.push_async_callback(self._wait_streams, streams)
+        stack.push_async_callback(self._drain_dataplane, dataplane)
+        # Open streams end at their next wait for a message, so nothing is left
+        # running when grpc shuts down (it would answer new calls CANCELLED meanwhile).
+        stack.callback(streams.close)
 
-    async def _start_control(self, releases: ReleasePlane) -> None:
+    async def _start_control(self, releases: ReleasePlane, ops: ReleaseOps, loader: ModelLoader) -> aio.Server:
         s = self.settings
         tokens = load_tokens(s.tokens_file, os.environ)
         check_bind(s.control_host, tokens)
@@ -275,98 +275,62 @@ class Gateway:
             interceptors=[AuthInterceptor(Authenticator(tokens)), ErrorMappingInterceptor()],
         )
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ReleaseServicer(releases, self.ops, self.loader, share_feedback=s.worker_index >= 0), control
+            ReleaseServicer(releases, ops, loader, share_feedback=s.worker_index >= 0), control
         )
         self.control_port = bind(control, s.control_host, s.control_port, "control_port", s)
         await control.start()
-        self._control = control
+        return control
 
-    async def _share_evidence(self, store: SqliteStore, worker: str) -> None:
-        """Several workers: publish this one's counts (labels are shared by gateway.release.feedback)."""
-        assert self.releases is not None
-        plane = self.releases
-        while True:
-            await asyncio.sleep(SHARE_EVERY_S)
-            try:
-                snapshots = {m: plane.evidence[m].snapshot() for m in plane.table.models()}
-                await asyncio.to_thread(store.put_evidence, worker, snapshots)
-            except StoreUnavailable:
-                pass  # the store logs its failures itself, rate-limited
-            except Exception:
-                log.exception("sharing evidence through the store failed")
-
-    async def _follow_store(self, store: SqliteStore) -> None:
-        """Serve changes other processes (workers, the controller) made, within about a second."""
-        seen = await asyncio.to_thread(store.changes)
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                now = await asyncio.to_thread(store.changes)
-                if now != seen:
-                    seen = now
-                    self.ops.sync()
-            except StoreUnavailable:
-                pass  # the store logs its failures itself, rate-limited
-            except Exception:
-                log.exception("reading the release store failed")
-
-    async def _sample_queues(self) -> None:
+    async def _sample_queues(self, registry: Registry, releases: ReleasePlane, capture: CaptureWriter | None) -> None:
         """Copy queue depths and release-plane counters into Prometheus, periodically."""
         while True:
-            for v in self.registry or ():
+            for v in registry:
                 self.metrics.set_queue_depth(v.name, v.version, v.executor.queue_depth())
-            if self.releases is not None:
-                for model in self.releases.table.models():
-                    self.release_metrics.sync(self.releases.report(model, local=True))
-            if self.capture is not None:
-                self.capture.flush()  # so a replay can read what was captured a moment ago
+            for model in releases.table.models():
+                self.release_metrics.sync(releases.report(model, local=True))
+            if capture is not None:
+                capture.flush()  # so a replay can read what was captured a moment ago
             await asyncio.sleep(QUEUE_SAMPLE_S)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
 
+    # -- the drain's waits, in the order they run -----------------------------------------
+
+    def _remaining(self) -> float:
+        return max(0.0, self._grace_end - time.monotonic())
+
+    async def _drain_dataplane(self, dataplane: DataPlane) -> None:
+        dataplane.draining = True
+        # New calls now get UNAVAILABLE while those in flight are answered.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dataplane.wait_idle(), self._remaining())
+
+    async def _wait_streams(self, streams: StreamGuard) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(streams.wait_closed(), self._remaining())
+
+    async def _stop_server(self, server: aio.Server) -> None:
+        await server.stop(self._remaining())
+
+    async def _finish_releases(self, releases: ReleasePlane) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(releases.idle(), max(0.1, self._remaining()))
+
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking work, answer what is in flight, then stop (within the grace period)."""
         if self._draining:
             return await self.wait_stopped()
         self._draining = True
+        if self._starting:
+            await self._started.wait()  # a signal during startup: drain what the start built
         grace = self.settings.grace_s if grace_s is None else grace_s
-        deadline = time.monotonic() + grace
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._streams is not None:
-            # Open streams end at their next wait for a message, so nothing is left
-            # running when grpc shuts down (it would answer new calls CANCELLED meanwhile).
-            self._streams.close()
-        if self.dataplane is not None:
-            self.dataplane.draining = True
-            # New calls now get UNAVAILABLE while those in flight are answered.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.dataplane.wait_idle(), max(0.0, deadline - time.monotonic()))
-        if self._streams is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._streams.wait_closed(), max(0.0, deadline - time.monotonic()))
-        if self._server is not None:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
-        if self._control is not None:
-            await self._control.stop(0.5)
-        if self.releases is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.releases.idle(), max(0.1, deadline - time.monotonic()))
-        if self.registry is not None:
-            await self.registry.close()
-        if self._sampler is not None:
-            self._sampler.cancel()
-        for task in self._background:
-            task.cancel()
-        if self.store is not None:
-            self.store.close()
-        if self.capture is not None:
-            self.capture.close()
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._stopped.set()
+        self._grace_end = time.monotonic() + grace
+        try:
+            await self._teardown.aclose()
+        finally:
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -381,6 +345,16 @@ class Gateway:
             return
         log.info("%s received: draining (grace %.1f s)", sig.name, self.settings.grace_s)
         asyncio.get_running_loop().create_task(self.drain())
+
+
+async def _reserve(stack: AsyncExitStack) -> AsyncExitStack:
+    """A place in the drain order for a part that starts later (a stack unwinds last in, first out)."""
+    return await stack.enter_async_context(AsyncExitStack())
+
+
+def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
 
 
 async def run(settings: GatewaySettings) -> None:

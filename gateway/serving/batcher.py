@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.config.settings import BatchingSpec
+from gateway.config.spec import BatchingSpec
 from gateway.errors import Draining, ModelExecutionError, Overloaded
 from gateway.serving.executor import expired_error, expiry, runs_inline
 from gateway.serving.metrics import VersionMetrics
