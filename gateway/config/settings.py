@@ -25,7 +25,6 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 
 ENV_PREFIX = "GATEWAY_"
-SIZE_MAX = (1 << 64) - 1
 # More serving processes than this is a typo, not a machine: each one loads every model.
 MAX_WORKERS = 1024
 
@@ -124,9 +123,8 @@ class GatewaySettings:
         for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes"):
             check_number(cap, getattr(self, cap), 1)
         check_number("grace_s", self.grace_s, 0)
-        # onnxruntime reads the device as a C int and the memory cap (in bytes) as a size_t.
-        check_number("cuda_device", self.cuda_device, 0, INT32_MAX)
-        check_number("cuda_mem_limit_mb", self.cuda_mem_limit_mb, 0, SIZE_MAX >> 20)
+        check_number("cuda_device", self.cuda_device, 0)
+        check_number("cuda_mem_limit_mb", self.cuda_mem_limit_mb, 0)
         check_number("intra_op_threads", self.intra_op_threads, 0)
         check_number("worker_index", self.worker_index, -1, MAX_WORKERS - 1)
         check_number("capture_fraction", self.capture_fraction, 0, 1, above=True)
