@@ -7,6 +7,11 @@ written for the caller and must name the offending field.
 
 from __future__ import annotations
 
+# Trailing metadata on every status the gateway answers from this hierarchy. A
+# client cannot otherwise tell an UNAVAILABLE the gateway chose to send (its state
+# store cannot be written) from one grpc makes up when no gateway answered at all.
+ANSWERED_KEY = "gateway-answered"
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""

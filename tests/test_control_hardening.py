@@ -8,12 +8,19 @@ an unreachable gateway.
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from gateway.control.auth import load_tokens
+from gateway.control.client import EXIT_REFUSED, EXIT_UNREACHABLE
 from gateway.errors import ConfigError
+from gateway.release.store import SqliteStore
+from tests.support import MODELS, ROOT, gateway_command, gateway_in_thread
 from tests.test_process_ports import second_gateway
 
 READ_SECRET = "read-secret-0123456789"
@@ -69,3 +76,53 @@ def test_serve_refuses_a_shared_secret_with_one_line_and_exit_2(tmp_path: Path) 
     lines = [line for line in output.splitlines() if line.startswith("gateway:")]
     assert len(lines) == 1, output
     assert "'deploy' and 'viewer'" in lines[0] and SHARED_SECRET not in output
+
+
+# ---------------------------------------------------------------- finding 4: the store's UNAVAILABLE is no lost gateway
+
+
+def cli(control: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GATEWAY_CONTROL": control, "COLUMNS": "200"}
+    env.pop("GATEWAY_TOKEN", None)
+    return subprocess.run(gateway_command(*args), capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+
+
+async def _query_only(store: SqliteStore, on: bool) -> None:
+    """The store's own connection turned read-only, as a remount or a lost permission would."""
+    with store._lock:
+        store._db.execute(f"PRAGMA query_only = {int(on)}")
+
+
+@pytest.fixture
+def digits(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    shutil.copytree(MODELS / "digits", root / "digits")
+    return root
+
+
+def test_a_store_that_cannot_be_written_is_reported_as_such_not_as_an_unreachable_gateway(
+    digits: Path, tmp_path: Path
+) -> None:
+    with gateway_in_thread(digits, state_dir=tmp_path / "state", controller=False) as running:
+        store = running.gateway.store
+        assert store is not None
+        running.call(_query_only(store, True))
+        try:
+            result = cli(running.control, "traffic", "set", "digits", "--canary", "2", "--weight", "10")
+        finally:
+            running.call(_query_only(store, False))
+        assert result.returncode == EXIT_REFUSED, (result.returncode, result.stderr)
+        assert result.stderr.count("gateway:") == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "cannot reach" not in result.stderr
+        assert "state.db" in result.stderr and "cannot be written" in result.stderr, result.stderr
+        # Writable again: the same command goes through.
+        result = cli(running.control, "traffic", "set", "digits", "--canary", "2", "--weight", "10")
+        assert result.returncode == 0, result.stderr
+
+
+def test_no_gateway_at_the_address_is_still_unreachable() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        result = cli(f"127.0.0.1:{holder.getsockname()[1]}", "status")
+    assert result.returncode == EXIT_UNREACHABLE, (result.returncode, result.stderr)
+    assert "cannot reach the control API" in result.stderr

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gateway.errors import ANSWERED_KEY
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 
 T = TypeVar("T")
@@ -72,7 +73,7 @@ class ControlClient:
     def _failure(self, exc: grpc.RpcError) -> CommandFailed:
         code = exc.code()
         details = exc.details() or code.name
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not _answered(exc):
             return CommandFailed(
                 f"cannot reach the control API at {self.address} ({details}): is `gateway serve` running? "
                 "Set --control or GATEWAY_CONTROL to its address.",
@@ -86,3 +87,10 @@ class ControlClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _answered(exc: grpc.RpcError) -> bool:
+    """Whether the gateway itself sent this status (its refusal, e.g. a store it cannot
+    write: the message says what to fix) rather than grpc finding no gateway to ask."""
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    return any(key == ANSWERED_KEY for key, _ in trailing or ())

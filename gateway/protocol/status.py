@@ -141,6 +141,7 @@ async def _abort(exc: Exception, context: aio.ServicerContext[Any, Any], method:
     # status set on the context is sent as is when the handler returns.
     context.set_code(code)
     context.set_details(message)
+    context.set_trailing_metadata(((errors.ANSWERED_KEY, "1"),))
 
 
 def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
