@@ -115,7 +115,7 @@ def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | No
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def bind(server: aio.Server, host: str, port: int, setting: str, settings: GatewaySettings) -> int:
+def bind(server: aio.Server, host: str, port: int, *, setting: str, settings: GatewaySettings) -> int:
     address = format_address(host, port)
     credentials = server_credentials(settings)
     try:
@@ -254,7 +254,7 @@ class Gateway:
             server,
             pool=POOL,
         )
-        self.port = bind(server, s.host, s.port, "port", s)
+        self.port = bind(server, s.host, s.port, setting="port", settings=s)
         await server.start()
         stack.push_async_callback(self._stop_server, server)
         stack.push_async_callback(self._wait_streams, streams)
@@ -277,7 +277,7 @@ class Gateway:
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ReleaseServicer(releases, ops, loader, share_feedback=s.worker_index >= 0), control
         )
-        self.control_port = bind(control, s.control_host, s.control_port, "control_port", s)
+        self.control_port = bind(control, s.control_host, s.control_port, setting="control_port", settings=s)
         await control.start()
         return control
 
