@@ -174,30 +174,21 @@ def measure_in_process(args: argparse.Namespace, model: str, *, graphs: bool) ->
 
 def gateway_summary(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
     """`gateway bench`'s gateway-nobatch and gateway targets: `gateway serve --workers 1`, batching off and on."""
-    from loadtests.bench.config import BenchConfig
-    from loadtests.bench.cpus import choose_cpus
+    from loadtests.bench.cli import BenchOptions
     from loadtests.bench.sweep import run_bench
 
-    cpus = choose_cpus(None, None)
-    config = BenchConfig(
+    config = BenchOptions(
         models=args.models,
         model=model,
-        concurrency=list(args.concurrency),
-        rates=[],
-        duration_s=args.duration,
-        warmup_s=args.warmup,
+        concurrency=",".join(map(str, args.concurrency)),
+        duration=args.duration,
+        warmup=args.warmup,
         repeats=args.repeats,
-        processes=len(cpus.client) if cpus.client else 1,
-        targets=["gateway-nobatch", "gateway"],
+        baselines="gateway-nobatch,gateway",
         workers=1,  # one worker per GPU: each process holds its own CUDA context
-        intra_op_threads=len(cpus.server) if cpus.server else 0,
         out=args.out,
-        server_cpus=cpus.server,
-        client_cpus=cpus.client,
-        pinning=cpus.how,
-        request_timeout_s=max(2.0, args.duration),
         provider=args.provider,
-    )
+    ).resolve()
     summary: list[dict[str, Any]] = run_bench(config)["summary"]
     return summary
 

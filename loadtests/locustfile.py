@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -58,7 +59,14 @@ from gateway.dtypes import NUMPY_BY_DATATYPE
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.types import TensorSpec, random_inputs
-from loadtests.signature import check_response, infer_request
+
+# Locust imports this file by its path, with only its folder and the working directory on
+# sys.path; the load tests are not installed, so from any other directory the checkout's root
+# must go on the path too for their shared helpers to import.
+_CHECKOUT = str(Path(__file__).resolve().parent.parent)
+if _CHECKOUT not in sys.path:
+    sys.path.append(_CHECKOUT)
+from loadtests.signature import check_response, infer_request  # noqa: E402  (needs the path above)
 
 # gRPC's sync API blocks in C unless its completion queue is polled through
 # gevent: without this, one user's call would stall every greenlet in the process.

@@ -45,15 +45,20 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGETS = {"ort", "bare", "gateway-nobatch", "gateway"}
 
 
-def test_smoke_bench_writes_every_target_ratios_and_plot(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "bench", "--smoke", "--model", "digits", "--out", str(tmp_path)],
+def gateway_bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`gateway bench ARGS` as a user runs it, from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", *args],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def test_smoke_bench_writes_every_target_ratios_and_plot(tmp_path: Path) -> None:
+    result = gateway_bench("--smoke", "--model", "digits", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     [json_path] = tmp_path.glob("bench-digits-*.json")
     data = json.loads(json_path.read_text())
@@ -80,9 +85,7 @@ def test_smoke_bench_writes_every_target_ratios_and_plot(tmp_path: Path) -> None
 
 
 def test_help_has_examples() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "bench", "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
+    result = gateway_bench("--help", timeout=60)
     assert result.returncode == 0
     for flag in ("--concurrency", "--rates", "--baselines", "--server-cpus", "--smoke", "--repeats"):
         assert flag in result.stdout
@@ -249,13 +252,7 @@ def test_summary_takes_medians_and_ratios_divide_them() -> None:
 
 
 def test_compare_two_versions_side_by_side(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "bench", "--compare", "1", "3", "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
+    result = gateway_bench("--compare", "1", "3", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "version comparison" in result.stdout
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -268,15 +265,9 @@ def test_compare_two_versions_side_by_side(tmp_path: Path) -> None:
 
 
 def test_shadow_target_mirrors_everything_and_reports_its_overhead(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "gateway", "bench", "--smoke", "--model", "digits"),
-            *("--baselines", "gateway,gateway-shadow", "--shadow", "3", "--out", str(tmp_path)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
+    result = gateway_bench(
+        *("--smoke", "--model", "digits", "--baselines", "gateway,gateway-shadow", "--shadow", "3"),
+        *("--out", str(tmp_path)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -296,13 +287,7 @@ def test_shadow_target_mirrors_everything_and_reports_its_overhead(tmp_path: Pat
     assert data["routing"]["choose_us"] > 0 and data["routing"]["route_point_us"] > 0
     assert "us per decision" in result.stdout
 
-    missing = subprocess.run(
-        [sys.executable, "-m", "gateway", "bench", "--smoke", "--baselines", "gateway-shadow", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    missing = gateway_bench("--smoke", "--baselines", "gateway-shadow", "--out", str(tmp_path), timeout=60)
     assert missing.returncode == 2 and "--shadow" in missing.stderr
 
 

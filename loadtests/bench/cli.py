@@ -44,32 +44,36 @@ def parse_numbers(text: str, kind: type[int] | type[float], name: str) -> list[A
     return values
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BenchOptions:
-    """The command line as given, one field per option (click fills it by name)."""
+    """The command line as given, one field per option (click fills it by name).
 
-    models: Path
-    model: str
-    version: str | None
-    rows: int
-    concurrency: str
-    rates: str
-    duration: float
-    warmup: float
-    repeats: int
-    processes: int | None
-    channels: int
-    baselines: str
-    workers: int | None
-    intra_op_threads: int | None
-    server_cpus: str | None
-    client_cpus: str | None
-    out: Path
-    provider: str
-    shadow: str | None
-    compare: tuple[str, str] | None
-    slo_ms: float
-    smoke: bool
+    The defaults are the command's (its options take them from DEFAULTS), so a program
+    such as loadtests.gpu_bench names only what it changes and resolves it the same way.
+    """
+
+    models: Path = Path("models")
+    model: str = "digits"
+    version: str | None = None
+    rows: int = 1
+    concurrency: str = "1,4,16,64"
+    rates: str = ""
+    duration: float = 5.0
+    warmup: float = 1.0
+    repeats: int = 3
+    processes: int | None = None
+    channels: int = 4
+    baselines: str = DEFAULT_TARGETS
+    workers: int | None = None
+    intra_op_threads: int | None = None
+    server_cpus: str | None = None
+    client_cpus: str | None = None
+    out: Path = Path("bench-results")
+    provider: str = "cpu"
+    shadow: str | None = None
+    compare: tuple[str, str] | None = None
+    slo_ms: float = 10.0
+    smoke: bool = False
 
     def targets(self) -> list[str]:
         if self.compare:
@@ -133,26 +137,49 @@ class BenchOptions:
         )
 
 
+DEFAULTS = BenchOptions()
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--models", type=click.Path(file_okay=False, path_type=Path), default=Path("models"), show_default=True)
-@click.option("--model", default="digits", show_default=True, help="Model to benchmark.")
+@click.option("--models", type=click.Path(file_okay=False, path_type=Path), default=DEFAULTS.models, show_default=True)
+@click.option("--model", default=DEFAULTS.model, show_default=True, help="Model to benchmark.")
 @click.option("--version", "version", default=None, help="Pin a version. [default: release.stable, else highest]")
-@click.option("--rows", type=click.IntRange(min=1), default=1, show_default=True, help="Rows (batch) per request.")
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=DEFAULTS.rows, show_default=True, help="Rows (batch) per request."
+)
 @click.option(
     "--concurrency",
-    default="1,4,16,64",
+    default=DEFAULTS.concurrency,
     show_default=True,
     help="Closed-loop sweep: requests in flight ('' for none, with --rates).",
 )
-@click.option("--rates", default="", help="Open-loop sweep in req/s (Poisson), e.g. 500,1000,2000. [default: none]")
-@click.option("--duration", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds per point.")
-@click.option("--warmup", type=click.FloatRange(min=0.0), default=1.0, show_default=True, help="Seconds discarded.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved repeats.")
+@click.option(
+    "--rates", default=DEFAULTS.rates, help="Open-loop sweep in req/s (Poisson), e.g. 500,1000,2000. [default: none]"
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.1),
+    default=DEFAULTS.duration,
+    show_default=True,
+    help="Seconds per point.",
+)
+@click.option(
+    "--warmup", type=click.FloatRange(min=0.0), default=DEFAULTS.warmup, show_default=True, help="Seconds discarded."
+)
+@click.option(
+    "--repeats", type=click.IntRange(min=1), default=DEFAULTS.repeats, show_default=True, help="Interleaved repeats."
+)
 @click.option("--processes", type=click.IntRange(min=1), default=None, help="Client processes. [default: client CPUs]")
-@click.option("--channels", type=click.IntRange(min=1), default=4, show_default=True, help="gRPC channels per process.")
+@click.option(
+    "--channels",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.channels,
+    show_default=True,
+    help="gRPC channels per process.",
+)
 @click.option(
     "--baselines",
-    default=DEFAULT_TARGETS,
+    default=DEFAULTS.baselines,
     show_default=True,
     help="Targets, run in this order each repeat: ort (in-process onnxruntime), bare (grpc.aio, no compute), "
     "gateway-nobatch, gateway, gateway-shadow (a shadow at 100%: needs --shadow).",
@@ -166,13 +193,11 @@ class BenchOptions:
 )
 @click.option("--server-cpus", default=None, help="CPUs for the server, e.g. 0 or 0-3. [default: first half]")
 @click.option("--client-cpus", default=None, help="CPUs for the clients, e.g. 1 or 4-7. [default: second half]")
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True
-)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULTS.out, show_default=True)
 @click.option(
     "--provider",
     type=click.Choice(["cpu", "cuda", "auto"]),
-    default="cpu",
+    default=DEFAULTS.provider,
     show_default=True,
     help="Passed to `gateway serve --provider` (loadtests/gpu_bench.py uses cuda).",
 )
@@ -193,7 +218,7 @@ class BenchOptions:
 @click.option(
     "--slo-ms",
     type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    default=DEFAULTS.slo_ms,
     show_default=True,
     help="p99 objective for the --compare summary (throughput at this p99).",
 )
