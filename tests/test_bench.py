@@ -43,6 +43,19 @@ from tests.support import MODELS, ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGETS = {"ort", "bare", "gateway-nobatch", "gateway"}
+# A short closed-loop point that tests change field by field.
+SPEC = LoadSpec(
+    address="127.0.0.1:1",
+    payload=b"",
+    rows=1,
+    outputs=(),
+    mode="closed",
+    offered=1.0,
+    duration_s=0.5,
+    warmup_s=0.1,
+    channels=1,
+    request_timeout_s=2.0,
+)
 
 
 def gateway_bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -104,17 +117,15 @@ def test_open_loop_against_the_bare_server() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("listening on 127.0.0.1:"), line
-        spec = LoadSpec(
+        spec = dataclasses.replace(
+            SPEC,
             address=line.split()[-1],
             payload=build_request(signature, 2, pin_version=False),
             rows=2,
             outputs=signature.outputs,
             mode="open",
             offered=200.0,
-            duration_s=0.5,
-            warmup_s=0.1,
             channels=2,
-            request_timeout_s=2.0,
         )
         with ClientPool(1, None) as pool:
             point = pool.run(spec)
@@ -154,18 +165,7 @@ def test_percentiles_come_from_all_samples_merged() -> None:
 
 
 def test_merge_results_sums_processes() -> None:
-    spec = LoadSpec(
-        address="127.0.0.1:1",
-        payload=b"",
-        rows=4,
-        outputs=(),
-        mode="closed",
-        offered=3,
-        duration_s=2.0,
-        warmup_s=0.5,
-        channels=1,
-        request_timeout_s=2.0,
-    )
+    spec = dataclasses.replace(SPEC, rows=4, offered=3, duration_s=2.0, warmup_s=0.5)
     a, b = WorkerResult(), WorkerResult()
     a.latencies.extend([0.001, 0.002])
     a.completed_in_window = 2
