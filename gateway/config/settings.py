@@ -9,6 +9,8 @@ parts read some, e.g. GATEWAY_CONTROL_TOKENS).
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +27,11 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 
 ENV_PREFIX = "GATEWAY_"
+# GATEWAY_* variables that are not serve settings: the CLI's client side and the
+# control API's tokens. Any other unknown one is most likely a misspelt setting.
+OTHER_VARIABLES = frozenset({"GATEWAY_CONTROL", "GATEWAY_TOKEN", "GATEWAY_CONTROL_TOKENS"})
+
+log = logging.getLogger(__name__)
 # More serving processes than this is a typo, not a machine: each one loads every model.
 MAX_WORKERS = 1024
 
@@ -158,6 +165,8 @@ def load_settings(
         if variable.startswith(ENV_PREFIX) and key in _SCHEMA.readers:
             values[key] = _SCHEMA.read(variable, key, text, text=True)
             origins[key] = variable
+        elif variable.startswith(ENV_PREFIX) and variable not in OTHER_VARIABLES:
+            _warn_unknown_variable(variable)
     for key, value in (overrides or {}).items():
         if value is not None:
             if key not in _SCHEMA.readers:
@@ -172,6 +181,15 @@ def load_settings(
         if origin is None:
             raise
         raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _warn_unknown_variable(variable: str) -> None:
+    """Not refused (another program may share the prefix), but never silently ignored:
+    GATEWAY_GRACE for GATEWAY_GRACE_S would otherwise leave the default in force."""
+    settings = [ENV_PREFIX + key.upper() for key in _SCHEMA.readers]
+    close = difflib.get_close_matches(variable, settings, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    log.warning("%s is not a gateway setting and is ignored%s", variable, hint)
 
 
 def _config_file_values(config_file: Path) -> Mapping[str, Any]:
