@@ -21,15 +21,31 @@ import click
 from google.protobuf.json_format import MessageToDict  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from gateway.control.client import EXIT_REFUSED, CommandFailed, ControlClient
+from gateway.logthrottle import one_line
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.release.policy import Phase
 from gateway.release.store import AuditOutcome
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(highlight=False)
+
+
+# Every string the gateway sends back may have been chosen by one of its clients
+# (reasons, actors, request ids, and values echoed in error messages) or come from
+# its repository (model and version names). Printed raw, a line break forges an
+# output line and an escape sequence reaches the operator's terminal, so each one
+# goes through `plain` (one line, every non-printable character escaped) and,
+# where rich reads markup, `markup` (its brackets too).
+def plain(text: object) -> str:
+    return one_line(text)
+
+
+def markup(text: object) -> str:
+    return escape(one_line(text))
 
 
 def connection_options(func: F) -> F:
@@ -55,7 +71,7 @@ def connection_options(func: F) -> F:
         try:
             return func(client=client, **kwargs)
         except CommandFailed as exc:
-            click.echo(f"gateway: {exc}", err=True)
+            click.echo(f"gateway: {plain(exc)}", err=True)
             sys.exit(exc.code)
         finally:
             client.close()
@@ -68,13 +84,13 @@ def _pct(bp: int) -> str:
 
 
 def _release_line(r: rpb.Release) -> str:
-    parts = [f"[bold]{r.model}[/]  stable {r.stable}"]
+    parts = [f"[bold]{markup(r.model)}[/]  stable {markup(r.stable)}"]
     if r.canary:
-        parts.append(f"canary {r.canary} at {_pct(r.canary_weight_bp)}")
+        parts.append(f"canary {markup(r.canary)} at {_pct(r.canary_weight_bp)}")
     if r.shadows:
-        parts.append("shadows " + ", ".join(f"{v} ({f:.0%})" for v, f in sorted(r.shadows.items())))
+        parts.append("shadows " + ", ".join(f"{markup(v)} ({f:.0%})" for v, f in sorted(r.shadows.items())))
     if r.phase and r.phase != Phase.IDLE:
-        parts.append(f"rollout {r.phase}" + (f" step {r.step + 1}" if r.phase == Phase.PROGRESSING else ""))
+        parts.append(f"rollout {markup(r.phase)}" + (f" step {r.step + 1}" if r.phase == Phase.PROGRESSING else ""))
     parts.append(f"revision {r.revision}")
     return "  ·  ".join(parts)
 
@@ -102,8 +118,8 @@ def report_table(report: rpb.Report) -> Table:
     for v in report.versions:
         accuracy = "—" if math.isnan(v.accuracy) else f"{v.accuracy:.4f} [{v.accuracy_low:.3f}, {v.accuracy_high:.3f}]"
         table.add_row(
-            v.version,
-            v.role,
+            markup(v.version),
+            markup(v.role),
             str(v.requests),
             f"{v.error_rate:.2%}" if v.requests else "—",
             _num(v.p50_ms),
@@ -115,7 +131,7 @@ def report_table(report: rpb.Report) -> Table:
             _num(v.latency_diff_ms, "{:+.3f}") if v.compared_rows else "—",
         )
     shadows = ", ".join(
-        f"{version}: {c.mirrored} mirrored, {c.dropped} dropped, {c.failed} failed, {c.timed_out} timed out"
+        f"{markup(version)}: {c.mirrored} mirrored, {c.dropped} dropped, {c.failed} failed, {c.timed_out} timed out"
         + (" (circuit open)" if c.circuit_open else "")
         for version, c in sorted(report.shadows.items())
     )
@@ -244,7 +260,7 @@ def report(client: ControlClient, model: str, as_json: bool, watch: float | None
 
         records = list(_audit_pages(client, model, 0.0, 0.0))
         plot_rollout(model, records, fetch(), plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {markup(plot)}")
         return
     if as_json:
         click.echo(json.dumps(MessageToDict(fetch(), always_print_fields_with_no_presence=True), indent=2))
@@ -284,28 +300,31 @@ def _when(text: str | None) -> float:
 
 
 def describe_audit(r: rpb.AuditRecord) -> str:
+    """One line per record, printed without markup: every server-sent string through `plain`."""
     after = json.loads(r.after_json) if r.after_json else {}
     change = ""
     if after:
-        change = f"stable {after.get('stable')}"
+        change = f"stable {plain(after.get('stable'))}"
         if after.get("canary"):
-            change += f", canary {after['canary']} {_pct(after.get('canary_weight_bp', 0))}"
+            change += f", canary {plain(after['canary'])} {_pct(after.get('canary_weight_bp', 0))}"
         phase = after.get("rollout", {}).get("phase", "")
         if phase and phase != Phase.IDLE:
-            change += f", {phase}"
+            change += f", {plain(phase)}"
     checks = ""
     if r.evidence_json:
         checks = (
             "  ["
             + "; ".join(
-                f"{c['check']} {c['verdict']}" + (f" {c['value']:.4g}" if c.get("value") is not None else "")
+                f"{plain(c['check'])} {plain(c['verdict'])}"
+                + (f" {c['value']:.4g}" if c.get("value") is not None else "")
                 for c in json.loads(r.evidence_json)
             )
             + "]"
         )
     stamp = datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
     outcome = "" if r.outcome == AuditOutcome.APPLIED else " REFUSED"
-    return f"{stamp}  #{r.id:<4} {r.model:<10} {r.action:<14}{outcome} by {r.actor}: {r.reason}  → {change}{checks}"
+    who = f"{plain(r.model):<10} {plain(r.action):<14}{outcome} by {plain(r.actor)}"
+    return f"{stamp}  #{r.id:<4} {who}: {plain(r.reason)}  → {change}{checks}"
 
 
 @click.command(epilog="\b\nExamples:\n  gateway audit digits\n  gateway audit --since 2026-11-26T09:00 --json")
@@ -452,7 +471,7 @@ def feedback_send(client: ControlClient, model: str, file: Path, batch: int) -> 
     console.print(summary)
     if totals["rejected"]:
         for error in errors[:10]:
-            click.echo(f"gateway: rejected: {error}", err=True)
+            click.echo(f"gateway: rejected: {plain(error)}", err=True)
         sys.exit(EXIT_REFUSED)
 
 
@@ -468,7 +487,8 @@ def models() -> None:
 def models_load(client: ControlClient, model: str, reason: str) -> None:
     """Load MODEL (or reload it: the old versions serve until the new ones are warm)."""
     status = client.call(client.stub.LoadModel, rpb.ModelRequest(model=model, reason=reason))
-    console.print(f"{status.model}: serving versions {', '.join(status.versions)}{_on_workers(status)}")
+    versions = ", ".join(markup(v) for v in status.versions)
+    console.print(f"{markup(status.model)}: serving versions {versions}{_on_workers(status)}")
 
 
 @models.command("unload")
@@ -478,14 +498,14 @@ def models_load(client: ControlClient, model: str, reason: str) -> None:
 def models_unload(client: ControlClient, model: str, reason: str) -> None:
     """Stop serving MODEL (requests in flight are answered)."""
     status = client.call(client.stub.UnloadModel, rpb.ModelRequest(model=model, reason=reason))
-    console.print(f"{model}: unloaded{_on_workers(status)}")
+    console.print(f"{markup(model)}: unloaded{_on_workers(status)}")
 
 
 def _on_workers(status: rpb.ModelStatus) -> str:
     """How many worker processes applied a load/unload (a partial one is an error, not this)."""
     if status.workers <= 0:
         return ""  # an older gateway: it does not say
-    notes = f"; {status.notes}" if status.notes else ""
+    notes = f"; {markup(status.notes)}" if status.notes else ""
     return f" on {status.workers_applied} of {status.workers} worker{'s' if status.workers != 1 else ''}{notes}"
 
 

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from gateway.dtypes import NUMPY_BY_DATATYPE
+from gateway.logthrottle import one_line
 from gateway.percentiles import quantile
 from gateway.protocol.capture import Record, capture_files, read_capture
 from gateway.protocol.pb import inference_pb2 as pb
@@ -172,6 +173,7 @@ def replay_command(
         for key, value in summary.items():
             click.echo(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
         for message, count in result.error_messages.items():
-            click.echo(f"  {count} x {message}")
+            # The server's message may echo what the captured request carried: one line, escaped.
+            click.echo(f"  {count} x {one_line(message)}")
     if require_exact and (summary["exact_match"] < 1.0 or result.errors):
         raise SystemExit(1)
