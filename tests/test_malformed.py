@@ -302,11 +302,18 @@ def long_id(size: int) -> bytes:
     return bytes(request.SerializeToString())
 
 
+def group_first(count: int) -> bytes:
+    """An empty unknown field in the group wire format (field 15), then `count` empty tensors: the
+    scan used to stop at the group and leave the whole message to protobuf (3 GB for 64 MiB)."""
+    return b"\x7b\x7c" + many_empty_tensors(count)
+
+
 HOSTILE: list[tuple[str, bytes, str]] = [
     ("2 M empty tensors", many_empty_tensors(2_000_000), "max_inputs"),
     ("1 M requested outputs", many_outputs(1_000_000), "max_outputs"),
     ("a 2 M-rank shape", deep_rank(2_000_000), "max_rank"),
     ("a 1 MB id", long_id(1 << 20), "max_id_bytes"),
+    ("a group, then 2 M empty tensors", group_first(2_000_000), "group wire format"),
 ]
 
 

@@ -5,15 +5,17 @@ object per tensor froze the event loop for ~9 s and kept ~460 MB; even protobuf'
 own parse of such a message takes ~85 bytes a tensor (~170 MB for 4 MiB, and the
 allocator keeps it). So a request's serialized bytes are scanned first, field by
 field without building anything, and the scan stops at the first cap exceeded:
-at most a few hundred fields are looked at, whatever the message holds. Only a
-request within every cap is then parsed (`InferRequestParser`). `check_structure`
+at most a few hundred fields are looked at, whatever the message holds. A request
+the scan cannot read to its end is refused too (malformed bytes, or groups, which
+protobuf parses but no proto3 client writes): a scan that stopped early would bound
+nothing, and one group before 33 M empty tensors had protobuf parse them all (3 GB).
+Only a request within every cap is then parsed (`InferRequestParser`). `check_structure`
 repeats the count checks on a parsed message (len() of repeated and map fields
 is O(1)) for requests that arrive already parsed.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -109,11 +111,21 @@ def check_structure(request: pb.ModelInferRequest, limits: WireLimits = DEFAULT_
             raise over_limit(f"outputs[{index}].parameters", limits.max_parameters, "entries", "max_parameters")
 
 
-class _Stop(Exception):
-    """The bytes are not well-formed protobuf: stop scanning and let the parser say why."""
+class MalformedRequest(ValueError):
+    """The bytes are not a protobuf message the scan can bound: malformed, or in the group wire
+    format, which protobuf still parses (no proto3 encoder writes it) but the scan cannot look
+    past. Refused rather than parsed: an unbounded parse is exactly what the scan is for.
+    Not an InvalidInput: it is answered (and logged, throttled) like protobuf's own
+    DecodeError, as a message that does not parse, with this reason."""
+
+
+# Wire types 3 and 4 open and close a group.
+_GROUP_TYPES = frozenset({3, 4})
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    if pos < len(data) and data[pos] < 0x80:  # the common case: one byte
+        return data[pos], pos + 1
     result = shift = 0
     for index in range(pos, min(pos + _MAX_VARINT_BYTES, len(data))):
         byte = data[index]
@@ -121,29 +133,35 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if byte < 0x80:
             return result, index + 1
         shift += 7
-    raise _Stop
+    raise MalformedRequest(f"the varint at byte {pos} is cut off or longer than {_MAX_VARINT_BYTES} bytes")
 
 
 def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value start, value end) of each field in data[start:end]."""
     pos = start
     while pos < end:
+        tag_at = pos
         tag, pos = _varint(data, pos)
         number, wire_type = tag >> 3, tag & 7
-        if wire_type == _VARINT:
-            value_start = pos
-            _, pos = _varint(data, pos)
-        elif wire_type == _LENGTH:
+        if wire_type == _LENGTH:
             length, value_start = _varint(data, pos)
             pos = value_start + length
+        elif wire_type == _VARINT:
+            value_start = pos
+            _, pos = _varint(data, pos)
         elif wire_type == _FIXED64:
             value_start, pos = pos, pos + 8
         elif wire_type == _FIXED32:
             value_start, pos = pos, pos + 4
-        else:  # groups: no proto3 encoder writes them
-            raise _Stop
+        elif wire_type in _GROUP_TYPES:
+            raise MalformedRequest(
+                f"field {number} at byte {tag_at} uses the group wire format (wire type {wire_type}), "
+                "which proto3 messages never carry"
+            )
+        else:
+            raise MalformedRequest(f"field {number} at byte {tag_at} has wire type {wire_type}, which does not exist")
         if pos > end:
-            raise _Stop
+            raise MalformedRequest(f"field {number} at byte {tag_at} runs past the end of its message")
         yield number, wire_type, value_start, pos
 
 
@@ -219,9 +237,10 @@ def _scan_request(data: bytes, limits: WireLimits) -> None:
 def scan_infer_request(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> None:
     """Refuse a serialized ModelInferRequest over `limits` (InvalidInput) without parsing it.
 
-    Malformed bytes are left to the parser, which says what is wrong with them."""
-    with contextlib.suppress(_Stop):
-        _scan_request(data, limits)
+    Bytes the scan cannot read to the end (malformed, or groups) are refused too
+    (MalformedRequest): a scan that stopped early bounds nothing, and protobuf
+    would parse whatever follows."""
+    _scan_request(data, limits)
 
 
 @dataclass(frozen=True, slots=True)
