@@ -20,7 +20,22 @@ from gateway.protocol.limits import (
 )
 from gateway.protocol.pb import inference_pb2 as pb
 
-LIMITS = WireLimits(max_inputs=4, max_outputs=3, max_parameters=2, max_rank=3, max_id_bytes=8)
+LIMITS = WireLimits(
+    max_inputs=4,
+    max_outputs=3,
+    max_parameters=2,
+    max_rank=3,
+    max_id_bytes=8,
+    max_contents_values=12,
+    max_separate_values=5,
+)
+# Typed contents fields and a strategy for their values (bytes_contents are always encoded one by one).
+CONTENTS: dict[str, st.SearchStrategy[object]] = {
+    "fp32_contents": st.floats(width=32),
+    "int64_contents": st.integers(-(2**63), 2**63 - 1),
+    "bool_contents": st.booleans(),
+    "bytes_contents": st.binary(max_size=3),
+}
 
 
 @st.composite
@@ -31,12 +46,14 @@ def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     )
     for i in range(draw(st.integers(0, 6))):
         tensor = request.inputs.add(
-            name=f"in{i}", datatype="FP32", shape=draw(st.lists(st.integers(0, 2**40), max_size=5))
+            name=f"in{i}",
+            datatype="FP32",
+            shape=draw(st.lists(st.integers(-1, 2**40) | st.integers(0, 3), max_size=5)),
         )
         for key in draw(st.lists(st.text(max_size=3), max_size=3, unique=True)):
             tensor.parameters[key].int64_param = 1
-        if draw(st.booleans()):
-            tensor.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=4)))
+        for field in draw(st.lists(st.sampled_from(sorted(CONTENTS)), max_size=2, unique=True)):
+            getattr(tensor.contents, field).extend(draw(st.lists(CONTENTS[field], max_size=6)))
     for i in range(draw(st.integers(0, 5))):
         output = request.outputs.add(name=f"out{i}")
         for key in draw(st.lists(st.text(max_size=3), max_size=3, unique=True)):
@@ -93,7 +110,8 @@ def test_malformed_bytes_are_refused_by_the_scan_naming_what_is_wrong() -> None:
         b"\x0b": "group wire format",
         b"\xff" * 11: "cut off or longer than 10 bytes",
         b"\x2a\x02\x1a": "runs past the end",
-        b"\x2a\x02\x0e\x00": "wire type 6",
+        b"\x2a\x04\x2a\x02\x0e\x00": "wire type 6",
+        b"\x2a\x05\x2a\x03\x32\x01\x00": "not a whole number of 4-byte values",
     }
     for data, reason in cases.items():
         with pytest.raises(MalformedRequest, match=reason):

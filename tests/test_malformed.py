@@ -174,7 +174,9 @@ MUTATIONS = [
     Mutation("duplicate input", _duplicate_input, INVALID, ("pixels", "more than once")),
     Mutation("missing input", _missing_input, INVALID, ("no inputs",)),
     Mutation("raw count", _raw_count, INVALID, ("raw_input_contents", "2 entries for 1 inputs")),
-    Mutation("typed count", _typed_count, INVALID, ("pixels", "fp32_contents", "expected 128")),
+    # Fewer values than [2, 64] holds are refused against the model ("expected 128"), more already
+    # by the scan before parsing ("more than the 128 its shape [2, 64] holds").
+    Mutation("typed count", _typed_count, INVALID, ("pixels", "fp32_contents", "128")),
     Mutation("unknown model", _unknown_model, NOT_FOUND, ("model",)),
     Mutation("unknown version", _unknown_version, NOT_FOUND, ("version",)),
     Mutation("unknown output", _unknown_output, INVALID, ("requested output",)),
@@ -308,12 +310,30 @@ def group_first(count: int) -> bytes:
     return b"\x7b\x7c" + many_empty_tensors(count)
 
 
+def many_contents_entries(count: int) -> bytes:
+    """digits' input "pixels" [1, 64] with `count` empty bytes_contents entries as its typed contents
+    (2 bytes each on the wire, ~35 parsed: 64 MiB of them took 1.1 GB and seconds to parse)."""
+    contents = b"\x42\x00" * count  # field 8 (bytes_contents), empty
+    tensor = b"\x0a\x06pixels\x12\x04FP32\x1a\x02\x01\x40" + b"\x2a" + _varint(len(contents)) + contents
+    return b"\x0a\x06digits" + b"\x2a" + _varint(len(tensor)) + tensor
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 HOSTILE: list[tuple[str, bytes, str]] = [
     ("2 M empty tensors", many_empty_tensors(2_000_000), "max_inputs"),
     ("1 M requested outputs", many_outputs(1_000_000), "max_outputs"),
     ("a 2 M-rank shape", deep_rank(2_000_000), "max_rank"),
     ("a 1 MB id", long_id(1 << 20), "max_id_bytes"),
     ("a group, then 2 M empty tensors", group_first(2_000_000), "group wire format"),
+    ("2 M empty bytes_contents entries", many_contents_entries(2_000_000), "encoded one by one"),
 ]
 
 

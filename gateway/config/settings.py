@@ -79,6 +79,11 @@ class GatewaySettings:
     max_parameters: int = 64
     max_rank: int = 16
     max_id_bytes: int = 256
+    # Typed contents values (fp32_contents, int64_contents, ...) of all inputs together,
+    # counted before parsing: packed numbers cost up to 8 bytes parsed per byte sent
+    # (an int64 0 is one byte), so 64 MiB of them took ~1 GB and 1 s. 1 Mi values is a few
+    # images; large tensors belong in raw_input_contents, as Triton's clients send them.
+    max_contents_values: int = 1 << 20
     grace_s: float = 10.0
     log_level: str = "INFO"
     loop: LoopKind = "uvloop"
@@ -127,7 +132,7 @@ class GatewaySettings:
         check_number("max_streams", self.max_streams, 1, INT32_MAX - self.max_inflight)
         for name in ("stream_idle_s", "max_connection_idle_s", "max_connection_age_s"):
             check_number(name, getattr(self, name), 0, INT32_MAX / 1000)  # gRPC keeps milliseconds in C ints
-        for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes"):
+        for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes", "max_contents_values"):
             check_number(cap, getattr(self, cap), 1)
         check_number("grace_s", self.grace_s, 0)
         check_number("cuda_device", self.cuda_device, 0)

@@ -9,13 +9,16 @@ at most a few hundred fields are looked at, whatever the message holds. A reques
 the scan cannot read to its end is refused too (malformed bytes, or groups, which
 protobuf parses but no proto3 client writes): a scan that stopped early would bound
 nothing, and one group before 33 M empty tensors had protobuf parse them all (3 GB).
-Only a request within every cap is then parsed (`InferRequestParser`). `check_structure`
+Typed contents are counted as well (see `_Contents`): 33 M empty bytes_contents
+entries in one tensor parsed into 1.1 GB. Only a request within every cap is then
+parsed (`InferRequestParser`). `check_structure`
 repeats the count checks on a parsed message (len() of repeated and map fields
 is O(1)) for requests that arrive already parsed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,10 +34,19 @@ MAX_NAME_BYTES = 256
 # Fields of a message other than those capped by name (a name, an id, a datatype,
 # contents, fields this gateway does not know): a real client sends a handful.
 MAX_OTHER_FIELDS = 64
+# Characters of an input's name an error quotes (as gateway.serving.validation clips them).
+ECHO_CHARS = 80
+# Typed contents values encoded one by one (bytes_contents entries, numbers a
+# proto3 encoder would have packed) per request. Each is a field the scan walks
+# in Python and protobuf parses into an object of its own (an empty bytes entry:
+# 2 bytes on the wire, ~35 bytes parsed, so 64 MiB of them took 1.1 GB and
+# seconds); packed numbers are counted without being read and are capped only by
+# max_contents_values. No BYTES tensor is served, and numbers come packed.
+MAX_SEPARATE_VALUES = 16_384
 
 # Field numbers, from protos/inference.proto (ModelInferRequest and its nested messages).
 _NAME, _VERSION, _ID, _PARAMETERS, _INPUTS, _OUTPUTS, _RAW = 1, 2, 3, 4, 5, 6, 7
-_TENSOR_SHAPE, _TENSOR_PARAMETERS = 3, 4
+_TENSOR_NAME, _TENSOR_SHAPE, _TENSOR_PARAMETERS, _TENSOR_CONTENTS = 1, 3, 4, 5
 _OUTPUT_PARAMETERS = 2
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _MAX_VARINT_BYTES = 10
@@ -52,6 +64,8 @@ class WireLimits:
     max_parameters: int
     max_rank: int
     max_id_bytes: int
+    max_contents_values: int
+    max_separate_values: int = MAX_SEPARATE_VALUES
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> WireLimits:
@@ -61,6 +75,7 @@ class WireLimits:
             max_parameters=settings.max_parameters,
             max_rank=settings.max_rank,
             max_id_bytes=settings.max_id_bytes,
+            max_contents_values=settings.max_contents_values,
         )
 
 
@@ -101,11 +116,19 @@ def check_structure(request: pb.ModelInferRequest, limits: WireLimits = DEFAULT_
     for name, value in (("model_name", request.model_name), ("model_version", request.model_version)):
         if _utf8_over(value, MAX_NAME_BYTES):
             raise over_limit(name, MAX_NAME_BYTES, "bytes")
+    contents = _Contents(limits)
     for index, tensor in enumerate(request.inputs):
         if len(tensor.shape) > limits.max_rank:
             raise over_limit(f"inputs[{index}].shape", limits.max_rank, "dimensions", "max_rank")
         if len(tensor.parameters) > limits.max_parameters:
             raise over_limit(f"inputs[{index}].parameters", limits.max_parameters, "entries", "max_parameters")
+        if tensor.HasField("contents"):
+            # A parsed message no longer says which numbers came packed: only bytes entries count as separate.
+            counts = {name: len(getattr(tensor.contents, name)) for name in _CONTENTS_NAMES}
+            for name, count in counts.items():
+                contents.take(f"inputs[{index}].contents", count, separate=name == "bytes_contents")
+            where = _input_label(index, tensor.name)
+            _check_holds(where, list(tensor.shape), {n: c for n, c in counts.items() if c})
     for index, output in enumerate(request.outputs):
         if len(output.parameters) > limits.max_parameters:
             raise over_limit(f"outputs[{index}].parameters", limits.max_parameters, "entries", "max_parameters")
@@ -121,6 +144,8 @@ class MalformedRequest(ValueError):
 
 # Wire types 3 and 4 open and close a group.
 _GROUP_TYPES = frozenset({3, 4})
+# What is deleted to count the varints of a packed chunk: one ends at each byte below 0x80.
+_CONTINUATION_BYTES = bytes(range(0x80, 0x100))
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -184,23 +209,151 @@ class _Counter:
 
 
 def _packed_count(data: bytes, start: int, end: int, cap: int) -> int:
-    """How many varints data[start:end] packs (one ends at each byte < 0x80); past 10 bytes a
-    varint, a chunk longer than that many caps is over the cap whatever it holds."""
+    """How many varints data[start:end] packs, or cap + 1 when that is more than cap.
+
+    A varint is at most 10 bytes, so a chunk longer than 10 x (cap + 1) holds more
+    than cap whatever it holds; a shorter one is counted in C (the bytes below 0x80)."""
     if end - start > _MAX_VARINT_BYTES * (cap + 1):
         return cap + 1
-    return sum(1 for byte in data[start:end] if byte < 0x80)
+    if start < end and data[end - 1] >= 0x80:
+        raise MalformedRequest(f"the packed varints ending at byte {end} end in the middle of one")
+    return len(data[start:end].translate(None, _CONTINUATION_BYTES))
 
 
-def _scan_tensor(data: bytes, start: int, end: int, index: int, limits: WireLimits) -> None:
+def _packed_varints(data: bytes, start: int, end: int) -> list[int]:
+    """The int64 values packed in data[start:end] (called once their count is known to be small)."""
+    values = []
+    pos = start
+    while pos < end:
+        value, pos = _varint(data, pos)
+        values.append(value - (1 << 64) if value >= 1 << 63 else value)
+    return values
+
+
+def _fmt_shape(dims: list[int]) -> str:
+    shown = ", ".join(str(d) for d in dims[:8])
+    return "[" + shown + (f", ... ({len(dims)} dimensions)" if len(dims) > 8 else "") + "]"
+
+
+class _Contents:
+    """The typed contents of one request's tensors: the values all of them carry together are
+    capped (max_contents_values; packed values are counted without being read), values encoded one
+    by one (unpacked numbers, bytes_contents entries) more tightly, as the scan walks each of them,
+    and each tensor's values per field by the number of elements its shape holds."""
+
+    def __init__(self, limits: WireLimits) -> None:
+        self.limits = limits
+        self.values = 0
+        self.separate = 0
+
+    def take(self, where: str, count: int, separate: bool) -> None:
+        self.values += count
+        if self.values > self.limits.max_contents_values:
+            error = over_limit(
+                where, self.limits.max_contents_values, "typed values per request", "max_contents_values"
+            )
+            raise InvalidInput(f"{error}: send large tensors in raw_input_contents")
+        if separate:
+            self.separate += count
+            if self.separate > self.limits.max_separate_values:
+                raise InvalidInput(
+                    f"{where}: more than the limit of {self.limits.max_separate_values} values encoded one by one "
+                    "(unpacked numbers, bytes_contents entries) per request: send numbers packed, as proto3 "
+                    "encoders do, or the tensor in raw_input_contents"
+                )
+
+    def room(self) -> int:
+        return self.limits.max_contents_values - self.values
+
+    def scan(self, data: bytes, start: int, end: int, index: int, counts: dict[str, int]) -> None:
+        """Count the values of one `contents` field of inputs[index] into `counts` (per contents field)."""
+        where = f"inputs[{index}].contents"
+        counter = _Counter(f"{where}.")
+        for number, wire_type, value_start, value_end in _fields(data, start, end):
+            kind = _CONTENTS_FIELDS.get(number)
+            if kind is None:
+                counter.other()
+                continue
+            name, value_type = kind
+            if wire_type == _LENGTH and value_type != _LENGTH:  # packed numbers
+                count = _packed_values(data, value_start, value_end, value_type, self.room())
+                self.take(where, count, separate=False)
+            elif wire_type == value_type:  # one number, or one bytes_contents entry
+                count = 1
+                self.take(where, count, separate=True)
+            else:  # a known number in the wrong wire type: protobuf keeps it as an unknown field
+                counter.other()
+                continue
+            counts[name] = counts.get(name, 0) + count
+
+
+# InferTensorContents: field number -> (name, wire type of one value).
+_CONTENTS_FIELDS = {
+    1: ("bool_contents", _VARINT),
+    2: ("int_contents", _VARINT),
+    3: ("int64_contents", _VARINT),
+    4: ("uint_contents", _VARINT),
+    5: ("uint64_contents", _VARINT),
+    6: ("fp32_contents", _FIXED32),
+    7: ("fp64_contents", _FIXED64),
+    8: ("bytes_contents", _LENGTH),
+}
+_CONTENTS_NAMES = tuple(name for name, _ in _CONTENTS_FIELDS.values())
+_FIXED_SIZE = {_FIXED32: 4, _FIXED64: 8}
+
+
+def _packed_values(data: bytes, start: int, end: int, value_type: int, room: int) -> int:
+    size = _FIXED_SIZE.get(value_type)
+    if size is None:
+        return _packed_count(data, start, end, room)
+    if (end - start) % size:
+        raise MalformedRequest(f"the packed values at byte {start} are not a whole number of {size}-byte values")
+    return (end - start) // size
+
+
+def _input_label(index: int, name: str) -> str:
+    """How an error names an input: its name, clipped as validation clips it, and its index."""
+    shown = repr(name[:ECHO_CHARS]) + ("..." if len(name) > ECHO_CHARS else "")
+    return f"input {shown} (inputs[{index}])"
+
+
+def _check_holds(where: str, dims: list[int], counts: dict[str, int]) -> None:
+    """Refuse contents with more values in a field than the tensor's shape holds (they can never
+    match it); fewer are left to the check against the model, which names what it expects."""
+    if not counts or any(d < 0 for d in dims):  # a negative dimension is refused, named, at validation
+        return
+    holds = math.prod(dims)
+    for name, count in counts.items():
+        if count > holds:
+            raise InvalidInput(
+                f"{where}: contents.{name} has {count} values, more than the {holds} its shape {_fmt_shape(dims)} holds"
+            )
+
+
+def _scan_tensor(data: bytes, start: int, end: int, index: int, limits: WireLimits, contents: _Contents) -> None:
     counter = _Counter(f"inputs[{index}].")
+    dims: list[int] = []
+    counts: dict[str, int] = {}
+    name = b""
     for number, wire_type, value_start, value_end in _fields(data, start, end):
-        if number == _TENSOR_SHAPE:
+        if number == _TENSOR_NAME and wire_type == _LENGTH:
+            counter.other()
+            name = data[value_start : min(value_end, value_start + 4 * ECHO_CHARS + 4)]
+        elif number == _TENSOR_SHAPE:
+            if wire_type not in (_VARINT, _LENGTH):  # protobuf keeps it as an unknown field
+                counter.other()
+                continue
             rank = 1 if wire_type == _VARINT else _packed_count(data, value_start, value_end, limits.max_rank)
             counter.add("shape", limits.max_rank, "dimensions", "max_rank", by=rank)
+            dims.extend(_packed_varints(data, value_start, value_end))
         elif number == _TENSOR_PARAMETERS:
             counter.add("parameters", limits.max_parameters, "entries", "max_parameters")
+        elif number == _TENSOR_CONTENTS and wire_type == _LENGTH:
+            contents.scan(data, value_start, value_end, index, counts)
         else:
             counter.other()
+    # After the whole tensor: its shape may come after its contents.
+    _check_holds(_input_label(index, name.decode(errors="replace")), dims, counts)
 
 
 def _scan_output(data: bytes, start: int, end: int, index: int, limits: WireLimits) -> None:
@@ -214,10 +367,11 @@ def _scan_output(data: bytes, start: int, end: int, index: int, limits: WireLimi
 
 def _scan_request(data: bytes, limits: WireLimits) -> None:
     counter = _Counter("")
+    contents = _Contents(limits)
     for number, wire_type, start, end in _fields(data, 0, len(data)):
         if number == _INPUTS and wire_type == _LENGTH:
             index = counter.add("inputs", limits.max_inputs, "tensors", "max_inputs") - 1
-            _scan_tensor(data, start, end, index, limits)
+            _scan_tensor(data, start, end, index, limits, contents)
         elif number == _OUTPUTS and wire_type == _LENGTH:
             index = counter.add("outputs", limits.max_outputs, "requested outputs", "max_outputs") - 1
             _scan_output(data, start, end, index, limits)
