@@ -197,6 +197,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "max_id_bytes": [0],
     "max_contents_values": [0],
     "max_streams": [0, 1 << 31],
+    "max_watchers": [0, 1 << 31],
     "stream_idle_s": [-1, 1e10],
     "max_connection_idle_s": [-1],
     "max_connection_age_s": [-0.5],

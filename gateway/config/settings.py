@@ -68,6 +68,9 @@ class GatewaySettings:
     stream_idle_s: float = 300.0
     max_connection_idle_s: float = 600.0
     max_connection_age_s: float = 3600.0
+    # Health Watch calls, counted apart from max_streams so that watchers never take
+    # ModelStreamInfer's places; never idled out (a watcher only waits for news).
+    max_watchers: int = 256
     # Caps on one inference request's structure, checked by counting before anything is
     # built per tensor (gateway/protocol/limits.py). Generous for real models: wide tabular
     # models with one input per feature have hundreds of inputs, and 256 tensors decode in
@@ -130,6 +133,7 @@ class GatewaySettings:
         check_number("max_message_bytes", self.max_message_bytes, 1024, INT32_MAX)
         check_number("max_inflight", self.max_inflight, 1, INT32_MAX)
         check_number("max_streams", self.max_streams, 1, INT32_MAX - self.max_inflight)
+        check_number("max_watchers", self.max_watchers, 1, INT32_MAX - self.max_inflight - self.max_streams)
         for name in ("stream_idle_s", "max_connection_idle_s", "max_connection_age_s"):
             check_number(name, getattr(self, name), 0, INT32_MAX / 1000)  # gRPC keeps milliseconds in C ints
         for cap in ("max_inputs", "max_outputs", "max_parameters", "max_rank", "max_id_bytes", "max_contents_values"):

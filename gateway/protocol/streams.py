@@ -11,7 +11,12 @@ with CANCELLED.
 
 Request-streaming calls (ModelStreamInfer, reflection) are ended only while
 they wait for the client, never in the middle of a request. Server-push calls
-(health Watch) count against the cap and are ended by a drain.
+(health Watch) have a cap of their own (max_watchers), so watchers can never
+take the slots ModelStreamInfer needs (8 Watch calls once locked every stream
+out at max_streams 8), and are ended by a drain. They are never ended for
+idling: a watcher only waits for news by design (load balancers and grpc's
+client-side health checking hold one Watch per connection, for as long as the
+connection lives), so its silence says nothing about whether it is still wanted.
 """
 
 from __future__ import annotations
@@ -67,18 +72,26 @@ class _Stream:
 class StreamGuard(WrappingInterceptor):
     """Caps open streams, ends idle ones, and ends all of them on drain."""
 
-    def __init__(self, max_streams: int, idle_s: float) -> None:
+    def __init__(self, max_streams: int, idle_s: float, max_watchers: int) -> None:
         super().__init__()
         self.max_streams = max_streams
+        self.max_watchers = max_watchers
         self.idle_s = idle_s
         self._open: set[_Stream] = set()
+        self._watchers = 0  # of the open streams, those that push (health Watch)
         self._closing = False
         self._none_open = asyncio.Event()
         self._none_open.set()
 
     @property
     def open_streams(self) -> int:
-        return len(self._open)
+        """Open request-streaming calls (ModelStreamInfer, reflection): what max_streams caps."""
+        return len(self._open) - self._watchers
+
+    @property
+    def open_watchers(self) -> int:
+        """Open server-push calls (health Watch): what max_watchers caps."""
+        return self._watchers
 
     def close(self) -> None:
         """Drain: refuse new streams; end each open one at its next wait for a message."""
@@ -114,19 +127,28 @@ class StreamGuard(WrappingInterceptor):
     def _admit(self, push: bool) -> _Stream:
         if self._closing:
             raise _draining()
-        if len(self._open) >= self.max_streams:
+        if push and self._watchers >= self.max_watchers:
             raise StreamEnded(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(self._open)} streams are open on this server process, the most max_streams allows: "
+                f"{self._watchers} health watchers are open on this server process, the most max_watchers "
+                "allows: close unused Watch calls, or raise max_watchers (GATEWAY_MAX_WATCHERS)",
+            )
+        if not push and self.open_streams >= self.max_streams:
+            raise StreamEnded(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.open_streams} streams are open on this server process, the most max_streams allows: "
                 "close idle streams, or raise --max-streams",
             )
         stream = _Stream(asyncio.current_task(), push)
         self._open.add(stream)
+        self._watchers += push
         self._none_open.clear()
         return stream
 
     def _release(self, stream: _Stream) -> None:
-        self._open.discard(stream)
+        if stream in self._open:
+            self._open.remove(stream)
+            self._watchers -= stream.push
         if not self._open:
             self._none_open.set()
 

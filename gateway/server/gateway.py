@@ -236,14 +236,15 @@ class Gateway:
 
     async def _start_inference(self, stack: AsyncExitStack, dataplane: DataPlane, registry: Registry) -> None:
         s = self.settings
-        self._streams = streams = StreamGuard(s.max_streams, s.stream_idle_s)
+        self._streams = streams = StreamGuard(s.max_streams, s.stream_idle_s, s.max_watchers)
         server = aio.server(
             migration_thread_pool=None,
             options=inference_options(s),
             # The guard sits inside the error mapping: it ends streams with its own status.
             interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))), streams],
-            # Streams have their own cap (the guard's), so unary calls always keep max_inflight.
-            maximum_concurrent_rpcs=s.max_inflight + s.max_streams,
+            # Streams and health watchers have caps of their own (the guard's), so unary
+            # calls always keep max_inflight.
+            maximum_concurrent_rpcs=s.max_inflight + s.max_streams + s.max_watchers,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s)), server
