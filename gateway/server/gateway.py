@@ -320,7 +320,15 @@ class Gateway:
             await asyncio.wait_for(releases.idle(), max(0.1, self._remaining()))
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Stop taking work, answer what is in flight, then stop (within the grace period)."""
+        """Stop taking work, answer what is in flight, then stop (within the grace period).
+
+        While the drain waits, new calls are answered UNAVAILABLE (retryable, "shutting
+        down"). A few calls arriving in the last moment still get CANCELLED: grpc core
+        cancels the calls it has received but not yet handed to Python when
+        `server.stop` runs, and grpc Python has no way to send the clients GOAWAY (which
+        would move them to another replica first) before that stop. Clients should
+        retry CANCELLED on an idempotent call during a rollout, as they do UNAVAILABLE.
+        """
         if self._draining:
             return await self.wait_stopped()
         self._draining = True
