@@ -48,6 +48,13 @@ def in_use_message(setting: str, port: int) -> str:
     return f"{label} {port} is in use (another gateway?): stop it, or choose another with {flag} ({free})"
 
 
+def bind_failure(host: str, port: int, setting: str, exc: OSError) -> ConfigError:
+    """The one-line refusal for a bind that failed: whose port, and how to choose another."""
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(in_use_message(setting, port))
+    return ConfigError(f"{setting}: cannot listen on {host}:{port}: {exc.strerror}")
+
+
 def check_free(host: str, port: int, setting: str) -> None:
     """Refuse, naming the setting and the fix, when any socket holds host:port (port 0 is always free)."""
     if port <= 0:
@@ -59,9 +66,7 @@ def check_free(host: str, port: int, setting: str) -> None:
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(in_use_message(setting, port)) from None
-            raise ConfigError(f"{setting}: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise bind_failure(host, port, setting, exc) from None
 
 
 def check_ports(s: GatewaySettings, inference: bool = True) -> None:
@@ -110,7 +115,5 @@ def reserve_shared(host: str, port: int) -> socket.socket:
             sock.bind(sockaddr)
         except OSError as exc:
             sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(in_use_message("port", port)) from None
-            raise ConfigError(f"port: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise bind_failure(host, port, "port", exc) from None
     return sock

@@ -31,7 +31,7 @@ from typing import Any
 
 from gateway.config.settings import GatewaySettings, usable_cores
 from gateway.errors import ConfigError, GatewayError
-from gateway.server.ports import check_ports, reserve_shared
+from gateway.server.ports import bind_failure, check_ports, reserve_shared
 from gateway.server.statelock import lock_state_dir
 from gateway.serving.providers import cuda_prerequisites
 
@@ -201,10 +201,12 @@ class Supervisor:
             self._spawn(index)
         try:
             self._wait_ready(set(self._procs))
+            # Inside the try: a metrics port taken while the workers started must
+            # stop them too, or they serve on with nobody to announce or stop them.
+            metrics = self._serve_metrics()
         except ConfigError:
             self._terminate(signal.SIGKILL)
             raise
-        metrics = self._serve_metrics()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         if self.control_port >= 0:
@@ -222,7 +224,11 @@ class Supervisor:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        httpd, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=registry)
+        host, port = self.settings.host, self.settings.metrics_port
+        try:
+            httpd, _ = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:  # free when checked before the workers started, but not now
+            raise bind_failure(host, port, "metrics_port", exc) from None
         return f", metrics on {format_address(self.settings.host, httpd.server_port)}"
 
     def _on_signal(self, signum: int, frame: Any) -> None:
