@@ -16,10 +16,19 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gateway.config.settings import GatewaySettings
+from gateway.errors import ConfigError
+from gateway.server.ports import check_distinct
 from tests.support import ROOT, gateway_command
+from tests.test_process_ports import fresh_state, second_gateway
+
+FLAGS = {"port": "--port", "control_port": "--control-port", "metrics_port": "--metrics-port"}
 
 
 def free_port() -> int:
@@ -30,6 +39,53 @@ def free_port() -> int:
 
 def gateway_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("gateway:")]
+
+
+# ---------------------------------------------------------------- finding 2: one number, two flags
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(("first", "second"), [("port", "control_port"), ("control_port", "metrics_port")])
+def test_one_port_for_two_listeners_is_refused_before_any_model_loads(workers: str, first: str, second: str) -> None:
+    port = free_port()
+    ports = {"port": "0", "control_port": "0", "metrics_port": "-1", first: str(port), second: str(port)}
+    args = [arg for setting, value in ports.items() for arg in (FLAGS[setting], value)]
+    code, output = second_gateway(*args, "--workers", workers, "--state-dir", fresh_state())
+    assert code == 2, output
+    lines = gateway_lines(output)
+    assert len(lines) == 1, output
+    assert lines[0].startswith(f"gateway: port {port} is given to both {FLAGS[first]} and {FLAGS[second]}: "), output
+    assert "loaded " not in output and "Traceback" not in output and "add_port" not in output, output
+
+
+# -1 turns the control API or metrics off; the inference port is always on.
+ports = st.sampled_from([-1, 0, 8001, 8002])
+
+
+@given(port=st.sampled_from([0, 8001, 8002]), control_port=ports, metrics_port=ports)
+@settings(max_examples=100, deadline=None)
+def test_only_a_positive_number_given_twice_is_refused(port: int, control_port: int, metrics_port: int) -> None:
+    s = GatewaySettings(
+        models=Path("models"), host="127.0.0.1", port=port, control_port=control_port, metrics_port=metrics_port
+    )
+    chosen = [p for p in (port, control_port, metrics_port) if p > 0]
+    if len(set(chosen)) == len(chosen):
+        check_distinct(s)
+        return
+    with pytest.raises(ConfigError, match=r"port \d+ is given to both --[a-z-]+ and --[a-z-]+"):
+        check_distinct(s)
+
+
+def test_the_same_number_on_two_addresses_that_cannot_clash_is_allowed() -> None:
+    check_distinct(
+        GatewaySettings(models=Path("models"), host="127.0.0.1", control_host="127.0.0.2", port=8001, control_port=8001)
+    )
+    with pytest.raises(ConfigError, match="port 8001 is given to both --port and --control-port"):
+        check_distinct(
+            GatewaySettings(
+                models=Path("models"), host="0.0.0.0", control_host="127.0.0.2", port=8001, control_port=8001
+            )
+        )
 
 
 # ---------------------------------------------------------------- finding 1: taken while the workers start

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
+import itertools
 import os
 import socket
 import tempfile
@@ -69,8 +71,36 @@ def check_free(host: str, port: int, setting: str) -> None:
             raise bind_failure(host, port, setting, exc) from None
 
 
+def _overlaps(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Whether two listening addresses can clash: the same address, or either one every address."""
+    if a[0] == b[0]:
+        return True
+    return any(ipaddress.ip_address(str(addr[0]).split("%")[0]).is_unspecified for addr in (a, b))
+
+
+def check_distinct(s: GatewaySettings) -> None:
+    """Refuse one port number given to two of the gateway's listeners on overlapping addresses.
+
+    Otherwise every model loads first, and then the second listener fails to bind
+    with grpc's own error lines (or, under a supervisor, after its workers serve).
+    0 (a free one each) and -1 (off) are never a clash.
+    """
+    listeners = [(setting, host, port) for setting, host, port in (
+        ("port", s.host, s.port),
+        ("control_port", s.control_host, s.control_port),
+        ("metrics_port", s.host, s.metrics_port),
+    ) if port > 0]  # fmt: skip
+    for (first, host_a, port_a), (second, host_b, port_b) in itertools.combinations(listeners, 2):
+        if port_a == port_b and _overlaps(_sockaddr(host_a, port_a, first)[1], _sockaddr(host_b, port_b, second)[1]):
+            flag_a, flag_b = _FLAGS[first][1], _FLAGS[second][1]
+            raise ConfigError(
+                f"port {port_a} is given to both {flag_a} and {flag_b}: give each its own ({_FLAGS[second][2]})"
+            )
+
+
 def check_ports(s: GatewaySettings, inference: bool = True) -> None:
-    """Refuse at once, before any model loads, a port something else holds, naming its flag."""
+    """Refuse at once, before any model loads, a port given twice or one something else holds, naming its flag."""
+    check_distinct(s)
     if inference:
         check_free(s.host, s.port, "port")
     check_free(s.control_host, s.control_port, "control_port")
