@@ -7,7 +7,8 @@ saved `error`; the batcher's returned run error, whose traceback's frames lead
 back to the caller that keeps it; the future that delivers it to the waiting
 frame), and the dispatcher kept its last batch. The test turns collection off,
 sends requests that fail in every one of those ways to a real server, and
-checks that no decoded request (`WireRequest`) of theirs is still alive.
+checks that no decoded request (`WireRequest`) of theirs is still alive. And an
+idle stream keeps no copy of its last message while it waits for the next.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.types import WireRequest
 from tests.onnx_models import write_spin_model
-from tests.support import Running, gateway_in_thread
+from tests.support import Running, gateway_in_thread, gateway_process
 from tests.test_overload import HEAD_SPIN, batcher_of, wait_until
 
 PREFIX = "refused-"
@@ -110,3 +113,60 @@ def test_refused_and_failed_requests_are_freed_without_a_collection(server: Runn
         assert alive() == []
     finally:
         gc.enable()
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class IdleStream:
+    """A ModelStreamInfer stream that sends one message, reads its answer, then stays open and idle."""
+
+    def __init__(self, channel: grpc.Channel, message: bytes) -> None:
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._outbox.put(message)
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        self._answers = call(iter(self._outbox.get, None), timeout=120)
+        self.answer = next(self._answers)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        assert list(self._answers) == []
+
+
+def test_an_idle_stream_keeps_no_copy_of_its_last_message() -> None:
+    """Each idle ModelStreamInfer stream kept its last message two or three times over (grpc's
+    request iterator, the guard's and the handler's locals) until its next message or its idle
+    limit: at 256 streams x 64 MiB, gigabytes held by streams doing nothing."""
+    size = 32 << 20
+    message = digits_wrong_size(size)
+    options = [("grpc.max_send_message_length", 2 * size)]
+    with (
+        gateway_process("--workers", "1", "--load", "digits") as server,
+        grpc.insecure_channel(server.address, options=options) as channel,
+    ):
+        IdleStream(channel, message).close()  # grpc's and the allocator's buffers for one such message
+        baseline = rss_mib(server.proc.pid)
+        streams = [IdleStream(channel, message) for _ in range(4)]
+        assert all("raw content is" in s.answer.error_message for s in streams)
+        time.sleep(0.5)
+        grown = rss_mib(server.proc.pid) - baseline
+        for stream in streams:
+            stream.close()
+        # Generous: one kept copy per stream alone would be 4 x 32 MiB.
+        assert grown < 64, f"4 idle streams hold {grown:.0f} MiB more than none"
+
+
+def digits_wrong_size(size: int) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name="digits", id="idle")
+    request.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(b"\1" * size)  # refused: [1, 64] FP32 is 256 bytes
+    return bytes(request.SerializeToString())

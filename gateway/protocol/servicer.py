@@ -113,17 +113,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest | Unparseable], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Errors of one request go into its response; the stream goes on.
+        # Errors of one request go into its response; the stream goes on. Each message
+        # is answered by a call of its own, so this generator keeps no request (up to
+        # the message size, twice: parsed and decoded) while it waits, up to
+        # stream_idle_s, for the next one.
         async for request in request_iterator:
-            try:
-                if isinstance(request, Unparseable):
-                    raise request.error()  # a message that did not parse (see protocol.status)
-                wire = codec.decode_infer(request, deadline_of(context), self.limits)
-                response = codec.encode_infer(await self.dataplane.infer(wire))
-            except GatewayError as exc:
-                yield pb.ModelStreamInferResponse(error_message=status_for(exc)[1])
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+            answer = self._stream_answer(request, context)
+            del request
+            yield await answer
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest | Unparseable, context: Context
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            if isinstance(request, Unparseable):
+                raise request.error()  # a message that did not parse (see protocol.status)
+            wire = codec.decode_infer(request, deadline_of(context), self.limits)
+            response = codec.encode_infer(await self.dataplane.infer(wire))
+        except GatewayError as exc:
+            return pb.ModelStreamInferResponse(error_message=status_for(exc)[1])
+        return pb.ModelStreamInferResponse(infer_response=response)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if request.name:

@@ -116,13 +116,54 @@ def _tolerant(
     return parse
 
 
+class _Held:
+    """A stream's message on its way from grpc to the handler, in a box emptied when taken.
+
+    grpc's request iterator keeps the last message it produced while it waits for
+    the next one: on an idle stream, for up to stream_idle_s, a message of up to
+    the message size per stream. Handed over in this box, what grpc keeps is an
+    empty box."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+    def take(self) -> Any:
+        message, self.message = self.message, None
+        return message
+
+
+def _boxed(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    return lambda data: _Held(deserializer(data))
+
+
+async def _unboxed(requests: AsyncIterator[_Held]) -> AsyncIterator[Any]:
+    iterator = requests.__aiter__()
+    while True:
+        try:
+            message = (await iterator.__anext__()).take()
+        except StopAsyncIteration:
+            return
+        yield message
+        del message  # not kept through the wait for the next one
+
+
 async def _refusing(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """The request stream of a handler that does not know the marker: its first
     unparseable message raises InvalidInput, ending the stream with INVALID_ARGUMENT."""
-    async for item in requests:
+    iterator = requests.__aiter__()
+    while True:
+        try:
+            item = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
         if isinstance(item, Unparseable):
             raise item.error()
         yield item
+        del item  # not kept through the wait for the next one
 
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -160,7 +201,8 @@ def _wrap_stream(behavior: Callable[..., Any], method: str, in_stream_errors: bo
     # Markers travel as messages (through any wrapper between here and the handler)
     # only to a handler that answers them in the stream.
     async def guarded(request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        requests = request_iterator if in_stream_errors else _refusing(request_iterator)
+        messages = _unboxed(request_iterator)
+        requests = messages if in_stream_errors else _refusing(messages)
         try:
             async for item in behavior(requests, context):
                 yield item
@@ -212,7 +254,7 @@ class ErrorMappingInterceptor(WrappingInterceptor):
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(handler.stream_stream, method, method in IN_STREAM_ERRORS),
-                request_deserializer=deserializer,
+                request_deserializer=_boxed(deserializer),
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream is not None:

@@ -192,6 +192,8 @@ class StreamGuard(WrappingInterceptor):
                 if timer is not None:
                     timer.cancel()
             yield message
+            # Not held through the wait for the next one (up to stream_idle_s).
+            del message
 
     def _idle(self) -> StreamEnded:
         return StreamEnded(
