@@ -8,6 +8,17 @@ import pytest
 
 from tests.support import MODELS, Running, gateway_in_thread
 
+# Each folder is a kind of test; the kind is also a marker (`-m unit`), so either
+# `pytest tests/unit` or `pytest -m unit` is the inner loop.
+KINDS = ("unit", "integration", "simulation")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for kind in KINDS:
+            if kind in item.path.parts:
+                item.add_marker(getattr(pytest.mark, kind))
+
 
 @pytest.fixture(scope="session")
 def bundled() -> Iterator[Running]:

@@ -14,8 +14,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from tests.integration.test_overload import request, spin_repo
 from tests.support import gateway_process
-from tests.test_overload import request, spin_repo
 
 IN_FLIGHT = 200
 

@@ -1,7 +1,7 @@
 """Caps on a request's structure, on request ids and on the prediction log; short error messages.
 
 Issue #21 items 1, 2 and 15. The fuzz side (hostile requests against a real
-server, with memory and latency bounds) is in tests/test_malformed.py.
+server, with memory and latency bounds) is in tests/integration/test_malformed.py.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from gateway.config.settings import GatewaySettings
 from gateway.errors import ConfigError
 from gateway.server.ports import check_distinct
+from tests.integration.test_process_ports import fresh_state, second_gateway
 from tests.support import ROOT, gateway_command
-from tests.test_process_ports import fresh_state, second_gateway
 
 FLAGS = {"port": "--port", "control_port": "--control-port", "metrics_port": "--metrics-port"}
 

@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc as tc
 
 from gateway.protocol.pb import release_pb2 as rpb
+from tests.integration.test_model_lifecycle_repository import control, digits_answer
 from tests.support import MODELS, Running, gateway_in_thread
-from tests.test_model_lifecycle_repository import control, digits_answer
 
 
 async def _task_count() -> int:

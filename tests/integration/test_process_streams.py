@@ -21,8 +21,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from tests.integration.test_overload import request, spin_repo
 from tests.support import Running, gateway_in_thread
-from tests.test_overload import request, spin_repo
 
 HEAD_SPIN = 800_000  # holds the spin model ~2 s (more on a busy machine)
 

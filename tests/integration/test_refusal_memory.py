@@ -27,9 +27,9 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.types import WireRequest
+from tests.integration.test_overload import HEAD_SPIN, batcher_of, wait_until
 from tests.onnx_models import write_spin_model
 from tests.support import Running, gateway_in_thread, gateway_process
-from tests.test_overload import HEAD_SPIN, batcher_of, wait_until
 
 PREFIX = "refused-"
 BIG = 1 << 20  # a raw input of the wrong size, big enough to matter if kept

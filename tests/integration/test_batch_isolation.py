@@ -26,11 +26,11 @@ from gateway.config.spec import BatchingSpec
 from gateway.errors import ModelExecutionError
 from gateway.serving.batcher import DynamicBatcher
 from gateway.serving.statistics import VersionStats
+from tests.integration.test_overload import batcher_of, metric, request, wait_until
 from tests.onnx_models import write_spin_model
 from tests.support import Running, gateway_in_thread
-from tests.test_overload import batcher_of, metric, request, wait_until
 
-# About 0.5 s of head batch (see tests/test_overload.py): the others queue meanwhile.
+# About 0.5 s of head batch (see tests/integration/test_overload.py): the others queue meanwhile.
 HEAD_SPIN = 200_000
 
 

@@ -23,9 +23,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.release.routing import route_point
+from tests.integration.test_overload import metric, request, wait_until
 from tests.onnx_models import write_spin_model
 from tests.support import Running, gateway_in_thread, poll_until
-from tests.test_overload import metric, request, wait_until
 
 SPEC = """max_batch_size = 8
 [batching]
@@ -45,7 +45,7 @@ max_error_increase = 0.05
 max_duration_s = 120
 """
 HOSTILE = 120  # requests of each hostile kind
-HEAD_SPIN = 200_000  # about 0.5 s of run (see tests/test_overload.py)
+HEAD_SPIN = 200_000  # about 0.5 s of run (see tests/integration/test_overload.py)
 # Keys the first step (20 %) routes to the canary.
 CANARY_KEYS = [k for k in (f"user-{i}" for i in range(2000)) if route_point(k) * 10_000 < 2000][:50]
 

@@ -18,9 +18,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from tests.integration.test_overload import request
 from tests.onnx_models import write_spin_model
 from tests.support import Running, gateway_in_thread
-from tests.test_overload import request
 
 VARIANTS = {
     "1": {},

@@ -17,8 +17,8 @@ import pytest
 import tritonclient.grpc as tc
 from onnx import TensorProto, helper
 
+from tests.integration.test_model_lifecycle_repository import digits_answer, serve
 from tests.support import MODELS, gateway_in_thread
-from tests.test_model_lifecycle_repository import digits_answer, serve
 
 
 def write_zipmap_classifier(path: Path, with_label: bool = True) -> None:

@@ -13,8 +13,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from tests.integration.test_rollout import Traffic, repo  # noqa: F401  (fixture)
 from tests.support import MODELS, Process, gateway_process
-from tests.test_rollout import Traffic, repo  # noqa: F401  (fixture)
 
 
 def stubs(server: Process, n: int = 16) -> list[service_pb2_grpc.GRPCInferenceServiceStub]:

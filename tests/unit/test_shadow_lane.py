@@ -3,7 +3,7 @@
 The executor here is a stand-in with the Executor interface (a linear map in
 numpy), so a test can count runs, hold the primary busy or fail a run on
 purpose. The real runtime behind a shadow is exercised end to end in
-tests/test_shadow_faults.py and tests/test_release_evidence.py.
+tests/integration/test_shadow_faults.py and tests/integration/test_release_evidence.py.
 """
 
 from __future__ import annotations

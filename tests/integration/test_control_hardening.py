@@ -32,8 +32,8 @@ from gateway.logthrottle import one_line
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.release.store import SqliteStore
+from tests.integration.test_process_ports import second_gateway
 from tests.support import MODELS, ROOT, gateway_command, gateway_in_thread
-from tests.test_process_ports import second_gateway
 
 READ_SECRET = "read-secret-0123456789"
 SHARED_SECRET = "shared-secret-0123456789"

@@ -2,7 +2,7 @@
 
 The model here is a stand-in with the runtime's interface, so each test can
 block a batch, fail it or return a wrong shape on purpose. The real runtime
-and server are exercised in tests/test_overload.py.
+and server are exercised in tests/integration/test_overload.py.
 """
 
 from __future__ import annotations

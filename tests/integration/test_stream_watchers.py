@@ -15,8 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
+from tests.integration.test_process_streams import OpenStream, digits_request, open_streams, wait_for
 from tests.support import Running, gateway_in_thread
-from tests.test_process_streams import OpenStream, digits_request, open_streams, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
