@@ -153,3 +153,13 @@ def poll_until(
             return value
         step()
     raise AssertionError(f"{what} did not get there in {timeout:g} s: {fetch()}")
+
+
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint, for tests that write hostile messages byte by byte."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.support import gateway_in_thread, gateway_process
+from tests.support import gateway_in_thread, gateway_process, varint
 
 Request: TypeAlias = Any  # tritonclient ships no type hints
 RequestClass = service_pb2.ModelInferRequest
@@ -314,17 +314,8 @@ def many_contents_entries(count: int) -> bytes:
     """digits' input "pixels" [1, 64] with `count` empty bytes_contents entries as its typed contents
     (2 bytes each on the wire, ~35 parsed: 64 MiB of them took 1.1 GB and seconds to parse)."""
     contents = b"\x42\x00" * count  # field 8 (bytes_contents), empty
-    tensor = b"\x0a\x06pixels\x12\x04FP32\x1a\x02\x01\x40" + b"\x2a" + _varint(len(contents)) + contents
-    return b"\x0a\x06digits" + b"\x2a" + _varint(len(tensor)) + tensor
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    tensor = b"\x0a\x06pixels\x12\x04FP32\x1a\x02\x01\x40" + b"\x2a" + varint(len(contents)) + contents
+    return b"\x0a\x06digits" + b"\x2a" + varint(len(tensor)) + tensor
 
 
 HOSTILE: list[tuple[str, bytes, str]] = [

@@ -27,17 +27,9 @@ from gateway.protocol.limits import (
     scan_infer_request,
 )
 from gateway.protocol.pb import inference_pb2 as pb
+from tests.support import varint
 
 N = 2_000_000  # entries in each hostile message (4 MB or more)
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def field(number: int, payload: bytes) -> bytes:
