@@ -152,7 +152,10 @@ def test_several_workers_report_true_counts(repo: Path, tmp_path: Path) -> None:
         labels.write_text("\n".join([*lines, json.dumps({"request_id": "w-none", "label": 1})]) + "\n")
         first = cli(server.control, "feedback", "send", "digits", str(labels))
         assert first.returncode == 0, first.stderr
-        assert "sent 61 labels: 60 joined, 1 unknown or expired, 0 already labelled" in first.stdout, first.stdout
+        log = "".join(server.lines[-60:])
+        assert "sent 61 labels: 60 joined, 1 unknown or expired, 0 already labelled" in first.stdout, (
+            first.stdout + "\n--- gateway log ---\n" + log
+        )
         second = cli(server.control, "feedback", "send", "digits", str(labels))
         assert "sent 61 labels: 0 joined, 1 unknown or expired, 60 already labelled" in second.stdout, second.stdout
 
