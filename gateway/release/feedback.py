@@ -145,10 +145,10 @@ async def _shared(
                 tally.pending += 1
 
 
-async def join_shared(plane: ReleasePlane, store: SqliteStore, worker: str) -> None:
-    """A worker other than the receiver: join the labels worker 0 shared, and say what
-    became of each (joined, already labelled or rejected; unknown goes unsaid)."""
-    last = await asyncio.to_thread(store.last_feedback_id)
+async def join_shared(plane: ReleasePlane, store: SqliteStore, worker: str, last: int) -> None:
+    """A worker other than the receiver: join the labels worker 0 shared after id `last`
+    (read before this worker served: gateway.release.sync), and say what became of each
+    (joined, already labelled or rejected; unknown goes unsaid)."""
     while True:
         await asyncio.sleep(FEEDBACK_POLL_S)
         try:

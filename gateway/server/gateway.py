@@ -214,7 +214,7 @@ class Gateway:
             # Run-time loads/unloads reach every worker through the store (gateway.release.model_sync).
             await loader.join(IntentStore(store.path, run_id()), str(s.worker_index))
             tasks.append(loop.create_task(loader.follow()))
-        tasks += [loop.create_task(sync) for sync in sync_loops(store, releases, ops, s.worker_index)]
+        tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, s.worker_index)]
         if s.controller:
             self.controller = Controller(ops)
             tasks.append(loop.create_task(self.controller.run()))
