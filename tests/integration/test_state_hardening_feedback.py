@@ -21,6 +21,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.cli.release import read_feedback
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from gateway.release.store import SqliteStore
 from tests.support import ROOT, Running, gateway_command, gateway_in_thread, gateway_process
 
 MAX_ITEMS = 10_000  # gateway.release.feedback.MAX_FEEDBACK_ITEMS
@@ -134,6 +135,18 @@ def test_a_file_over_the_message_cap_is_sent_whole_in_batches(running: Running, 
     result = cli(running.control, "feedback", "send", "digits", str(labels), "--batch", "10000")
     assert result.returncode == 0, result.stderr
     assert "sent 603 labels: 3 joined, 600 unknown or expired" in result.stdout
+
+
+def test_every_worker_is_live_in_the_store_once_the_gateway_is_listening(repo: Path, tmp_path: Path) -> None:
+    # Worker 0 waits for the workers the store lists as live; a worker that served
+    # before it was listed had its labels counted unknown (they arrived < 0.5 s after ready).
+    state = tmp_path / "s"
+    with gateway_process("--models", str(repo), "--workers", "2", "--state-dir", str(state)):
+        store = SqliteStore(state / "state.db")
+        try:
+            assert store.live_workers() >= {"0", "1"}
+        finally:
+            store.close()
 
 
 def test_several_workers_report_true_counts(repo: Path, tmp_path: Path) -> None:
