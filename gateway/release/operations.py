@@ -353,6 +353,21 @@ class ReleaseOps:
             raise FailedPrecondition(message)
         return result.checks
 
+    async def _candidate(
+        self, model: str, actor: str, action: str, reason: str, nothing: str
+    ) -> tuple[StoredRelease, str]:
+        """The version a promote or rollback acts on: the active rollout's candidate, else
+        the canary. With neither, the refusal (`{model} {nothing}`) is audited and raised."""
+        check_reason(reason)
+        current = self.current(model)
+        active = current.rollout.phase in ACTIVE
+        candidate = (current.rollout.candidate if active else "") or current.state.canary
+        if not candidate:
+            refused = FailedPrecondition(f"{model} {nothing}")
+            await self._record_refusal(actor, action, refused, before=current)
+            raise refused
+        return current, candidate
+
     async def pause(self, model: str, actor: str, reason: str) -> StoredRelease:
         return await self.change(model, actor, "pause", reason, event=Event.PAUSE)
 
@@ -360,14 +375,7 @@ class ReleaseOps:
         return await self.change(model, actor, "resume", reason, event=Event.RESUME)
 
     async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
-        check_reason(reason)
-        current = self.current(model)
-        active = current.rollout.phase in ACTIVE
-        candidate = (current.rollout.candidate if active else "") or current.state.canary
-        if not candidate:
-            refused = FailedPrecondition(f"{model} has no canary: nothing to promote")
-            await self._record_refusal(actor, "promote", refused, before=current)
-            raise refused
+        current, candidate = await self._candidate(model, actor, "promote", reason, "has no canary: nothing to promote")
         # A canary set by hand, outside a rollout: promoting it is a traffic change.
         event = Event.SET_WEIGHT if current.rollout.phase in AT_REST else Event.PROMOTE
         changes = _promotion(current.state, candidate)
@@ -378,7 +386,6 @@ class ReleaseOps:
         transaction. Two commits left a crash in between stuck in `promoting` at 100 %."""
         current = self.current(model)
         candidate = current.rollout.candidate
-        full = current.state
         steps = [
             Step(
                 action="advance",
@@ -391,26 +398,20 @@ class ReleaseOps:
                 action="promote",
                 reason="all steps passed",
                 event=Event.PROMOTE,
-                state_changes=_promotion(full, candidate),
+                state_changes=_promotion(current.state, candidate),
                 checks=checks,
             ),
         ]
         return await self.change_steps(model, "controller", steps)
 
     async def rollback(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
-        check_reason(reason)
-        current = self.current(model)
-        active = current.rollout.phase in ACTIVE
-        candidate = (current.rollout.candidate if active else "") or current.state.canary
-        if not candidate:
-            # Nothing routes away from stable: a "rollback" would only bump the revision.
-            refused = FailedPrecondition(f"{model} has no canary and no rollout: nothing to roll back")
-            await self._record_refusal(actor, "rollback", refused, before=current)
-            raise refused
+        # With nothing routed away from stable, a "rollback" would only bump the revision.
+        nothing = "has no canary and no rollout: nothing to roll back"
+        current, candidate = await self._candidate(model, actor, "rollback", reason, nothing)
         shadows = {v: f for v, f in current.state.shadows.items() if v != candidate}
         changes = {"canary": "", "canary_weight_bp": 0, "shadows": shadows}
         # Outside a rollout, a rollback of a hand-set canary is a traffic change.
-        event = Event.ROLLBACK if active else Event.SET_WEIGHT
+        event = Event.ROLLBACK if current.rollout.phase in ACTIVE else Event.SET_WEIGHT
         return await self.change(model, actor, "rollback", reason, event=event, state_changes=changes, checks=checks)
 
 
