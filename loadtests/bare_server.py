@@ -79,8 +79,7 @@ async def serve(host: str, port: int, response: bytes, parse: bool, workers: int
     if bound == 0:
         raise SystemExit(f"bare_server: cannot listen on {host}:{port}")
     await server.start()
-    # Extra workers bind the port this one got; SO_REUSEPORT lets the kernel spread connections.
-    children = [_start_worker(argv, bound) for _ in range(workers - 1)]
+    children = start_workers("loadtests.bare_server", argv, bound, workers - 1)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,12 +93,22 @@ async def serve(host: str, port: int, response: bytes, parse: bool, workers: int
         child.proc.wait(10)
 
 
-def _start_worker(argv: list[str], port: int) -> launch.Launched:
-    args = [*argv, "--port", str(port), "--workers", "1"]
-    try:
-        return launch.start([sys.executable, "-m", "loadtests.bare_server", *args])
-    except launch.LaunchError as exc:
-        raise SystemExit(f"bare_server: a worker did not start: {exc}") from None
+def start_workers(module: str, argv: list[str], port: int, count: int) -> list[launch.Launched]:
+    """`count` more processes of `python -m module` with `argv` (its own command line) on `port`.
+
+    They bind the port the first process got; SO_REUSEPORT lets the kernel spread connections.
+    Each is started once it says `listening on`, so none of the clients' connections miss it.
+    """
+    args = [*_without(argv, {"--port", "--workers"}), "--port", str(port), "--workers", "1"]
+    workers = []
+    for _ in range(count):
+        try:
+            workers.append(launch.start([sys.executable, "-m", module, *args]))
+        except launch.LaunchError as exc:
+            for worker in workers:
+                worker.stop()
+            raise SystemExit(f"{module}: a worker did not start: {exc}") from None
+    return workers
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -124,9 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(raw)
     signature = load_signature(args.models, args.model, args.version)
     response = build_response(signature, args.rows)
-    # Children get the same flags minus --port/--workers, which _start_worker sets.
-    child_argv = _without(raw, {"--port", "--workers"})
-    coroutine = serve(args.host, args.port, response, args.parse, max(1, args.workers), child_argv)
+    coroutine = serve(args.host, args.port, response, args.parse, max(1, args.workers), raw)
     if args.loop == "uvloop":
         try:
             import uvloop

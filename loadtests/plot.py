@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COLORS = {"ort": "tab:gray", "bare": "tab:blue", "gateway-nobatch": "tab:orange", "gateway": "tab:green"}
+COLORS = {
+    "ort": "tab:gray",
+    "bare": "tab:blue",
+    "naive": "tab:purple",
+    "gateway-nobatch": "tab:orange",
+    "gateway": "tab:green",
+}
 
 
 def _median(entry: dict[str, Any], metric: str) -> float | None:

@@ -3,13 +3,16 @@
 Targets (see the team's performance notes):
   ort              session.run in a loop, in-process: the compute limit
   bare             grpc.aio answering a fixed response: the Python gRPC limit
+  naive            grpc.aio + protobuf + session.run per request (loadtests/naive_server.py):
+                   the server a user would write first
   gateway-nobatch  the gateway, one model run per request
   gateway          the gateway as configured (dynamic batching)
   gateway-shadow   the gateway with a shadow version mirrored at 100%
 
 Every repeat runs every target in turn (interleaved), so the machine's noise
 hits all of them alike; the report is the median per point with the min/max
-spread, and the ratios between targets from this one run.
+spread, and the ratios between targets from this one run. Every server point
+also reports the server's CPU time per 1,000 requests (server_cpu_ms_per_1k).
 
 By job: cli (the command and its options), config (what a run does), cpus
 (pinning and /proc accounting), targets (the servers), sweep (the run),

@@ -182,14 +182,20 @@ DEFAULTS = BenchOptions()
     default=DEFAULTS.baselines,
     show_default=True,
     help="Targets, run in this order each repeat: ort (in-process onnxruntime), bare (grpc.aio, no compute), "
+    "naive (grpc.aio + protobuf + one onnxruntime session per request: the server you would write first), "
     "gateway-nobatch, gateway, gateway-shadow (a shadow at 100%: needs --shadow).",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Passed to `gateway serve --workers`.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Passed to `gateway serve --workers`; bare and naive run as many processes.",
+)
 @click.option(
     "--intra-op-threads",
     type=click.IntRange(min=0),
     default=None,
-    help="onnxruntime threads for the gateway and the ort baseline. [default: server CPUs per worker when pinned]",
+    help="onnxruntime threads for the gateway, naive and ort. [default: server CPUs per worker when pinned]",
 )
 @click.option("--server-cpus", default=None, help="CPUs for the server, e.g. 0 or 0-3. [default: first half]")
 @click.option("--client-cpus", default=None, help="CPUs for the clients, e.g. 1 or 4-7. [default: second half]")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-TARGETS = ("ort", "bare", "gateway-nobatch", "gateway", "gateway-shadow")
-DEFAULT_TARGETS = "ort,bare,gateway-nobatch,gateway"
+TARGETS = ("ort", "bare", "naive", "gateway-nobatch", "gateway", "gateway-shadow")
+DEFAULT_TARGETS = "ort,bare,naive,gateway-nobatch,gateway"
 
 
 @dataclass(slots=True, kw_only=True)

@@ -33,6 +33,9 @@ RATIO_TITLES = {
     "shadow_rows_per_primary_row": "shadow rows run / primary rows (mirrored)",
     "gateway_over_bare_rps": "gateway / bare, req/s",
     "gateway_nobatch_over_bare_rps": "gateway-nobatch / bare, req/s",
+    "gateway_over_naive_rps": "gateway / naive, req/s",
+    "gateway_nobatch_over_naive_rps": "gateway-nobatch / naive, req/s",
+    "gateway_over_naive_p50": "gateway / naive, p50 (nothing else in flight)",
     "gateway_over_ort_rows": "gateway / ort at batch rows*c, rows/s",
     "gateway_nobatch_over_ort_batch1_rows": "gateway-nobatch / ort at batch rows, rows/s",
     "batching_speedup_rps": "gateway / gateway-nobatch, req/s",
@@ -87,6 +90,8 @@ def progress_line(row: Entry, repeats: int) -> str:
         parts.append(f"cli-cpu {row['client_cpu_share']:4.0%}")
     if "server_cpu_share" in row:
         parts.append(f"srv-cpu {row['server_cpu_share']:4.0%}")
+    if "server_cpu_ms_per_1k" in row:
+        parts.append(f"{row['server_cpu_ms_per_1k']:.0f} ms/1k req")
     if "mean_batch" in row:
         parts.append(f"batch {row['mean_batch']:.1f}")
     if "shadow_rows_per_row" in row:
@@ -146,12 +151,14 @@ def _target_table(target: str, entries: Sequence[Entry]) -> Table:
                 str(sum(e["errors"].values())),
                 "-" if target == "ort" else plain(e, "client_cpu_share", _share),
                 plain(e, "server_cpu_share", _share),
+                "-" if target == "ort" else plain(e, "server_cpu_ms_per_1k", _count),
                 batch,
             ]
         )
     what = " (model runs; latency per batch run)" if target == "ort" else ""
     headers = ["point", "req/s [min-max]", "rows/s", "p50 ms", "p90 ms", "p99 ms [min-max]", "errors"]
-    headers += ["cli-cpu", "srv-cpu", "batch"]
+    # srv-cpu ms/1k req: the server's CPU time per 1,000 requests; mean batch: rows per model run.
+    headers += ["cli-cpu", "srv-cpu", "srv-cpu ms/1k req", "batch" if target == "ort" else "mean batch"]
     return table(f"{target}{what}: median of {entries[0]['repeats']} repeat(s)", headers, rows)
 
 

@@ -16,6 +16,7 @@ SUMMARY_METRICS = (
     "max_ms",
     "client_cpu_share",
     "server_cpu_share",
+    "server_cpu_ms_per_1k",  # server CPU time (ms, all cores) per 1,000 requests answered; servers only
     "mean_batch",
     "success_ratio",
     "shadow_rows_per_row",
@@ -86,9 +87,14 @@ def compute_ratios(
                 out[str(c)] = value
         return out
 
+    # Latency with nothing else in flight (c=1): what serving adds to one request over the obvious server.
+    p50_at_one = {k: v for k, v in per_c(("gateway", "p50_ms"), ("naive", "p50_ms")).items() if k == "1"}
     ratios: dict[str, Any] = {
         "gateway_over_bare_rps": per_c(("gateway", "throughput_rps"), ("bare", "throughput_rps")),
         "gateway_nobatch_over_bare_rps": per_c(("gateway-nobatch", "throughput_rps"), ("bare", "throughput_rps")),
+        "gateway_over_naive_rps": per_c(("gateway", "throughput_rps"), ("naive", "throughput_rps")),
+        "gateway_nobatch_over_naive_rps": per_c(("gateway-nobatch", "throughput_rps"), ("naive", "throughput_rps")),
+        "gateway_over_naive_p50": p50_at_one,
         # ort at concurrency c ran batch rows*c: what a perfect batcher would hand the model.
         "gateway_over_ort_rows": per_c(("gateway", "rows_per_s"), ("ort", "rows_per_s")),
         "gateway_nobatch_over_ort_batch1_rows": per_c(
@@ -104,6 +110,9 @@ def compute_ratios(
                 ),
                 "gateway_nobatch_over_bare_rps": _ratio(
                     _peak(summary, "gateway-nobatch", "throughput_rps"), _peak(summary, "bare", "throughput_rps")
+                ),
+                "gateway_over_naive_rps": _ratio(
+                    _peak(summary, "gateway", "throughput_rps"), _peak(summary, "naive", "throughput_rps")
                 ),
                 "batching_speedup_rps": _ratio(
                     _peak(summary, "gateway", "throughput_rps"), _peak(summary, "gateway-nobatch", "throughput_rps")

@@ -34,6 +34,7 @@ from loadtests.bench.targets import (
     StatsSample,
     bare_command,
     gateway_command,
+    naive_command,
     server_process,
     shadow_repo,
 )
@@ -67,6 +68,8 @@ class Bench:
     def _command(self, target: str, scratch: Path) -> list[str]:
         if target == "bare":
             return bare_command(self.config, self.signature.version)
+        if target == "naive":
+            return naive_command(self.config, self.signature.version)
         if target == "gateway-shadow":
             models = shadow_repo(self.config, self.signature.version, scratch / "models")
             return gateway_command(self.config, batching=True, state_dir=scratch / "state", models=models)
@@ -78,7 +81,8 @@ class Bench:
         shadow = self.config.shadow if target == "gateway-shadow" else None
         version = target[1:] if pinned else self.signature.version
         with server_process(target, self._command(target, scratch), self.config.server_cpus) as server:
-            probe = StatsProbe(server.address, self.config.model) if target != "bare" else None
+            # The baselines have no ModelStatistics (so no mean batch: naive runs every request alone).
+            probe = StatsProbe(server.address, self.config.model) if target not in ("bare", "naive") else None
             try:
                 for index, (mode, offered) in enumerate(self.sweep()):
                     # Same seed for every target at a point: they all face the same arrival sequence.
@@ -218,6 +222,9 @@ class Bench:
             # Busy time on our CPUs that neither the server nor the clients account for: other processes.
             other = row["machine_busy_s"] - row["server_cpu_s"] - row["client_cpu_s"]
             row["other_cpu_share"] = max(0.0, other) / (point.duration_s * len(self.watched_cpus()))
+        if "server_cpu_s" in row and point.completed:
+            # The server's CPU (every core, every worker) per 1,000 requests answered in the window, in ms.
+            row["server_cpu_ms_per_1k"] = row["server_cpu_s"] / point.completed * 1e6
         self.points.append(row)
         click.echo(progress_line(row, self.config.repeats))
         problem = extra.get("response_problem")

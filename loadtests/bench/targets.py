@@ -1,5 +1,5 @@
 """The servers the bench measures: `gateway serve` as configured and without batching, with a
-shadow, and the bare grpc.aio baseline; each started on its CPUs and always stopped.
+shadow, the bare grpc.aio baseline and the naive server; each started on its CPUs and always stopped.
 """
 
 from __future__ import annotations
@@ -88,6 +88,19 @@ def bare_command(config: BenchConfig, version: str) -> list[str]:
     c = config
     command = [sys.executable, "-m", "loadtests.bare_server", "--models", str(c.models), "--model", c.model]
     command += ["--version", version, "--rows", str(c.rows), "--host", "127.0.0.1", "--port", "0"]
+    workers = bare_workers(config)
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    return command
+
+
+def naive_command(config: BenchConfig, version: str) -> list[str]:
+    """The naive server (loadtests.naive_server) on `version`, with the gateway's onnxruntime threads and processes."""
+    c = config
+    command = [sys.executable, "-m", "loadtests.naive_server", "--models", str(c.models), "--model", c.model]
+    command += ["--version", version, "--host", "127.0.0.1", "--port", "0"]
+    if c.intra_op_threads:
+        command += ["--intra-op-threads", str(c.intra_op_threads)]
     workers = bare_workers(config)
     if workers > 1:
         command += ["--workers", str(workers)]

@@ -42,7 +42,7 @@ from loadtests.signature import build_request, check_response, load_signature
 from tests.support import MODELS, ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TARGETS = {"ort", "bare", "gateway-nobatch", "gateway"}
+TARGETS = {"ort", "bare", "naive", "gateway-nobatch", "gateway"}
 # A short closed-loop point that tests change field by field.
 SPEC = LoadSpec(
     address="127.0.0.1:1",
@@ -84,14 +84,27 @@ def test_smoke_bench_writes_every_target_ratios_and_plot(tmp_path: Path) -> None
     served = [p for p in points if p["target"] != "ort"]
     assert {p["offered"] for p in served} == {1.0, 8.0}
     assert all(p["client_cpu_share"] > 0 for p in served)
+    # Every server reports its CPU per 1,000 requests; the in-process ort loop is no server.
+    assert all(p["server_cpu_ms_per_1k"] > 0 for p in served), served
+    for p in served:  # CPU seconds per request, in ms per 1,000 requests
+        assert p["server_cpu_ms_per_1k"] == pytest.approx(p["server_cpu_s"] / p["completed"] * 1e6)
+    assert not any("server_cpu_ms_per_1k" in p for p in points if p["target"] == "ort")
+    assert {p["offered"] for p in served if p["target"] == "naive"} == {1.0, 8.0}
+    gateway_summary = [e for e in data["summary"] if e["target"] == "gateway"]
+    assert all(e["server_cpu_ms_per_1k"]["median"] > 0 and e["mean_batch"]["median"] >= 1 for e in gateway_summary)
 
     ratios = data["ratios"]
-    for key in ("gateway_over_bare_rps", "gateway_over_ort_rows", "batching_speedup_rps", "batching_p99_ratio"):
+    per_point = ("gateway_over_bare_rps", "gateway_over_naive_rps", "gateway_nobatch_over_naive_rps")
+    for key in (*per_point, "gateway_over_ort_rows", "batching_speedup_rps", "batching_p99_ratio"):
         assert set(ratios[key]) == {"1", "8"}, key
         assert all(math.isfinite(v) and v > 0 for v in ratios[key].values()), key
+    assert set(ratios["gateway_over_naive_p50"]) == {"1"} and ratios["gateway_over_naive_p50"]["1"] > 0
+    assert ratios["peak"]["gateway_over_naive_rps"] > 0
     assert data["versions"]["grpcio"] and data["versions"]["onnxruntime"]
     assert data["machine"]["cpu_count"] >= 1
     assert "ratios (medians of this run)" in result.stdout
+    assert "gateway / naive, req/s" in result.stdout and "gateway / naive, p50" in result.stdout
+    assert "srv-cpu ms/1k req" in result.stdout and "mean batch" in result.stdout
 
     [png_path] = tmp_path.glob("bench-digits-*.png")
     assert png_path.read_bytes()[:8] == PNG_MAGIC
@@ -102,6 +115,7 @@ def test_help_has_examples() -> None:
     assert result.returncode == 0
     for flag in ("--concurrency", "--rates", "--baselines", "--server-cpus", "--smoke", "--repeats"):
         assert flag in result.stdout
+    assert "naive" in result.stdout  # a target of --baselines, and in its default
     assert "Examples:" in result.stdout
 
 
@@ -251,6 +265,31 @@ def test_summary_takes_medians_and_ratios_divide_them() -> None:
     assert "gateway_over_ort_rows" not in ratios  # no ort points: no ratio, rather than a wrong one
 
 
+def test_naive_ratios_and_server_cpu_per_thousand_requests() -> None:
+    points = [
+        {**_point("naive", c, rps, p99), "server_cpu_ms_per_1k": cpu}
+        for c, rps, p99, cpu in ((1, 1000.0, 2.0, 500.0), (8, 2000.0, 8.0, 400.0))
+    ] + [
+        {**_point("gateway", c, rps, p99), "server_cpu_ms_per_1k": cpu, "mean_batch": batch}
+        for c, rps, p99, cpu, batch in ((1, 800.0, 3.0, 600.0, 1.0), (8, 3000.0, 6.0, 300.0, 2.5))
+    ]
+    summary = summarize(points)
+    ratios = compute_ratios(summary, [1, 8], [])
+    assert ratios["gateway_over_naive_rps"] == {"1": pytest.approx(0.8), "8": pytest.approx(1.5)}
+    assert ratios["gateway_over_naive_p50"] == {"1": pytest.approx(1.5)}  # at c=1 only
+    assert ratios["peak"]["gateway_over_naive_rps"] == pytest.approx(1.5)
+    assert "gateway_over_naive_p50" not in compute_ratios(summary, [8], [])
+    gateway = next(e for e in summary if e["target"] == "gateway" and e["offered"] == 8)
+    assert gateway["server_cpu_ms_per_1k"]["median"] == 300.0
+    text = to_text(report(summary, ratios, ["naive", "gateway"]))
+    assert "gateway / naive, req/s" in text and "c=1: 0.80  c=8: 1.50" in text
+    assert "gateway / naive, p50" in text
+    # The gateway's table shows both its CPU per 1,000 requests and its mean batch per point.
+    gateway_table = text.split("gateway: median")[1].split("ratios")[0]
+    assert "srv-cpu ms/1k req" in gateway_table and "mean batch" in gateway_table
+    assert "300" in gateway_table and "2.5" in gateway_table
+
+
 def test_compare_two_versions_side_by_side(tmp_path: Path) -> None:
     result = gateway_bench("--compare", "1", "3", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -368,3 +407,45 @@ def test_gateway_never_imports_the_load_tests() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_naive_server_answers_what_onnxruntime_computes() -> None:
+    import onnxruntime as ort
+    import tritonclient.grpc as tc
+
+    signature = load_signature(MODELS, "digits")
+    command = [sys.executable, "-m", "loadtests.naive_server", "--models", str(MODELS), "--model", "digits"]
+    command += ["--port", "0", "--workers", "2", "--intra-op-threads", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        assert len(_children(proc.pid)) == 1  # --workers 2: one more process on the same port
+        pixels = np.random.default_rng(3).random((3, 64), dtype=np.float32)
+        client = tc.InferenceServerClient(line.split()[-1])
+        try:
+            inputs = [tc.InferInput("pixels", [3, 64], "FP32")]
+            inputs[0].set_data_from_numpy(pixels)
+            result = client.infer("digits", inputs)
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        code = proc.wait(20)
+    assert code == 0  # SIGTERM: a clean stop, its worker stopped with it
+
+    answer = pb.ModelInferResponse.FromString(result.get_response().SerializeToString())
+    assert check_response(answer, signature.outputs, 3) is None
+    session = ort.InferenceSession(str(signature.path), providers=["CPUExecutionProvider"])
+    probabilities, labels = session.run(["probabilities", "label"], {"pixels": pixels})
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), probabilities)
+    np.testing.assert_array_equal(result.as_numpy("label"), labels)
+    assert result.as_numpy("label").dtype == np.int64
