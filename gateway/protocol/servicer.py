@@ -11,6 +11,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, PermissionDenied
 from gateway.protocol import codec
 from gateway.protocol.capture import CaptureWriter
+from gateway.protocol.encoder import ResponseEncoder
 from gateway.protocol.limits import DEFAULT_LIMITS, WireLimits
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
@@ -21,6 +22,11 @@ from gateway.types import TensorSpec
 # grpc ships no type hints; this is a grpc.aio.ServicerContext.
 Context: TypeAlias = Any
 SERVER_NAME = "release-gateway"
+# Methods whose handlers return their responses already serialized (bytes).
+SERIALIZED_RESPONSES = frozenset(
+    f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/{name}"
+    for name in ("ModelInfer", "ModelStreamInfer")
+)
 EXTENSIONS = ["model_repository", "statistics", "streaming", "release"]
 
 
@@ -70,6 +76,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.registry = registry
         self.capture = capture
         self.limits = limits
+        self.encoder = ResponseEncoder()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -98,21 +105,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=_tensor_metadata(loaded.model.outputs),
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
+        # Answered as bytes (see gateway.protocol.encoder); registered with no response serializer.
         wire = codec.decode_infer(request, deadline_of(context), self.limits)
         if self.capture is None:
-            return codec.encode_infer(await self.dataplane.infer(wire))
+            return self.encoder.encode(await self.dataplane.infer(wire))
         start = time.perf_counter()
         answer = await self.dataplane.infer(wire)
-        response = codec.encode_infer(answer)
+        response = self.encoder.encode(answer)
         # The stable version's answers are the reference a replay compares with.
         if answer.parameters.get("role") == "stable" and self.capture.wanted():
-            self.capture.record(request.SerializeToString(), response.SerializeToString(), time.perf_counter() - start)
+            self.capture.record(request.SerializeToString(), response, time.perf_counter() - start)
         return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest | Unparseable], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes]:
         # Errors of one request go into its response; the stream goes on. Each message
         # is answered by a call of its own, so this generator keeps no request (up to
         # the message size, twice: parsed and decoded) while it waits, up to
@@ -122,17 +130,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             del request
             yield await answer
 
-    async def _stream_answer(
-        self, request: pb.ModelInferRequest | Unparseable, context: Context
-    ) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(self, request: pb.ModelInferRequest | Unparseable, context: Context) -> bytes:
         try:
             if isinstance(request, Unparseable):
                 raise request.error()  # a message that did not parse (see protocol.status)
             wire = codec.decode_infer(request, deadline_of(context), self.limits)
-            response = codec.encode_infer(await self.dataplane.infer(wire))
+            return self.encoder.encode_stream(await self.dataplane.infer(wire))
         except GatewayError as exc:
-            return pb.ModelStreamInferResponse(error_message=status_for(exc)[1])
-        return pb.ModelStreamInferResponse(infer_response=response)
+            return self.encoder.stream_error(status_for(exc)[1])
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if request.name:

@@ -36,7 +36,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gateway.config.settings import GatewaySettings
@@ -50,9 +50,10 @@ from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.pb import release_pb2_grpc
 from gateway.protocol.pb.pool import POOL
-from gateway.protocol.servicer import InferenceServicer
+from gateway.protocol.servicer import SERIALIZED_RESPONSES, InferenceServicer
 from gateway.protocol.status import ErrorMappingInterceptor
 from gateway.protocol.streams import StreamGuard
+from gateway.protocol.wrapping import HandlerWrapper, SerializedResponses, WrappedRegistration
 from gateway.release.controller import Controller
 from gateway.release.loader import ModelLoader
 from gateway.release.metrics import ReleaseMetrics
@@ -240,20 +241,26 @@ class Gateway:
         server = aio.server(
             migration_thread_pool=None,
             options=inference_options(s),
-            # The guard sits inside the error mapping: it ends streams with its own status.
-            interceptors=[ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))), streams],
             # Streams and health watchers have caps of their own (the guard's), so unary
             # calls always keep max_inflight.
             maximum_concurrent_rpcs=s.max_inflight + s.max_streams + s.max_watchers,
         )
+        # Handlers are wrapped once here rather than by interceptors, which cost every call.
+        # The guard sits inside the error mapping: it ends streams with its own status.
+        wrappers: list[HandlerWrapper] = [
+            SerializedResponses(SERIALIZED_RESPONSES),
+            streams,
+            ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))),
+        ]
+        services = WrappedRegistration(server, wrappers)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s)), server
+            InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s)), services
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-            pool=POOL,
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        # As reflection.enable_server_reflection does for an aio server (it checks the server type).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names, pool=POOL), services
         )
         self.port = bind(server, s.host, s.port, setting="port", settings=s)
         await server.start()

@@ -2,7 +2,11 @@
 
 Requests queue; a single dispatcher task forms batches and runs them, at most
 `instances` at once. Event-driven: the dispatcher sleeps on an event and on
-the head request's batching delay, never on a polling interval.
+the head request's batching delay, never on a polling interval. While another
+batch runs, the next one gathers rows for up to `max_queue_delay_us`; with
+nothing running, a batch is held open only while the hold policy
+(gateway.serving.holding) finds that rows keep arriving, so an idle model
+answers at once and a saturated one runs batches of many rows.
 
 Every future is settled on every path:
 - result: rows sliced out of the batch's outputs (after checking the output
@@ -33,6 +37,7 @@ import numpy as np
 from gateway.config.spec import BatchingSpec
 from gateway.errors import Draining, ModelExecutionError, Overloaded
 from gateway.serving.executor import expired_error, expiry, runs_inline
+from gateway.serving.holding import HoldPolicy, timer_tick_s
 from gateway.serving.metrics import VersionMetrics
 from gateway.serving.runtime import OnnxModel
 from gateway.serving.statistics import VersionStats
@@ -100,13 +105,16 @@ class DynamicBatcher:
         self._pool = pool
         self._queue: deque[_Pending] = deque()
         self._rows_queued = 0
+        self._arrived = 0  # rows ever submitted: what a hold gained, whatever left the queue meanwhile
+        loop = asyncio.get_running_loop()
+        self._holding = HoldPolicy(self.delay_s, timer_tick_s(loop))
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(spec.instances)
         self._running: set[asyncio.Task[None]] = set()
         self._active = 0
         self._closed = False
         self.reruns = 0  # members of failed batches run again on their own
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
+        self._dispatcher = loop.create_task(self._dispatch_forever())
 
     # -- submission -----------------------------------------------------------------
 
@@ -135,8 +143,10 @@ class DynamicBatcher:
             if until <= now:
                 raise expired_error(by_timeout)
             item.timer = loop.call_at(loop.time() + (until - now), self._expire, item, by_timeout)
+        self._holding.arrival(bool(self._queue) or self._active > 0)
         self._queue.append(item)
         self._rows_queued += batch
+        self._arrived += batch
         self._wake.set()
         try:
             return await item.future
@@ -183,11 +193,13 @@ class DynamicBatcher:
             await self._slots.acquire()
             # Let handlers that are already runnable enqueue first: they join this batch.
             await asyncio.sleep(0)
-            # Opportunistic batching: with no batch running, waiting only adds
-            # latency, so dispatch now; while another batch runs, gather rows
-            # for up to max_queue_delay (or until a preferred/full size).
-            if self.delay_s and self._active and self._queue and self._rows_queued < self._target_rows():
-                await self._gather(self.delay_s)
+            if self._queue and self._rows_queued < self._target_rows():
+                if self._active:
+                    # Another batch runs: gather rows for up to max_queue_delay (or a preferred/full size).
+                    if self.delay_s:
+                        await self._gather(self.delay_s)
+                elif self._holding.should_hold():
+                    self._holding.outcome(await self._hold())
             batch = self._take_batch()
             if not batch:
                 self._slots.release()
@@ -197,6 +209,24 @@ class DynamicBatcher:
             # Not kept until the next dispatch (on an idle model: forever): a failed
             # batch's futures hold errors whose tracebacks hold every caller's request.
             del batch
+
+    async def _hold(self) -> int:
+        """Hold the batch open, a timer tick at a time, while rows keep arriving; the rows gained.
+
+        Ends at the first tick in which nothing arrived, at the target size, or
+        once max_queue_delay has passed since the hold began."""
+        loop = asyncio.get_running_loop()
+        first = self._arrived
+        end = loop.time() + self._holding.max_hold_s
+        while self._queue and self._rows_queued < self._target_rows():
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            before = self._arrived
+            await self._gather(min(remaining, self._holding.tick_s))
+            if self._arrived == before:
+                break
+        return self._arrived - first
 
     async def _gather(self, delay_s: float) -> None:
         """Wait until `delay_s` passes or enough rows are queued, whichever is first."""

@@ -1,0 +1,84 @@
+"""When a batch with nothing running waits for more rows: the hold policy.
+
+Under a saturating load, requests reach the batcher one loop iteration at a
+time (grpc.aio hands each call to Python through its poller thread), so a
+batcher that dispatches whatever is queued the moment nothing runs sends
+batches of one row: every request pays for a model run of its own (on one
+core, each `session.run` also hands the GIL, and so the CPU, to grpc's
+threads). Holding the batch open for about a millisecond while rows keep
+arriving makes batches grow (measured on digits at c=64: mean batch 1.0 -> 8,
++30 % throughput), and costs nothing in throughput while the CPU is busy
+with the arrivals anyway.
+
+Holding is a bet that more requests are coming. With one client (c=1) none
+comes until the answer goes out, so a hold would only add latency. Two signals
+keep the bet safe:
+
+- Overlap: a hold is considered only while requests recently arrived with
+  others still queued or running (an average over the last few dozen
+  arrivals). A lone client's requests never overlap, so it never waits.
+- Outcome: a hold that gained no row switches holding off for a number of
+  dispatches that doubles with each fruitless try (16, 32, ... up to 1,024);
+  one hold that gains rows switches it back on.
+
+A hold lasts while rows keep coming: one timer tick at a time, ended by the
+first tick in which nothing arrived, by the batch reaching its target size,
+or by `max_queue_delay_us` since the hold began, whichever is first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+# Dispatches without a hold after a fruitless one: doubling from the first to the last.
+FIRST_PAUSE = 16
+LAST_PAUSE = 1024
+# The overlap average's weight per arrival (about the last 32 count), and the share of
+# overlapping arrivals above which holding is considered.
+OVERLAP_WEIGHT = 1 / 32
+MIN_OVERLAP = 1 / 16
+
+
+def timer_tick_s(loop: asyncio.AbstractEventLoop) -> float:
+    """The shortest wait this loop's timers can express.
+
+    uvloop (libuv) counts timers in whole milliseconds and rounds: a 0.5 ms
+    `call_later` fires on the next iteration, so a shorter hold would be no
+    hold at all. asyncio's own loop waits on the monotonic clock (microseconds).
+    """
+    return 1e-3 if type(loop).__module__.startswith("uvloop") else 1e-4
+
+
+class HoldPolicy:
+    """Whether the next dispatch with nothing running holds its batch open, learned from outcomes."""
+
+    __slots__ = ("_fruitless", "_overlap", "_pause", "max_hold_s", "tick_s")
+
+    def __init__(self, max_hold_s: float, tick_s: float) -> None:
+        # A hold shorter than one tick cannot be timed: round it up, so a configured
+        # delay still holds (the documented cost: up to one tick more on uvloop).
+        self.max_hold_s = max(max_hold_s, tick_s) if max_hold_s > 0 else 0.0
+        self.tick_s = tick_s
+        self._pause = 0  # dispatches left without holding
+        self._fruitless = 0  # fruitless holds in a row
+        self._overlap = 0.0  # recent share of arrivals that found others queued or running
+
+    def arrival(self, overlapping: bool) -> None:
+        """A request arrived; `overlapping`: others were queued or running."""
+        self._overlap += ((1.0 if overlapping else 0.0) - self._overlap) * OVERLAP_WEIGHT
+
+    def should_hold(self) -> bool:
+        if self.max_hold_s <= 0 or self._overlap < MIN_OVERLAP:
+            return False
+        if self._pause > 0:
+            self._pause -= 1
+            return False
+        return True
+
+    def outcome(self, gained_rows: int) -> None:
+        """Learn from a hold: rows that joined the batch while it was held."""
+        if gained_rows > 0:
+            self._fruitless = 0
+            return
+        self._pause = min(LAST_PAUSE, FIRST_PAUSE << self._fruitless)
+        self._fruitless = min(self._fruitless + 1, LAST_PAUSE.bit_length())
