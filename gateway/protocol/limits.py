@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from gateway.config.settings import GatewaySettings
 from gateway.errors import InvalidInput
@@ -423,10 +423,11 @@ class InferRequestParser:
             request: pb.ModelInferRequest = pb.ModelInferRequest.FromString(data)
             return request
         try:
-            return pb.ModelInferRequest.FromString(data)
+            parsed: pb.ModelInferRequest = pb.ModelInferRequest.FromString(data)
         except DecodeError:
             scan_infer_request(data, self.limits)  # raises, naming what is wrong, where it can
             raise
+        return parsed
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
