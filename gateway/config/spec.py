@@ -26,7 +26,10 @@ MAX_GATE_REQUESTS = 100_000
 @dataclass(frozen=True, slots=True)
 class BatchingSpec:
     enabled: bool = True
-    max_queue_delay_us: int = 500
+    # The longest a batch is held open for more rows (while another batch runs, or
+    # while rows keep arriving under load: gateway.serving.holding). On uvloop it
+    # counts in whole milliseconds (libuv timers), so 2 ms is two ticks.
+    max_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 4096
     instances: int = 1  # batches in flight at once (more only help where runs overlap, e.g. a GPU)
