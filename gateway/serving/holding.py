@@ -37,6 +37,9 @@ LAST_PAUSE = 1024
 # overlapping arrivals above which holding is considered.
 OVERLAP_WEIGHT = 1 / 32
 MIN_OVERLAP = 1 / 16
+# Below this share a request may skip the queue and run at once (DynamicBatcher.submit):
+# well under MIN_OVERLAP, so a load that holds pay for never drifts onto that path.
+ALONE_OVERLAP = 1 / 256
 
 
 def timer_tick_s(loop: asyncio.AbstractEventLoop) -> float:
@@ -66,6 +69,10 @@ class HoldPolicy:
     def arrival(self, overlapping: bool) -> None:
         """A request arrived; `overlapping`: others were queued or running."""
         self._overlap += ((1.0 if overlapping else 0.0) - self._overlap) * OVERLAP_WEIGHT
+
+    def alone(self) -> bool:
+        """Whether requests have recently come one at a time (nothing for a hold to gather)."""
+        return self._overlap < ALONE_OVERLAP
 
     def should_hold(self) -> bool:
         if self.max_hold_s <= 0 or self._overlap < MIN_OVERLAP:

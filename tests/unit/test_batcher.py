@@ -208,3 +208,48 @@ def test_close_settles_everything_queued() -> None:
             await batcher.submit(rows(1), 1, None, None)
 
     asyncio.run(scenario())
+
+
+def test_a_lone_request_on_an_idle_model_runs_at_once_without_queueing() -> None:
+    """Nothing queued or running and no load: the run happens inside submit, which never suspends."""
+
+    async def scenario() -> None:
+        model = StandIn()
+        batcher = make(model, execution="inline", max_queue_delay_us=2000)
+        call = batcher.submit(rows(2, value=3.0), 2, None, None)
+        with pytest.raises(StopIteration) as finished:
+            call.send(None)  # one step of the coroutine: it returns without awaiting anything
+        np.testing.assert_array_equal(finished.value.value[0], np.full((2, 3), 6.0, np.float32))
+        assert model.batches == [2]
+        assert batcher.stats.execution_count == 1 and batcher.stats.queue.count == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_arriving_together_are_batched_even_when_inline() -> None:
+    """The first of a bunch may run at once; those arriving in the same pass of the loop queue and batch."""
+
+    async def scenario() -> None:
+        model = StandIn()
+        batcher = make(model, execution="inline", max_queue_delay_us=2000)
+        calls = [asyncio.create_task(batcher.submit(rows(1, value=n), 1, None, None)) for n in range(32)]
+        results = await asyncio.gather(*calls)
+        for n, result in enumerate(results):
+            np.testing.assert_array_equal(result[0], np.full((1, 3), 2.0 * n, np.float32))
+        assert model.batches == [1, 31]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_request_that_fails_gets_its_error() -> None:
+    async def scenario() -> None:
+        for model, message in ((StandIn(fail=True), "model run failed: boom"), (StandIn(wrong_rows=True), "'y'")):
+            batcher = make(model, execution="inline")
+            with pytest.raises(ModelExecutionError, match=message):
+                await batcher.submit(rows(2), 2, None, None)
+            assert model.batches == [2]
+            await batcher.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,68 @@
+"""The hold policy on its own: when a batch with nothing running waits for company."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.serving.holding import FIRST_PAUSE, LAST_PAUSE, HoldPolicy, timer_tick_s
+
+
+def busy(policy: HoldPolicy, arrivals: int = 64) -> HoldPolicy:
+    for _ in range(arrivals):
+        policy.arrival(overlapping=True)
+    return policy
+
+
+def test_lone_arrivals_never_hold() -> None:
+    policy = HoldPolicy(0.002, 0.001)
+    for _ in range(1000):
+        policy.arrival(overlapping=False)
+        assert not policy.should_hold()
+        assert policy.alone()
+
+
+def test_overlapping_arrivals_hold_until_a_hold_gains_nothing_then_back_off_doubling() -> None:
+    policy = busy(HoldPolicy(0.002, 0.001))
+    assert not policy.alone()
+    assert all(policy.should_hold() for _ in range(10))  # holds that gain keep holding
+    pauses = []
+    for _ in range(10):
+        policy.outcome(0)  # a fruitless hold
+        skipped = 0
+        while not policy.should_hold():
+            skipped += 1
+        pauses.append(skipped)
+    assert pauses[:4] == [FIRST_PAUSE, 2 * FIRST_PAUSE, 4 * FIRST_PAUSE, 8 * FIRST_PAUSE]
+    assert max(pauses) == LAST_PAUSE
+    policy.outcome(3)  # one that gains rows: holding is back on at once
+    assert policy.should_hold() and policy.should_hold()
+
+
+def test_no_delay_means_no_hold_and_a_short_delay_lasts_one_tick() -> None:
+    assert not busy(HoldPolicy(0.0, 0.001)).should_hold()
+    assert HoldPolicy(0.0005, 0.001).max_hold_s == 0.001  # uvloop cannot time half a millisecond
+
+
+def test_the_overlap_average_forgets_an_old_burst() -> None:
+    policy = busy(HoldPolicy(0.002, 0.001))
+    for _ in range(400):
+        policy.arrival(overlapping=False)
+    assert policy.alone() and not policy.should_hold()
+
+
+def test_timer_tick_of_asyncios_own_loop_is_sub_millisecond() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        assert timer_tick_s(loop) < 1e-3
+    finally:
+        loop.close()
+
+
+def test_uvloop_timers_tick_in_milliseconds() -> None:
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert timer_tick_s(loop) == 1e-3
+    finally:
+        loop.close()
