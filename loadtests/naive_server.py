@@ -3,8 +3,10 @@
 A grpc.aio servicer from the generated stubs whose ModelInfer turns
 raw_input_contents into numpy arrays, runs one onnxruntime session in the
 default thread pool, and answers raw_output_contents. No batching, no queue,
-no validation, no versions, no metrics; plain asyncio. Whatever the gateway
-does beyond this is what its serving costs, or gains, over the obvious code.
+no validation, no versions, no metrics; plain asyncio (what a user writes
+first; `--loop uvloop` for the faster loop, which the gateway uses: measured
+1.2x this server's throughput on digits at c=64). Whatever the gateway does
+beyond this is what its serving costs, or gains, over the obvious code.
 
     python -m loadtests.naive_server --models models --model digits --port 0
 
@@ -107,10 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop (default asyncio)")
     args = parser.parse_args(raw)
     if args.workers < 1 or args.intra_op_threads < 0:
         parser.error("--workers must be >= 1 and --intra-op-threads >= 0")
-    asyncio.run(serve(args, raw))
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args, raw))
+    else:
+        asyncio.run(serve(args, raw))
 
 
 if __name__ == "__main__":

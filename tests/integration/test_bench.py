@@ -416,13 +416,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_naive_server_answers_what_onnxruntime_computes() -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_naive_server_answers_what_onnxruntime_computes(loop: str) -> None:
     import onnxruntime as ort
     import tritonclient.grpc as tc
 
     signature = load_signature(MODELS, "digits")
     command = [sys.executable, "-m", "loadtests.naive_server", "--models", str(MODELS), "--model", "digits"]
-    command += ["--port", "0", "--workers", "2", "--intra-op-threads", "1"]
+    command += ["--port", "0", "--workers", "2", "--intra-op-threads", "1", "--loop", loop]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None
