@@ -39,8 +39,14 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+# Varints of 0..127 are one byte: the common lengths, kept ready.
+_SMALL_VARINTS = tuple(bytes((n,)) for n in range(128))
+
+
 def varint(value: int) -> bytes:
     """Protobuf's base-128 varint; a negative int64 as its 64-bit two's complement (10 bytes)."""
+    if 0 <= value < 128:
+        return _SMALL_VARINTS[value]
     if value < 0:
         value += 1 << 64
     out = bytearray()
@@ -53,6 +59,9 @@ def varint(value: int) -> bytes:
 
 def _tag(number: int, wire_type: int) -> bytes:
     return varint((number << 3) | wire_type)
+
+
+_RAW_TAG = _tag(_RAW, _LENGTH)
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
@@ -107,7 +116,7 @@ class ResponseEncoder:
         for name, array in response.outputs.items():
             parts.append(self._header(name, DATATYPE_BY_NUMPY[array.dtype], array.shape))
             raw = np.ascontiguousarray(array).tobytes()
-            raws.append(_tag(_RAW, _LENGTH) + varint(len(raw)))
+            raws.append(_RAW_TAG + varint(len(raw)))
             raws.append(raw)
         parts += raws
         return b"".join(parts)

@@ -121,16 +121,19 @@ def check_structure(request: pb.ModelInferRequest, limits: WireLimits = DEFAULT_
         raise over_limit("parameters", limits.max_parameters, "entries", "max_parameters")
     if _utf8_over(request.id, limits.max_id_bytes):
         raise _id_over(limits.max_id_bytes)
-    for name, value in (("model_name", request.model_name), ("model_version", request.model_version)):
-        if _utf8_over(value, MAX_NAME_BYTES):
-            raise over_limit(name, MAX_NAME_BYTES, "bytes")
-    contents = _Contents(limits)
+    if _utf8_over(request.model_name, MAX_NAME_BYTES):
+        raise over_limit("model_name", MAX_NAME_BYTES, "bytes")
+    if _utf8_over(request.model_version, MAX_NAME_BYTES):
+        raise over_limit("model_version", MAX_NAME_BYTES, "bytes")
+    contents: _Contents | None = None  # made for the first tensor that has typed contents
     for index, tensor in enumerate(request.inputs):
         if len(tensor.shape) > limits.max_rank:
             raise over_limit(f"inputs[{index}].shape", limits.max_rank, "dimensions", "max_rank")
         if len(tensor.parameters) > limits.max_parameters:
             raise over_limit(f"inputs[{index}].parameters", limits.max_parameters, "entries", "max_parameters")
         if tensor.HasField("contents"):
+            if contents is None:
+                contents = _Contents(limits)
             # A parsed message no longer says which numbers came packed: only bytes entries count as separate.
             counts = {name: len(getattr(tensor.contents, name)) for name in _CONTENTS_NAMES}
             for name, count in counts.items():
