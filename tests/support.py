@@ -41,6 +41,11 @@ class Running:
     def control(self) -> str:
         return f"127.0.0.1:{self.gateway.control_port}"
 
+    @property
+    def http(self) -> str:
+        """HOST:PORT of the REST binding."""
+        return f"127.0.0.1:{self.gateway.http_port}"
+
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's own loop (to inspect or steer it)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -49,6 +54,8 @@ class Running:
 @contextmanager
 def gateway_in_thread(models: Path = MODELS, **settings: Any) -> Iterator[Running]:
     settings.setdefault("port", 0)
+    # Every test gateway serves REST too, on a free port (never the default 8000).
+    settings.setdefault("http_port", 0)
     settings.setdefault("metrics_port", -1)
     settings.setdefault("control_port", 0)
     settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))
@@ -103,6 +110,11 @@ class Process:
         return self.launched.port
 
     @property
+    def http(self) -> str:
+        """HOST:PORT of the REST binding (empty when off)."""
+        return self.launched.http
+
+    @property
     def lines(self) -> list[str]:
         """Every line of output so far (the reader thread keeps adding)."""
         return self.launched.output.lines()
@@ -129,7 +141,8 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: floa
     """`gateway serve ...` as a subprocess; waits for its `listening on` line."""
     if "--state-dir" not in args:
         args = ("--state-dir", tempfile.mkdtemp(prefix="gateway-state-"), *args)
-    serve_args = ["--port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu", *args]
+    serve_args = ["--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu"]
+    serve_args += args
     try:
         launched = launch.start(
             launch.serve_command(serve_args), env={**os.environ, **(env or {})}, cwd=ROOT, timeout_s=timeout

@@ -17,6 +17,7 @@ EPILOG = """\b
 Examples:
   gateway serve --models models --port 8001
   gateway serve --models models --port 0 --metrics-port -1   # any free port, no metrics
+  gateway serve --models models --http-port -1                # gRPC only, no REST
   GATEWAY_PROVIDER=cpu gateway serve --config gateway.toml
 """
 
@@ -40,6 +41,9 @@ def main() -> None:
 )
 @click.option("--host", help="Address to listen on. [default: 127.0.0.1]")
 @click.option("--port", type=int, help="Inference port; 0 picks a free one. [default: 8001]")
+@click.option(
+    "--http-port", type=int, help="OIP REST (KServe v2 HTTP/JSON) port; 0 picks one, -1: off. [default: 8000]"
+)
 @click.option("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks one, -1: off. [default: 8002]")
 @click.option("--control-host", help="Address of the release-engineering API. [default: 127.0.0.1]")
 @click.option(
@@ -82,7 +86,7 @@ def main() -> None:
     help="TOML file with these settings (top level or a [serve] table).",
 )
 def serve(config_file: Path | None, **flags: Any) -> None:
-    """Serve every model in the repository over gRPC.
+    """Serve every model in the repository over gRPC and REST (HTTP/JSON).
 
     Prints `listening on HOST:PORT` once every model is loaded and warm.
     Each setting can also come from GATEWAY_<NAME> (e.g. GATEWAY_PORT) or the

@@ -46,6 +46,9 @@ class GatewaySettings:
     models: Path = Path("models")
     host: str = "127.0.0.1"
     port: int = 8001
+    # The OIP REST binding (KServe v2 HTTP/JSON, gateway/rest), as Triton and KServe number it.
+    # -1 turns it off, 0 picks a free port (as for the metrics and control ports).
+    http_port: int = 8000
     metrics_port: int = 8002  # -1 turns the metrics endpoint off
     # The release-engineering API listens apart from inference, on loopback by default.
     control_host: str = "127.0.0.1"
@@ -123,7 +126,7 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("port", "metrics_port", "control_port"):
+        for name in ("port", "http_port", "metrics_port", "control_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise ConfigError(f"{name}: {value} is not a valid port")

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from gateway import __version__
+from gateway import SERVER_NAME, __version__
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, PermissionDenied
 from gateway.protocol import codec
@@ -21,7 +21,6 @@ from gateway.types import TensorSpec
 
 # grpc ships no type hints; this is a grpc.aio.ServicerContext.
 Context: TypeAlias = Any
-SERVER_NAME = "release-gateway"
 # Methods whose handlers return their responses already serialized (bytes).
 SERIALIZED_RESPONSES = frozenset(
     f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/{name}"

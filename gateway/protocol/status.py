@@ -1,4 +1,4 @@
-"""Our exceptions -> gRPC status codes, in one table and one interceptor.
+"""Our exceptions -> gRPC status codes (the table in gateway.errors), in one interceptor.
 
 Anything not in the table is a bug: the caller gets INTERNAL with a generic
 message and the details go to the log only.
@@ -27,22 +27,12 @@ from gateway.protocol.wrapping import WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
+# gRPC's codes carry the canonical names: the table in gateway.errors, in gRPC's terms.
 STATUS_BY_ERROR: dict[type[errors.GatewayError], grpc.StatusCode] = {
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.QueueTimeout: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Draining: grpc.StatusCode.UNAVAILABLE,
-    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    cls: grpc.StatusCode[code.value] for cls, code in errors.CODE_BY_ERROR.items()
 }
 
-GENERIC_MESSAGE = "internal error (details are in the gateway log)"
+GENERIC_MESSAGE = errors.GENERIC_MESSAGE
 
 # Unparseable messages are the client's fault and can arrive by the thousand:
 # one line per method per interval, the next one saying how many were held back.
@@ -56,11 +46,8 @@ IN_STREAM_ERRORS = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message the caller sees for an exception."""
-    for cls in type(exc).__mro__:
-        code = STATUS_BY_ERROR.get(cls)
-        if code is not None:
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, GENERIC_MESSAGE
+    code, message = errors.code_for(exc)
+    return grpc.StatusCode[code.value], message
 
 
 @dataclass(frozen=True, slots=True)

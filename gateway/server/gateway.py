@@ -7,9 +7,10 @@ AsyncExitStack at its place in the drain order; `drain` (or a failed start)
 unwinds that stack. The drain, first to last:
 
 1. health says NOT_SERVING; open streams end at their next wait for a message;
-2. the data plane refuses new calls (UNAVAILABLE) and answers those in flight,
+2. the data plane refuses new calls (UNAVAILABLE; 503 over REST) and answers those in flight,
    until it is idle or the grace period ends; so do the streams;
-3. the inference server stops (what is left of the grace period), then the control API;
+3. the REST server stops listening and closes its connections, then the gRPC inference
+   server stops (what is left of the grace period), then the control API;
 4. the release plane finishes its shadow copies; the models' executors close;
 5. background loops are cancelled; the store and the capture files close;
 6. the metrics endpoint and the thread pool shut down.
@@ -62,7 +63,11 @@ from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
 from gateway.release.store import SqliteStore
 from gateway.release.sync import sync_loops
-from gateway.server.ports import check_ports
+from gateway.rest.app import RestEndpoints, build_app
+from gateway.rest.limits import RestLimits
+from gateway.rest.server import HttpOptions, HttpServer
+from gateway.server.capture import WireCapture
+from gateway.server.ports import bind_listener, check_ports
 from gateway.server.statelock import lock_state_dir
 from gateway.serving.builder import ModelBuilder
 from gateway.serving.metrics import QUEUE_SAMPLE_S, GatewayMetrics
@@ -144,6 +149,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.port = 0
+        self.http_port = -1
         self.metrics_port = -1
         self.control_port = -1
         # The parts tests and tools look at; None until start builds them.
@@ -265,11 +271,36 @@ class Gateway:
         self.port = bind(server, s.host, s.port, setting="port", settings=s)
         await server.start()
         stack.push_async_callback(self._stop_server, server)
+        if s.http_port >= 0:
+            http = await self._start_http(dataplane, registry)
+            stack.push_async_callback(self._stop_http, http)
         stack.push_async_callback(self._wait_streams, streams)
         stack.push_async_callback(self._drain_dataplane, dataplane)
         # Open streams end at their next wait for a message, so nothing is left
         # running when grpc shuts down (it would answer new calls CANCELLED meanwhile).
         stack.callback(streams.close)
+
+    async def _start_http(self, dataplane: DataPlane, registry: Registry) -> HttpServer:
+        """The OIP REST binding on its own port, served on this loop (gateway/rest)."""
+        s = self.settings
+        capture = None if self.capture is None else WireCapture(self.capture)
+        endpoints = RestEndpoints(dataplane, registry, RestLimits.from_settings(s), capture)
+        sock = bind_listener(s.host, s.http_port, "http_port", shared=s.worker_index >= 0)
+        options = HttpOptions(
+            # As gRPC's maximum_concurrent_rpcs; idle keep-alive connections count too.
+            max_connections=s.max_inflight + s.max_streams,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            tls_client_ca=s.tls_client_ca,
+        )
+        http = HttpServer(build_app(endpoints), sock, options)
+        try:
+            await http.start()
+        except BaseException:
+            sock.close()
+            raise
+        self.http_port = http.port
+        return http
 
     async def _start_control(self, releases: ReleasePlane, ops: ReleaseOps, loader: ModelLoader) -> aio.Server:
         s = self.settings
@@ -318,6 +349,9 @@ class Gateway:
     async def _wait_streams(self, streams: StreamGuard) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(streams.wait_closed(), self._remaining())
+
+    async def _stop_http(self, http: HttpServer) -> None:
+        await http.stop(self._remaining())
 
     async def _stop_server(self, server: aio.Server) -> None:
         await server.stop(self._remaining())
@@ -389,6 +423,8 @@ async def _serve(settings: GatewaySettings) -> None:
     gateway.install_signal_handlers()
     port = await gateway.start()
     extras = ""
+    if gateway.http_port >= 0:
+        extras += f", http on {format_address(settings.host, gateway.http_port)}"
     if gateway.metrics_port >= 0:
         extras += f", metrics on {format_address(settings.host, gateway.metrics_port)}"
     if gateway.control_port >= 0:

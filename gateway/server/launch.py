@@ -1,7 +1,7 @@
 """Starting a server as a child process and reading the addresses it reports: the one launcher.
 
 `gateway serve` prints `listening on HOST:PORT` once every model is ready,
-after log lines naming the metrics and control addresses; the load tests' bare
+after log lines naming the REST (http), metrics and control addresses; the load tests' bare
 server prints the same line. `gateway demo`, the load tests (which add CPU
 pinning and CPU accounting on top) and the tests start servers through here.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 CONTROL = re.compile(r"control on (\S+:\d+)")
+HTTP = re.compile(r"http on (\S+:\d+)")
 METRICS = re.compile(r"metrics on \S+:(\d+)")
 STOP_TIMEOUT_S = 20.0
 # Lines of output a failed start shows.
@@ -60,6 +61,7 @@ class Launched:
     proc: subprocess.Popen[str]
     address: str = ""  # HOST:PORT from `listening on`
     control: str = ""  # empty: no control API
+    http: str = ""  # HOST:PORT of the REST binding; empty: off
     metrics_port: int = -1
     output: Output = field(default_factory=Output)
 
@@ -119,6 +121,8 @@ def start(
                 continue
             if found := CONTROL.search(line):
                 launched.control = found.group(1)
+            if found := HTTP.search(line):
+                launched.http = found.group(1)
             if found := METRICS.search(line):
                 launched.metrics_port = int(found.group(1))
             if found := LISTENING.search(line):

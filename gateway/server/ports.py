@@ -1,6 +1,6 @@
 """Making sure a port the gateway listens on is its own.
 
-Workers of one supervisor share the inference port through SO_REUSEPORT, and
+Workers of one supervisor share the inference ports (gRPC and HTTP) through SO_REUSEPORT, and
 Linux lets any later socket of the same user with SO_REUSEPORT join that
 group: a second gateway started on the port would silently take half of the
 connections. So before anything binds, a plain bind (no SO_REUSEPORT) probes
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # The flag that sets each port, and how to get a free one, for the message.
 _FLAGS = {
     "port": ("port", "--port", "0 picks a free one"),
+    "http_port": ("HTTP port", "--http-port", "0 picks a free one, -1 turns the REST binding off"),
     "control_port": ("control port", "--control-port", "0 picks a free one, -1 turns the control API off"),
     "metrics_port": ("metrics port", "--metrics-port", "0 picks a free one, -1 turns metrics off"),
 }
@@ -87,6 +88,7 @@ def check_distinct(s: GatewaySettings) -> None:
     """
     listeners = [(setting, host, port) for setting, host, port in (
         ("port", s.host, s.port),
+        ("http_port", s.host, s.http_port),
         ("control_port", s.control_host, s.control_port),
         ("metrics_port", s.host, s.metrics_port),
     ) if port > 0]  # fmt: skip
@@ -103,6 +105,7 @@ def check_ports(s: GatewaySettings, inference: bool = True) -> None:
     check_distinct(s)
     if inference:
         check_free(s.host, s.port, "port")
+        check_free(s.host, s.http_port, "http_port")
     check_free(s.control_host, s.control_port, "control_port")
     check_free(s.host, s.metrics_port, "metrics_port")
 
@@ -130,20 +133,44 @@ def startup_lock(port: int) -> Iterator[None]:
             os.close(fd)
 
 
-def reserve_shared(host: str, port: int) -> socket.socket:
+def reserve_shared(host: str, port: int, setting: str = "port") -> socket.socket:
     """Bind (without listening) with SO_REUSEPORT, after a probe: the port is ours and our workers'.
 
     Port 0 becomes one concrete port every worker can share; the kernel never
     picks a port another SO_REUSEPORT group holds.
     """
-    family, sockaddr = _sockaddr(host, port, "port")
+    family, sockaddr = _sockaddr(host, port, setting)
     with startup_lock(port) if port > 0 else contextlib.nullcontext():
-        check_free(host, port, "port")
+        check_free(host, port, setting)
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind(sockaddr)
         except OSError as exc:
             sock.close()
-            raise bind_failure(host, port, "port", exc) from None
+            raise bind_failure(host, port, setting, exc) from None
+    return sock
+
+
+def bind_listener(host: str, port: int, setting: str, *, shared: bool) -> socket.socket:
+    """A socket bound to host:port for a server to listen on (the REST binding's).
+
+    `shared` (a supervisor's worker): SO_REUSEPORT, joining the group the supervisor
+    reserved. Otherwise bound alone, so a port another process holds is refused.
+    """
+    family, sockaddr = _sockaddr(host, port, setting)
+    # IPPROTO_TCP said out loud: asyncio sets TCP_NODELAY only on connections whose socket
+    # names it, and without it every response written in two parts (headers, then body)
+    # waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        # Connections of an earlier run still in TIME_WAIT are nobody's port; on Linux
+        # SO_REUSEADDR never lets a second socket bind a port someone listens on.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise bind_failure(host, port, setting, exc) from None
     return sock

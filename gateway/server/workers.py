@@ -1,4 +1,4 @@
-"""`gateway serve --workers N`: N serving processes on one port.
+"""`gateway serve --workers N`: N serving processes on one port (and one REST port).
 
 Python's gRPC server is bound by one core's worth of Python, so the gateway
 scales across cores with one process per core sharing the port through
@@ -127,9 +127,19 @@ class Supervisor:
         # other gateway can (gateway.server.ports).
         self._reserved: socket.socket = reserve_shared(settings.host, settings.port)
         port = self._reserved.getsockname()[1]
+        # The REST port likewise: every worker serves HTTP on it too.
+        self._reserved_http: socket.socket | None = None
+        http_port = settings.http_port
+        if http_port >= 0:
+            try:
+                self._reserved_http = reserve_shared(settings.host, http_port, "http_port")
+            except ConfigError:
+                self._reserved.close()
+                raise
+            http_port = self._reserved_http.getsockname()[1]
         self.settings = settings
         self.worker_settings = dataclasses.replace(
-            settings, port=port, metrics_port=-1, workers=1, intra_op_threads=threads
+            settings, port=port, http_port=http_port, metrics_port=-1, workers=1, intra_op_threads=threads
         )
         # Release state, evidence and labels are shared through the store; worker 0
         # serves the control API and runs the controller on everyone's evidence.
@@ -209,6 +219,8 @@ class Supervisor:
             raise
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.worker_settings.http_port >= 0:
+            metrics = f", http on {format_address(self.settings.host, self.worker_settings.http_port)}{metrics}"
         if self.control_port >= 0:
             metrics += f", control on {format_address(self.settings.control_host, self.control_port)}"
         log.info("%d workers serving%s", self.count, metrics)

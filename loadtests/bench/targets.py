@@ -69,6 +69,8 @@ def gateway_command(config: BenchConfig, *, batching: bool, state_dir: Path, mod
     c = config
     args = ["--models", str(models or c.models), "--load", c.model, "--host", "127.0.0.1", "--port", "0"]
     args += ["--metrics-port", "-1", "--provider", c.provider, "--log-level", "WARNING"]
+    # The bench measures gRPC; REST's fixed default port would collide like the control API's.
+    args += ["--http-port", "-1"]
     # A fresh store per server: a stored release (say, from `gateway traffic set` in this checkout)
     # would otherwise replace model.toml's, and gateway-shadow would quietly run without its shadow.
     args += ["--state-dir", str(state_dir)]

@@ -182,6 +182,8 @@ def test_control_api_refuses_a_public_bind_without_tokens(tmp_path: Path) -> Non
             "0",
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
             "--load",
             "digits",
             "--workers",

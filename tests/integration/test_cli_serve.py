@@ -61,7 +61,7 @@ def repo_with(tmp_path: Path, *names: str) -> Path:
 def test_missing_model_file_stops_startup_naming_the_file(tmp_path: Path) -> None:
     root = repo_with(tmp_path, "digits")
     (root / "digits" / "2" / "model.onnx").unlink()
-    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1")
+    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1", "--http-port", "-1")
     assert result.returncode == 2
     assert "digits/2/model.onnx: missing" in result.stderr
 
@@ -69,7 +69,7 @@ def test_missing_model_file_stops_startup_naming_the_file(tmp_path: Path) -> Non
 def test_corrupt_model_stops_startup_naming_the_file_and_problem(tmp_path: Path) -> None:
     root = repo_with(tmp_path, "digits")
     (root / "digits" / "3" / "model.onnx").write_bytes(b"this is not an onnx file")
-    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1")
+    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1", "--http-port", "-1")
     assert result.returncode == 2
     assert "digits/3/model.onnx: cannot load ONNX model" in result.stderr
 
@@ -77,13 +77,13 @@ def test_corrupt_model_stops_startup_naming_the_file_and_problem(tmp_path: Path)
 def test_bad_spec_stops_startup_naming_the_setting(tmp_path: Path) -> None:
     root = repo_with(tmp_path, "digits")
     (root / "digits" / "model.toml").write_text("max_batch_size = 8\n[batching]\nmax_queue_sise = 3\n")
-    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1")
+    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1", "--http-port", "-1")
     assert result.returncode == 2
     assert "model.toml: unknown setting batching.max_queue_sise" in result.stderr
 
 
 def test_bad_flag_value_is_a_usage_error() -> None:
-    result = run_cli("serve", "--port", "70000")
+    result = run_cli("serve", "--port", "70000", "--http-port", "-1")
     assert result.returncode == 2
     assert "port: 70000 is not a valid port" in result.stderr
 
@@ -91,6 +91,7 @@ def test_bad_flag_value_is_a_usage_error() -> None:
 def test_provider_cuda_refuses_to_start_without_cuda(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     write_identity_model(root / "ident" / "1" / "model.onnx", "FP32")
-    result = run_cli("serve", "--models", str(root), "--port", "0", "--metrics-port", "-1", "--provider", "cuda")
+    args = ["--models", str(root), "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--provider", "cuda"]
+    result = run_cli("serve", *args)
     assert result.returncode == 2
     assert "provider cuda: CUDA is not usable:" in result.stderr

@@ -42,6 +42,8 @@ def serve(repo: Path, *args: str, env: dict[str, str] | None = None) -> subproce
     command = gateway_command(
         "serve", "--models", str(repo), "--port", "0", "--metrics-port", "-1", "--provider", "cpu", *args
     )
+    if "--http-port" not in args:
+        command += ["--http-port", "-1"]
     if "--workers" not in args:
         command += ["--workers", "1"]  # one process: the path where tracebacks escaped
     if "--control-port" not in args:
@@ -118,8 +120,9 @@ def test_environment_errors_name_the_variable(repo: Path) -> None:
 
 def subprocess_with_port_from_env(repo: Path, port: str) -> subprocess.CompletedProcess[str]:
     command = gateway_command(
-        "serve", "--models", str(repo), "--metrics-port", "-1", "--control-port", "-1", "--workers", "1"
-    )
+        "serve", "--models", str(repo), "--metrics-port", "-1", "--control-port", "-1", "--workers", "1",
+        "--http-port", "-1",
+    )  # fmt: skip
     env = {**os.environ, "GATEWAY_PORT": port}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
 
@@ -185,6 +188,7 @@ def test_a_good_tokens_file_still_loads(tmp_path: Path) -> None:
 OUT_OF_RANGE: dict[str, list[Any]] = {
     # gateway settings
     "port": [-1, 65536],
+    "http_port": [-2, 65536],
     "metrics_port": [-2, 65536],
     "control_port": [-2, 65536],
     "workers": [-1, 1_000_000],

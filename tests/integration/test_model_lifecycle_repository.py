@@ -26,8 +26,9 @@ LAYOUT = "<name>/<version>/model.onnx"
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
     """`gateway serve` that is expected to refuse to start (so it exits by itself)."""
     command = gateway_command(
-        "serve", "--port", "0", "--metrics-port", "-1", "--control-port", "-1", "--provider", "cpu", *args
-    )
+        "serve", "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--control-port", "-1",
+        "--provider", "cpu", *args,
+    )  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 

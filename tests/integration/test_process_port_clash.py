@@ -28,7 +28,12 @@ from gateway.server.ports import check_distinct
 from tests.integration.test_process_ports import fresh_state, second_gateway
 from tests.support import ROOT, gateway_command
 
-FLAGS = {"port": "--port", "control_port": "--control-port", "metrics_port": "--metrics-port"}
+FLAGS = {
+    "port": "--port",
+    "http_port": "--http-port",
+    "control_port": "--control-port",
+    "metrics_port": "--metrics-port",
+}
 
 
 def free_port() -> int:
@@ -45,10 +50,14 @@ def gateway_lines(output: str) -> list[str]:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize(("first", "second"), [("port", "control_port"), ("control_port", "metrics_port")])
+@pytest.mark.parametrize(
+    ("first", "second"), [("port", "control_port"), ("control_port", "metrics_port"), ("port", "http_port")]
+)
 def test_one_port_for_two_listeners_is_refused_before_any_model_loads(workers: str, first: str, second: str) -> None:
     port = free_port()
-    ports = {"port": "0", "control_port": "0", "metrics_port": "-1", first: str(port), second: str(port)}
+    ports = {
+        "port": "0", "http_port": "0", "control_port": "0", "metrics_port": "-1", first: str(port), second: str(port)
+    }  # fmt: skip
     args = [arg for setting, value in ports.items() for arg in (FLAGS[setting], value)]
     code, output = second_gateway(*args, "--workers", workers, "--state-dir", fresh_state())
     assert code == 2, output
@@ -58,17 +67,24 @@ def test_one_port_for_two_listeners_is_refused_before_any_model_loads(workers: s
     assert "loaded " not in output and "Traceback" not in output and "add_port" not in output, output
 
 
-# -1 turns the control API or metrics off; the inference port is always on.
-ports = st.sampled_from([-1, 0, 8001, 8002])
+# -1 turns REST, the control API or metrics off; the gRPC inference port is always on.
+ports = st.sampled_from([-1, 0, 8000, 8001, 8002])
 
 
-@given(port=st.sampled_from([0, 8001, 8002]), control_port=ports, metrics_port=ports)
+@given(port=st.sampled_from([0, 8000, 8001, 8002]), http_port=ports, control_port=ports, metrics_port=ports)
 @settings(max_examples=100, deadline=None)
-def test_only_a_positive_number_given_twice_is_refused(port: int, control_port: int, metrics_port: int) -> None:
+def test_only_a_positive_number_given_twice_is_refused(
+    port: int, http_port: int, control_port: int, metrics_port: int
+) -> None:
     s = GatewaySettings(
-        models=Path("models"), host="127.0.0.1", port=port, control_port=control_port, metrics_port=metrics_port
+        models=Path("models"),
+        host="127.0.0.1",
+        port=port,
+        http_port=http_port,
+        control_port=control_port,
+        metrics_port=metrics_port,
     )
-    chosen = [p for p in (port, control_port, metrics_port) if p > 0]
+    chosen = [p for p in (port, http_port, control_port, metrics_port) if p > 0]
     if len(set(chosen)) == len(chosen):
         check_distinct(s)
         return
@@ -94,7 +110,8 @@ def test_the_same_number_on_two_addresses_that_cannot_clash_is_allowed() -> None
 def test_a_metrics_port_taken_while_workers_start_stops_the_gateway_with_one_line() -> None:
     metrics_port = free_port()
     command = gateway_command(
-        "serve", "--port", "0", "--control-port", "0", "--metrics-port", str(metrics_port), "--provider", "cpu",
+        "serve", "--port", "0", "--http-port", "0", "--control-port", "0", "--metrics-port", str(metrics_port),
+        "--provider", "cpu",
         "--load", "digits", "--workers", "2", "--state-dir", tempfile.mkdtemp(prefix="gateway-state-"),
     )  # fmt: skip
     proc = subprocess.Popen(

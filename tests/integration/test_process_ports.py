@@ -22,7 +22,10 @@ from tests.support import ROOT, gateway_command, gateway_process
 
 def second_gateway(*args: str, timeout: float = 60) -> tuple[int | None, str]:
     """Start `gateway serve ...`; its exit code and output, or (None, output) when it served instead."""
-    command = gateway_command("serve", "--metrics-port", "-1", "--provider", "cpu", "--load", "digits", *args)
+    command = gateway_command("serve", "--metrics-port", "-1", "--provider", "cpu", "--load", "digits")
+    if "--http-port" not in args:
+        command += ["--http-port", "0"]
+    command += args
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

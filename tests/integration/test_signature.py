@@ -117,6 +117,8 @@ def test_serve_stops_with_one_line_naming_the_fix(tmp_path: Path) -> None:
             "0",
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
             "--control-port",
             "-1",
             "--workers",

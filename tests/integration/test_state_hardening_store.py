@@ -32,7 +32,7 @@ def repo(tmp_path: Path) -> Path:
 def serve(repo: Path, state: Path) -> subprocess.CompletedProcess[str]:
     """`gateway serve` on `state`, expected to refuse before it listens (a timeout fails the test)."""
     args = ["serve", "--models", str(repo), "--state-dir", str(state), "--workers", "1", "--port", "0"]
-    args += ["--metrics-port", "-1", "--control-port", "-1", "--provider", "cpu"]
+    args += ["--metrics-port", "-1", "--http-port", "-1", "--control-port", "-1", "--provider", "cpu"]
     return subprocess.run(gateway_command(*args), capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
