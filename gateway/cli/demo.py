@@ -43,6 +43,8 @@ max_error_increase = 0.05
 max_accuracy_drop = 0.02
 alpha = 0.05
 max_duration_s = 120
+step_min_samples = 100
+step_min_duration_s = 2
 """
 ROWS = 16
 LABEL_DELAY_S = 0.5

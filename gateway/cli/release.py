@@ -27,7 +27,8 @@ from rich.table import Table
 from gateway.control.client import EXIT_REFUSED, CommandFailed, ControlClient
 from gateway.logthrottle import one_line
 from gateway.protocol.pb import release_pb2 as rpb
-from gateway.release.policy import Phase
+from gateway.release.assessment import ROLLOUT_METADATA_KEY
+from gateway.release.policy import ACTIVE, Phase
 from gateway.release.store import AuditOutcome
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -142,13 +143,60 @@ def report_table(report: rpb.Report) -> Table:
     return table
 
 
+def rollout_view(trailers: dict[str, str | bytes]) -> dict[str, Any] | None:
+    """The rollout view the gateway sends with GetRelease and GetReport during a rollout."""
+    raw = trailers.get(ROLLOUT_METADATA_KEY)
+    if not raw:
+        return None
+    view: dict[str, Any] = json.loads(raw)
+    return view
+
+
+def _figure(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "—"
+
+
+def rollout_lines(view: dict[str, Any]) -> list[str]:
+    """A rollout view as plain lines: why it is in its phase, what comes next, and each check
+    that is not passing (estimate, interval, bound, samples and roughly how many more it needs)."""
+    lines = []
+    last = view.get("last_change")
+    if last:
+        stamp = datetime.fromtimestamp(last["at"], UTC).strftime("%H:%M:%S")
+        lines.append(f"  {plain(last['action'])} by {plain(last['actor'])} at {stamp} UTC: {plain(last['reason'])}")
+    for key, label in (("next", "next"), ("if_resumed", "if resumed now")):
+        if key in view:
+            lines.append(f"  {label}: {plain(view[key])} ({plain(view.get('reason', ''))})")
+    for c in view.get("checks", []):
+        if c["verdict"] == "pass":
+            continue
+        if c["check"] == "step_duration_s":
+            lasted = f"{_figure(c.get('value'))} s of {c['bound']:g} s"
+            lines.append(f"    {'step_duration_s':<18} {plain(c['verdict']):<12} {lasted}")
+            continue
+        needed = c.get("needed")
+        more = "" if c["verdict"] != "inconclusive" else f", ~{needed} more" if needed is not None else ", more"
+        lines.append(
+            f"    {plain(c['check']):<18} {plain(c['verdict']):<12} {_figure(c.get('value'))} "
+            f"[{_figure(c.get('low'))}, {_figure(c.get('high'))}] vs {_figure(c.get('bound'))}, "
+            f"{c.get('samples', 0)} samples{more}"
+        )
+    return lines
+
+
 @click.command()
 @connection_options
 def status(client: ControlClient) -> None:
-    """Every model's release: stable, canary and weight, shadows, rollout phase."""
+    """Every model's release: stable, canary and weight, shadows, rollout phase; during a
+    rollout, why it is where it is and which checks it waits for (with what they still need)."""
     releases = client.call(client.stub.ListReleases, rpb.ListReleasesRequest()).releases
     for release in releases:
         console.print(_release_line(release))
+        if release.phase in ACTIVE:
+            _, trailers = client.call_with_trailers(client.stub.GetRelease, rpb.GetReleaseRequest(model=release.model))
+            view = rollout_view(trailers)
+            for line in rollout_lines(view) if view else []:
+                click.echo(line)  # one line each, never wrapped: scripts grep these
 
 
 @click.group()
@@ -254,27 +302,44 @@ rollback = _action("rollback", "Rollback", "Send all traffic back to stable and 
 @connection_options
 def report(client: ControlClient, model: str, as_json: bool, watch: float | None, plot: Path | None) -> None:
     """Per version: latency, errors, accuracy with CI, agreement with stable, samples, phase."""
-    fetch = functools.partial(client.call, client.stub.GetReport, rpb.GetReportRequest(model=model))
+    request = rpb.GetReportRequest(model=model)
+
+    def fetch() -> tuple[rpb.Report, dict[str, Any] | None]:
+        answer, trailers = client.call_with_trailers(client.stub.GetReport, request)
+        return answer, rollout_view(trailers)
+
     if plot is not None:
         from gateway.cli.plot import plot_rollout
 
         records = list(_audit_pages(client, model, 0.0, 0.0))
-        plot_rollout(model, records, fetch(), plot)
+        plot_rollout(model, records, fetch()[0], plot)
         console.print(f"wrote {markup(plot)}")
         return
     if as_json:
-        click.echo(json.dumps(MessageToDict(fetch(), always_print_fields_with_no_presence=True), indent=2))
+        answer, view = fetch()
+        data = MessageToDict(answer, always_print_fields_with_no_presence=True)
+        if view is not None:
+            data["rollout"] = view
+        click.echo(json.dumps(data, indent=2))
         return
     if watch is None:
-        console.print(report_table(fetch()))
+        console.print(_report_with_rollout(*fetch()))
         return
     try:
-        with Live(report_table(fetch()), console=console, refresh_per_second=4) as live:
+        with Live(_report_with_rollout(*fetch()), console=console, refresh_per_second=4) as live:
             while True:
                 time.sleep(watch)
-                live.update(report_table(fetch()))
+                live.update(_report_with_rollout(*fetch()))
     except KeyboardInterrupt:
         pass
+
+
+def _report_with_rollout(report: rpb.Report, view: dict[str, Any] | None) -> Table:
+    table = report_table(report)
+    if view is not None:
+        table.caption = "\n".join([str(table.caption), *(escape(line) for line in rollout_lines(view))])
+        table.caption_justify = "left"
+    return table
 
 
 def _audit_pages(client: ControlClient, model: str, since: float, until: float) -> Iterator[rpb.AuditRecord]:
@@ -317,6 +382,7 @@ def describe_audit(r: rpb.AuditRecord) -> str:
             + "; ".join(
                 f"{plain(c['check'])} {plain(c['verdict'])}"
                 + (f" {c['value']:.4g}" if c.get("value") is not None else "")
+                + (f" (~{c['needed']} more)" if c.get("needed") is not None else "")
                 for c in json.loads(r.evidence_json)
             )
             + "]"

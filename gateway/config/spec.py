@@ -19,6 +19,8 @@ from gateway.types import BASIS_POINTS
 
 ExecutionMode = Literal["auto", "inline", "thread"]
 CompareKind = Literal["classification", "regression"]
+# What a rollout does when max_duration_s passes with checks still inconclusive (none failed).
+TimeoutAction = Literal["pause", "rollback", "promote"]
 # The load-test gate holds every request it sends in memory (gateway/release/gate.py).
 MAX_GATE_REQUESTS = 100_000
 
@@ -96,12 +98,21 @@ class PolicySpec:
     step_weights: tuple[float, ...] = (1.0, 5.0, 10.0, 25.0, 50.0)  # percent of traffic per step
     threshold: int = 2  # intervals with a failed check before rollback
     min_samples: int = 200  # per arm, before any check decides
-    max_latency_ratio: float = 1.2  # canary p99 / stable p99 (0: off)
+    # Non-inferiority margin on latency: the candidate's latency_quantile of served
+    # latency, and its paired extra run time where copies are timed on both versions,
+    # at most this times the stable's (0: off). See docs/promotion.md.
+    max_latency_ratio: float = 1.2
+    latency_quantile: float = 0.9  # the stated quantile of served latency the ratio compares
     max_error_increase: float = 0.01  # canary error rate - stable error rate (negative: off)
     min_agreement: float = 0.0  # top-1 agreement with stable (0: off)
     max_accuracy_drop: float = -1.0  # stable accuracy - canary accuracy (negative: off; needs labels)
-    max_duration_s: float = 3600.0
+    max_duration_s: float = 3600.0  # then on_timeout, unless a check failed or all passed
+    on_timeout: TimeoutAction = "pause"  # pause for a person, roll back, or promote
     alpha: float = 0.05  # for all checks together
+    # Exposure of each traffic step on its own: a step advances only once it has served
+    # this many candidate requests and lasted this long since it began.
+    step_min_samples: int = 200
+    step_min_duration_s: float = 60.0
     shadow_intervals: int = 0  # >0: mirror the candidate first, traffic only after its checks pass
     # Load-test gate before the first traffic shift (see gateway/release/gate.py).
     gate: bool = False
@@ -110,6 +121,7 @@ class PolicySpec:
     gate_min_agreement: float = 0.9
 
     def __post_init__(self) -> None:
+        check_choices(self, "policy.")
         check_number("policy.interval_s", self.interval_s, 0, above=True)
         if not self.step_weights:
             raise ConfigError("policy.step_weights: must list at least one percentage, got []")
@@ -128,6 +140,21 @@ class PolicySpec:
         check_number("policy.min_agreement", self.min_agreement, 0, 1)
         check_number("policy.max_accuracy_drop", self.max_accuracy_drop, None, 1)
         check_number("policy.max_duration_s", self.max_duration_s, 0, above=True)
+        # 0 and 1 would compare the fastest or the slowest request: a quantile needs both sides.
+        if not 0.5 <= self.latency_quantile <= 0.999:
+            raise ConfigError(
+                f"policy.latency_quantile: must be in 0.5..0.999, got {self.latency_quantile!r} "
+                "(0.9 compares p90; tails past p99 need 10^5 requests per arm, see docs/promotion.md)"
+            )
+        check_number("policy.step_min_samples", self.step_min_samples, 0)
+        check_number("policy.step_min_duration_s", self.step_min_duration_s, 0)
+        exposure = self.step_min_duration_s * len(self.step_weights)
+        if exposure > self.max_duration_s:
+            raise ConfigError(
+                f"policy.step_min_duration_s: {self.step_min_duration_s:g} s for each of {len(self.step_weights)} "
+                f"steps is {exposure:g} s, more than max_duration_s ({self.max_duration_s:g} s): no rollout could "
+                "finish in time; lower step_min_duration_s or raise max_duration_s"
+            )
         check_number("policy.shadow_intervals", self.shadow_intervals, 0)
         check_number("policy.gate_requests", self.gate_requests, 1, MAX_GATE_REQUESTS)
         check_number("policy.gate_max_latency_ratio", self.gate_max_latency_ratio, 0, above=True)

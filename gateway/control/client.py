@@ -70,6 +70,15 @@ class ControlClient:
         except grpc.RpcError as exc:
             raise self._failure(exc) from None
 
+    def call_with_trailers(self, method: Any, request: Any) -> tuple[Any, dict[str, str | bytes]]:
+        """`call`, and the answer's trailing metadata by key (the rollout view rides there)."""
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        try:
+            response, call = method.with_call(request, metadata=metadata, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._failure(exc) from None
+        return response, dict(call.trailing_metadata() or ())
+
     def _failure(self, exc: grpc.RpcError) -> CommandFailed:
         code = exc.code()
         details = exc.details() or code.name

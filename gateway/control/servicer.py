@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import asdict
 from typing import Any, TypeAlias
 
@@ -14,13 +15,14 @@ from gateway.logthrottle import one_line
 from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
 from gateway.release import feedback
+from gateway.release.assessment import ROLLOUT_METADATA_KEY, rollout_view
 from gateway.release.evidence import VersionReport
 from gateway.release.feedback import FEEDBACK_WAIT_S
 from gateway.release.loader import ModelLoader
 from gateway.release.model_sync import ACK_WAIT_S
 from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
 from gateway.release.plane import ModelReport, ReleasePlane
-from gateway.release.policy import RolloutState
+from gateway.release.policy import ACTIVE, RolloutState
 from gateway.release.shadow import ShadowReport
 from gateway.release.state import ReleaseState
 from gateway.release.store import SqliteStore, StoredRelease
@@ -121,7 +123,17 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         return pb.ListReleasesResponse(releases=[self._release(self.ops.current(m)) for m in self.plane.table.models()])
 
     async def GetRelease(self, request: pb.GetReleaseRequest, context: Context) -> pb.Release:
-        return self._release(self.ops.current(request.model))
+        current = self.ops.current(request.model)
+        self._send_rollout_view(request.model, current.rollout, context)
+        return self._release(current)
+
+    def _send_rollout_view(self, model: str, rollout: RolloutState, context: Context) -> None:
+        """During a rollout, what the policy makes of it now, as trailing metadata (see
+        gateway.release.assessment.rollout_view): the Release message has no field for it."""
+        if rollout.phase not in ACTIVE:
+            return
+        view = rollout_view(self.plane, self.ops.store, model, rollout, time.time())
+        context.set_trailing_metadata(((ROLLOUT_METADATA_KEY, json.dumps(view).encode()),))
 
     async def SetTraffic(self, request: pb.SetTrafficRequest, context: Context) -> pb.Release:
         return self._release(
@@ -180,6 +192,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         rollout = self.ops.current(request.model).rollout
         report.release.phase = rollout.phase
         report.release.step = rollout.step
+        self._send_rollout_view(request.model, rollout, context)
         return report
 
     async def GetAuditLog(self, request: pb.GetAuditLogRequest, context: Context) -> pb.AuditLog:

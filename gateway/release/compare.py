@@ -29,9 +29,13 @@ def _bucket(seconds: float) -> int:
     return min(_BUCKETS - 1, 1 + int(math.log(seconds / _LOW_S) / _LOG_RATIO))
 
 
-def bucket_edges() -> list[float]:
+# Computed once: the policy reads them for every latency check at every interval.
+_EDGES = tuple(_LOW_S * _RATIO**i for i in range(_BUCKETS))
+
+
+def bucket_edges() -> tuple[float, ...]:
     """Upper edge (seconds) of each latency bucket."""
-    return [_LOW_S * _RATIO**i for i in range(_BUCKETS)]
+    return _EDGES
 
 
 @dataclass(slots=True)
@@ -117,6 +121,11 @@ class PairWindow:
     sq_diff: float = 0.0
     sq_base: float = 0.0
     latency_diff_s: float = 0.0  # sum of candidate - stable latency
+    # Paired timing: batches of copies run back to back on both versions (in random
+    # order), each a paired difference of run time on identical rows.
+    timed: int = 0
+    time_diff_s: float = 0.0  # sum of candidate - stable run time
+    time_diff_sq: float = 0.0  # sum of squares of those differences
 
     def merge(self, other: PairWindow) -> None:
         self.requests += other.requests
@@ -129,6 +138,16 @@ class PairWindow:
         self.sq_diff += other.sq_diff
         self.sq_base += other.sq_base
         self.latency_diff_s += other.latency_diff_s
+        self.timed += other.timed
+        self.time_diff_s += other.time_diff_s
+        self.time_diff_sq += other.time_diff_sq
+
+    def add_timing(self, candidate_s: float, stable_s: float) -> None:
+        """One batch run on both versions: its paired run-time difference."""
+        diff = candidate_s - stable_s
+        self.timed += 1
+        self.time_diff_s += diff
+        self.time_diff_sq += diff * diff
 
     @property
     def agreement(self) -> float:
@@ -216,6 +235,42 @@ def compare_outputs(
     pair.sq_diff += float(np.square(diff).sum())
     pair.sq_base += float(np.square(base).sum())
     pair.latency_diff_s += latency_diff_s
+
+
+def copy_window(w: VersionWindow) -> VersionWindow:
+    copied = VersionWindow()
+    copied.merge(w)
+    return copied
+
+
+def copy_pair(p: PairWindow) -> PairWindow:
+    copied = PairWindow()
+    copied.merge(p)
+    return copied
+
+
+def window_since(now: VersionWindow, base: VersionWindow) -> VersionWindow:
+    """What a window gathered after `base` was copied from it: every count and sum subtracts."""
+    w = VersionWindow(
+        requests=now.requests - base.requests,
+        errors=now.errors - base.errors,
+        rows=now.rows - base.rows,
+        labelled=now.labelled - base.labelled,
+        correct=now.correct - base.correct,
+        abs_error=now.abs_error - base.abs_error,
+    )
+    w.latency.counts = [a - b for a, b in zip(now.latency.counts, base.latency.counts, strict=True)]
+    w.latency.total = now.latency.total - base.latency.total
+    return w
+
+
+def pair_since(now: PairWindow, base: PairWindow) -> PairWindow:
+    """`window_since` for a pair (its maximum cannot subtract: the whole window's is kept)."""
+    since = PairWindow(max_abs=now.max_abs)
+    for name in PairWindow.__slots__:
+        if name != "max_abs":
+            setattr(since, name, getattr(now, name) - getattr(base, name))
+    return since
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

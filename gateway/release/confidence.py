@@ -77,6 +77,41 @@ def difference_cs(a_successes: int, a_n: int, b_successes: int, b_n: int, alpha:
     return proportion_cs(a_successes, a_n, alpha / 2, t_opt) - proportion_cs(b_successes, b_n, alpha / 2, t_opt)
 
 
+def mean_cs(n: int, total: float, total_sq: float, alpha: float, t_opt: int = 2000) -> Interval:
+    """CS for the mean of n observations given their sum and sum of squares (plug-in variance).
+
+    For paired differences: with no bound on the values the guarantee is the asymptotic
+    one (Waudby-Smith et al.), as for every check here; a variance estimated from few
+    samples is floored by `min_samples`, below which no check decides."""
+    if n <= 1:
+        return Interval(-math.inf, math.inf)
+    mean = total / n
+    variance = max(total_sq / n - mean * mean, 0.0) * n / (n - 1)
+    if variance <= 0.0:
+        variance = max(abs(mean), 1e-12) ** 2 * 1e-6  # identical values: keep the radius positive
+    r = radius(n, variance, alpha, tuned_rho(variance, alpha, t_opt))
+    return Interval(mean - r, mean + r)
+
+
+def samples_needed(n: int, value: float, interval: Interval, bound: float, log_scale: bool = False) -> int | None:
+    """A rough estimate of how many more samples an inconclusive check needs: the CS's
+    half-width shrinks about as 1/sqrt(n), so it clears the bound once it is smaller than
+    the distance from the estimate to the bound. None when that cannot be estimated (the
+    estimate sits on the bound, or the interval is still unbounded)."""
+    low, high = interval.low, interval.high
+    if log_scale:
+        if not (value > 0 and low > 0 and bound > 0):
+            return None
+        value, low, high, bound = math.log(value), math.log(low), math.log(high), math.log(bound)
+    if n <= 0 or not all(math.isfinite(x) for x in (value, low, high, bound)):
+        return None
+    gap = abs(value - bound)
+    half = (high - low) / 2
+    if gap <= 1e-12 * max(1.0, abs(bound)):
+        return None
+    return max(0, math.ceil(n * (half / gap) ** 2) - n)
+
+
 def quantile_cs(counts: Sequence[int], edges: Sequence[float], q: float, alpha: float, t_opt: int = 2000) -> Interval:
     """CS for the q-quantile of values binned into a histogram (bucket i covers (edges[i-1], edges[i]]).
 

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 
 from gateway.errors import GatewayError, StoreUnavailable
+from gateway.release.assessment import rollout_evidence
 from gateway.release.confidence import Verdict
-from gateway.release.operations import ReleaseOps
-from gateway.release.policy import DECIDING, Event, Phase, RolloutEvidence, decide
+from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
+from gateway.release.policy import DECIDING, Event, Phase, decide
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,19 @@ class Controller:
         ops = self.ops
         rollout = ops.rollouts[model]
         spec = ops.plane.registry.entry(model).spec.policy
-        stable, candidate, pair = ops.plane.combined(model).rollout_windows()
-        decision = decide(rollout, RolloutEvidence(stable, candidate, pair), spec, self.clock())
+        decision = decide(rollout, rollout_evidence(ops.plane, model), spec, self.clock())
+        # The audit keeps every figure in the checks; the reason is their summary, cut to fit.
         reason = decision.reason
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
         try:
             if decision.event is Event.ROLLBACK:
                 await ops.rollback(model, "controller", reason, decision.checks)
+            elif decision.event is Event.PAUSE:
+                # max_duration_s ran out with nothing failed (on_timeout = pause): a person decides.
+                await ops.pause(model, "controller", reason, decision.checks)
+            elif decision.event is Event.PROMOTE:
+                await ops.promote(model, "controller", reason, decision.checks)
             elif decision.event is Event.FINISH:
                 await ops.finish(model, reason, decision.checks)
             elif decision.event is Event.ADVANCE:

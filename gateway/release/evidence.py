@@ -23,6 +23,8 @@ from gateway.release.compare import (
     PairWindow,
     VersionWindow,
     compare_outputs,
+    copy_pair,
+    copy_window,
     first_values,
     pair_from_dict,
     pair_to_dict,
@@ -165,6 +167,11 @@ class ModelEvidence:
     rollout_versions: tuple[str, str] = ("", "")
     rollout_key: str = ""  # identifies the rollout, so workers' windows merge only within one
     rollout_began: float = 0.0  # monotonic; labels of earlier predictions stay out of the rollout
+    # The rollout's windows as they were when its current step began (None: the step
+    # began with the rollout), so a step is judged on its own traffic by subtraction:
+    # nothing is recorded twice on the request path.
+    step_base: tuple[VersionWindow, VersionWindow, PairWindow] | None = None
+    step_began: float = 0.0  # monotonic
     labels_received: int = 0
     # Hashes of request ids whose predictions were joined with labels, oldest first.
     labelled: OrderedDict[int, None] = field(default_factory=OrderedDict, repr=False)
@@ -176,10 +183,18 @@ class ModelEvidence:
         self.rollout_versions = (stable, candidate)
         self.rollout_key = key
         self.rollout_began = time.monotonic()
+        self.step_base = None
+        self.step_began = self.rollout_began
+
+    def begin_step(self, stable: VersionWindow, candidate: VersionWindow, pair: PairWindow) -> None:
+        """A new traffic step begins: remember (copies of) the rollout's windows so far."""
+        self.step_base = (copy_window(stable), copy_window(candidate), copy_pair(pair))
+        self.step_began = time.monotonic()
 
     def end_rollout(self) -> None:
         self.rollout = None
         self.rollout_pair = None
+        self.step_base = None
         self.rollout_versions = ("", "")
         self.rollout_key = ""
 
@@ -294,6 +309,16 @@ class ModelEvidence:
         if self.rollout_pair is not None and candidate == self.rollout_versions[1]:
             compare_outputs(self.rollout_pair, base, cand, self.spec, latency_diff_s, requests)
         return True
+
+    def record_timing(self, candidate: str, candidate_s: float, stable_s: float) -> None:
+        """One batch of copies timed on the candidate and on the stable version (a paired
+        difference), per batch: never on the request path."""
+        pair = self.pairs.get(candidate)
+        if pair is None:
+            pair = self.pairs[candidate] = PairWindow()
+        pair.add_timing(candidate_s, stable_s)
+        if self.rollout_pair is not None and candidate == self.rollout_versions[1]:
+            self.rollout_pair.add_timing(candidate_s, stable_s)
 
     def feedback(self, request_id: str, labels: Sequence[float], received: bool = True) -> bool:
         """Join labels with the request's predictions; True when they were joined."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway.config.spec import PolicySpec
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
 from gateway.logthrottle import one_line
 from gateway.release.gate import CapturedRequests, captured_inputs, generated_inputs, run_gate
@@ -147,6 +148,9 @@ class ReleaseOps:
             # A new rollout, or one resumed after a restart: evidence starts afresh.
             key = f"{stored.state.stable}>{stored.rollout.candidate}@{stored.rollout.started_at}"
             evidence.begin_rollout(stored.state.stable, stored.rollout.candidate, key)
+        elif active and _new_step(previous, stored.rollout):
+            # Judged on its own traffic from here: what the rollout gathered so far is the base.
+            evidence.begin_step(*self.plane.combined(model).rollout_windows())
         elif not active and stored.rollout.phase is not Phase.PAUSED:
             evidence.end_rollout()
 
@@ -318,7 +322,8 @@ class ReleaseOps:
             "canary": candidate,
             "canary_weight_bp": spec.step_weights_bp[0],
             "shadows": shadows,
-            "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if spec.min_agreement > 0 else 0.0),
+            # Every canary request also runs on stable (in idle time): agreement, and paired latency.
+            "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if _pairs_wanted(spec) else 0.0),
         }
         return await self.change(
             model,
@@ -368,11 +373,13 @@ class ReleaseOps:
             raise refused
         return current, candidate
 
-    async def pause(self, model: str, actor: str, reason: str) -> StoredRelease:
-        return await self.change(model, actor, "pause", reason, event=Event.PAUSE)
+    async def pause(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
+        return await self.change(model, actor, "pause", reason, event=Event.PAUSE, checks=checks)
 
     async def resume(self, model: str, actor: str, reason: str) -> StoredRelease:
-        return await self.change(model, actor, "resume", reason, event=Event.RESUME)
+        # max_duration_s counts afresh: a rollout paused on timeout gets a whole period again.
+        changes = {"timed_from": time.time()}
+        return await self.change(model, actor, "resume", reason, event=Event.RESUME, rollout_changes=changes)
 
     async def promote(self, model: str, actor: str, reason: str, checks: Sequence[CheckResult] = ()) -> StoredRelease:
         current, candidate = await self._candidate(model, actor, "promote", reason, "has no canary: nothing to promote")
@@ -413,6 +420,17 @@ class ReleaseOps:
         # Outside a rollout, a rollback of a hand-set canary is a traffic change.
         event = Event.ROLLBACK if current.rollout.phase in ACTIVE else Event.SET_WEIGHT
         return await self.change(model, actor, "rollback", reason, event=event, state_changes=changes, checks=checks)
+
+
+def _pairs_wanted(spec: PolicySpec) -> bool:
+    return spec.min_agreement > 0 or spec.max_latency_ratio > 0
+
+
+def _new_step(previous: RolloutState | None, current: RolloutState) -> bool:
+    """Whether `current` is a traffic step `previous` was not at (a resume is not one)."""
+    if previous is None or current.phase is not Phase.PROGRESSING or previous.phase is Phase.PAUSED:
+        return False
+    return previous.phase is not Phase.PROGRESSING or previous.step != current.step
 
 
 def _promotion(state: ReleaseState, candidate: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from gateway.release.evidence import ModelEvidence, VersionReport, model_report
 from gateway.release.routing import Role
 from gateway.release.shadow import CopySink, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
+from gateway.serving.executor import Executor
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.types import ParamValue, RequestRun
 
@@ -64,12 +66,27 @@ def _stacked(copies: Sequence[ShadowCopy], evidence: ModelEvidence) -> np.ndarra
     return np.concatenate([evidence.compared(c.primary.outputs) for c in copies])
 
 
+# Where a sink's batches also run for a paired timing: an executor, or None (no timing now).
+PartnerFinder = Callable[[], Executor | None]
+
+
+def _no_partner() -> Executor | None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ShadowSink:
     """A shadow's answers: compared with the stable's, logged for labels, counted in its window."""
 
     evidence: ModelEvidence
     version: str
+    find_partner: PartnerFinder = _no_partner  # the stable's executor while the shadow is a rollout's candidate
+
+    def partner(self) -> Executor | None:
+        return self.find_partner()
+
+    def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
+        self.evidence.record_timing(self.version, seconds, partner_seconds)
 
     def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
         evidence = self.evidence
@@ -93,6 +110,14 @@ class DualRunSink:
 
     evidence: ModelEvidence
     canary: str
+    find_partner: PartnerFinder = _no_partner  # the canary's executor while it is a rollout's candidate
+
+    def partner(self) -> Executor | None:
+        return self.find_partner()
+
+    def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
+        # This lane runs the stable version; the partner is the canary.
+        self.evidence.record_timing(self.canary, partner_seconds, seconds)
 
     def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
         evidence = self.evidence
@@ -207,8 +232,26 @@ class ReleasePlane:
         sink = self._sinks.get(key)
         if sink is None:
             evidence = self.evidence[model]
-            sink = self._sinks[key] = DualRunSink(evidence, version) if dual_run else ShadowSink(evidence, version)
+            if dual_run:
+                sink = DualRunSink(evidence, version, functools.partial(self._partner, model, version, version))
+            else:
+                sink = ShadowSink(evidence, version, functools.partial(self._partner, model, version, ""))
+            self._sinks[key] = sink
         return sink
+
+    def _partner(self, model: str, candidate: str, runs_on: str) -> Executor | None:
+        """The executor of `runs_on` (empty: the current stable version) while `candidate` is
+        the candidate of a rollout that judges latency; None otherwise. Asked once per batch of
+        copies, so the second run is paid only while a rollout needs the paired timing."""
+        evidence = self.evidence.get(model)
+        if evidence is None or evidence.rollout is None or evidence.rollout_versions[1] != candidate:
+            return None
+        try:
+            if self.registry.entry(model).spec.policy.max_latency_ratio <= 0:
+                return None
+            return self.registry.get(model, runs_on or self.table.get(model).stable).executor
+        except GatewayError:
+            return None  # unloaded meanwhile: no timing for this batch
 
     # -- labels and reports -------------------------------------------------------------
 

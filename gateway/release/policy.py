@@ -5,8 +5,10 @@ with paused reachable from shadowing and progressing, and rolled_back from
 any active phase. An event that the table does not allow in the current
 phase raises IllegalTransition; manual actions go through the same table.
 
-`decide` looks at the evidence gathered since the rollout began and answers
-what to do next; it has no clock, store or I/O of its own (time comes in).
+`decide` looks at the evidence gathered since the rollout began, and since
+its current step began, and answers what to do next; it has no clock, store or
+I/O of its own (time comes in). docs/promotion.md explains the checks, the
+exposure each step needs and what happens when max_duration_s runs out.
 """
 
 from __future__ import annotations
@@ -19,8 +21,18 @@ from enum import StrEnum
 
 from gateway.config.spec import PolicySpec
 from gateway.errors import FailedPrecondition
-from gateway.release.compare import LatencyHistogram, PairWindow, VersionWindow, bucket_edges
-from gateway.release.confidence import Interval, Verdict, at_least, at_most, difference_cs, proportion_cs, quantile_cs
+from gateway.release.compare import PairWindow, VersionWindow, bucket_edges
+from gateway.release.confidence import (
+    Interval,
+    Verdict,
+    at_least,
+    at_most,
+    difference_cs,
+    mean_cs,
+    proportion_cs,
+    quantile_cs,
+    samples_needed,
+)
 from gateway.types import BASIS_POINTS
 
 
@@ -87,6 +99,9 @@ class RolloutState:
     candidate: str = ""
     started_at: float = 0.0
     resume_to: Phase = Phase.PROGRESSING
+    # When max_duration_s began to count (unix seconds; 0: at started_at). A resume
+    # restarts it, so a rollout paused on timeout gets a whole max_duration_s again.
+    timed_from: float = 0.0
 
     def __post_init__(self) -> None:
         # Read back from the store, a phase is a string: the member, or ValueError naming it.
@@ -118,6 +133,9 @@ class CheckResult:
     high: float
     bound: float
     samples: int
+    # Roughly how many more samples (of what `samples` counts) an inconclusive check
+    # needs to decide; None once decided, or when it cannot be estimated.
+    needed: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -128,20 +146,56 @@ class CheckResult:
             "high": _finite(self.high),
             "bound": self.bound,
             "samples": self.samples,
+            "needed": self.needed,
         }
+
+    def describe(self) -> str:
+        """One phrase for a reason or `gateway status`: estimate, interval, bound and what it needs."""
+        if self.name == STEP_DURATION:
+            return f"{self.name} {self.value:.1f} s of {self.bound:g} s"
+        text = f"{self.name} {_short(self.value)} [{_short(self.low)}, {_short(self.high)}] vs {_short(self.bound)}"
+        text += f", {self.samples} samples"
+        if self.verdict is Verdict.INCONCLUSIVE:
+            text += f", ~{self.needed} more needed" if self.needed is not None else ", more needed (unknown how many)"
+        return text
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _short(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else ("inf" if x > 0 else "-inf" if x < 0 else "nan")
+
+
 @dataclass(slots=True)
-class RolloutEvidence:
-    """Evidence since the rollout began: the stable and candidate windows and their pair."""
+class Windows:
+    """The stable and candidate windows and their pair, over some stretch of a rollout."""
 
     stable: VersionWindow = field(default_factory=VersionWindow)
     candidate: VersionWindow = field(default_factory=VersionWindow)
     pair: PairWindow = field(default_factory=PairWindow)
+
+
+@dataclass(slots=True)
+class RolloutEvidence:
+    """Evidence since the rollout began, and since its current step began.
+
+    `step` None means the step began with the rollout (the windows are the same)."""
+
+    stable: VersionWindow = field(default_factory=VersionWindow)
+    candidate: VersionWindow = field(default_factory=VersionWindow)
+    pair: PairWindow = field(default_factory=PairWindow)
+    step: Windows | None = None
+    step_seconds: float = math.inf  # how long the current step has lasted
+
+    @property
+    def whole(self) -> Windows:
+        return Windows(self.stable, self.candidate, self.pair)
+
+    @property
+    def this_step(self) -> Windows:
+        return self.step if self.step is not None else self.whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,68 +206,204 @@ class Decision:
     weight_bp: int | None = None  # the canary weight after this decision, when it changes
 
 
-def _quantile_interval(h: LatencyHistogram, alpha: float, spec: PolicySpec) -> Interval:
-    return quantile_cs(h.counts, bucket_edges(), 0.99, alpha, spec.min_samples)
+# Check names. The latency check on served traffic is named by its quantile
+# (latency_p90); `latency_paired` compares run times of the same rows on both versions.
+ERROR_RATE = "error_rate"
+LATENCY_PAIRED = "latency_paired"
+ACCURACY = "accuracy"
+AGREEMENT = "agreement"
+STEP_PREFIX = "step_"  # the same checks on the current step's evidence alone
+STEP_REQUESTS = "step_requests"
+STEP_DURATION = "step_duration_s"
 
 
-def run_checks(evidence: RolloutEvidence, spec: PolicySpec, with_traffic: bool) -> list[CheckResult]:
-    """Each enabled check at alpha / (number of checks), so all of them together stay within alpha."""
-    s, c, pair = evidence.stable, evidence.candidate, evidence.pair
-    enabled = []
-    if with_traffic:
-        if spec.max_error_increase >= 0:
-            enabled.append("error_rate")
-        if spec.max_latency_ratio > 0:
-            enabled.append("latency_p99")
-        if spec.max_accuracy_drop >= 0:
-            enabled.append("accuracy")
+def latency_check_name(spec: PolicySpec) -> str:
+    return f"latency_p{spec.latency_quantile * 100:g}"
+
+
+def enabled_checks(spec: PolicySpec, with_traffic: bool) -> list[str]:
+    """The checks a rollout runs: those on served traffic only once it has some; paired
+    latency and agreement also while the candidate only shadows (copies are paired)."""
+    names = []
+    if with_traffic and spec.max_error_increase >= 0:
+        names.append(ERROR_RATE)
+    if spec.max_latency_ratio > 0:
+        names += [latency_check_name(spec), LATENCY_PAIRED] if with_traffic else [LATENCY_PAIRED]
+    if with_traffic and spec.max_accuracy_drop >= 0:
+        names.append(ACCURACY)
     if spec.min_agreement > 0:
-        enabled.append("agreement")
-    alpha = spec.alpha / max(1, len(enabled))
-    n_min = spec.min_samples
+        names.append(AGREEMENT)
+    return names
+
+
+def check_alpha(spec: PolicySpec, name: str, step: bool) -> float:
+    """The alpha check `name` spends on one sequence of evidence.
+
+    alpha is split evenly across the questions the policy asks (a union bound: all
+    of them together err with probability at most alpha); latency is one question
+    answered two ways, so its two checks share one part. Each check spends half its
+    share on the whole rollout's evidence and the other half on the steps', split
+    evenly across the steps, so a step judged on its own traffic costs no extra alpha."""
+    names = enabled_checks(spec, with_traffic=True)
+    latency = (latency_check_name(spec), LATENCY_PAIRED)
+    questions = len([n for n in names if n not in latency]) + (1 if spec.max_latency_ratio > 0 else 0)
+    share = spec.alpha / max(1, questions) / (2 if name in latency else 1)
+    return share / 2 / len(spec.step_weights) if step else share / 2
+
+
+def _served_latency(w: Windows, spec: PolicySpec, alpha: float) -> tuple[float, Interval, int]:
+    """Candidate over stable at the stated quantile of served latency: estimate, CS, samples."""
+    q, s, c = spec.latency_quantile, w.stable.latency, w.candidate.latency
+    edges = bucket_edges()
+    cand = quantile_cs(c.counts, edges, q, alpha / 2, spec.min_samples)
+    stab = quantile_cs(s.counts, edges, q, alpha / 2, spec.min_samples)
+    ratio = Interval(cand.low / stab.high if stab.high > 0 else 0.0, cand.high / stab.low if stab.low > 0 else math.inf)
+    sq = s.quantile(q)
+    value = c.quantile(q) / sq if sq else math.nan
+    return value, ratio, min(s.total, c.total)
+
+
+def _paired_latency(w: Windows, spec: PolicySpec, alpha: float) -> tuple[float, Interval, int]:
+    """1 + (mean paired run-time difference) / (stable's served latency at the quantile).
+
+    Where copies of the same rows run back to back on both versions, their run
+    times differ only by the versions (and noise the random order makes
+    symmetric), so the difference has far less variance than two arms of served
+    latency. Served latency is the same front end plus the run: a candidate that
+    adds d seconds to every run moves the stable's quantile x_q to about x_q + d,
+    a ratio of 1 + d / x_q, which is what this estimates."""
+    p, s = w.pair, w.stable.latency
+    diff = mean_cs(p.timed, p.time_diff_s, p.time_diff_sq, alpha / 2, spec.min_samples)
+    x = quantile_cs(s.counts, bucket_edges(), spec.latency_quantile, alpha / 2, spec.min_samples)
+    if p.timed <= 1 or x.low <= 0:
+        return math.nan, Interval(-math.inf, math.inf), p.timed
+    low = diff.low / (x.high if diff.low >= 0 else x.low)
+    high = diff.high / (x.low if diff.high >= 0 else x.high)
+    value = (p.time_diff_s / p.timed) / s.quantile(spec.latency_quantile)
+    return 1 + value, Interval(1 + low, 1 + high), p.timed
+
+
+def run_checks(
+    evidence: Windows, spec: PolicySpec, with_traffic: bool, step: bool = False, min_samples: int | None = None
+) -> list[CheckResult]:
+    """Each enabled check on one stretch of evidence (the whole rollout's, or a step's),
+    at the alpha `check_alpha` gives it."""
+    s, c, pair = evidence.stable, evidence.candidate, evidence.pair
+    n_min = spec.min_samples if min_samples is None else min_samples
+    prefix = STEP_PREFIX if step else ""
     results = []
-    for name in enabled:
-        if name == "error_rate":
+    for name in enabled_checks(spec, with_traffic):
+        alpha = check_alpha(spec, name, step)
+        log_scale = False
+        if name == ERROR_RATE:
             n = min(s.requests, c.requests)
-            interval = difference_cs(c.errors, c.requests, s.errors, s.requests, alpha, n_min)
+            interval = difference_cs(c.errors, c.requests, s.errors, s.requests, alpha, spec.min_samples)
             verdict = at_most(interval, spec.max_error_increase)
             value = c.error_rate - s.error_rate
             bound = spec.max_error_increase
-        elif name == "latency_p99":
-            n = min(s.latency.total, c.latency.total)
-            cand = _quantile_interval(c.latency, alpha / 2, spec)
-            stab = _quantile_interval(s.latency, alpha / 2, spec)
-            ratio = Interval(
-                cand.low / stab.high if stab.high > 0 else 0.0, cand.high / stab.low if stab.low > 0 else math.inf
-            )
-            interval = ratio
-            verdict = at_most(ratio, spec.max_latency_ratio)
-            s99 = s.latency.quantile(0.99)
-            value = c.latency.quantile(0.99) / s99 if s99 else math.nan
+        elif name == LATENCY_PAIRED:
+            value, interval, n = _paired_latency(evidence, spec, alpha)
+            verdict = at_most(interval, spec.max_latency_ratio)
             bound = spec.max_latency_ratio
-        elif name == "accuracy":
+        elif name.startswith("latency_p"):
+            value, interval, n = _served_latency(evidence, spec, alpha)
+            verdict = at_most(interval, spec.max_latency_ratio)
+            bound = spec.max_latency_ratio
+            log_scale = True
+        elif name == ACCURACY:
             n = min(s.labelled, c.labelled)
-            interval = difference_cs(c.correct, c.labelled, s.correct, s.labelled, alpha, n_min)
+            interval = difference_cs(c.correct, c.labelled, s.correct, s.labelled, alpha, spec.min_samples)
             verdict = at_least(interval, -spec.max_accuracy_drop)
             value = c.accuracy - s.accuracy if c.labelled and s.labelled else math.nan
             bound = -spec.max_accuracy_drop
         else:
             n = pair.rows
-            interval = proportion_cs(pair.agree, pair.rows, alpha, n_min)
+            interval = proportion_cs(pair.agree, pair.rows, alpha, spec.min_samples)
             verdict = at_least(interval, spec.min_agreement)
             value = pair.agreement
             bound = spec.min_agreement
         if n < n_min:
             verdict = Verdict.INCONCLUSIVE
-        results.append(CheckResult(name, verdict, value, interval.low, interval.high, bound, n))
+        needed = None
+        if verdict is Verdict.INCONCLUSIVE:
+            estimate = samples_needed(n, value, interval, bound, log_scale)
+            needed = max(n_min - n, estimate or 0) if estimate is not None or n < n_min else None
+        results.append(CheckResult(prefix + name, verdict, value, interval.low, interval.high, bound, n, needed))
     return results
 
 
+def step_exposure(evidence: RolloutEvidence, spec: PolicySpec) -> list[CheckResult]:
+    """Whether the current step has had its own exposure: candidate requests served, and time."""
+    served = evidence.this_step.candidate.requests
+    lasted = evidence.step_seconds
+    samples_ok = served >= spec.step_min_samples
+    time_ok = lasted >= spec.step_min_duration_s
+    return [
+        CheckResult(
+            STEP_REQUESTS,
+            Verdict.PASS if samples_ok else Verdict.INCONCLUSIVE,
+            float(served),
+            float(served),
+            float(served),
+            float(spec.step_min_samples),
+            served,
+            None if samples_ok else spec.step_min_samples - served,
+        ),
+        CheckResult(
+            STEP_DURATION,
+            Verdict.PASS if time_ok else Verdict.INCONCLUSIVE,
+            lasted,
+            lasted,
+            lasted,
+            spec.step_min_duration_s,
+            served,
+        ),
+    ]
+
+
+def _waiting(checks: Sequence[CheckResult], spec: PolicySpec) -> list[CheckResult]:
+    """The whole-rollout checks (and exposure) that hold the rollout. Latency is decided by
+    either of its two checks: a passing paired comparison does not wait for the served one
+    (nor the other way round); a failure of either fails."""
+    latency = {latency_check_name(spec), LATENCY_PAIRED}
+    latency_passed = any(c.name in latency and c.verdict is Verdict.PASS for c in checks)
+    return [c for c in checks if c.verdict is not Verdict.PASS and not (latency_passed and c.name in latency)]
+
+
+def _timeout(
+    state: RolloutState, spec: PolicySpec, waiting: Sequence[CheckResult], checks: Sequence[CheckResult]
+) -> Decision:
+    # What happens first, then what waited: a reason cut to fit the audit keeps the action.
+    def reason(action: str) -> str:
+        waited = "; ".join(c.describe() for c in waiting)
+        return f"no decision within max_duration ({spec.max_duration_s:g} s), {action}; inconclusive: {waited}"
+
+    if spec.on_timeout == "rollback":
+        return Decision(Event.ROLLBACK, reason("on_timeout = rollback"), checks, weight_bp=0)
+    if spec.on_timeout == "promote":
+        if state.phase is Phase.SHADOWING:
+            # The candidate has served no traffic yet: on to the first step, not to stable.
+            weight = spec.step_weights_bp[0]
+            return Decision(Event.ADVANCE, reason("on_timeout = promote: first traffic step"), checks, weight)
+        return Decision(Event.PROMOTE, reason("on_timeout = promote"), checks, weight_bp=BASIS_POINTS)
+    return Decision(Event.PAUSE, reason("on_timeout = pause: waiting for a person"), checks)
+
+
 def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now: float) -> Decision:
-    """The next step of an automatic rollout in `shadowing` or `progressing`."""
+    """The next step of an automatic rollout in `shadowing` or `progressing`.
+
+    A check that fails, on the whole rollout's evidence or on the current step's
+    alone, counts toward `threshold` at any time. A step advances only when every
+    check passes on the whole rollout's evidence and the step has had its own
+    exposure (step_min_samples candidate requests, step_min_duration_s). Past
+    max_duration_s with nothing failed and something still waiting, `on_timeout` decides.
+    """
     if state.phase not in DECIDING:
         raise IllegalTransition(f"no automatic decision while the rollout is {state.phase}")
-    checks = run_checks(evidence, spec, with_traffic=state.phase is Phase.PROGRESSING)
+    traffic = state.phase is Phase.PROGRESSING
+    checks = run_checks(evidence.whole, spec, with_traffic=traffic)
+    if traffic and evidence.step is not None:
+        checks += run_checks(evidence.step, spec, with_traffic=True, step=True)
     failed = [c.name for c in checks if c.verdict is Verdict.FAIL]
     if failed:
         if state.failed_checks + 1 >= spec.threshold:
@@ -221,13 +411,16 @@ def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now
         return Decision(
             Event.HOLD, f"failed checks ({state.failed_checks + 1}/{spec.threshold}): {', '.join(failed)}", checks
         )
-    if now - state.started_at > spec.max_duration_s:
-        return Decision(
-            Event.ROLLBACK, f"no decision within max_duration ({spec.max_duration_s:.0f} s)", checks, weight_bp=0
-        )
-    if not checks or any(c.verdict is not Verdict.PASS for c in checks):
-        waiting = [c.name for c in checks if c.verdict is not Verdict.PASS]
-        return Decision(Event.HOLD, f"inconclusive: {', '.join(waiting)}", checks)
+    if traffic:
+        checks += step_exposure(evidence, spec)
+    deciding = [c for c in checks if not c.name.startswith(STEP_PREFIX) or c.name in (STEP_REQUESTS, STEP_DURATION)]
+    waiting = _waiting(deciding, spec)
+    if not deciding:
+        return Decision(Event.HOLD, "no checks enabled", checks)
+    if waiting:
+        if now - (state.timed_from or state.started_at) > spec.max_duration_s:
+            return _timeout(state, spec, waiting, checks)
+        return Decision(Event.HOLD, "inconclusive: " + "; ".join(c.describe() for c in waiting), checks)
     weights = spec.step_weights_bp
     if state.phase is Phase.SHADOWING:
         return Decision(Event.ADVANCE, "shadow checks passed: first traffic step", checks, weight_bp=weights[0])

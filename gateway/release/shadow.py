@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from gateway.errors import DeadlineExceeded, QueueTimeout
 from gateway.logthrottle import ThrottledLog, one_line
 from gateway.serving.batcher import concat_feeds, shape_key
 from gateway.serving.executor import Executor
-from gateway.types import RequestRun
+from gateway.types import RequestRun, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,20 @@ class CopySink(Protocol):
         ...
 
 
+@runtime_checkable
+class PairedTiming(Protocol):
+    """A sink that also wants each batch timed on the other version of its comparison."""
+
+    def partner(self) -> Executor | None:
+        """Where the same batch should also run, back to back, for a paired timing (the other
+        version of the comparison); None: no timing wanted now."""
+        ...
+
+    def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
+        """The batch's run time on this lane's version and on the partner's."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class ShadowCopy:
     """One mirrored request: the run it copies, whose outputs it is compared with."""
@@ -150,6 +165,7 @@ class ShadowLane:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     counters: ShadowCounters = field(default_factory=ShadowCounters)
     primary: PrimaryActivity | None = None
+    rng: random.Random = field(default_factory=random.Random)  # the order of a paired timing's two runs
     _queued: list[ShadowCopy] = field(default_factory=list)  # for the next round
     _round: list[ShadowCopy] = field(default_factory=list)  # this round's, not yet running
     _running: int = 0
@@ -307,15 +323,50 @@ class ShadowLane:
             one_line(exc),
         )
 
+    async def _timed_pair(
+        self, partner: Executor, feeds: Tensors, rows: int, until: float
+    ) -> tuple[list[np.ndarray], float, float | None]:
+        """Run a batch here and on `partner` back to back, in random order, so that neither
+        version is always the one that runs on warm caches; the partner's time is None when
+        its run failed (not this shadow's failure: the pair is left out)."""
+        own_first = self.rng.random() < 0.5
+        partner_s: float | None = None
+        if not own_first:
+            partner_s = await self._partner_run(partner, feeds, rows, until)
+        start = time.monotonic()
+        outputs = await self.executor.submit(feeds, rows, until, None)
+        seconds = time.monotonic() - start
+        if own_first:
+            partner_s = await self._partner_run(partner, feeds, rows, until)
+        return outputs, seconds, partner_s
+
+    async def _partner_run(self, partner: Executor, feeds: Tensors, rows: int, until: float) -> float | None:
+        start = time.monotonic()
+        try:
+            await partner.submit(feeds, rows, until, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the partner's trouble shows in its own evidence, not this shadow's
+            return None
+        return time.monotonic() - start
+
     async def _run(self, batch: list[ShadowCopy]) -> None:
         n = len(batch)
         rows = sum(c.primary.rows for c in batch)
         until = min(c.until for c in batch)
         self._running += n
         start = time.monotonic()
+        partner_s: float | None = None
         try:
+            feeds = concat_feeds([c.primary.feeds for c in batch])
+            sink = batch[0].sink
+            partner = sink.partner() if isinstance(sink, PairedTiming) else None
             async with asyncio.timeout(max(0.0, until - start)):
-                outputs = await self.executor.submit(concat_feeds([c.primary.feeds for c in batch]), rows, until, None)
+                if partner is None:
+                    outputs = await self.executor.submit(feeds, rows, until, None)
+                    own_s = time.monotonic() - start
+                else:
+                    outputs, own_s, partner_s = await self._timed_pair(partner, feeds, rows, until)
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             self.counters.timed_out += n
             self.breaker.failure()
@@ -326,7 +377,7 @@ class ShadowLane:
             self.counters.failed += n
             self.breaker.failure()
         else:
-            seconds = time.monotonic() - start
+            seconds = own_s
             # Comparing is shadow work too: it waits for primary requests that came in meanwhile.
             await self._primary_idle(until)
             if not self._primary_is_idle():
@@ -341,6 +392,8 @@ class ShadowLane:
             if usable:
                 self.counters.completed += n
                 self.breaker.success()
+                if partner_s is not None and isinstance(batch[0].sink, PairedTiming):
+                    batch[0].sink.timed(batch, seconds, partner_s)
             else:
                 self.counters.failed += n
                 self.breaker.failure()

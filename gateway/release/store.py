@@ -149,6 +149,8 @@ class Store(Protocol):
         self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
     ) -> list[AuditEntry]: ...
 
+    def last_applied(self, model: str) -> AuditEntry | None: ...
+
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
 
     def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None: ...
@@ -160,6 +162,25 @@ class Store(Protocol):
     def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
 
     def close(self) -> None: ...
+
+
+_AUDIT_COLUMNS = "id, at, actor, action, model, outcome, before, after, reason, evidence, revision"
+
+
+def _audit_entry(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(
+        id=r[0],
+        at=r[1],
+        actor=r[2],
+        action=r[3],
+        model=r[4],
+        outcome=AuditOutcome(r[5]),
+        before=None if r[6] is None else json.loads(r[6]),
+        after=None if r[7] is None else json.loads(r[7]),
+        reason=r[8],
+        evidence=None if r[9] is None else json.loads(r[9]),
+        revision=r[10],
+    )
 
 
 def _state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
@@ -392,7 +413,7 @@ class SqliteStore:
     def audit_log(
         self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
     ) -> list[AuditEntry]:
-        query = "SELECT id, at, actor, action, model, outcome, before, after, reason, evidence, revision FROM audit"
+        query = f"SELECT {_AUDIT_COLUMNS} FROM audit"
         where: list[str] = []
         args: list[Any] = []
         if model:
@@ -410,22 +431,16 @@ class SqliteStore:
         args += [limit, offset]
         with self._reading() as db:
             rows = db.execute(query, args).fetchall()
-        return [
-            AuditEntry(
-                id=r[0],
-                at=r[1],
-                actor=r[2],
-                action=r[3],
-                model=r[4],
-                outcome=AuditOutcome(r[5]),
-                before=None if r[6] is None else json.loads(r[6]),
-                after=None if r[7] is None else json.loads(r[7]),
-                reason=r[8],
-                evidence=None if r[9] is None else json.loads(r[9]),
-                revision=r[10],
-            )
-            for r in rows
-        ]
+        return [_audit_entry(r) for r in rows]
+
+    def last_applied(self, model: str) -> AuditEntry | None:
+        """The newest applied change of a model's release: why it is in its phase now."""
+        with self._reading() as db:
+            row = db.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE model = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
+                (model, AuditOutcome.APPLIED.value),
+            ).fetchone()
+        return None if row is None else _audit_entry(row)
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         now = time.time()

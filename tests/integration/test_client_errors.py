@@ -43,6 +43,8 @@ min_samples = 60
 max_latency_ratio = 0          # off: timing on a shared CI box is noise
 max_error_increase = 0.05
 max_duration_s = 120
+step_min_samples = 30
+step_min_duration_s = 0.6
 """
 HOSTILE = 120  # requests of each hostile kind
 HEAD_SPIN = 200_000  # about 0.5 s of run (see tests/integration/test_overload.py)

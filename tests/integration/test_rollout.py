@@ -38,6 +38,8 @@ max_error_increase = 0.05
 max_accuracy_drop = 0.02
 alpha = 0.05
 max_duration_s = 120
+step_min_samples = 50          # each step's own exposure, kept short here
+step_min_duration_s = 1
 """
 ROWS = 16
 

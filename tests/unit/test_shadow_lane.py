@@ -402,3 +402,74 @@ async def test_a_cancelled_round_keeps_its_copies_queued() -> None:
     mirror(lane, request(3), sink, tasks)
     await settle(lane, tasks)
     assert lane.counters.completed == 4 and lane.pending == 0 and lane._pending_bytes == 0
+
+
+class Named(LinearExecutor):
+    """A LinearExecutor that logs its name in a shared list at each run, taking `delay_s`."""
+
+    def __init__(self, name: str, log: list[str], delay_s: float = 0.0, fail: bool = False) -> None:
+        super().__init__(fail=fail)
+        self.name, self.log, self.delay_s = name, log, delay_s
+
+    async def submit(
+        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+    ) -> list[np.ndarray]:
+        self.log.append(self.name)
+        await asyncio.sleep(self.delay_s)
+        return await super().submit(feeds, batch, deadline, timeout_s)
+
+
+class Timed(Collect):
+    """A sink that asks for each batch to run on `partner` too, and keeps the two times."""
+
+    def __init__(self, partner: LinearExecutor | None) -> None:
+        super().__init__()
+        self.other = partner
+        self.times: list[tuple[float, float]] = []
+
+    def partner(self) -> LinearExecutor | None:
+        return self.other
+
+    def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
+        self.times.append((seconds, partner_seconds))
+
+
+@in_loop
+async def test_a_paired_timing_runs_each_batch_on_both_versions_in_random_order() -> None:
+    log: list[str] = []
+    own, other = Named("own", log, delay_s=0.002), Named("partner", log, delay_s=0.006)
+    sink, tasks = Timed(other), set[asyncio.Task[None]]()
+    lane = ShadowLane(own, max_rows=64, gather_s=0.0)
+    for i in range(40):
+        mirror(lane, request(i), sink, tasks)
+        await settle(lane, tasks)
+    assert len(sink.times) == len(sink.batches) == 40
+    pairs = [log[i : i + 2] for i in range(0, len(log), 2)]
+    assert all(sorted(p) == ["own", "partner"] for p in pairs)
+    firsts = [p[0] for p in pairs]
+    assert 5 < firsts.count("own") < 35, firsts  # both orders, so neither always runs warm
+    # Each time is its own version's run: the partner's is the slower one every time.
+    assert all(0.002 <= s < p for s, p in sink.times), sink.times
+    assert lane.counters.completed == 40 and lane.counters.failed == 0
+
+
+@in_loop
+async def test_a_failing_partner_leaves_the_pair_out_but_never_fails_the_shadow() -> None:
+    log: list[str] = []
+    sink, tasks = Timed(Named("partner", log, fail=True)), set[asyncio.Task[None]]()
+    lane = ShadowLane(Named("own", log), max_rows=64, gather_s=0.0)
+    for i in range(5):
+        mirror(lane, request(i), sink, tasks)
+        await settle(lane, tasks)
+    assert sink.times == [] and len(sink.batches) == 5
+    assert lane.counters.completed == 5 and lane.counters.failed == 0 and not lane.breaker.is_open
+
+
+@in_loop
+async def test_without_a_partner_a_batch_runs_once() -> None:
+    log: list[str] = []
+    sink, tasks = Timed(None), set[asyncio.Task[None]]()
+    lane = ShadowLane(Named("own", log), max_rows=64, gather_s=0.0)
+    mirror(lane, request(0), sink, tasks)
+    await settle(lane, tasks)
+    assert log == ["own"] and sink.times == []
