@@ -3,10 +3,10 @@
 Requests queue; a single dispatcher task forms batches and runs them, at most
 `instances` at once. Event-driven: the dispatcher sleeps on an event and on
 the head request's batching delay, never on a polling interval. While another
-batch runs, the next one gathers rows for up to `max_queue_delay_us`; with
-nothing running, a batch is held open only while the hold policy
-(gateway.serving.holding) finds that rows keep arriving, so an idle model
-answers at once and a saturated one runs batches of many rows. A request
+batch runs, the next one gathers rows while they keep arriving, for up to
+`max_queue_delay_us`; with nothing running, it is held open that way only
+when the hold policy (gateway.serving.holding) expects more rows, so an idle
+model answers at once and a saturated one runs batches of many rows. A request
 that finds nothing queued or running, and no load worth holding for, runs at
 once on the loop (when its run is cheap enough to run inline), without the
 hop through the queue and the dispatcher.
@@ -240,9 +240,10 @@ class DynamicBatcher:
             await asyncio.sleep(0)
             if self._queue and self._rows_queued < self._target_rows():
                 if self._active:
-                    # Another batch runs: gather rows for up to max_queue_delay (or a preferred/full size).
-                    if self.delay_s:
-                        await self._gather(self.delay_s)
+                    # Another batch runs (instances > 1, say on a GPU): gather while rows keep
+                    # arriving, up to max_queue_delay (or a preferred/full size). Not the whole
+                    # delay regardless: at a moderate load that only added latency.
+                    await self._hold()
                 elif self._holding.should_hold():
                     self._holding.outcome(await self._hold())
             batch = self._take_batch()

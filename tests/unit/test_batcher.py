@@ -253,3 +253,24 @@ def test_a_lone_request_that_fails_gets_its_error() -> None:
             await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_while_another_batch_runs_a_lone_request_is_not_held_for_the_whole_delay() -> None:
+    """With instances > 1 the next batch gathers only while rows keep coming: one request waits a tick, not 0.5 s."""
+
+    async def scenario() -> None:
+        model = StandIn()
+        batcher = make(model, instances=2, max_queue_delay_us=500_000)
+        head = await hold_head(model, batcher)  # runs, held, on the first instance
+        model.started.clear()
+        start = time.monotonic()
+        call = asyncio.create_task(batcher.submit(rows(1, value=4.0), 1, None, None))
+        await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 5)
+        assert time.monotonic() - start < 0.25  # its batch started on the second instance, head still running
+        assert model.batches == [1, 1]
+        model.gate.set()
+        np.testing.assert_array_equal((await call)[0], np.full((1, 3), 8.0, np.float32))
+        await head
+        await batcher.close()
+
+    asyncio.run(scenario())
