@@ -25,7 +25,7 @@ Examples:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="release-gateway")
 def main() -> None:
-    """A release-aware model-serving gateway (Open Inference Protocol over gRPC).
+    """A release-aware model-serving gateway (Open Inference Protocol over gRPC and REST).
 
     \b
     Start it:        gateway serve --models models

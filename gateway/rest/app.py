@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -59,6 +59,9 @@ def _guarded(endpoint: Endpoint) -> Endpoint:
     async def guarded(request: Request) -> Response:
         try:
             return await endpoint(request)
+        except ClientDisconnect:
+            # The client left before its body arrived: nobody reads the answer, and it is no bug to log.
+            return Response(status_code=400)
         except Exception as exc:
             status, body, headers = error_answer(exc, request.url.path)
             return Response(body, status, headers=headers, media_type=JSON_TYPE)

@@ -9,6 +9,8 @@ needs (tests/onnx_models.py).
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +156,13 @@ def test_a_drain_answers_new_calls_503_and_finishes_those_in_flight(server: Runn
     drained.result(60)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://{server.http}/v2/health/live", timeout=5)
+
+
+def test_a_client_that_leaves_mid_body_is_no_error(server: Running, caplog: pytest.LogCaptureFixture) -> None:
+    host, port = server.http.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b'POST /v2/models/spin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"inputs": [')
+    ready = httpx.get(f"http://{server.http}/v2/health/ready", timeout=30)
+    assert ready.status_code == 200
+    assert post(server, "/v2/models/spin/infer", json=spin_body(0)).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records

@@ -7,12 +7,16 @@ gRPC port); a second gateway on that port is refused with one line naming
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
 
 from tests.integration.rest_support import infer_body, tensor
 from tests.integration.test_process_ports import fresh_state, second_gateway
+from tests.integration.test_tls import make_pki
 from tests.support import gateway_process
 
 
@@ -41,3 +45,18 @@ def test_http_port_minus_one_turns_rest_off() -> None:
     with gateway_process("--load", "digits", "--workers", "1", "--http-port", "-1") as server:
         assert server.http == ""
         assert not any("http on" in line for line in server.lines)
+
+
+def test_mutual_tls_on_the_http_port_too(tmp_path: Path) -> None:
+    make_pki(tmp_path)
+    tls = ["--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key")]
+    with gateway_process("--load", "digits", "--workers", "1", *tls, "--tls-client-ca", str(tmp_path / "ca.pem")) as s:
+        url = f"https://{s.http}/v2/health/ready"
+        with_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with_cert.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+        assert httpx.get(url, verify=with_cert, timeout=30).status_code == 200
+        without_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=without_cert, timeout=30)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://{s.http}/v2/health/ready", timeout=30)
