@@ -293,6 +293,12 @@ def run_checks(
     prefix = STEP_PREFIX if step else ""
     results = []
     for name in enabled_checks(spec, with_traffic):
+        if step and name.startswith("latency_p"):
+            # Over a step's short window, served latency also moves with each version's own
+            # serving state (its batcher adapting to a new share of traffic, a burst of load):
+            # seen failing an identical copy at a 50 % step. A step judges latency on the
+            # paired run times, measured on the same rows at the same moment.
+            continue
         alpha = check_alpha(spec, name, step)
         log_scale = False
         if name == ERROR_RATE:

@@ -32,10 +32,10 @@ from tests.integration.test_rollout_decisions import (
     checks_of,
     control_stub,
     digits_repo,
-    per_iteration_seconds,
+    test_a_candidate_thirty_percent_slower_at_p99_is_rolled_back_on_latency,
+    test_an_identical_copy_is_promoted_through_every_default_step_each_held_for_its_minimum,
     wait_phase,
 )
-from tests.onnx_models import write_slowed_copy
 from tests.support import MODELS, gateway_process
 from tests.traffic import Load, digits_builder
 
@@ -131,26 +131,20 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="aa, v2, slower, accuracy")
     args = parser.parse_args()
 
-    def identical(model_dir: Path, _: Path) -> str:
-        (model_dir / "4").mkdir()
-        (model_dir / "4" / "model.onnx").write_bytes((model_dir / "1" / "model.onnx").read_bytes())
-        return ""
-
     if "aa" not in args.skip:
         for i in range(args.aa_runs):
-            print(rollout(POLICY, "4", identical).line(f"A/A run {i + 1}"), flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                print(f"A/A run {i + 1}: ", end="", flush=True)
+                try:
+                    test_an_identical_copy_is_promoted_through_every_default_step_each_held_for_its_minimum(Path(tmp))
+                except AssertionError as exc:
+                    print(f"NOT PROMOTED: {str(exc)[:600]}", flush=True)
     if "v2" not in args.skip:
         print(rollout(POLICY, "2", None).line("v2"), flush=True)
     if "slower" not in args.skip:
-
-        def slower(model_dir: Path, root: Path) -> str:
-            per_iteration = per_iteration_seconds(model_dir / "1" / "model.onnx", root)
-            p99_s = 0.0025  # digits v1 p99 under this load, measured by the test (about 2.5 ms here)
-            iterations = max(1, round(0.3 * p99_s / per_iteration))
-            write_slowed_copy(model_dir / "1" / "model.onnx", model_dir / "5" / "model.onnx", iterations)
-            return f"({iterations} extra MatMuls, {iterations * per_iteration * 1e3:.2f} ms a run)"
-
-        print(rollout(POLICY, "5", slower).line("30% slower at p99"), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            print("30% slower at p99: ", flush=True)
+            test_a_candidate_thirty_percent_slower_at_p99_is_rolled_back_on_latency(Path(tmp))
     if "accuracy" not in args.skip:
 
         def less_accurate(model_dir: Path, _: Path) -> str:
