@@ -49,7 +49,7 @@ def test_runs_as_a_non_root_user_exposes_the_ports_and_checks_health() -> None:
     users = instruction("USER")
     assert users, "no USER: the image would run as root"
     assert users[-1].split(":")[0] not in ("root", "0")
-    assert {"8001", "8002", "8003"} <= set(" ".join(instruction("EXPOSE")).split())
+    assert {"8000", "8001", "8002", "8003"} <= set(" ".join(instruction("EXPOSE")).split())
     (healthcheck,) = instruction("HEALTHCHECK")
     assert "grpc_health" in healthcheck and "127.0.0.1:8001" in healthcheck
 
