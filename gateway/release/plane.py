@@ -21,9 +21,8 @@ import numpy as np
 from gateway.errors import GatewayError, InvalidInput
 from gateway.release.evidence import ModelEvidence, VersionReport, model_report
 from gateway.release.routing import Role
-from gateway.release.shadow import CopySink, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
+from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
-from gateway.serving.executor import Executor
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.types import ParamValue, RequestRun
 
@@ -66,11 +65,11 @@ def _stacked(copies: Sequence[ShadowCopy], evidence: ModelEvidence) -> np.ndarra
     return np.concatenate([evidence.compared(c.primary.outputs) for c in copies])
 
 
-# Where a sink's batches also run for a paired timing: an executor, or None (no timing now).
-PartnerFinder = Callable[[], Executor | None]
+# The other version's model run, for a paired timing of a sink's batches, or None (no timing now).
+PartnerFinder = Callable[[], ModelRun | None]
 
 
-def _no_partner() -> Executor | None:
+def _no_partner() -> ModelRun | None:
     return None
 
 
@@ -80,9 +79,9 @@ class ShadowSink:
 
     evidence: ModelEvidence
     version: str
-    find_partner: PartnerFinder = _no_partner  # the stable's executor while the shadow is a rollout's candidate
+    find_partner: PartnerFinder = _no_partner  # the stable's run while the shadow is a rollout's candidate
 
-    def partner(self) -> Executor | None:
+    def partner(self) -> ModelRun | None:
         return self.find_partner()
 
     def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
@@ -110,9 +109,9 @@ class DualRunSink:
 
     evidence: ModelEvidence
     canary: str
-    find_partner: PartnerFinder = _no_partner  # the canary's executor while it is a rollout's candidate
+    find_partner: PartnerFinder = _no_partner  # the canary's run while it is a rollout's candidate
 
-    def partner(self) -> Executor | None:
+    def partner(self) -> ModelRun | None:
         return self.find_partner()
 
     def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
@@ -223,7 +222,12 @@ class ReleasePlane:
         if lane is None:
             loaded = self.registry.get(model, version)
             lane = self._lanes[(model, version)] = ShadowLane(
-                loaded.executor, max_rows=loaded.spec.max_batch_size, primary=self.primary, model=model, version=version
+                loaded.executor,
+                max_rows=loaded.spec.max_batch_size,
+                primary=self.primary,
+                model=model,
+                version=version,
+                run_direct=loaded.model.run,
             )
         return lane
 
@@ -239,8 +243,8 @@ class ReleasePlane:
             self._sinks[key] = sink
         return sink
 
-    def _partner(self, model: str, candidate: str, runs_on: str) -> Executor | None:
-        """The executor of `runs_on` (empty: the current stable version) while `candidate` is
+    def _partner(self, model: str, candidate: str, runs_on: str) -> ModelRun | None:
+        """The model run of `runs_on` (empty: the current stable version) while `candidate` is
         the candidate of a rollout that judges latency; None otherwise. Asked once per batch of
         copies, so the second run is paid only while a rollout needs the paired timing."""
         evidence = self.evidence.get(model)
@@ -249,7 +253,7 @@ class ReleasePlane:
         try:
             if self.registry.entry(model).spec.policy.max_latency_ratio <= 0:
                 return None
-            return self.registry.get(model, runs_on or self.table.get(model).stable).executor
+            return self.registry.get(model, runs_on or self.table.get(model).stable).model.run
         except GatewayError:
             return None  # unloaded meanwhile: no timing for this batch
 

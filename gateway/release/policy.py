@@ -368,12 +368,20 @@ def step_exposure(evidence: RolloutEvidence, spec: PolicySpec) -> list[CheckResu
 
 
 def _waiting(checks: Sequence[CheckResult], spec: PolicySpec) -> list[CheckResult]:
-    """The whole-rollout checks (and exposure) that hold the rollout. Latency is decided by
-    either of its two checks: a passing paired comparison does not wait for the served one
-    (nor the other way round); a failure of either fails."""
-    latency = {latency_check_name(spec), LATENCY_PAIRED}
-    latency_passed = any(c.name in latency and c.verdict is Verdict.PASS for c in checks)
-    return [c for c in checks if c.verdict is not Verdict.PASS and not (latency_passed and c.name in latency)]
+    """The whole-rollout checks (and exposure) that hold the rollout.
+
+    Latency passes on the paired check: served latency of two arms with very different
+    shares of traffic is biased toward the smaller one (each version's batcher holds
+    batches open according to its own traffic: a candidate 30 % slower measured 0.5x the
+    stable's served p90 at a 1 % step), so the served check passes latency only where no
+    pair was timed at all (copies that never found idle time). Either one failing fails."""
+    served, paired = latency_check_name(spec), LATENCY_PAIRED
+    by_name = {c.name: c for c in checks}
+    passed = paired in by_name and by_name[paired].verdict is Verdict.PASS
+    if paired in by_name and by_name[paired].samples == 0 and served in by_name:
+        passed = by_name[served].verdict is Verdict.PASS
+    latency = (served, paired)
+    return [c for c in checks if c.verdict is not Verdict.PASS and not (passed and c.name in latency)]
 
 
 def _timeout(

@@ -105,6 +105,10 @@ class ShadowReport:
     circuit_opened: int  # times the circuit opened
 
 
+# A version's model run, called directly (not through its batcher): what a paired timing times.
+ModelRun = Callable[[Tensors], list[np.ndarray]]
+
+
 class CopySink(Protocol):
     def __call__(self, copies: Sequence[ShadowCopy], outputs: list[np.ndarray], seconds: float) -> bool:
         """Take a batch of copies' outputs (rows in copy order); False when they are unusable."""
@@ -115,9 +119,9 @@ class CopySink(Protocol):
 class PairedTiming(Protocol):
     """A sink that also wants each batch timed on the other version of its comparison."""
 
-    def partner(self) -> Executor | None:
-        """Where the same batch should also run, back to back, for a paired timing (the other
-        version of the comparison); None: no timing wanted now."""
+    def partner(self) -> ModelRun | None:
+        """The other version of the comparison, run directly, for a paired timing of the same
+        batch; None: no timing wanted now."""
         ...
 
     def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
@@ -166,6 +170,7 @@ class ShadowLane:
     counters: ShadowCounters = field(default_factory=ShadowCounters)
     primary: PrimaryActivity | None = None
     rng: random.Random = field(default_factory=random.Random)  # the order of a paired timing's two runs
+    run_direct: ModelRun | None = None  # this version's model run, for paired timings (None: never timed)
     _queued: list[ShadowCopy] = field(default_factory=list)  # for the next round
     _round: list[ShadowCopy] = field(default_factory=list)  # this round's, not yet running
     _running: int = 0
@@ -324,31 +329,31 @@ class ShadowLane:
         )
 
     async def _timed_pair(
-        self, partner: Executor, feeds: Tensors, rows: int, until: float
+        self, own: ModelRun, partner: ModelRun, feeds: Tensors
     ) -> tuple[list[np.ndarray], float, float | None]:
-        """Run a batch here and on `partner` back to back, in random order, so that neither
-        version is always the one that runs on warm caches; the partner's time is None when
-        its run failed (not this shadow's failure: the pair is left out)."""
+        """Run a batch on this lane's version and on `partner`, back to back and in random
+        order (so that neither is always the one on warm caches), each the same way: the
+        model itself on a worker thread. Not through the versions' batchers: a batcher's wait
+        for more rows depends on its own traffic, which would time batching, not the versions.
+        The partner's time is None when its run failed (not this shadow's failure)."""
         own_first = self.rng.random() < 0.5
         partner_s: float | None = None
         if not own_first:
-            partner_s = await self._partner_run(partner, feeds, rows, until)
-        start = time.monotonic()
-        outputs = await self.executor.submit(feeds, rows, until, None)
-        seconds = time.monotonic() - start
+            partner_s = await self._partner_run(partner, feeds)
+        start = time.perf_counter()
+        outputs = await asyncio.to_thread(own, feeds)
+        seconds = time.perf_counter() - start
         if own_first:
-            partner_s = await self._partner_run(partner, feeds, rows, until)
+            partner_s = await self._partner_run(partner, feeds)
         return outputs, seconds, partner_s
 
-    async def _partner_run(self, partner: Executor, feeds: Tensors, rows: int, until: float) -> float | None:
-        start = time.monotonic()
+    async def _partner_run(self, partner: ModelRun, feeds: Tensors) -> float | None:
+        start = time.perf_counter()
         try:
-            await partner.submit(feeds, rows, until, None)
-        except asyncio.CancelledError:
-            raise
+            await asyncio.to_thread(partner, feeds)
         except Exception:  # the partner's trouble shows in its own evidence, not this shadow's
             return None
-        return time.monotonic() - start
+        return time.perf_counter() - start
 
     async def _run(self, batch: list[ShadowCopy]) -> None:
         n = len(batch)
@@ -360,13 +365,13 @@ class ShadowLane:
         try:
             feeds = concat_feeds([c.primary.feeds for c in batch])
             sink = batch[0].sink
-            partner = sink.partner() if isinstance(sink, PairedTiming) else None
+            partner = sink.partner() if self.run_direct is not None and isinstance(sink, PairedTiming) else None
             async with asyncio.timeout(max(0.0, until - start)):
-                if partner is None:
+                if partner is None or self.run_direct is None:
                     outputs = await self.executor.submit(feeds, rows, until, None)
                     own_s = time.monotonic() - start
                 else:
-                    outputs, own_s, partner_s = await self._timed_pair(partner, feeds, rows, until)
+                    outputs, own_s, partner_s = await self._timed_pair(self.run_direct, partner, feeds)
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             self.counters.timed_out += n
             self.breaker.failure()

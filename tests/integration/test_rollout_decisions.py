@@ -102,19 +102,22 @@ def test_an_identical_copy_is_promoted_through_every_default_step_each_held_for_
         print(f"A/A promoted in {took:.1f} s, {canary_requests} canary requests of {load.sent} sent")
 
 
-def per_iteration_seconds(v1: Path, tmp: Path, iterations: int = 4000) -> float:
-    """What one padding MatMul costs on this machine (a slowed copy against v1, in-process)."""
+def per_iteration_seconds(v1: Path, tmp: Path, iterations: int = 2000) -> float:
+    """What one padding MatMul costs on this machine (a slowed copy against v1, in-process).
+
+    The fastest of many runs: on a shared machine the median carried other work
+    (it varied threefold between runs), which made the candidate far less slow than meant."""
     write_slowed_copy(v1, tmp / "probe.onnx", iterations)
     x = np.load(MODELS / "digits" / "heldout.npz")["X"][:1]
     times = []
     for path in (v1, tmp / "probe.onnx"):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         runs = []
-        for _ in range(30):
+        for _ in range(40):
             begin = time.perf_counter()
             session.run(None, {"pixels": x})
             runs.append(time.perf_counter() - begin)
-        times.append(float(np.median(runs)))
+        times.append(min(runs))
     return max(1e-8, (times[1] - times[0]) / iterations)
 
 
@@ -140,6 +143,8 @@ def test_a_candidate_thirty_percent_slower_at_p99_is_rolled_back_on_latency(tmp_
             p99_s = next(v.p99_ms for v in report.versions if v.version == "1") / 1000
             # The slower candidate: v1 plus a MatMul chain worth 30 % of v1's p99 under this load.
             iterations = max(1, round(0.3 * p99_s / per_iteration_s))
+            extra_ms = iterations * per_iteration_s * 1e3
+            print(f"v1 p99 {p99_s * 1e3:.2f} ms; candidate +{extra_ms:.2f} ms a run ({iterations} MatMuls)")
             write_slowed_copy(model_dir / "1" / "model.onnx", model_dir / "5" / "model.onnx", iterations)
             control.LoadModel(rpb.ModelRequest(model="digits"), timeout=60)
             started = time.monotonic()
@@ -147,17 +152,15 @@ def test_a_candidate_thirty_percent_slower_at_p99_is_rolled_back_on_latency(tmp_
             done = wait_phase(control, "digits", DONE, timeout=120)
             took = time.monotonic() - started
             report = control.GetReport(rpb.GetReportRequest(model="digits"), timeout=10)
+        by_version = {v.version: v for v in report.versions}
+        ratio = by_version["5"].p99_ms / by_version["1"].p99_ms
         assert done.phase == "rolled_back", audit_lines(control, "digits")
         last = audit(control, "digits")[-1]
         assert (last.action, last.actor) == ("rollback", "controller")
         failed = [name for name, c in checks_of(last).items() if c["verdict"] == "fail"]
         assert failed and all("latency" in name for name in failed), checks_of(last)
-        by_version = {v.version: v for v in report.versions}
-        ratio = by_version["5"].p99_ms / by_version["1"].p99_ms
         canary = checks_of(last)["error_rate"]["samples"]
-        extra_ms = iterations * per_iteration_s * 1e3
-        print(f"v1 p99 {p99_s * 1e3:.2f} ms; +{extra_ms:.2f} ms a run ({iterations} MatMuls); p99 x{ratio:.2f}")
-        print(f"rolled back in {took:.1f} s, {canary} canary requests; failed: {failed}")
+        print(f"rolled back in {took:.1f} s, {canary} canary requests; measured p99 x{ratio:.2f}; failed: {failed}")
         print({name: (c["verdict"], c["value"], c["samples"]) for name, c in checks_of(last).items()})
 
 

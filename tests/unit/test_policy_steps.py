@@ -202,3 +202,25 @@ def test_bad_policy_values_name_the_setting_and_the_fix() -> None:
 
 def test_bucket_edges_are_what_the_windows_use() -> None:
     assert len(bucket_edges()) == len(VersionWindow().latency.counts)
+
+
+def test_latency_passes_on_the_paired_check_the_served_one_passes_only_without_pairs() -> None:
+    spec = PolicySpec(
+        min_samples=100,
+        max_latency_ratio=1.2,
+        max_error_increase=-1.0,
+        step_min_samples=0,
+        step_min_duration_s=0,
+        max_duration_s=3600,
+    )
+    # Served latency of a small arm can look better than it is: here it passes.
+    stable, candidate = window(20_000, latency_s=0.002, spread=0.3), window(5_000, latency_s=0.0015, spread=0.3)
+    few_pairs = paired(0.0, 0.005, 120)  # timed, but too noisy to decide yet
+    held = decide(PROGRESSING, RolloutEvidence(stable, candidate, few_pairs), spec, now=1.0)
+    checks = by_name(held.checks)
+    assert checks["latency_p90"].verdict is Verdict.PASS
+    assert checks[LATENCY_PAIRED].verdict is Verdict.INCONCLUSIVE
+    assert held.event is Event.HOLD and LATENCY_PAIRED in held.reason
+    # No pair timed at all (no idle time for copies): the served check decides alone.
+    alone = decide(PROGRESSING, RolloutEvidence(stable, candidate, PairWindow()), spec, now=1.0)
+    assert alone.event is Event.ADVANCE

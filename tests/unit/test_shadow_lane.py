@@ -404,30 +404,29 @@ async def test_a_cancelled_round_keeps_its_copies_queued() -> None:
     assert lane.counters.completed == 4 and lane.pending == 0 and lane._pending_bytes == 0
 
 
-class Named(LinearExecutor):
-    """A LinearExecutor that logs its name in a shared list at each run, taking `delay_s`."""
+class Named:
+    """A model run (called directly, on a worker thread) that logs its name, taking `delay_s`."""
 
     def __init__(self, name: str, log: list[str], delay_s: float = 0.0, fail: bool = False) -> None:
-        super().__init__(fail=fail)
-        self.name, self.log, self.delay_s = name, log, delay_s
+        self.name, self.log, self.delay_s, self.fail = name, log, delay_s, fail
 
-    async def submit(
-        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
-    ) -> list[np.ndarray]:
+    def __call__(self, feeds: Tensors) -> list[np.ndarray]:
         self.log.append(self.name)
-        await asyncio.sleep(self.delay_s)
-        return await super().submit(feeds, batch, deadline, timeout_s)
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("broken partner")
+        return [feeds["x"] @ WEIGHTS]
 
 
 class Timed(Collect):
-    """A sink that asks for each batch to run on `partner` too, and keeps the two times."""
+    """A sink that asks for each batch to be timed on `partner` too, and keeps the two times."""
 
-    def __init__(self, partner: LinearExecutor | None) -> None:
+    def __init__(self, partner: Named | None) -> None:
         super().__init__()
         self.other = partner
         self.times: list[tuple[float, float]] = []
 
-    def partner(self) -> LinearExecutor | None:
+    def partner(self) -> Named | None:
         return self.other
 
     def timed(self, copies: Sequence[ShadowCopy], seconds: float, partner_seconds: float) -> None:
@@ -437,13 +436,15 @@ class Timed(Collect):
 @in_loop
 async def test_a_paired_timing_runs_each_batch_on_both_versions_in_random_order() -> None:
     log: list[str] = []
-    own, other = Named("own", log, delay_s=0.002), Named("partner", log, delay_s=0.006)
-    sink, tasks = Timed(other), set[asyncio.Task[None]]()
-    lane = ShadowLane(own, max_rows=64, gather_s=0.0)
+    executor, sink, tasks = LinearExecutor(), Timed(Named("partner", log, delay_s=0.006)), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.0, run_direct=Named("own", log, delay_s=0.002))
     for i in range(40):
         mirror(lane, request(i), sink, tasks)
         await settle(lane, tasks)
     assert len(sink.times) == len(sink.batches) == 40
+    # Timed batches run the models directly, never through the executor (a batcher's wait
+    # for more rows would be timed too).
+    assert executor.runs == []
     pairs = [log[i : i + 2] for i in range(0, len(log), 2)]
     assert all(sorted(p) == ["own", "partner"] for p in pairs)
     firsts = [p[0] for p in pairs]
@@ -457,7 +458,7 @@ async def test_a_paired_timing_runs_each_batch_on_both_versions_in_random_order(
 async def test_a_failing_partner_leaves_the_pair_out_but_never_fails_the_shadow() -> None:
     log: list[str] = []
     sink, tasks = Timed(Named("partner", log, fail=True)), set[asyncio.Task[None]]()
-    lane = ShadowLane(Named("own", log), max_rows=64, gather_s=0.0)
+    lane = ShadowLane(LinearExecutor(), max_rows=64, gather_s=0.0, run_direct=Named("own", log))
     for i in range(5):
         mirror(lane, request(i), sink, tasks)
         await settle(lane, tasks)
@@ -466,10 +467,10 @@ async def test_a_failing_partner_leaves_the_pair_out_but_never_fails_the_shadow(
 
 
 @in_loop
-async def test_without_a_partner_a_batch_runs_once() -> None:
+async def test_without_a_partner_a_batch_runs_once_through_the_executor() -> None:
     log: list[str] = []
-    sink, tasks = Timed(None), set[asyncio.Task[None]]()
-    lane = ShadowLane(Named("own", log), max_rows=64, gather_s=0.0)
+    executor, sink, tasks = LinearExecutor(), Timed(None), set[asyncio.Task[None]]()
+    lane = ShadowLane(executor, max_rows=64, gather_s=0.0, run_direct=Named("own", log))
     mirror(lane, request(0), sink, tasks)
     await settle(lane, tasks)
-    assert log == ["own"] and sink.times == []
+    assert log == [] and executor.runs == [1] and sink.times == []
