@@ -234,6 +234,9 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "policy.min_agreement": [-0.1, 1.1],
     "policy.max_accuracy_drop": [1.5],
     "policy.max_duration_s": [0],
+    "policy.latency_quantile": [0.4, 1.0],
+    "policy.step_min_samples": [-1],
+    "policy.step_min_duration_s": [-1, 1000],  # 1000 s for 5 steps is more than max_duration_s (3600 s)
     "policy.alpha": [0, 1, 1.5],
     "policy.shadow_intervals": [-1],
     "policy.gate_requests": [-5, 0, 1_000_000_000],
