@@ -10,6 +10,7 @@ import csv
 import functools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +47,16 @@ def plain(text: object) -> str:
 
 
 def markup(text: object) -> str:
-    return escape(one_line(text))
+    """`text` on one line, for rich markup: shown as it is, never read as markup.
+
+    rich.markup.escape escapes a `[` that opens something tag-like; rich also turns
+    every other backslash-bracket into a bare `[`, so a name such as a backslash
+    followed by `[` lost its backslash. Each such `[` gets one backslash to lose."""
+    return _PLAIN_BRACKET.sub(r"\\[", escape(one_line(text)))
+
+
+# A `[` that rich does not read as the start of a tag (its RE_TAGS pattern).
+_PLAIN_BRACKET = re.compile(r"\[(?![a-z#/@][^[]*?\])")
 
 
 def connection_options(func: F) -> F:
@@ -337,7 +347,7 @@ def report(client: ControlClient, model: str, as_json: bool, watch: float | None
 def _report_with_rollout(report: rpb.Report, view: dict[str, Any] | None) -> Table:
     table = report_table(report)
     if view is not None:
-        table.caption = "\n".join([str(table.caption), *(escape(line) for line in rollout_lines(view))])
+        table.caption = "\n".join([str(table.caption), *(markup(line) for line in rollout_lines(view))])
         table.caption_justify = "left"
     return table
 

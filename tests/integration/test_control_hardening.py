@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -193,6 +193,7 @@ texts = st.text(st.characters(codec="utf-8"), max_size=40)
 
 
 @given(model=texts, stable=texts, canary=texts, phase=texts, shadow=texts)
+@example(model="m\\", stable="\\[", canary="[b]x\\", phase="\\\\[", shadow="\\[")  # rich reads "\[" as an escaped "["
 @settings(max_examples=200, deadline=None)
 def test_a_release_line_is_one_line_whatever_the_server_sends(
     model: str, stable: str, canary: str, phase: str, shadow: str
