@@ -105,6 +105,9 @@ def _start_gateway(repo: Path, state: Path) -> Launched:
         "0",
         "--metrics-port",
         "-1",
+        # The demo speaks gRPC only: no REST port, so 8000 being taken elsewhere cannot stop it.
+        "--http-port",
+        "-1",
         "--workers",
         "1",
         "--state-dir",
