@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from gateway.dtypes import NUMPY_BY_DATATYPE
+from tests.onnx_models import IDENTITY_DTYPES, write_identity_model, write_mixed_dtype_model
 from tests.support import MODELS
 
 # The bundled models' one input each: name and the shape of one row.
 INPUTS = {"digits": ("pixels", (64,)), "mlp": ("input", (784,)), "convnet": ("image", (1, 28, 28))}
+
+
+def datatype_repo(root: Path) -> Path:
+    """A repository of the unseen-model tests' models: `mixed` (several input types) and an
+    identity model per datatype (`identity_<dtype>`)."""
+    write_mixed_dtype_model(root / "mixed" / "1" / "model.onnx")
+    (root / "mixed" / "model.toml").write_text("max_batch_size = 8\n")
+    for dtype in IDENTITY_DTYPES:
+        write_identity_model(root / f"identity_{dtype.lower()}" / "1" / "model.onnx", dtype)
+        (root / f"identity_{dtype.lower()}" / "model.toml").write_text("max_batch_size = 4\n")
+    return root
 
 
 def offline(model: str, version: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,21 +19,15 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from gateway.dtypes import NUMPY_BY_DATATYPE
-from tests.integration.rest_support import INPUTS, offline
+from tests.integration.rest_support import INPUTS, datatype_repo, offline
 from tests.integration.test_rest_datatypes import VALUES
-from tests.onnx_models import IDENTITY_DTYPES, write_identity_model, write_mixed_dtype_model
+from tests.onnx_models import IDENTITY_DTYPES
 from tests.support import Running, gateway_in_thread
 
 
 @pytest.fixture(scope="module")
 def custom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    root = tmp_path_factory.mktemp("rest-binary")
-    write_mixed_dtype_model(root / "mixed" / "1" / "model.onnx")
-    (root / "mixed" / "model.toml").write_text("max_batch_size = 8\n")
-    for dtype in IDENTITY_DTYPES:
-        write_identity_model(root / f"identity_{dtype.lower()}" / "1" / "model.onnx", dtype)
-        (root / f"identity_{dtype.lower()}" / "model.toml").write_text("max_batch_size = 4\n")
-    with gateway_in_thread(root) as running:
+    with gateway_in_thread(datatype_repo(tmp_path_factory.mktemp("rest-binary"))) as running:
         yield running
 
 

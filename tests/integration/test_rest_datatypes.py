@@ -18,8 +18,8 @@ from tritonclient.utils import serialize_byte_tensor
 
 from gateway.dtypes import NUMPY_BY_DATATYPE
 from gateway.rest.tensors import to_bytes
-from tests.integration.rest_support import infer_body, output, tensor
-from tests.onnx_models import IDENTITY_DTYPES, write_identity_model, write_mixed_dtype_model
+from tests.integration.rest_support import datatype_repo, infer_body, output, tensor
+from tests.onnx_models import IDENTITY_DTYPES
 from tests.support import Running, gateway_in_thread
 
 # Two rows of three values each, with each datatype's extremes where it has them.
@@ -43,13 +43,7 @@ OUT_OF_RANGE = {"UINT8": 256, "UINT16": -1, "UINT32": 2**32, "INT8": -129, "INT1
 
 @pytest.fixture(scope="module")
 def custom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    root = tmp_path_factory.mktemp("rest-dtypes")
-    write_mixed_dtype_model(root / "mixed" / "1" / "model.onnx")
-    (root / "mixed" / "model.toml").write_text("max_batch_size = 8\n")
-    for dtype in IDENTITY_DTYPES:
-        write_identity_model(root / f"identity_{dtype.lower()}" / "1" / "model.onnx", dtype)
-        (root / f"identity_{dtype.lower()}" / "model.toml").write_text("max_batch_size = 4\n")
-    with gateway_in_thread(root) as running:
+    with gateway_in_thread(datatype_repo(tmp_path_factory.mktemp("rest-dtypes"))) as running:
         yield running
 
 
