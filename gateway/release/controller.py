@@ -20,18 +20,26 @@ from gateway.errors import GatewayError, StoreUnavailable
 from gateway.release.assessment import rollout_evidence
 from gateway.release.confidence import Verdict
 from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
-from gateway.release.policy import DECIDING, Event, Phase, decide
+from gateway.release.policy import DECIDING, Decision, Event, Phase, RolloutState, decide
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
 LEASE = "controller"
 
+# Told of every decision (the model, its rollout as decided on, the decision) before it is
+# applied, whether or not it changes anything: how the metrics show each check's state
+# between changes, without the controller knowing Prometheus.
+DecisionHook = Callable[[str, RolloutState, Decision], None]
+
 
 class Controller:
-    def __init__(self, ops: ReleaseOps, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, ops: ReleaseOps, clock: Callable[[], float] = time.time, on_decision: DecisionHook | None = None
+    ) -> None:
         self.ops = ops
         self.clock = clock
+        self.on_decision = on_decision
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._last: dict[str, float] = {}
         self.leading = False
@@ -72,6 +80,11 @@ class Controller:
         rollout = ops.rollouts[model]
         spec = ops.plane.registry.entry(model).spec.policy
         decision = decide(rollout, rollout_evidence(ops.plane, model), spec, self.clock())
+        if self.on_decision is not None:
+            try:
+                self.on_decision(model, rollout, decision)
+            except Exception:  # showing a decision must never stop it being applied
+                log.exception("%s: the decision hook failed", model)
         # The audit keeps every figure in the checks; the reason is their summary, cut to fit.
         reason = decision.reason
         if len(reason) > MAX_REASON_CHARS:

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway.config.spec import PolicySpec
@@ -51,11 +51,24 @@ class Step:
     checks: Sequence[CheckResult] = ()
 
 
+# Told of each applied step once it is stored and served: (action, actor, before, after).
+# How the metrics count rollbacks and promotions, whoever made them, without ReleaseOps
+# knowing Prometheus.
+AppliedHook = Callable[[str, str, StoredRelease, StoredRelease], None]
+
+
 class ReleaseOps:
-    def __init__(self, plane: ReleasePlane, store: Store, captured: CapturedRequests | None = None) -> None:
+    def __init__(
+        self,
+        plane: ReleasePlane,
+        store: Store,
+        captured: CapturedRequests | None = None,
+        on_applied: AppliedHook | None = None,
+    ) -> None:
         self.plane = plane
         self.store = store
         self.captured = captured
+        self.on_applied = on_applied
         self.rollouts: dict[str, RolloutState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -233,6 +246,7 @@ class ReleaseOps:
             before = self.current(model)
             previous = before
             entries: list[AuditEntry] = []
+            transitions: list[tuple[StoredRelease, StoredRelease]] = []
             for step in steps:
                 evidence = [c.to_dict() for c in step.checks] or None
                 try:
@@ -243,6 +257,7 @@ class ReleaseOps:
                 entries.append(
                     self._audit(actor, step.action, step.reason, before=previous, after=after, evidence=evidence)
                 )
+                transitions.append((previous, after))
                 previous = after
             await asyncio.to_thread(self.store.commit, before.revision, previous, entries)
             self._install(previous)
@@ -256,6 +271,12 @@ class ReleaseOps:
                     (entry.after or {}).get("rollout", {}).get("phase", ""),
                     one_line(step.reason, MAX_REASON_CHARS),
                 )
+            if self.on_applied is not None:
+                for step, (step_before, step_after) in zip(steps, transitions, strict=True):
+                    try:
+                        self.on_applied(step.action, actor, step_before, step_after)
+                    except Exception:  # the change is stored and served: a hook's failure must not undo that
+                        log.exception("%s: the applied-change hook failed", model)
             return previous
 
     def _plan(self, before: StoredRelease, step: Step) -> StoredRelease:

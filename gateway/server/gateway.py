@@ -213,7 +213,7 @@ class Gateway:
         stack.push_async_callback(self._finish_releases, releases)
         self.dataplane = dataplane = DataPlane(registry, releases)
         releases.primary = dataplane
-        self.ops = ops = ReleaseOps(releases, store, self.capture)
+        self.ops = ops = ReleaseOps(releases, store, self.capture, on_applied=self.release_metrics.applied)
         self.loader = loader = ModelLoader(ModelBuilder.from_settings(s, pool, self.metrics), registry, releases, ops)
         await loader.load_at_startup()  # nothing is served before it ends
         loop = asyncio.get_running_loop()
@@ -223,7 +223,7 @@ class Gateway:
             tasks.append(loop.create_task(loader.follow()))
         tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, s.worker_index)]
         if s.controller:
-            self.controller = Controller(ops)
+            self.controller = Controller(ops, on_decision=self.release_metrics.decided)
             tasks.append(loop.create_task(self.controller.run()))
         tasks.append(loop.create_task(self._sample_queues(registry, releases, self.capture)))
         control_api = await _reserve(stack)  # stops after the inference server
@@ -322,11 +322,19 @@ class Gateway:
 
     async def _sample_queues(self, registry: Registry, releases: ReleasePlane, capture: CaptureWriter | None) -> None:
         """Copy queue depths and release-plane counters into Prometheus, periodically."""
+        # Rollout phases are shown by one process of a multi-worker gateway: the one whose
+        # control API and controller change them (worker 0), so workers never disagree.
+        shows_rollouts = self.settings.worker_index <= 0
         while True:
+            loaded: dict[str, list[str]] = {}
             for v in registry:
                 self.metrics.set_queue_depth(v.name, v.version, v.executor.queue_depth())
+                self.metrics.set_queue_capacity(v.name, v.version, v.spec.batching.max_queue_size)
+                loaded.setdefault(v.name, []).append(v.version)
             for model in releases.table.models():
                 self.release_metrics.sync(releases.report(model, local=True))
+                if shows_rollouts:
+                    self.release_metrics.sync_rollout(self.ops.current(model), loaded.get(model, ()))
             if capture is not None:
                 capture.flush()  # so a replay can read what was captured a moment ago
             await asyncio.sleep(QUEUE_SAMPLE_S)

@@ -122,6 +122,15 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "gateway_queue_depth", "Requests waiting to run", labels, registry=registry, multiprocess_mode="livesum"
         )
+        # How many requests the queue holds before refusing (batching.max_queue_size), so that
+        # an alert can compare the depth with it; summed over workers like the depth.
+        self.queue_capacity = Gauge(
+            "gateway_queue_capacity",
+            "Requests the queue holds before refusing more",
+            labels,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.batch_size = Histogram(
             "gateway_batch_size", "Requests' rows per model run", labels, buckets=BATCH_BUCKETS, registry=registry
         )
@@ -146,3 +155,6 @@ class GatewayMetrics:
 
     def set_queue_depth(self, model: str, version: str, depth: int) -> None:
         self.queue_depth.labels(model, version).set(depth)
+
+    def set_queue_capacity(self, model: str, version: str, capacity: int) -> None:
+        self.queue_capacity.labels(model, version).set(capacity)
