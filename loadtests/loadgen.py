@@ -1,8 +1,11 @@
-"""Load generation for `gateway bench`: gRPC clients in several processes, and the in-process ORT loop.
+"""Load generation for `gateway bench`: gRPC or REST clients in several processes, and the in-process ORT loop.
 
 The gRPC side sends one preserialized ModelInferRequest as bytes and takes
 the response as bytes, so the clients spend their CPU on gRPC alone, never on
-protobuf. Closed loop: a fixed number of requests in flight. Open loop:
+protobuf. The REST side writes one prebuilt HTTP request as bytes on keep-alive
+connections (loadtests/httpclient.py) and checks each answer's status. Both
+parse and check only the first answer in full (its outputs and shapes).
+Closed loop: a fixed number of requests in flight. Open loop:
 Poisson arrivals, latency measured from the scheduled send time, so a slow
 server cannot hide its queueing by slowing the client down (coordinated
 omission).
@@ -24,8 +27,9 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +37,8 @@ import numpy as np
 from gateway.percentiles import quantile
 from gateway.protocol.pb import inference_pb2 as pb
 from gateway.types import TensorSpec
+from loadtests.httpclient import HttpClient, HttpFailure, request_bytes
+from loadtests.restcall import RestCall, check_rest_answer
 from loadtests.signature import ModelSignature, check_response, feeds
 
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
@@ -100,6 +106,8 @@ class LoadSpec:
     request_timeout_s: float
     seed: int = 0
     max_outstanding: int = 4096  # per process, open loop: beyond it arrivals are dropped and counted
+    # Set: the point runs over REST, `address` is the REST binding's and `payload` is unused.
+    rest: RestCall | None = None
 
 
 @dataclass(slots=True)
@@ -204,20 +212,34 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+Send = Callable[[], Awaitable[Any]]
+
+
 class _Recorder:
-    def __init__(self, spec: LoadSpec, window: tuple[float, float]) -> None:
+    def __init__(self, spec: LoadSpec, window: tuple[float, float], check: Callable[[Any], str | None]) -> None:
         self.spec = spec
         self.start, self.end = window
         self.result = WorkerResult()
         self.verified = False
+        self._check = check
 
-    def verify(self, data: bytes) -> None:
+    def verify(self, data: Any) -> None:
         self.verified = True
         try:
-            response = pb.ModelInferResponse.FromString(data)
-            self.result.problem = check_response(response, self.spec.outputs, self.spec.rows)
+            self.result.problem = self._check(data)
         except Exception as exc:  # an unparseable response is a finding, not a crash
             self.result.problem = f"response does not parse: {exc}"
+
+
+@dataclass(slots=True)
+class _Transport:
+    """How one process sends the point's requests, over gRPC or REST, and what a failure looks like."""
+
+    sends: list[Send]  # closed loop: one per slot; open loop: the ones arrivals take in turn
+    failure: type[Exception]
+    code: Callable[[Any], str]  # a failure's error code, as the report counts it
+    check: Callable[[Any], str | None]  # what is wrong with an answer (None: nothing)
+    close: Callable[[], Awaitable[None]]
 
 
 def _make_channels(spec: LoadSpec, index: int, count: int) -> list[Any]:
@@ -237,11 +259,78 @@ def _make_channels(spec: LoadSpec, index: int, count: int) -> list[Any]:
     return channels
 
 
-async def _closed_slot(call: Any, rec: _Recorder) -> None:
+def _grpc_code(exc: Any) -> str:
+    return str(exc.code().name)
+
+
+def _check_grpc(spec: LoadSpec, data: bytes) -> str | None:
+    return check_response(pb.ModelInferResponse.FromString(data), spec.outputs, spec.rows)
+
+
+async def _grpc_transport(spec: LoadSpec, index: int, slots: int) -> _Transport:
     from grpc import aio
 
-    spec, start, end = rec.spec, rec.start, rec.end
-    payload, timeout, result = spec.payload, spec.request_timeout_s, rec.result
+    count = max(1, min(spec.channels, slots)) if spec.mode == "closed" else max(1, spec.channels)
+    channels = _make_channels(spec, index, count)
+
+    async def close() -> None:
+        for channel in channels:
+            await channel.close()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), SETUP_TIMEOUT_S)
+    except BaseException:
+        await close()
+        raise
+    # The request as bytes, bound once: a call is then one C-level call, no protobuf.
+    calls: list[Send] = [
+        partial(
+            c.unary_unary(INFER_PATH, request_serializer=None, response_deserializer=None),
+            spec.payload,
+            timeout=spec.request_timeout_s,
+        )
+        for c in channels
+    ]
+    sends = [calls[i % len(calls)] for i in range(slots)] if spec.mode == "closed" else calls
+    return _Transport(sends, aio.AioRpcError, _grpc_code, partial(_check_grpc, spec), close)
+
+
+def _http_code(exc: Any) -> str:
+    return str(exc.code)
+
+
+async def _http_transport(spec: LoadSpec, slots: int) -> _Transport:
+    rest = spec.rest
+    assert rest is not None
+    client = HttpClient(
+        spec.address, request_bytes(spec.address, rest.path, rest.body, rest.headers), spec.request_timeout_s
+    )
+
+    async def close() -> None:
+        client.close()
+        await asyncio.sleep(0)  # let the transports finish closing
+
+    sends: list[Send]
+    try:
+        if spec.mode == "closed":
+            # HTTP/1.1 carries one request at a time: a connection per request in flight.
+            opened = [client.slot() for _ in range(slots)]
+            await asyncio.wait_for(asyncio.gather(*(s.open() for s in opened)), SETUP_TIMEOUT_S)
+            sends = [s.call for s in opened]
+        else:
+            pool = client.pool()
+            await asyncio.wait_for(pool.open(max(1, spec.channels)), SETUP_TIMEOUT_S)
+            sends = [pool.call]
+    except BaseException:
+        await close()
+        raise
+    check = partial(check_rest_answer, outputs=spec.outputs, rows=spec.rows)
+    return _Transport(sends, HttpFailure, _http_code, check, close)
+
+
+async def _closed_slot(send: Send, transport: _Transport, rec: _Recorder) -> None:
+    start, end, result = rec.start, rec.end, rec.result
+    failure, code = transport.failure, transport.code
     samples = result.latencies
     now = time.monotonic
     while True:
@@ -249,11 +338,11 @@ async def _closed_slot(call: Any, rec: _Recorder) -> None:
         if t0 >= end:
             return
         try:
-            data = await call(payload, timeout=timeout)
-        except aio.AioRpcError as exc:
+            data = await send()
+        except failure as exc:
             t1 = now()
             if t1 < end:
-                result.error(exc.code().name, measured=t1 >= start)
+                result.error(code(exc), measured=t1 >= start)
             continue
         t1 = now()
         if not rec.verified:
@@ -263,19 +352,18 @@ async def _closed_slot(call: Any, rec: _Recorder) -> None:
             result.completed_in_window += 1
 
 
-async def _open_sender(calls: Sequence[Any], rate: float, seed: int, begin: float, rec: _Recorder) -> None:
-    from grpc import aio
-
+async def _open_sender(transport: _Transport, rate: float, seed: int, begin: float, rec: _Recorder) -> None:
     spec, start, end = rec.spec, rec.start, rec.end
-    payload, timeout, result = spec.payload, spec.request_timeout_s, rec.result
+    timeout, result = spec.request_timeout_s, rec.result
+    sends, failure, code = transport.sends, transport.failure, transport.code
     now = time.monotonic
     pending: set[asyncio.Task[None]] = set()
 
-    async def one(call: Any, scheduled: float, counted: bool) -> None:
+    async def one(send: Send, scheduled: float, counted: bool) -> None:
         try:
-            data = await call(payload, timeout=timeout)
-        except aio.AioRpcError as exc:
-            result.error(exc.code().name, measured=counted)
+            data = await send()
+        except failure as exc:
+            result.error(code(exc), measured=counted)
             return
         t1 = now()
         if not rec.verified:
@@ -301,7 +389,7 @@ async def _open_sender(calls: Sequence[Any], rate: float, seed: int, begin: floa
             continue
         if counted:
             result.send_lag_s += max(0.0, now() - scheduled)
-        task = asyncio.create_task(one(calls[sent % len(calls)], scheduled, counted))
+        task = asyncio.create_task(one(sends[sent % len(sends)], scheduled, counted))
         sent += 1
         pending.add(task)
         task.add_done_callback(pending.discard)
@@ -319,16 +407,12 @@ async def _measure_cpu(rec: _Recorder) -> None:
 
 
 async def _run_point(spec: LoadSpec, index: int, processes: int, conn: multiprocessing.connection.Connection) -> None:
-    if spec.mode == "closed":
-        slots = split_evenly(int(spec.offered), processes)[index]
-        channel_count = max(1, min(spec.channels, slots))
+    slots = split_evenly(int(spec.offered), processes)[index] if spec.mode == "closed" else 0
+    if spec.rest is None:
+        transport = await _grpc_transport(spec, index, slots)
     else:
-        slots = 0
-        channel_count = max(1, spec.channels)
-    channels = _make_channels(spec, index, channel_count)
+        transport = await _http_transport(spec, slots)
     try:
-        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), SETUP_TIMEOUT_S)
-        calls = [c.unary_unary(INFER_PATH, request_serializer=None, response_deserializer=None) for c in channels]
         conn.send(("ready", None))
         # Blocking here is harmless: nothing else runs on this loop until "go".
         if not conn.poll(SETUP_TIMEOUT_S):
@@ -336,15 +420,15 @@ async def _run_point(spec: LoadSpec, index: int, processes: int, conn: multiproc
         _, begin = conn.recv()
         begin = float(begin)
         window = (begin + spec.warmup_s, begin + spec.warmup_s + spec.duration_s)
-        rec = _Recorder(spec, window)
+        rec = _Recorder(spec, window, transport.check)
         rec.result.late_start_s = max(0.0, time.monotonic() - begin)
         await asyncio.sleep(max(0.0, begin - time.monotonic()))
         tasks = [asyncio.create_task(_measure_cpu(rec))]
         if spec.mode == "closed":
-            tasks += [asyncio.create_task(_closed_slot(calls[i % len(calls)], rec)) for i in range(slots)]
+            tasks += [asyncio.create_task(_closed_slot(send, transport, rec)) for send in transport.sends]
         else:
             rate = spec.offered / processes
-            tasks.append(asyncio.create_task(_open_sender(calls, rate, spec.seed * 1_000_003 + index, begin, rec)))
+            tasks.append(asyncio.create_task(_open_sender(transport, rate, spec.seed * 1_000_003 + index, begin, rec)))
         limit = window[1] - time.monotonic() + spec.request_timeout_s + 2.0
         _, late = await asyncio.wait(tasks, timeout=limit)
         for task in late:
@@ -354,8 +438,7 @@ async def _run_point(spec: LoadSpec, index: int, processes: int, conn: multiproc
                 raise task.exception()  # type: ignore[misc]
         conn.send(("result", rec.result))
     finally:
-        for channel in channels:
-            await channel.close()
+        await transport.close()
 
 
 def _run_loop(coroutine: Coroutine[Any, Any, None]) -> None:
