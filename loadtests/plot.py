@@ -16,6 +16,8 @@ COLORS = {
     "naive": "tab:purple",
     "gateway-nobatch": "tab:orange",
     "gateway": "tab:green",
+    "gateway-rest-json": "tab:red",
+    "gateway-rest-binary": "tab:brown",
 }
 
 

@@ -8,6 +8,9 @@ Targets (see the team's performance notes):
   gateway-nobatch  the gateway, one model run per request
   gateway          the gateway as configured (dynamic batching)
   gateway-shadow   the gateway with a shadow version mirrored at 100%
+  gateway-rest-json, gateway-rest-binary
+                   the gateway over its REST binding (KServe v2 JSON tensors; Triton's
+                   binary tensor extension), beside gRPC's `gateway`
 
 Every repeat runs every target in turn (interleaved), so the machine's noise
 hits all of them alike; the report is the median per point with the min/max

@@ -25,6 +25,7 @@ Examples:
   gateway bench --rates 500,1000,2000 --baselines bare,gateway   # open loop (Poisson arrivals)
   gateway bench --server-cpus 0-3 --client-cpus 4-7 --workers 4
   gateway bench --compare 1 2 --concurrency 1,16,64 --slo-ms 5   # two versions, same load, interleaved
+  gateway bench --concurrency 1,16,64 --baselines gateway,gateway-rest-json,gateway-rest-binary  # gRPC vs REST
 
 \b
 Shadow overhead on the primary at half load, in two runs (the second's --rates is half
@@ -183,7 +184,8 @@ DEFAULTS = BenchOptions()
     show_default=True,
     help="Targets, run in this order each repeat: ort (in-process onnxruntime), bare (grpc.aio, no compute), "
     "naive (grpc.aio + protobuf + one onnxruntime session per request: the server you would write first), "
-    "gateway-nobatch, gateway, gateway-shadow (a shadow at 100%: needs --shadow).",
+    "gateway-nobatch, gateway, gateway-shadow (a shadow at 100%: needs --shadow), gateway-rest-json and "
+    "gateway-rest-binary (the gateway over its REST binding: JSON tensors, or Triton's binary extension).",
 )
 @click.option(
     "--workers",

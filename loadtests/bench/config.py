@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-TARGETS = ("ort", "bare", "naive", "gateway-nobatch", "gateway", "gateway-shadow")
+TARGETS = (
+    "ort",
+    "bare",
+    "naive",
+    "gateway-nobatch",
+    "gateway",
+    "gateway-shadow",
+    "gateway-rest-json",
+    "gateway-rest-binary",
+)
+# The gateway as configured, driven over its REST binding instead of gRPC, per body format.
+REST_TARGETS: dict[str, Literal["json", "binary"]] = {"gateway-rest-json": "json", "gateway-rest-binary": "binary"}
 DEFAULT_TARGETS = "ort,bare,naive,gateway-nobatch,gateway"
 
 

@@ -41,6 +41,10 @@ RATIO_TITLES = {
     "batching_speedup_rps": "gateway / gateway-nobatch, req/s",
     "batching_p99_ratio": "gateway / gateway-nobatch, p99",
     "open_gateway_over_bare_p99": "gateway / bare, p99 (open loop, per rate)",
+    "rest_json_over_gateway_rps": "REST JSON / gRPC (gateway), req/s",
+    "rest_binary_over_gateway_rps": "REST binary / gRPC (gateway), req/s",
+    "rest_json_over_gateway_p50": "REST JSON / gRPC (gateway), p50",
+    "rest_binary_over_gateway_p50": "REST binary / gRPC (gateway), p50",
 }
 
 Entry = dict[str, Any]
@@ -77,7 +81,7 @@ def progress_line(row: Entry, repeats: int) -> str:
     offered = f"c={label(row['offered'])}" if row["mode"] == "closed" else f"r={label(row['offered'])}/s"
     errors = sum(row["errors"].values())
     parts = [
-        f"[{row['repeat'] + 1}/{repeats}] {row['target']:<15} {offered:<9}",
+        f"[{row['repeat'] + 1}/{repeats}] {row['target']:<19} {offered:<9}",
         f"{row['throughput_rps']:9.0f} req/s {row['rows_per_s']:10.0f} rows/s",
         f"p50 {fmt_ms(row['p50_ms']):>6} ms  p99 {fmt_ms(row['p99_ms']):>6} ms",
         f"err {errors}" + (f" {row['errors']}" if errors else ""),

@@ -102,6 +102,11 @@ def compute_ratios(
         ),
         "batching_speedup_rps": per_c(("gateway", "throughput_rps"), ("gateway-nobatch", "throughput_rps")),
         "batching_p99_ratio": per_c(("gateway", "p99_ms"), ("gateway-nobatch", "p99_ms")),
+        # The same gateway over REST against over gRPC, at the same concurrency.
+        "rest_json_over_gateway_rps": per_c(("gateway-rest-json", "throughput_rps"), ("gateway", "throughput_rps")),
+        "rest_binary_over_gateway_rps": per_c(("gateway-rest-binary", "throughput_rps"), ("gateway", "throughput_rps")),
+        "rest_json_over_gateway_p50": per_c(("gateway-rest-json", "p50_ms"), ("gateway", "p50_ms")),
+        "rest_binary_over_gateway_p50": per_c(("gateway-rest-binary", "p50_ms"), ("gateway", "p50_ms")),
         "peak": {
             name: value
             for name, value in {
@@ -116,6 +121,12 @@ def compute_ratios(
                 ),
                 "batching_speedup_rps": _ratio(
                     _peak(summary, "gateway", "throughput_rps"), _peak(summary, "gateway-nobatch", "throughput_rps")
+                ),
+                "rest_json_over_gateway_rps": _ratio(
+                    _peak(summary, "gateway-rest-json", "throughput_rps"), _peak(summary, "gateway", "throughput_rps")
+                ),
+                "rest_binary_over_gateway_rps": _ratio(
+                    _peak(summary, "gateway-rest-binary", "throughput_rps"), _peak(summary, "gateway", "throughput_rps")
                 ),
             }.items()
             if value is not None

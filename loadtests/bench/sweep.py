@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from gateway.errors import GatewayError
-from loadtests.bench.config import TARGETS, BenchConfig
+from loadtests.bench.config import REST_TARGETS, TARGETS, BenchConfig
 from loadtests.bench.cpus import busy_cpu_seconds, format_cpus, pinning_tool
 from loadtests.bench.environment import environment
 from loadtests.bench.report import progress_line
@@ -39,6 +39,7 @@ from loadtests.bench.targets import (
     shadow_repo,
 )
 from loadtests.loadgen import ClientPool, LoadSpec, Mode, PointResult, ort_points, pin_current_process
+from loadtests.restcall import RestCall, build_rest_call
 from loadtests.signature import ModelSignature, build_request, load_signature
 
 Observer = Callable[[float, float], dict[str, Any]]
@@ -57,6 +58,8 @@ class Bench:
     points: list[dict[str, Any]] = field(default_factory=list)
     # `--compare A B`: targets "vA" and "vB", the gateway with requests pinned to each version.
     version_payloads: dict[str, bytes] = field(default_factory=dict)
+    # The REST targets' request, built once per body format: the same inputs as `payload`.
+    rest_calls: dict[str, RestCall] = field(default_factory=dict)
 
     def run_target(self, target: str, repeat: int, pool: ClientPool) -> None:
         if target == "ort":
@@ -73,6 +76,8 @@ class Bench:
         if target == "gateway-shadow":
             models = shadow_repo(self.config, self.signature.version, scratch / "models")
             return gateway_command(self.config, batching=True, state_dir=scratch / "state", models=models)
+        if target in REST_TARGETS:
+            return gateway_command(self.config, batching=True, state_dir=scratch / "state", http=True)
         batching = target == "gateway" or target in self.version_payloads
         return gateway_command(self.config, batching=batching, state_dir=scratch / "state")
 
@@ -80,7 +85,10 @@ class Bench:
         pinned = target in self.version_payloads
         shadow = self.config.shadow if target == "gateway-shadow" else None
         version = target[1:] if pinned else self.signature.version
+        rest = self.rest_calls.get(target)
         with server_process(target, self._command(target, scratch), self.config.server_cpus) as server:
+            if rest is not None and not server.http:
+                raise click.ClickException(f"{target} announced no REST address ('http on'):\n{server.tail()}")
             # The baselines have no ModelStatistics (so no mean batch: naive runs every request alone).
             probe = StatsProbe(server.address, self.config.model) if target not in ("bare", "naive") else None
             try:
@@ -89,6 +97,8 @@ class Bench:
                     spec = self.spec(server.address, mode, offered, seed=repeat * 1000 + index)
                     if pinned:
                         spec = dataclasses.replace(spec, payload=self.version_payloads[target])
+                    if rest is not None:
+                        spec = dataclasses.replace(spec, address=server.http, payload=b"", rest=rest)
                     point = pool.run(spec, self.observer(server, probe, version, shadow))
                     self.record(target, repeat, point)
                     if server.exited():
@@ -280,6 +290,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         if target not in TARGETS:  # "vA" from --compare: requests pinned to version A
             pinned = _signature(config, target[1:])
             bench.version_payloads[target] = build_request(pinned, config.rows, pin_version=True)
+        elif target in REST_TARGETS:
+            pin = config.version is not None
+            bench.rest_calls[target] = build_rest_call(signature, config.rows, REST_TARGETS[target], pin_version=pin)
     if "gateway-shadow" in config.targets:
         check_shadow(config, signature.version)
     env = environment()

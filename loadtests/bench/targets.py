@@ -33,6 +33,11 @@ class ServerProcess:
     def address(self) -> str:
         return self.launched.address
 
+    @property
+    def http(self) -> str:
+        """HOST:PORT of its REST binding; empty when it has none."""
+        return self.launched.http
+
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.launched.proc.pid)
 
@@ -64,13 +69,20 @@ def server_process(name: str, command: Sequence[str], cpus: Sequence[int] | None
         launched.stop()
 
 
-def gateway_command(config: BenchConfig, *, batching: bool, state_dir: Path, models: Path | None = None) -> list[str]:
-    """`gateway serve` for one target: on 127.0.0.1, a port the OS picks, no metrics, no control API."""
+def gateway_command(
+    config: BenchConfig, *, batching: bool, state_dir: Path, models: Path | None = None, http: bool = False
+) -> list[str]:
+    """`gateway serve` for one target: on 127.0.0.1, a port the OS picks, no metrics, no control API.
+
+    `http`: the REST binding on a port the OS picks too (REST's fixed default would collide
+    like the control API's); without it, REST is off.
+    """
     c = config
     args = ["--models", str(models or c.models), "--load", c.model, "--host", "127.0.0.1", "--port", "0"]
-    args += ["--metrics-port", "-1", "--provider", c.provider, "--log-level", "WARNING"]
-    # The bench measures gRPC; REST's fixed default port would collide like the control API's.
-    args += ["--http-port", "-1"]
+    # The REST address is announced only in the INFO line before `listening on` (launch reads it
+    # there); nothing logs at INFO per request, so the level costs the REST targets nothing.
+    args += ["--metrics-port", "-1", "--provider", c.provider, "--log-level", "INFO" if http else "WARNING"]
+    args += ["--http-port", "0" if http else "-1"]
     # A fresh store per server: a stored release (say, from `gateway traffic set` in this checkout)
     # would otherwise replace model.toml's, and gateway-shadow would quietly run without its shadow.
     args += ["--state-dir", str(state_dir)]
