@@ -1,0 +1,1 @@
+"""Operator packaging: the Grafana dashboard and the Prometheus rules (deploy/README.md)."""
