@@ -17,6 +17,7 @@ from gateway.release.state import ReleaseState
 from gateway.serving.metrics import VERSION_FAULTS, outcome_of
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.serving.validation import build_inputs, check_outputs
+from gateway.tracing import RequestTrace
 from gateway.types import InferResponse, RequestRun, Tensors, WireRequest
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class _Call:
     loaded: LoadedVersion
     role: Role
     state: ReleaseState | None
+    trace: RequestTrace | None  # None unless tracing is on and the request was sampled
     start: int = field(default_factory=time.perf_counter_ns)
     batch: int = 1
     feeds: Tensors | None = None
@@ -65,12 +67,15 @@ class DataPlane:
         """Return once no request is in flight (used by the drain)."""
         await self._idle.wait()
 
-    async def infer(self, req: WireRequest) -> InferResponse:
+    async def infer(self, req: WireRequest, trace: RequestTrace | None = None) -> InferResponse:
+        """Serve one request; `trace` (a traced request's, from the edge) gets the routing and the times."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         key = routing_key(req.parameters, req.id)
         loaded, role, state = self.releases.route(req.model, req.version, key)
-        call = _Call(req, loaded, role, state)
+        call = _Call(req, loaded, role, state, trace)
+        if trace is not None:
+            _trace_route(trace, req, loaded.version, role, state)
         self.inflight += 1
         self._idle.clear()
         try:
@@ -87,13 +92,19 @@ class DataPlane:
         return InferResponse(req.model, loaded.version, outputs, req.id, {"role": role})
 
     async def _run(self, call: _Call) -> dict[str, np.ndarray]:
-        req, loaded = call.req, call.loaded
+        req, loaded, trace = call.req, call.loaded, call.trace
         model = loaded.model
+        if trace is not None:
+            trace.validating_ns = time.perf_counter_ns()
         if req.outputs:
             check_outputs(req.outputs, model.outputs, req.model)
         call.feeds, call.batch = build_inputs(req.inputs, model.inputs, loaded.spec, req.model)
         timeout_s = _timeout_s(req, loaded.spec.batching.default_timeout_us)
-        call.results = await loaded.executor.submit(call.feeds, call.batch, req.deadline, timeout_s)
+        if trace is None:
+            call.results = await loaded.executor.submit(call.feeds, call.batch, req.deadline, timeout_s)
+        else:
+            trace.validated_ns, trace.rows = time.perf_counter_ns(), call.batch
+            call.results = await loaded.executor.submit(call.feeds, call.batch, req.deadline, timeout_s, trace.timing)
         if req.outputs:
             wanted = set(req.outputs)
             return {n: a for n, a in zip(model.output_names, call.results, strict=True) if n in wanted}
@@ -124,6 +135,7 @@ class DataPlane:
                 outputs=call.results or (),
                 seconds=elapsed / 1e9,
                 deadline=req.deadline,
+                trace=None if call.trace is None else call.trace.context,
             )
             self.releases.record(Served(loaded=loaded, role=call.role, state=call.state, ok=error is None, run=run))
 
@@ -138,3 +150,26 @@ class DataPlane:
             one_line(repr(request_id)),
             one_line(error),
         )
+
+
+def _trace_route(trace: RequestTrace, req: WireRequest, version: str, role: Role, state: ReleaseState | None) -> None:
+    """A traced request's routing, on its span: which version served it, in which role, and why."""
+    if state is None:
+        decision = "pinned"  # the client named the version
+    elif not state.canary or state.canary_weight_bp <= 0:
+        decision = "stable_only"  # no canary takes traffic: every request goes to the stable version
+    else:
+        decision = "weighted_split"  # the routing key's point fell on this side of the canary's weight
+    key = "routing_key" if "routing_key" in req.parameters else "request_id" if req.id else "none"
+    trace.set(
+        {
+            "gateway.model": req.model,
+            "gateway.version": version,
+            "gateway.role": role,
+            "gateway.routing": decision,
+            "gateway.routing.key": key,
+            "gateway.release.revision": 0 if state is None else state.revision,
+            "gateway.canary.weight_bp": 0 if state is None else state.canary_weight_bp,
+            "gateway.request.id": req.id,
+        }
+    )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gateway.dtypes import DATATYPE_BY_ONNX, NUMPY_BY_DATATYPE
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
 
 ParamValue = bool | int | float | str
 Tensors = dict[str, np.ndarray]
@@ -134,3 +137,20 @@ class RequestRun:
     outputs: Sequence[np.ndarray] = ()  # none when the run failed
     seconds: float
     deadline: float | None = None  # time.monotonic(); a copy gets no longer than the request had
+    trace: SpanContext | None = None  # the request's span when it was traced: a shadow copy's spans link to it
+
+
+@dataclass(slots=True)
+class RunTiming:
+    """When one traced request waited and ran, as its executor saw it (gateway.tracing makes spans of it).
+
+    An executor is given one only for a traced request, and writes into it times it reads
+    anyway (once per batch), so tracing adds no clock read to the batcher.
+    """
+
+    enqueued: float = 0.0  # time.monotonic() when it joined the queue; 0: it never queued (ran at once)
+    dequeued: float = 0.0  # time.monotonic() when its batch was taken from the queue
+    started_ns: int = 0  # time.perf_counter_ns() when its batch's model run began; 0: it never ran
+    ended_ns: int = 0
+    rows: int = 0  # rows in that batch: the batch size
+    requests: int = 0  # requests in that batch

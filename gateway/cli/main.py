@@ -80,6 +80,10 @@ def main() -> None:
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), help="Event loop. [default: uvloop]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option(
+    "--otlp-endpoint",
+    help="OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (OTEL_* honoured). [off]",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),

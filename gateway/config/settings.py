@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from gateway.config._parse import INT32_MAX, MIB, Schema, check_choice, check_choices, check_number, read_toml
 from gateway.errors import ConfigError
@@ -34,6 +35,16 @@ OTHER_VARIABLES = frozenset({"GATEWAY_CONTROL", "GATEWAY_TOKEN", "GATEWAY_CONTRO
 log = logging.getLogger(__name__)
 # More serving processes than this is a typo, not a machine: each one loads every model.
 MAX_WORKERS = 1024
+
+
+def check_otlp_endpoint(origin: str, value: str) -> None:
+    """Refuse what is not the URL of an OTLP/gRPC collector (its scheme says plain or TLS)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{origin}: expected http://HOST:PORT (plain) or https://HOST:PORT (TLS) of an OTLP/gRPC collector, "
+            f"got {value!r}"
+        )
 
 
 def usable_cores() -> int:
@@ -123,6 +134,9 @@ class GatewaySettings:
     capture_max_mb: int = 256
     # Names of models to load; empty loads every model in the repository.
     load: tuple[str, ...] = ()
+    # OpenTelemetry traces go to this OTLP/gRPC collector (http://HOST:4317); empty: tracing is
+    # off unless the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set (gateway/tracing.py).
+    otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -149,6 +163,8 @@ class GatewaySettings:
         check_number("capture_fraction", self.capture_fraction, 0, 1, above=True)
         check_number("capture_file_mb", self.capture_file_mb, 1)
         check_number("capture_max_mb", self.capture_max_mb, 1)
+        if self.otlp_endpoint:
+            check_otlp_endpoint("otlp_endpoint", self.otlp_endpoint)
 
 
 _SCHEMA = Schema.of(GatewaySettings)

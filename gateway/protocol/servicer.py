@@ -17,6 +17,7 @@ from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.status import Unparseable, status_for
 from gateway.serving.registry import PLATFORM, LoadedVersion, Registry
+from gateway.tracing import RequestTrace, Tracing
 from gateway.types import TensorSpec
 
 # grpc ships no type hints; this is a grpc.aio.ServicerContext.
@@ -27,11 +28,28 @@ SERIALIZED_RESPONSES = frozenset(
     for name in ("ModelInfer", "ModelStreamInfer")
 )
 EXTENSIONS = ["model_repository", "statistics", "streaming", "release"]
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# A traced call's span: named and described as OpenTelemetry's RPC conventions say.
+INFER_SPAN = f"{_SERVICE}/ModelInfer"
+STREAM_SPAN = f"{_SERVICE}/ModelStreamInfer"
+_INFER_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": "ModelInfer"}
+_STREAM_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": "ModelStreamInfer"}
 
 
 def deadline_of(context: Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def trace_headers(context: Context) -> tuple[str | None, str | None]:
+    """The call's W3C `traceparent` and `tracestate` metadata (gRPC metadata keys are lower case)."""
+    traceparent = tracestate = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            traceparent = value
+        elif key == "tracestate":
+            tracestate = value
+    return traceparent, tracestate
 
 
 def _tensor_metadata(specs: list[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -70,12 +88,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         registry: Registry,
         capture: CaptureWriter | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
+        tracing: Tracing | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.capture = capture
         self.limits = limits
         self.encoder = ResponseEncoder()
+        self.tracing = tracing  # None: tracing off, and no call pays more than this one test
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -106,6 +126,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
         # Answered as bytes (see gateway.protocol.encoder); registered with no response serializer.
+        if self.tracing is not None:
+            return await self._traced_infer(self.tracing, request, context)
         wire = codec.decode_infer(request, deadline_of(context), self.limits)
         if self.capture is None:
             return self.encoder.encode(await self.dataplane.infer(wire))
@@ -117,6 +139,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.capture.record(request.SerializeToString(), response, time.perf_counter() - start)
         return response
 
+    async def _traced_infer(self, tracing: Tracing, request: pb.ModelInferRequest, context: Context) -> bytes:
+        """ModelInfer with its span (the sampler may drop it: then as untraced)."""
+        trace = tracing.start(tracing.extract(*trace_headers(context)), INFER_SPAN, _INFER_ATTRIBUTES)
+        start = time.perf_counter()
+        try:
+            wire = codec.decode_infer(request, deadline_of(context), self.limits)
+            answer = await self.dataplane.infer(wire, trace)
+            response = self.encoder.encode(answer)
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(exc)
+            raise
+        if trace is not None:
+            trace.end()
+        if self.capture is not None and answer.parameters.get("role") == "stable" and self.capture.wanted():
+            self.capture.record(request.SerializeToString(), response, time.perf_counter() - start)
+        return response
+
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest | Unparseable], context: Context
     ) -> AsyncIterator[bytes]:
@@ -124,19 +164,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # is answered by a call of its own, so this generator keeps no request (up to
         # the message size, twice: parsed and decoded) while it waits, up to
         # stream_idle_s, for the next one.
+        tracing = self.tracing
+        # Traced: each message is a request of its own, under the stream's `traceparent`.
+        parent = None if tracing is None else tracing.extract(*trace_headers(context))
         async for request in request_iterator:
-            answer = self._stream_answer(request, context)
+            trace = None
+            if tracing is not None and parent is not None:
+                trace = tracing.start(parent, STREAM_SPAN, _STREAM_ATTRIBUTES)
+            answer = self._stream_answer(request, context, trace)
             del request
             yield await answer
 
-    async def _stream_answer(self, request: pb.ModelInferRequest | Unparseable, context: Context) -> bytes:
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest | Unparseable, context: Context, trace: RequestTrace | None = None
+    ) -> bytes:
         try:
             if isinstance(request, Unparseable):
                 raise request.error()  # a message that did not parse (see protocol.status)
             wire = codec.decode_infer(request, deadline_of(context), self.limits)
-            return self.encoder.encode_stream(await self.dataplane.infer(wire))
+            response = self.encoder.encode_stream(await self.dataplane.infer(wire, trace))
         except GatewayError as exc:
+            if trace is not None:
+                trace.end(exc)
             return self.encoder.stream_error(status_for(exc)[1])
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(exc)
+            raise
+        if trace is not None:
+            trace.end()
+        return response
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if request.name:

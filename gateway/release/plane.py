@@ -24,6 +24,7 @@ from gateway.release.routing import Role
 from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
 from gateway.serving.registry import LoadedVersion, Registry
+from gateway.tracing import Tracing
 from gateway.types import ParamValue, RequestRun
 
 
@@ -138,6 +139,8 @@ class ReleasePlane:
         self.peers: Callable[[str], list[dict[str, Any]]] = lambda model: []
         # The primary request path (set by the server: the DataPlane), so shadows wait for its idle time.
         self.primary: PrimaryActivity | None = None
+        # Set by the server when tracing is on: shadow batches of traced requests get linked spans.
+        self.tracing: Tracing | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():
@@ -228,6 +231,7 @@ class ReleasePlane:
                 model=model,
                 version=version,
                 run_direct=loaded.model.run,
+                tracing=self.tracing,
             )
         return lane
 

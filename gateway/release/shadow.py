@@ -31,6 +31,7 @@ from gateway.errors import DeadlineExceeded, QueueTimeout
 from gateway.logthrottle import ThrottledLog, one_line
 from gateway.serving.batcher import concat_feeds, shape_key
 from gateway.serving.executor import Executor
+from gateway.tracing import ShadowTrace, Tracing
 from gateway.types import RequestRun, Tensors
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,8 @@ class ShadowLane:
     version: str = ""
     # A failing shadow fails every copy: at most a line per few seconds, with a count.
     failure_log: ThrottledLog = field(default_factory=lambda: ThrottledLog(log))
+    # Set when tracing is on: a batch carrying traced requests' copies gets spans linked to them.
+    tracing: Tracing | None = None
 
     @property
     def pending(self) -> int:
@@ -362,10 +365,14 @@ class ShadowLane:
         self._running += n
         start = time.monotonic()
         partner_s: float | None = None
+        trace = None if self.tracing is None else self._trace(batch, rows)
+        outcome = "cancelled"  # what the batch's span says, when it has one
         try:
             feeds = concat_feeds([c.primary.feeds for c in batch])
             sink = batch[0].sink
             partner = sink.partner() if self.run_direct is not None and isinstance(sink, PairedTiming) else None
+            if trace is not None:
+                trace.step("gateway.shadow.run", {"gateway.batch.size": rows, "gateway.paired": partner is not None})
             async with asyncio.timeout(max(0.0, until - start)):
                 if partner is None or self.run_direct is None:
                     outputs = await self.executor.submit(feeds, rows, until, None)
@@ -373,35 +380,61 @@ class ShadowLane:
                 else:
                     outputs, own_s, partner_s = await self._timed_pair(self.run_direct, partner, feeds)
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
+            outcome = "timed_out"
             self.counters.timed_out += n
             self.breaker.failure()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a shadow's failure is data, never the caller's problem
+            outcome = "failed"
             self._log_failure("run failed", batch, exc)
             self.counters.failed += n
             self.breaker.failure()
         else:
             seconds = own_s
+            if trace is not None:
+                trace.done()
             # Comparing is shadow work too: it waits for primary requests that came in meanwhile.
             await self._primary_idle(until)
             if not self._primary_is_idle():
+                outcome = "timed_out"
                 self.counters.timed_out += n  # the primary stayed busy to the deadline: not the shadow's fault
                 self.breaker.probing = False
                 return
+            if trace is not None:
+                trace.step("gateway.shadow.compare")
             try:
                 usable = batch[0].sink(batch, outputs, seconds)
             except Exception as exc:  # outputs no comparison can use: the shadow's failure, not ours
                 self._log_failure("outputs unusable", batch, exc)
                 usable = False
             if usable:
+                outcome = "completed"
                 self.counters.completed += n
                 self.breaker.success()
                 if partner_s is not None and isinstance(batch[0].sink, PairedTiming):
                     batch[0].sink.timed(batch, seconds, partner_s)
             else:
+                outcome = "failed"
                 self.counters.failed += n
                 self.breaker.failure()
         finally:
             self._running -= n
             self._pending_bytes -= sum(c.nbytes for c in batch)
+            if trace is not None:
+                trace.end(outcome)
+
+    def _trace(self, batch: list[ShadowCopy], rows: int) -> ShadowTrace | None:
+        """The batch's spans, linked to each traced request it carries a copy of; None when it carries none."""
+        links = [c.primary.trace for c in batch if c.primary.trace is not None]
+        if not links or self.tracing is None:
+            return None
+        return self.tracing.shadow(
+            links,
+            {
+                "gateway.model": self.model,
+                "gateway.version": self.version,
+                "gateway.copies": len(batch),
+                "gateway.rows": rows,
+            },
+        )

@@ -25,6 +25,7 @@ from gateway.rest import codec
 from gateway.rest.limits import DEFAULT_LIMITS, RestLimits, check_length_header, decompress, too_large
 from gateway.rest.status import JSON_TYPE, error_answer, error_body
 from gateway.serving.registry import PLATFORM, Registry
+from gateway.tracing import RequestTrace, Tracing
 from gateway.types import InferResponse, TensorSpec, WireRequest
 
 # Triton's binary tensor data extension is the one this binding adds to the core protocol.
@@ -32,6 +33,10 @@ EXTENSIONS = ["binary_tensor_data"]
 BINARY_TYPE = "application/octet-stream"
 _V = "/v2/models/{name}"
 _VV = "/v2/models/{name}/versions/{version}"
+# A traced infer's span name and route (by whether the path names a version), as
+# OpenTelemetry's HTTP conventions name a server span: method and route template.
+INFER_ROUTES = {False: f"{_V}/infer", True: f"{_VV}/infer"}
+INFER_SPANS = {versioned: f"POST {route}" for versioned, route in INFER_ROUTES.items()}
 
 
 class Recorder(Protocol):
@@ -76,11 +81,13 @@ class RestEndpoints:
         registry: Registry,
         limits: RestLimits = DEFAULT_LIMITS,
         capture: Recorder | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
         self.limits = limits
         self.capture = capture
+        self.tracing = tracing  # None: tracing off, and the infer routes are the untraced endpoint itself
 
     async def live(self, request: Request) -> Response:
         return _json({"live": True})
@@ -117,7 +124,7 @@ class RestEndpoints:
             ready = loaded.ready and not self.dataplane.draining
         return _json({"name": name, "ready": ready}, 200 if ready else 400)
 
-    async def infer(self, request: Request) -> Response:
+    async def infer(self, request: Request, trace: RequestTrace | None = None) -> Response:
         body = await self._body(request)
         decoded = codec.decode_infer(
             body,
@@ -128,7 +135,7 @@ class RestEndpoints:
         )
         del body  # the JSON and binary parts are all decoded into the request now
         start = time.perf_counter()
-        answer = await self.dataplane.infer(decoded.wire)
+        answer = await self.dataplane.infer(decoded.wire, trace)
         content, json_length = codec.encode_infer(answer, decoded)
         # The stable version's answers are the reference a replay compares with (as on gRPC).
         if self.capture is not None and answer.parameters.get("role") == "stable" and self.capture.wanted():
@@ -137,6 +144,27 @@ class RestEndpoints:
             return Response(content, media_type=JSON_TYPE)
         headers = {"Inference-Header-Content-Length": str(json_length)}
         return Response(content, headers=headers, media_type=BINARY_TYPE)
+
+    async def traced_infer(self, request: Request) -> Response:
+        """`infer` with its span, its parent the request's `traceparent` header (the sampler may drop it)."""
+        assert self.tracing is not None  # routed here only when tracing is on
+        headers = request.headers
+        versioned = "version" in request.path_params
+        trace = self.tracing.start(
+            self.tracing.extract(headers.get("traceparent"), headers.get("tracestate")),
+            INFER_SPANS[versioned],
+            {"http.request.method": "POST", "http.route": INFER_ROUTES[versioned]},
+        )
+        if trace is None:
+            return await self.infer(request)
+        try:
+            response = await self.infer(request, trace)
+        except BaseException as exc:
+            trace.end(exc)
+            raise
+        trace.set({"http.response.status_code": response.status_code})
+        trace.end()
+        return response
 
     async def _body(self, request: Request) -> bytes:
         """The body, read no further than the cap (a declared length over it is refused unread)."""
@@ -157,6 +185,8 @@ class RestEndpoints:
 
     def routes(self) -> list[Route]:
         get, post = ["GET"], ["POST"]
+        # Picked once here: with tracing off the infer routes cost not even a test for it.
+        infer = self.infer if self.tracing is None else self.traced_infer
         endpoints: list[tuple[str, Endpoint, list[str]]] = [
             ("/v2", self.server_metadata, get),
             ("/v2/health/live", self.live, get),
@@ -165,8 +195,8 @@ class RestEndpoints:
             (_VV, self.model_metadata, get),
             (f"{_V}/ready", self.model_ready, get),
             (f"{_VV}/ready", self.model_ready, get),
-            (f"{_V}/infer", self.infer, post),
-            (f"{_VV}/infer", self.infer, post),
+            (f"{_V}/infer", infer, post),
+            (f"{_VV}/infer", infer, post),
         ]
         return [Route(path, _guarded(endpoint), methods=methods) for path, endpoint, methods in endpoints]
 

@@ -13,7 +13,8 @@ unwinds that stack. The drain, first to last:
    server stops (what is left of the grace period), then the control API;
 4. the release plane finishes its shadow copies; the models' executors close;
 5. background loops are cancelled; the store and the capture files close;
-6. the metrics endpoint and the thread pool shut down.
+6. the metrics endpoint shuts down; tracing exports its last spans (a few seconds at most);
+   the thread pool shuts down.
 
 A part that starts after its place in that order (the metrics endpoint starts
 with the inference server, the control API after it) gets its place reserved
@@ -38,6 +39,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gateway.config.settings import GatewaySettings
@@ -72,6 +74,7 @@ from gateway.server.statelock import lock_state_dir
 from gateway.serving.builder import ModelBuilder
 from gateway.serving.metrics import QUEUE_SAMPLE_S, GatewayMetrics
 from gateway.serving.registry import Registry
+from gateway.tracing import Tracing, tracing_config
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +149,11 @@ class Gateway:
     ops: ReleaseOps
     loader: ModelLoader
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, span_exporter: SpanExporter | None = None) -> None:
         self.settings = settings
+        # Where spans go instead of OTLP (tests: the SDK's InMemorySpanExporter); given, tracing is on.
+        self._span_exporter = span_exporter
+        self.tracing: Tracing | None = None  # None: tracing off
         self.port = 0
         self.http_port = -1
         self.metrics_port = -1
@@ -193,6 +199,12 @@ class Gateway:
         # (`instances`), so the pool never queues one version behind another.
         pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="ort")
         stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+        config = tracing_config(s.otlp_endpoint, os.environ, injected=self._span_exporter is not None)
+        if config is not None:
+            # This process's own provider (each worker builds one), shut down late in the drain:
+            # the spans of shadow copies finished during the drain are exported too.
+            self.tracing = Tracing.build(config, s.worker_index, self._span_exporter)
+            stack.push_async_callback(self.tracing.shutdown)
         metrics_endpoint = await _reserve(stack)
         metrics_registry = CollectorRegistry()
         self.metrics = GatewayMetrics(metrics_registry)
@@ -210,6 +222,7 @@ class Gateway:
         self.registry = registry = Registry()
         stack.push_async_callback(registry.close)
         self.releases = releases = ReleasePlane(registry)
+        releases.tracing = self.tracing
         stack.push_async_callback(self._finish_releases, releases)
         self.dataplane = dataplane = DataPlane(registry, releases)
         releases.primary = dataplane
@@ -260,7 +273,7 @@ class Gateway:
         ]
         services = WrappedRegistration(server, wrappers)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s)), services
+            InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s), self.tracing), services
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -284,7 +297,7 @@ class Gateway:
         """The OIP REST binding on its own port, served on this loop (gateway/rest)."""
         s = self.settings
         capture = None if self.capture is None else WireCapture(self.capture)
-        endpoints = RestEndpoints(dataplane, registry, RestLimits.from_settings(s), capture)
+        endpoints = RestEndpoints(dataplane, registry, RestLimits.from_settings(s), capture, self.tracing)
         sock = bind_listener(s.host, s.http_port, "http_port", shared=s.worker_index >= 0)
         options = HttpOptions(
             # As gRPC's maximum_concurrent_rpcs; idle keep-alive connections count too.

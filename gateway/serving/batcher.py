@@ -44,7 +44,7 @@ from gateway.serving.holding import HoldPolicy, timer_tick_s
 from gateway.serving.metrics import VersionMetrics
 from gateway.serving.runtime import OnnxModel
 from gateway.serving.statistics import VersionStats
-from gateway.types import Tensors
+from gateway.types import RunTiming, Tensors
 
 # Each input's name and non-batch shape: requests may share a batch only when these match.
 ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
@@ -77,7 +77,13 @@ class _Pending:
     key: ShapeKey
     future: asyncio.Future[list[np.ndarray]]
     enqueued: float
+    timing: RunTiming | None  # a traced request's (gateway.tracing): the batch's times are written into it
     timer: asyncio.TimerHandle | None = field(default=None)
+
+
+def _stamp(timing: RunTiming, rows: int, requests: int, start_ns: int, end_ns: int) -> None:
+    """A traced request's batch: its size and its run's times (clocks already read for the statistics)."""
+    timing.rows, timing.requests, timing.started_ns, timing.ended_ns = rows, requests, start_ns, end_ns
 
 
 def shape_key(feeds: Tensors) -> ShapeKey:
@@ -137,7 +143,12 @@ class DynamicBatcher:
         return bool(self._queue) or self._active > 0
 
     async def submit(
-        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+        self,
+        feeds: Tensors,
+        batch: int,
+        deadline: float | None,
+        timeout_s: float | None,
+        timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
         if self._closed:
             raise Draining("the model is unloading")
@@ -160,8 +171,8 @@ class DynamicBatcher:
             # Nothing queued or running, and no load that a hold would wait for: run now,
             # on the loop, without the queue's hop through the dispatcher (at c=1 that hop
             # was ~70 us of a 0.6 ms answer).
-            return self._run_now(feeds, batch)
-        item = _Pending(feeds, batch, shape_key(feeds), loop.create_future(), now)
+            return self._run_now(feeds, batch, timing)
+        item = _Pending(feeds, batch, shape_key(feeds), loop.create_future(), now, timing)
         if until is not None:
             item.timer = loop.call_at(loop.time() + (until - now), self._expire, item, by_timeout)
         self._queue.append(item)
@@ -185,18 +196,21 @@ class DynamicBatcher:
     def _end_pass(self) -> None:
         self._pass_open = False
 
-    def _run_now(self, feeds: Tensors, rows: int) -> list[np.ndarray]:
+    def _run_now(self, feeds: Tensors, rows: int, timing: RunTiming | None) -> list[np.ndarray]:
         """One request run at once, as a batch of its own, accounted as any batch."""
         self.stats.queue.add(0)
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(0.0)
         start = time.perf_counter_ns()
         result = self._run_or_error(feeds)
+        end = time.perf_counter_ns()
+        if timing is not None:
+            _stamp(timing, rows, 1, start, end)
         wrong: ModelExecutionError | None = None
         try:
             if isinstance(result, Exception):
                 raise _as_execution_error(result)
-            self._account(rows, time.perf_counter_ns() - start)
+            self._account(rows, end - start)
             wrong = self._wrong_rows(result, rows)
             if wrong is not None:
                 raise wrong
@@ -332,6 +346,8 @@ class DynamicBatcher:
             self.stats.queue.add(int(waited * 1e9))
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(waited)
+            if item.timing is not None:
+                item.timing.enqueued, item.timing.dequeued = item.enqueued, now
         if runs_inline(self.execution, self.model, rows):
             start = time.perf_counter_ns()
             result = self._run_or_error(feeds)
@@ -350,21 +366,21 @@ class DynamicBatcher:
         except Exception as exc:
             return _detached(exc)
 
-    def _run_each(self, batch: list[_Pending]) -> list[tuple[RunResult, int]]:
-        """Each member of a failed batch run on its own (with its run time in ns).
+    def _run_each(self, batch: list[_Pending]) -> list[tuple[RunResult, int, int]]:
+        """Each member of a failed batch run on its own (with its run's start and end, perf_counter_ns).
 
         One request's bad value (an index out of range, say) fails the whole
         batch's run; rerunning the members one by one lets the others still
         get their answers, and only the request at fault gets the error.
         Members already settled (cancelled) are not rerun.
         """
-        results: list[tuple[RunResult, int]] = []
+        results: list[tuple[RunResult, int, int]] = []
         for item in batch:
             if item.future.done():
-                results.append((_SKIPPED, 0))
+                results.append((_SKIPPED, 0, 0))
                 continue
             start = time.perf_counter_ns()
-            results.append((self._run_or_error(item.feeds), time.perf_counter_ns() - start))
+            results.append((self._run_or_error(item.feeds), start, time.perf_counter_ns()))
         return results
 
     async def _run_threaded(self, batch: list[_Pending], rows: int, feeds: Tensors) -> None:
@@ -385,26 +401,32 @@ class DynamicBatcher:
     def _finish(self, batch: list[_Pending], rows: int, start_ns: int, result: RunResult) -> None:
         """Settle a batch's futures with its outputs or its error, and free its slot."""
         try:
+            end_ns = time.perf_counter_ns()
+            for item in batch:
+                if item.timing is not None:
+                    _stamp(item.timing, rows, len(batch), start_ns, end_ns)
             if isinstance(result, Exception):
                 self._settle_error(batch, result)
             else:
-                self._settle(batch, rows, result, time.perf_counter_ns() - start_ns)
+                self._settle(batch, rows, result, end_ns - start_ns)
         finally:
             self._release()
 
-    def _finish_alone(self, batch: list[_Pending], each: list[tuple[RunResult, int]]) -> None:
+    def _finish_alone(self, batch: list[_Pending], each: list[tuple[RunResult, int, int]]) -> None:
         """Settle a failed batch from its members' own runs, and free its slot."""
         try:
-            for item, (result, compute_ns) in zip(batch, each, strict=True):
+            for item, (result, start_ns, end_ns) in zip(batch, each, strict=True):
                 if result is _SKIPPED:
                     continue
                 self.reruns += 1
                 if self.metrics is not None:
                     self.metrics.batch_reruns.inc()
+                if item.timing is not None:
+                    _stamp(item.timing, item.rows, 1, start_ns, end_ns)
                 if isinstance(result, Exception):
                     self._settle_error([item], result)
                 else:
-                    self._settle([item], item.rows, result, compute_ns)
+                    self._settle([item], item.rows, result, end_ns - start_ns)
         finally:
             self._release()
 

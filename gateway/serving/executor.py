@@ -20,7 +20,7 @@ from gateway.config.spec import BatchingSpec, ExecutionMode
 from gateway.errors import DeadlineExceeded, Draining, Overloaded, QueueTimeout
 from gateway.serving.runtime import OnnxModel
 from gateway.serving.statistics import VersionStats
-from gateway.types import Tensors
+from gateway.types import RunTiming, Tensors
 
 # Models whose warm-up run takes less than this run inline on the event loop
 # when the spec says execution = "auto".
@@ -36,9 +36,15 @@ def runs_inline(execution: ExecutionMode, model: OnnxModel, rows: int) -> bool:
 
 class Executor(Protocol):
     async def submit(
-        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+        self,
+        feeds: Tensors,
+        batch: int,
+        deadline: float | None,
+        timeout_s: float | None,
+        timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
-        """Run one request; returns every model output in signature order."""
+        """Run one request; returns every model output in signature order. A traced request
+        passes `timing`, and the executor writes when it queued and ran into it."""
         ...
 
     def queue_depth(self) -> int: ...
@@ -96,7 +102,12 @@ class DirectExecutor:
         return self._waiting > 0 or self._slots.locked() or self._running > 0
 
     async def submit(
-        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+        self,
+        feeds: Tensors,
+        batch: int,
+        deadline: float | None,
+        timeout_s: float | None,
+        timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
         if self._closed:
             raise Draining("the model is unloading")
@@ -116,7 +127,10 @@ class DirectExecutor:
                         raise expired_error(by_timeout) from None
             finally:
                 self._waiting -= 1
-            self.stats.queue.add(int((time.monotonic() - queued_at) * 1e9))
+            dequeued = time.monotonic()
+            self.stats.queue.add(int((dequeued - queued_at) * 1e9))
+            if timing is not None:
+                timing.enqueued, timing.dequeued = queued_at, dequeued
         else:
             await self._slots.acquire()
         self._running += 1
@@ -127,7 +141,10 @@ class DirectExecutor:
             else:
                 loop = asyncio.get_running_loop()
                 outputs = await loop.run_in_executor(self._pool, self.model.run, feeds)
-            self.stats.record_execution(batch, time.perf_counter_ns() - start)
+            end = time.perf_counter_ns()
+            self.stats.record_execution(batch, end - start)
+            if timing is not None:
+                timing.rows, timing.requests, timing.started_ns, timing.ended_ns = batch, 1, start, end
             return outputs
         finally:
             self._running -= 1
