@@ -269,3 +269,35 @@ def write_sequence_model(path: Path, first: int | str = BATCH) -> None:
         ],
     )
     _save(graph, path)
+
+
+def write_less_accurate_copy(source: Path, target: Path, points: float, heldout: Path) -> float:
+    """The digits model with one class's bias raised until its accuracy on `heldout` (an .npz of X
+    and y) is `points` lower; returns the drop. The rows it gets wrong that the source got right
+    are rows it now calls class 0: the two disagree (almost) one way only."""
+    model = onnx.load(str(source))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    data = np.load(heldout)
+    logits = (data["X"] * weights["pixel_scale"]) @ weights["w1"]
+
+    def accuracy(bias: np.ndarray) -> float:
+        return float(np.mean(np.argmax(logits + bias, axis=1) == data["y"]))
+
+    base = accuracy(weights["b1"])
+    low, high = 0.0, 50.0
+    for _ in range(60):
+        shift = (low + high) / 2
+        bias = weights["b1"].copy()
+        bias[0] += shift
+        if base - accuracy(bias) < points / 100:
+            low = shift
+        else:
+            high = shift
+    bias = weights["b1"].copy()
+    bias[0] += high
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "b1":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), "b1"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
+    return base - accuracy(bias)

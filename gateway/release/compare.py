@@ -126,6 +126,12 @@ class PairWindow:
     timed: int = 0
     time_diff_s: float = 0.0  # sum of candidate - stable run time
     time_diff_sq: float = 0.0  # sum of squares of those differences
+    # Paired correctness: rows that ran on both versions and were then labelled. Per row
+    # d = (candidate right) - (stable right), in {-1, 0, 1}: `label_diff` sums d and
+    # `label_discordant` sums d squared (the rows only one version got right).
+    labelled: int = 0
+    label_diff: int = 0
+    label_discordant: int = 0
 
     def merge(self, other: PairWindow) -> None:
         self.requests += other.requests
@@ -141,6 +147,15 @@ class PairWindow:
         self.timed += other.timed
         self.time_diff_s += other.time_diff_s
         self.time_diff_sq += other.time_diff_sq
+        self.labelled += other.labelled
+        self.label_diff += other.label_diff
+        self.label_discordant += other.label_discordant
+
+    def add_labels(self, candidate_right: np.ndarray, stable_right: np.ndarray) -> None:
+        """Rows both versions predicted, now labelled: which each got right (boolean arrays)."""
+        self.labelled += int(candidate_right.shape[0])
+        self.label_diff += int(np.count_nonzero(candidate_right)) - int(np.count_nonzero(stable_right))
+        self.label_discordant += int(np.count_nonzero(candidate_right != stable_right))
 
     def add_timing(self, candidate_s: float, stable_s: float) -> None:
         """One batch run on both versions: its paired run-time difference."""

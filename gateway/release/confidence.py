@@ -93,6 +93,24 @@ def mean_cs(n: int, total: float, total_sq: float, alpha: float, t_opt: int = 20
     return Interval(mean - r, mean + r)
 
 
+def paired_difference_cs(n: int, diff: int, discordant: int, alpha: float, t_opt: int = 2000) -> Interval:
+    """CS for p_a - p_b when both are measured on the same n items: `diff` is the sum of
+    d = a - b over the items (each a and b 0 or 1) and `discordant` the items where a != b.
+
+    The mean of d is the difference of the two proportions, and its variance is
+    P(a != b) - (p_a - p_b)^2: where the two mostly agree (two versions of one model on
+    the same rows) that is far below the 2 p (1 - p) of two independent arms, which is
+    why a paired check decides on fewer samples (the idea of McNemar's test, 1947, here
+    as a confidence sequence). The discordant rate is smoothed like `proportion_cs`'s
+    p, so a run of agreeing items cannot shrink the variance, and the CS, to nothing."""
+    if n <= 0:
+        return Interval(-1.0, 1.0)
+    mean = diff / n
+    variance = max((discordant + 0.5) / (n + 1.0) - mean * mean, 1e-12)
+    r = radius(n, variance, alpha, tuned_rho(variance, alpha, t_opt))
+    return Interval(max(-1.0, mean - r), min(1.0, mean + r))
+
+
 def samples_needed(n: int, value: float, interval: Interval, bound: float, log_scale: bool = False) -> int | None:
     """A rough estimate of how many more samples an inconclusive check needs: the CS's
     half-width shrinks about as 1/sqrt(n), so it clears the bound once it is smaller than

@@ -137,6 +137,9 @@ def prediction_values(output: np.ndarray, kind: str) -> np.ndarray:
 
 # What became of one label set (SubmitFeedback counts each outcome apart).
 JOINED = "joined"
+# The role of a dual run's copy (a canary's request run again on the stable version) in
+# the prediction log: labels join it with the canary's answer as a pair, not as an arm's.
+COPY = "copy"
 UNKNOWN = "unknown"  # no prediction logged for the id here (never, or expired)
 ALREADY = "already_labelled"  # its prediction was joined with labels before: a resend
 # How many labelled request ids each model remembers (as 8-byte hashes, ~100 bytes each
@@ -346,18 +349,32 @@ class ModelEvidence:
                 )
         self.log.take(request_id)
         self.labels_received += int(received)
-        for version, _role, values in predictions:
-            correct = int(np.count_nonzero(values == truth)) if self.spec.kind == "classification" else 0
-            abs_error = float(np.abs(values - truth).sum()) if self.spec.kind != "classification" else 0.0
+        classification = self.spec.kind == "classification"
+        for version, role, values in predictions:
+            if role == COPY:
+                continue  # a dual run's copy: paired evidence only (below), never an arm's
+            correct = int(np.count_nonzero(values == truth)) if classification else 0
+            abs_error = float(np.abs(values - truth).sum()) if not classification else 0.0
             for w in self._targets(version, predicted_at):
                 w.labelled += truth.shape[0]
                 w.correct += correct
                 w.abs_error += abs_error
+        if classification and self.rollout_pair is not None and predicted_at >= self.rollout_began:
+            self._join_pair(predictions, truth, self.rollout_pair)
         self.feedback_joined += 1
         self.labelled[hash(request_id)] = None
         if len(self.labelled) > LABELLED_IDS_KEPT:
             self.labelled.popitem(last=False)
         return JOINED
+
+    def _join_pair(self, predictions: Sequence[Prediction], truth: np.ndarray, pair: PairWindow) -> None:
+        """Rows the rollout's stable and candidate both predicted (a shadow's or a dual run's
+        copy beside the served answer): which of the two got each right, paired."""
+        stable, candidate = self.rollout_versions
+        by_version = {version: values for version, _role, values in predictions}
+        s, c = by_version.get(stable), by_version.get(candidate)
+        if s is not None and c is not None and s.shape == c.shape == truth.shape:
+            pair.add_labels(c == truth, s == truth)
 
 
 @dataclass(frozen=True, slots=True)

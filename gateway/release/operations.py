@@ -343,7 +343,8 @@ class ReleaseOps:
             "canary": candidate,
             "canary_weight_bp": spec.step_weights_bp[0],
             "shadows": shadows,
-            # Every canary request also runs on stable (in idle time): agreement, and paired latency.
+            # Every canary request also runs on stable (in idle time): agreement, paired latency
+            # and paired accuracy.
             "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if _pairs_wanted(spec) else 0.0),
         }
         return await self.change(
@@ -444,7 +445,7 @@ class ReleaseOps:
 
 
 def _pairs_wanted(spec: PolicySpec) -> bool:
-    return spec.min_agreement > 0 or spec.max_latency_ratio > 0
+    return spec.min_agreement > 0 or spec.max_latency_ratio > 0 or spec.max_accuracy_drop >= 0
 
 
 def _new_step(previous: RolloutState | None, current: RolloutState) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import GatewayError, InvalidInput
-from gateway.release.evidence import ModelEvidence, VersionReport, model_report
+from gateway.release.evidence import COPY, ModelEvidence, VersionReport, model_report
 from gateway.release.routing import Role
 from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
@@ -123,7 +123,15 @@ class DualRunSink:
         evidence = self.evidence
         latency_diff = sum(c.primary.seconds for c in copies) - len(copies) * seconds
         stable = evidence.compared(outputs)
-        return evidence.record_pair(self.canary, stable, _stacked(copies, evidence), latency_diff, len(copies))
+        if not evidence.record_pair(self.canary, stable, _stacked(copies, evidence), latency_diff, len(copies)):
+            return False
+        stable_version, candidate = evidence.rollout_versions
+        if candidate == self.canary:
+            # Logged beside the canary's answer, so labels arriving later compare the two
+            # versions on the very same rows (the rollout's paired accuracy check).
+            requests = [(c.primary.request_id, c.primary.rows) for c in copies]
+            evidence.record_predictions(stable_version, COPY, requests, stable)
+        return True
 
 
 class ReleasePlane:

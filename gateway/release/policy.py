@@ -29,6 +29,7 @@ from gateway.release.confidence import (
     at_most,
     difference_cs,
     mean_cs,
+    paired_difference_cs,
     proportion_cs,
     quantile_cs,
     samples_needed,
@@ -208,9 +209,12 @@ class Decision:
 
 # Check names. The latency check on served traffic is named by its quantile
 # (latency_p90); `latency_paired` compares run times of the same rows on both versions.
+# `accuracy` compares the two arms' labelled traffic; `accuracy_paired` the two versions'
+# answers on the same labelled rows (dual-run and shadow copies).
 ERROR_RATE = "error_rate"
 LATENCY_PAIRED = "latency_paired"
 ACCURACY = "accuracy"
+ACCURACY_PAIRED = "accuracy_paired"
 AGREEMENT = "agreement"
 STEP_PREFIX = "step_"  # the same checks on the current step's evidence alone
 STEP_REQUESTS = "step_requests"
@@ -221,16 +225,22 @@ def latency_check_name(spec: PolicySpec) -> str:
     return f"latency_p{spec.latency_quantile * 100:g}"
 
 
+def paired_families(spec: PolicySpec) -> tuple[tuple[str, str], ...]:
+    """The questions answered two ways: (the check on the two arms, the paired check)."""
+    return ((latency_check_name(spec), LATENCY_PAIRED), (ACCURACY, ACCURACY_PAIRED))
+
+
 def enabled_checks(spec: PolicySpec, with_traffic: bool) -> list[str]:
     """The checks a rollout runs: those on served traffic only once it has some; paired
-    latency and agreement also while the candidate only shadows (copies are paired)."""
+    latency, paired accuracy and agreement also while the candidate only shadows (copies
+    are paired)."""
     names = []
     if with_traffic and spec.max_error_increase >= 0:
         names.append(ERROR_RATE)
     if spec.max_latency_ratio > 0:
         names += [latency_check_name(spec), LATENCY_PAIRED] if with_traffic else [LATENCY_PAIRED]
-    if with_traffic and spec.max_accuracy_drop >= 0:
-        names.append(ACCURACY)
+    if spec.max_accuracy_drop >= 0:
+        names += [ACCURACY, ACCURACY_PAIRED] if with_traffic else [ACCURACY_PAIRED]
     if spec.min_agreement > 0:
         names.append(AGREEMENT)
     return names
@@ -240,14 +250,16 @@ def check_alpha(spec: PolicySpec, name: str, step: bool) -> float:
     """The alpha check `name` spends on one sequence of evidence.
 
     alpha is split evenly across the questions the policy asks (a union bound: all
-    of them together err with probability at most alpha); latency is one question
-    answered two ways, so its two checks share one part. Each check spends half its
-    share on the whole rollout's evidence and the other half on the steps', split
-    evenly across the steps, so a step judged on its own traffic costs no extra alpha."""
-    names = enabled_checks(spec, with_traffic=True)
-    latency = (latency_check_name(spec), LATENCY_PAIRED)
-    questions = len([n for n in names if n not in latency]) + (1 if spec.max_latency_ratio > 0 else 0)
-    share = spec.alpha / max(1, questions) / (2 if name in latency else 1)
+    of them together err with probability at most alpha); latency and accuracy are
+    each one question answered two ways (on the two arms, and paired), so each pair
+    of checks shares one part. Each check spends half its share on the whole
+    rollout's evidence and the other half on the steps', split evenly across the
+    steps, so a step judged on its own traffic costs no extra alpha."""
+    names = set(enabled_checks(spec, with_traffic=True))
+    families = [f for f in paired_families(spec) if names & set(f)]
+    paired = {n for f in families for n in f}
+    questions = len(names - paired) + len(families)
+    share = spec.alpha / max(1, questions) / (2 if name in paired else 1)
     return share / 2 / len(spec.step_weights) if step else share / 2
 
 
@@ -322,6 +334,12 @@ def run_checks(
             verdict = at_least(interval, -spec.max_accuracy_drop)
             value = c.accuracy - s.accuracy if c.labelled and s.labelled else math.nan
             bound = -spec.max_accuracy_drop
+        elif name == ACCURACY_PAIRED:
+            n = pair.labelled
+            interval = paired_difference_cs(n, pair.label_diff, pair.label_discordant, alpha, spec.min_samples)
+            verdict = at_least(interval, -spec.max_accuracy_drop)
+            value = pair.label_diff / n if n else math.nan
+            bound = -spec.max_accuracy_drop
         else:
             n = pair.rows
             interval = proportion_cs(pair.agree, pair.rows, alpha, spec.min_samples)
@@ -374,14 +392,22 @@ def _waiting(checks: Sequence[CheckResult], spec: PolicySpec) -> list[CheckResul
     shares of traffic is biased toward the smaller one (each version's batcher holds
     batches open according to its own traffic: a candidate 30 % slower measured 0.5x the
     stable's served p90 at a 1 % step), so the served check passes latency only where no
-    pair was timed at all (copies that never found idle time). Either one failing fails."""
-    served, paired = latency_check_name(spec), LATENCY_PAIRED
+    pair was timed at all (copies that never found idle time). Accuracy passes on either
+    of its checks: both are unbiased (labelled rows of either kind are a sample of the
+    traffic), and each spends its own half of the question's alpha. Either check of a
+    question failing fails it."""
     by_name = {c.name: c for c in checks}
-    passed = paired in by_name and by_name[paired].verdict is Verdict.PASS
-    if paired in by_name and by_name[paired].samples == 0 and served in by_name:
-        passed = by_name[served].verdict is Verdict.PASS
-    latency = (served, paired)
-    return [c for c in checks if c.verdict is not Verdict.PASS and not (passed and c.name in latency)]
+
+    def passed(name: str) -> bool:
+        return name in by_name and by_name[name].verdict is Verdict.PASS
+
+    answered: set[str] = set()
+    served, paired = latency_check_name(spec), LATENCY_PAIRED
+    if passed(paired) or (paired in by_name and by_name[paired].samples == 0 and passed(served)):
+        answered |= {served, paired}
+    if passed(ACCURACY) or passed(ACCURACY_PAIRED):
+        answered |= {ACCURACY, ACCURACY_PAIRED}
+    return [c for c in checks if c.verdict is not Verdict.PASS and c.name not in answered]
 
 
 def _timeout(

@@ -21,10 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import onnx
-from onnx import numpy_helper
-
 from gateway.protocol.pb import release_pb2 as rpb
 from tests.integration.test_rollout_decisions import (
     DONE,
@@ -36,6 +32,7 @@ from tests.integration.test_rollout_decisions import (
     test_an_identical_copy_is_promoted_through_every_default_step_each_held_for_its_minimum,
     wait_phase,
 )
+from tests.onnx_models import write_less_accurate_copy
 from tests.support import MODELS, gateway_process
 from tests.traffic import Load, digits_builder
 
@@ -56,36 +53,6 @@ class Outcome:
         labelled = f", {self.step_labelled} labelled canary rows in its step" if self.step_labelled else ""
         requests = f"{self.canary_requests} canary requests{labelled}"
         return f"{name}: {self.phase} in {self.seconds:.1f} s, {requests}{failed}{self.note}"
-
-
-def write_less_accurate_copy(source: Path, target: Path, points: float) -> float:
-    """v1 with one class's bias raised until held-out accuracy is `points` lower; returns the drop."""
-    model = onnx.load(str(source))
-    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    data = np.load(MODELS / "digits" / "heldout.npz")
-    logits = (data["X"] * weights["pixel_scale"]) @ weights["w1"]
-
-    def accuracy(bias: np.ndarray) -> float:
-        return float(np.mean(np.argmax(logits + bias, axis=1) == data["y"]))
-
-    base = accuracy(weights["b1"])
-    low, high = 0.0, 50.0
-    for _ in range(60):
-        shift = (low + high) / 2
-        bias = weights["b1"].copy()
-        bias[0] += shift
-        if base - accuracy(bias) < points / 100:
-            low = shift
-        else:
-            high = shift
-    bias = weights["b1"].copy()
-    bias[0] += high
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == "b1":
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), "b1"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(target))
-    return base - accuracy(bias)
 
 
 Prepare = Callable[[Path, Path], str] | None  # (model folder, scratch folder) -> a note
@@ -148,7 +115,8 @@ def main() -> None:
     if "accuracy" not in args.skip:
 
         def less_accurate(model_dir: Path, _: Path) -> str:
-            drop = write_less_accurate_copy(model_dir / "1" / "model.onnx", model_dir / "6" / "model.onnx", 2.0)
+            v1, v6 = model_dir / "1" / "model.onnx", model_dir / "6" / "model.onnx"
+            drop = write_less_accurate_copy(v1, v6, 2.0, MODELS / "digits" / "heldout.npz")
             return f"(held-out accuracy {drop * 100:.1f} points lower)"
 
         policy = POLICY + "max_accuracy_drop = 0.005\n"

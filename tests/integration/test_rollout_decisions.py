@@ -4,8 +4,10 @@ Each test starts `gateway serve` on port 0, drives it with client threads
 (tests/traffic.py) and rolls out a candidate under the default policy, but
 for short intervals: an identical copy of v1 is promoted through every
 default step, each step held for its own minimum; a slower copy is rolled
-back on latency; a candidate that slows down only once it serves more than
-25 % of the traffic is caught at the 50 % step; and a rollout whose checks
+back on latency; a copy 2 points less accurate is rolled back on labels that
+arrive after the answers, within 2,000 labelled rows of each arm; a
+candidate that slows down only once it serves more than 25 % of the
+traffic is caught at the 50 % step; and a rollout whose checks
 cannot decide in max_duration_s pauses (the default), rolls back or promotes
 as `on_timeout` says, and `gateway status` names what it waits for.
 """
@@ -28,7 +30,7 @@ from tritonclient.grpc import service_pb2
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.release.routing import route_point
-from tests.onnx_models import write_slowed_copy, write_spin_model
+from tests.onnx_models import write_less_accurate_copy, write_slowed_copy, write_spin_model
 from tests.support import MODELS, ROOT, Process, gateway_command, gateway_process
 from tests.traffic import Load, digits_builder
 
@@ -213,6 +215,35 @@ def test_a_candidate_slower_only_above_25_percent_is_caught_at_the_50_percent_st
         assert last.action == "rollback" and json.loads(last.before_json)["canary_weight_bp"] == 5000
         failed = [name for name, c in checks_of(last).items() if c["verdict"] == "fail"]
         assert failed and all("latency" in name for name in failed), checks_of(last)
+
+
+def test_a_two_point_accuracy_drop_is_rolled_back_within_2000_labelled_rows_an_arm(tmp_path: Path) -> None:
+    # The acceptance run's policy: a drop of more than half a point is a regression.
+    model_dir = digits_repo(tmp_path / "repo", SHORT + "max_accuracy_drop = 0.005\n")
+    heldout = MODELS / "digits" / "heldout.npz"
+    drop = write_less_accurate_copy(model_dir / "1" / "model.onnx", model_dir / "6" / "model.onnx", 2.0, heldout)
+    assert 0.019 < drop < 0.03, drop
+    with gateway_process("--models", str(tmp_path / "repo"), "--workers", "1") as server:
+        control = control_stub(server)
+        build = digits_builder(rows=16, seed=7)
+        with Load(server.address, server.control, "digits", build, clients=3, label_delay_s=0.5):
+            control.StartRollout(rpb.StartRolloutRequest(model="digits", candidate="6", reason="-2 points"))
+            done = wait_phase(control, "digits", DONE, timeout=120)
+        records = audit(control, "digits")
+        assert done.phase == "rolled_back", audit_lines(control, "digits")
+        rollback = records[-1]
+        checks = checks_of(rollback)
+        failed = {name for name, c in checks.items() if c["verdict"] == "fail"}
+        # The paired check decided: the two versions' answers on the same labelled rows.
+        assert failed & {"accuracy_paired", "step_accuracy_paired"}, (failed, rollback.reason)
+        assert not failed & {"error_rate", "latency_paired", "latency_p90"}, failed
+        paired = checks["accuracy_paired"]
+        assert paired["value"] < -0.01 and paired["high"] < -0.005, paired
+        # Labelled rows of each arm when it was rolled back (all at the first, 1 % step).
+        labelled_per_arm = checks["accuracy"]["samples"]
+        assert 0 < paired["samples"] <= labelled_per_arm <= 2000, (paired, checks["accuracy"])
+        assert json.loads(rollback.before_json)["canary_weight_bp"] == 100
+        print(f"-2 points rolled back: {labelled_per_arm} labelled rows an arm, {paired['samples']} paired")
 
 
 def timeout_policy(on_timeout: str) -> str:

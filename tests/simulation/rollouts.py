@@ -15,7 +15,10 @@ The traffic model (stated here and in docs/promotion.md):
 - every candidate request is also run on the stable version (dual run) and
   timed on both, `rows_per_batch` copies a batch; the paired difference of a
   batch is extra_s plus normal noise with sd `pair_noise` x the median;
-- errors and correct labels are binomial, every request labelled.
+- errors and correct labels are binomial, every request labelled;
+- every candidate request's copy on the stable version is labelled too (paired
+  accuracy): the two versions' answers differ in correctness on `discordance`
+  of the rows, split evenly both ways, plus the accuracy difference one way.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class Traffic:
     per_interval: int = 2000
     rows_per_batch: int = 4
     pair_noise: float = 0.2  # sd of a paired run-time difference, as a fraction of the median
+    # Rows one version gets right and the other wrong, beyond the accuracy difference
+    # (two retrainings of a model disagree on some rows both ways).
+    discordance: float = 0.02
 
 
 def latency_probabilities(extra_s: float) -> np.ndarray:
@@ -138,6 +144,11 @@ def simulate(
         # Sum and sum of squares of `batches` normal differences, drawn exactly.
         mean_diff = rng.normal(extra, sd / np.sqrt(np.maximum(batches, 1)))
         within = sd**2 * rng.chisquare(np.maximum(batches - 1, 1)) * (batches > 1)
+        # Paired correctness on the canary's rows: +1 (only the candidate right), -1, or 0.
+        gain = np.array([max(0.0, a.accuracy - stable.accuracy) for a in behaving])
+        loss = np.array([max(0.0, stable.accuracy - a.accuracy) for a in behaving])
+        plus = rng.binomial(canary, traffic.discordance / 2 + gain)
+        minus = rng.binomial(canary - plus, (traffic.discordance / 2 + loss) / (1 - traffic.discordance / 2 - gain))
         for i, run in enumerate(active):
             _add(run.stable, int(base[i]), int(error_s[i]), latency_s[i], int(correct_s[i]))
             _add(run.candidate, int(canary[i]), int(error_c[i]), latency_c[i], int(correct_c[i]))
@@ -145,6 +156,9 @@ def simulate(
             run.pair.timed += b
             run.pair.time_diff_s += b * mean_diff[i]
             run.pair.time_diff_sq += within[i] + b * mean_diff[i] ** 2
+            run.pair.labelled += int(canary[i])
+            run.pair.label_diff += int(plus[i]) - int(minus[i])
+            run.pair.label_discordant += int(plus[i]) + int(minus[i])
             _decide(run, spec, float(interval))
     return all_runs
 

@@ -16,8 +16,9 @@ tests.simulation.power_curves` prints the full curves):
 - a candidate 30% slower at p99 (a constant extra run time): rolled back in
   >= 95% of runs, on latency, at the first step (seen: all, median 230 canary
   requests);
-- a 2-point accuracy drop (95% -> 93%, max_accuracy_drop 0): rolled back in
-  >= 95% of runs (seen: all, median about 3,600 labelled candidate rows);
+- a 2-point accuracy drop (95% -> 93%, max_accuracy_drop 0; the versions also
+  disagree both ways on 2 % of rows): rolled back in >= 95% of runs (seen: all,
+  median about 1,800 labelled candidate rows, on the paired check);
 - a regression that shows only from the third (or fourth) step on is rolled
   back at that step, never promoted.
 """
@@ -93,8 +94,9 @@ def test_a_two_point_accuracy_drop_is_rolled_back() -> None:
     runs = simulate(spec, Arm(), Arm(accuracy=0.93), runs=200, seed=3, max_intervals=150, traffic=LABELLED)
     rolled = [r for r in runs if r.outcome == "rolled_back"]
     assert len(rolled) / len(runs) >= 0.95, [r.outcome for r in runs][:10]
-    # The budget (docs/promotion.md): a median of about 3,600 labelled candidate rows.
-    assert np.median([r.step_labelled for r in rolled]) <= 5000
+    # The budget (docs/promotion.md): a median of about 1,800 labelled candidate rows (the
+    # two arms alone needed about 3,600).
+    assert np.median([r.step_labelled for r in rolled]) <= 2500
 
 
 @pytest.mark.parametrize("from_step", [2, 3])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from gateway.config.spec import CompareSpec
-from gateway.release.evidence import ModelEvidence, PredictionLog
+from gateway.release.confidence import difference_cs, paired_difference_cs
+from gateway.release.evidence import COPY, ModelEvidence, PredictionLog
 
 
 def probabilities(label: int) -> list[np.ndarray]:
@@ -73,3 +74,50 @@ def test_a_single_requests_predictions_are_logged_whole() -> None:
     taken = evidence.log.take("solo")
     assert taken is not None
     assert [values.shape for _, _, values in taken[0]] == [(3,), (3,)]  # shadow and stable alike
+
+
+def rows_of(labels: list[int]) -> list[np.ndarray]:
+    out = np.zeros((len(labels), 10), np.float32)
+    out[np.arange(len(labels)), labels] = 1.0
+    return [out]
+
+
+def test_a_dual_run_copy_pairs_the_two_versions_answers_on_the_same_labelled_rows() -> None:
+    evidence = ModelEvidence("m", CompareSpec(), 0)
+    evidence.begin_rollout("1", "2", "k")
+    # The canary answered four rows; its copy on the stable version answered them too.
+    evidence.record_prediction("r", "2", "canary", rows_of([0, 1, 2, 9]))
+    evidence.record_predictions("1", COPY, [("r", 4)], rows_of([0, 1, 3, 3])[0])
+    assert evidence.feedback("r", [0.0, 1.0, 3.0, 9.0])
+    stable, candidate, pair = evidence.rollout_windows()
+    # Rows 0 and 1 both right; row 2 only the stable right, row 3 only the canary: d = 0.
+    assert (pair.labelled, pair.label_diff, pair.label_discordant) == (4, 0, 2)
+    # The copy is paired evidence only: the stable arm served none of these rows.
+    assert (stable.labelled, candidate.labelled, candidate.correct) == (0, 4, 3)
+    assert evidence.window("1").labelled == 0
+
+
+def test_a_shadows_answers_are_paired_with_the_stable_ones_and_only_within_the_rollout() -> None:
+    evidence = ModelEvidence("m", CompareSpec(), 0)
+    evidence.record_prediction("before", "1", "stable", rows_of([1]))
+    evidence.record_prediction("before", "2", "shadow", rows_of([2]))
+    evidence.begin_rollout("1", "2", "k")
+    evidence.record_prediction("after", "1", "stable", rows_of([1, 1]))
+    evidence.record_prediction("after", "2", "shadow", rows_of([2, 1]))
+    evidence.record_prediction("alone", "1", "stable", rows_of([5]))  # no copy ran: nothing to pair
+    for request_id, labels in (("before", [1.0]), ("after", [1.0, 1.0]), ("alone", [5.0])):
+        assert evidence.feedback(request_id, labels)
+    _, _, pair = evidence.rollout_windows()
+    assert (pair.labelled, pair.label_diff, pair.label_discordant) == (2, -1, 1)
+
+
+def test_the_paired_interval_is_narrower_than_two_independent_arms_when_versions_mostly_agree() -> None:
+    # 2,000 rows, 95 % right on the stable; the candidate loses 40 of them (2 points), gains none.
+    n, alpha = 2000, 0.01
+    paired = paired_difference_cs(n, -40, 40, alpha)
+    arms = difference_cs(1860, n, 1900, n, alpha)
+    assert paired.low < -0.02 < paired.high < -0.005
+    assert paired.high - paired.low < (arms.high - arms.low) / 2
+    # Agreeing rows alone never make the interval collapse: the discordant rate is smoothed.
+    identical = paired_difference_cs(200, 0, 0, alpha)
+    assert identical.low < -0.005 and identical.high > 0.005

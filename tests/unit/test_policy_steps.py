@@ -99,12 +99,13 @@ def test_the_alpha_budget_adds_up_across_checks_and_steps() -> None:
     spec = PolicySpec(max_latency_ratio=1.2, max_accuracy_drop=0.01, min_agreement=0.5, max_duration_s=3600)
     steps = len(spec.step_weights)
     names = enabled_checks(spec, with_traffic=True)
-    assert names == ["error_rate", "latency_p90", "latency_paired", "accuracy", "agreement"]
+    assert names == ["error_rate", "latency_p90", "latency_paired", "accuracy", "accuracy_paired", "agreement"]
     spent = sum(check_alpha(spec, n, step=False) + steps * check_alpha(spec, n, step=True) for n in names)
     assert math.isclose(spent, spec.alpha)
-    # Latency is one question asked two ways: its two checks share one part of four.
+    # Latency and accuracy are each one question asked two ways: their two checks share one part of four.
     assert math.isclose(check_alpha(spec, "latency_paired", step=False), spec.alpha / 4 / 2 / 2)
-    assert math.isclose(check_alpha(spec, "accuracy", step=False), spec.alpha / 4 / 2)
+    assert math.isclose(check_alpha(spec, "accuracy_paired", step=False), spec.alpha / 4 / 2 / 2)
+    assert math.isclose(check_alpha(spec, "error_rate", step=False), spec.alpha / 4 / 2)
 
 
 @pytest.mark.parametrize(
