@@ -40,10 +40,14 @@ MAX_WORKERS = 1024
 def check_otlp_endpoint(origin: str, value: str) -> None:
     """Refuse what is not the URL of an OTLP/gRPC collector (its scheme says plain or TLS)."""
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port:
         raise ConfigError(
             f"{origin}: expected http://HOST:PORT (plain) or https://HOST:PORT (TLS) of an OTLP/gRPC collector, "
-            f"got {value!r}"
+            f"got {value!r} (the OTLP/gRPC port is usually 4317)"
         )
 
 
@@ -68,9 +72,6 @@ class GatewaySettings:
     workers: int = 0  # 0: one per core on CPU, one per GPU
     max_message_bytes: int = 64 * MIB
     # Calls in flight per process. Past it gRPC itself refuses new calls with
-    # The read-only browser dashboard (gateway/dashboard), on control_host with the control API's
-    # tokens, beside it. -1 turns it off, 0 picks a free port.
-    dashboard_port: int = 8004
     # RESOURCE_EXHAUSTED before any Python runs: under heavy overload the event
     # loop cannot even look at requests as fast as they come, so the model
     # queues' bounds alone would let calls pile up unread.
@@ -143,7 +144,7 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("port", "http_port", "metrics_port", "control_port", "dashboard_port"):
+        for name in ("port", "http_port", "metrics_port", "control_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise ConfigError(f"{name}: {value} is not a valid port")

@@ -173,6 +173,8 @@ class DynamicBatcher:
             # was ~70 us of a 0.6 ms answer).
             return self._run_now(feeds, batch, timing)
         item = _Pending(feeds, batch, shape_key(feeds), loop.create_future(), now, timing)
+        if timing is not None:
+            timing.enqueued = now  # so a request that expires or is cancelled in the queue has its wait traced
         if until is not None:
             item.timer = loop.call_at(loop.time() + (until - now), self._expire, item, by_timeout)
         self._queue.append(item)

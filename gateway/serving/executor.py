@@ -115,6 +115,8 @@ class DirectExecutor:
             if self._waiting >= self._max_waiting:
                 raise Overloaded(f"queue full ({self._max_waiting} waiting): try again later")
             queued_at = time.monotonic()
+            if timing is not None:
+                timing.enqueued = queued_at  # a request that expires waiting still has its wait traced
             until, by_timeout = expiry(deadline, timeout_s, queued_at)
             self._waiting += 1
             try:

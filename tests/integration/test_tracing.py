@@ -16,6 +16,8 @@ import queue
 import secrets
 import shutil
 import signal
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
@@ -447,3 +449,27 @@ def test_worker_processes_export_over_otlp_and_flush_on_the_drain(collector: tup
     assert sorted(instances.values()) == [0, 1], instances
     names = {s.name for _, s in spans}
     assert {"gateway.validate", "gateway.run"} <= names, names
+
+
+def test_a_collector_that_never_answers_holds_the_drain_no_longer_than_the_grace_period() -> None:
+    # A socket that accepts connections and never says a word: the exporter's last flush
+    # waits on it. The drain gives that flush what is left of --grace (at least 0.5 s),
+    # not a fixed 5 s: the supervisor kills workers at grace + 5 s, Kubernetes at its own grace.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = {v: "" for v in OTEL_VARIABLES} | {"OTEL_TRACES_SAMPLER": "always_on"}
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with gateway_process(
+            "--models", str(MODELS), "--load", "digits", "--grace", "1", "--otlp-endpoint", endpoint, env=env
+        ) as gateway:
+            client = tc.InferenceServerClient(gateway.address)
+            pixels = tc.InferInput("pixels", [1, 64], "FP32")
+            pixels.set_data_from_numpy(rows())
+            client.infer("digits", [pixels], headers={"traceparent": traceparent(*new_ids())})
+            client.close()
+            began = time.monotonic()
+            assert gateway.stop(signal.SIGTERM) == 0
+            took = time.monotonic() - began
+    # An idle gateway drains at once; then at most max(0.5, what is left of the 1 s) for the flush.
+    assert took < 3.5, f"the drain took {took:.1f} s with --grace 1"

@@ -20,6 +20,7 @@ from gateway.config.spec import BatchingSpec
 from gateway.errors import DeadlineExceeded, Draining, ModelExecutionError, Overloaded, QueueTimeout
 from gateway.serving.batcher import DynamicBatcher
 from gateway.serving.statistics import VersionStats
+from gateway.types import RunTiming
 
 
 class StandIn:
@@ -270,6 +271,26 @@ def test_while_another_batch_runs_a_lone_request_is_not_held_for_the_whole_delay
         assert model.batches == [1, 1]
         model.gate.set()
         np.testing.assert_array_equal((await call)[0], np.full((1, 3), 8.0, np.float32))
+        await head
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_traced_request_that_expires_in_the_queue_keeps_when_it_began_waiting() -> None:
+    # Tracing makes the request's queue span from these times: without the enqueue time
+    # a request that timed out waiting (the case a trace is read for) had no queue span.
+    async def scenario() -> None:
+        model = StandIn()
+        batcher = make(model)
+        head = await hold_head(model, batcher)
+        timing = RunTiming()
+        before = time.monotonic()
+        with pytest.raises(QueueTimeout):
+            await batcher.submit(rows(1), 1, None, 0.02, timing)
+        assert before <= timing.enqueued <= time.monotonic()
+        assert timing.dequeued == 0.0 and timing.started_ns == 0  # it never left the queue, never ran
+        model.gate.set()
         await head
         await batcher.close()
 

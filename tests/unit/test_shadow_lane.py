@@ -22,7 +22,7 @@ from gateway.release.compare import PairWindow, compare_outputs
 from gateway.release.evidence import ModelEvidence
 from gateway.release.plane import DualRunSink, ShadowSink
 from gateway.release.shadow import ShadowCopy, ShadowLane
-from gateway.types import RequestRun, Tensors
+from gateway.types import RequestRun, RunTiming, Tensors
 
 WEIGHTS = np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32)
 
@@ -45,7 +45,12 @@ class LinearExecutor:
         self.fail = fail
 
     async def submit(
-        self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+        self,
+        feeds: Tensors,
+        batch: int,
+        deadline: float | None,
+        timeout_s: float | None,
+        timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
         self.runs.append(batch)
         if self.fail:
@@ -142,7 +147,12 @@ async def test_a_batch_never_exceeds_max_rows_and_never_mixes_shapes() -> None:
     # A copy whose non-batch shape differs runs apart from the others.
     class Shapes(LinearExecutor):
         async def submit(
-            self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+            self,
+            feeds: Tensors,
+            batch: int,
+            deadline: float | None,
+            timeout_s: float | None,
+            timing: RunTiming | None = None,
         ) -> list[np.ndarray]:
             self.runs.append(feeds["x"].shape[1])
             return [np.zeros((batch, 3), np.float32)]
@@ -370,7 +380,12 @@ async def test_a_probe_that_expires_lets_the_next_copy_probe() -> None:
 async def test_inputs_are_batched_by_name_and_shape() -> None:
     class TwoInputs(LinearExecutor):
         async def submit(
-            self, feeds: Tensors, batch: int, deadline: float | None, timeout_s: float | None
+            self,
+            feeds: Tensors,
+            batch: int,
+            deadline: float | None,
+            timeout_s: float | None,
+            timing: RunTiming | None = None,
         ) -> list[np.ndarray]:
             self.runs.append(batch)
             return [np.zeros((batch, 3), np.float32)]

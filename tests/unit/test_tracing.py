@@ -56,6 +56,10 @@ def test_otel_sdk_disabled_wins() -> None:
     [
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT: expected http://HOST:PORT"),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "ftp://c"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: expected"),
+        # No port (gRPC would dial 443), or one that is not a port: refused at start, not dropped later.
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, "OTEL_EXPORTER_OTLP_ENDPOINT: expected http://HOST:PORT"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:abc"}, "OTEL_EXPORTER_OTLP_ENDPOINT: expected http://HOST:PORT"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:99999"}, "OTEL_EXPORTER_OTLP_ENDPOINT: expected http://HOST:PORT"),
         ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "OTEL_EXPORTER_OTLP_PROTOCOL: 'http/protobuf' is not"),
         ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER: 'sometimes' is not one of always_on"),
         ({"OTEL_TRACES_SAMPLER_ARG": "1.5"}, "OTEL_TRACES_SAMPLER_ARG: expected a ratio in [0, 1], got '1.5'"),
