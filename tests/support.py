@@ -58,6 +58,7 @@ def gateway_in_thread(models: Path = MODELS, **settings: Any) -> Iterator[Runnin
     settings.setdefault("http_port", 0)
     settings.setdefault("metrics_port", -1)
     settings.setdefault("control_port", 0)
+    settings.setdefault("dashboard_port", -1)
     settings.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="gateway-state-")))
     settings.setdefault("provider", "cpu")
     config = GatewaySettings(models=models, **settings)
@@ -115,6 +116,11 @@ class Process:
         return self.launched.http
 
     @property
+    def dashboard(self) -> str:
+        """The dashboard's URL (empty when off)."""
+        return self.launched.dashboard
+
+    @property
     def lines(self) -> list[str]:
         """Every line of output so far (the reader thread keeps adding)."""
         return self.launched.output.lines()
@@ -142,6 +148,8 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, timeout: floa
     if "--state-dir" not in args:
         args = ("--state-dir", tempfile.mkdtemp(prefix="gateway-state-"), *args)
     serve_args = ["--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-port", "0", "--provider", "cpu"]
+    # Off unless a test asks for it: the default port (8004) may be taken by another gateway.
+    serve_args += ["--dashboard-port", "-1"] if "--dashboard-port" not in args else []
     serve_args += args
     try:
         launched = launch.start(

@@ -50,6 +50,11 @@ def main() -> None:
     "--control-port", type=int, help="Port of the release-engineering API; 0 picks one, -1: off. [default: 8003]"
 )
 @click.option(
+    "--dashboard-port",
+    type=int,
+    help="Port of the browser dashboard (on --control-host, control tokens); 0 picks one, -1: off. [default: 8004]",
+)
+@click.option(
     "--provider",
     type=click.Choice(["auto", "cuda", "cpu"]),
     help="auto: CUDA when usable, else CPU; cuda: refuse to start without CUDA. [default: auto]",

@@ -68,6 +68,9 @@ class GatewaySettings:
     # The release-engineering API listens apart from inference, on loopback by default.
     control_host: str = "127.0.0.1"
     control_port: int = 8003  # -1 turns it off
+    # The read-only browser dashboard (gateway/dashboard), on control_host with the control API's
+    # tokens, beside it. -1 turns it off, 0 picks a free port.
+    dashboard_port: int = 8004
     provider: ProviderMode = "auto"
     workers: int = 0  # 0: one per core on CPU, one per GPU
     max_message_bytes: int = 64 * MIB
@@ -144,7 +147,7 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("port", "http_port", "metrics_port", "control_port"):
+        for name in ("port", "http_port", "metrics_port", "control_port", "dashboard_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise ConfigError(f"{name}: {value} is not a valid port")

@@ -45,6 +45,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from gateway.config.settings import GatewaySettings
 from gateway.control.auth import Authenticator, AuthInterceptor, check_bind, load_tokens
 from gateway.control.servicer import ReleaseServicer
+from gateway.dashboard.app import build_app as build_dashboard
+from gateway.dashboard.data import History, Sources
 from gateway.dataplane import DataPlane
 from gateway.errors import ConfigError
 from gateway.protocol.capture import CaptureWriter
@@ -90,6 +92,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def dashboard_url(s: GatewaySettings, port: int) -> str:
+    """Where a browser finds the dashboard (the INFO line and `gateway demo` print it)."""
+    return f"{'https' if s.tls_cert else 'http'}://{format_address(s.control_host, port)}/"
 
 
 def inference_options(s: GatewaySettings) -> list[tuple[str, int]]:
@@ -158,6 +165,7 @@ class Gateway:
         self.http_port = -1
         self.metrics_port = -1
         self.control_port = -1
+        self.dashboard_port = -1
         # The parts tests and tools look at; None until start builds them.
         self.registry: Registry | None = None
         self.dataplane: DataPlane | None = None
@@ -253,6 +261,11 @@ class Gateway:
         if s.control_port >= 0:
             control = await self._start_control(releases, ops, loader)
             control_api.push_async_callback(control.stop, 0.5)
+        if s.dashboard_port >= 0:
+            dashboard, history = await self._start_dashboard(releases, ops)
+            # Stops with the control API (its sibling on the control side), before it.
+            control_api.push_async_callback(dashboard.stop, 0.5)
+            control_api.callback(history.cancel)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stack.push_async_callback(self._set_health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -334,6 +347,27 @@ class Gateway:
         self.control_port = bind(control, s.control_host, s.control_port, setting="control_port", settings=s)
         await control.start()
         return control
+
+    async def _start_dashboard(self, releases: ReleasePlane, ops: ReleaseOps) -> tuple[HttpServer, asyncio.Task[None]]:
+        """The read-only browser dashboard (gateway/dashboard) on the control side, with its history sampler."""
+        s = self.settings
+        tokens = load_tokens(s.tokens_file, os.environ)
+        check_bind(s.control_host, tokens)  # as the control API: loopback only without tokens
+        sources = Sources(releases, ops)
+        history = History(sources)
+        identify = Authenticator(tokens).identify if tokens else None
+        app = build_dashboard(sources, history, identify, secure_cookie=s.tls_cert is not None)
+        sock = bind_listener(s.control_host, s.dashboard_port, "dashboard_port", shared=False)
+        # A few people's browsers, each polling every second or two: a small cap is plenty.
+        options = HttpOptions(max_connections=64, tls_cert=s.tls_cert, tls_key=s.tls_key, tls_client_ca=s.tls_client_ca)
+        server = HttpServer(app, sock, options)
+        try:
+            await server.start()
+        except BaseException:
+            sock.close()
+            raise
+        self.dashboard_port = server.port
+        return server, asyncio.get_running_loop().create_task(history.run())
 
     async def _sample_queues(self, registry: Registry, releases: ReleasePlane, capture: CaptureWriter | None) -> None:
         """Copy queue depths and release-plane counters into Prometheus, periodically."""
@@ -452,6 +486,8 @@ async def _serve(settings: GatewaySettings) -> None:
         extras += f", metrics on {format_address(settings.host, gateway.metrics_port)}"
     if gateway.control_port >= 0:
         extras += f", control on {format_address(settings.control_host, gateway.control_port)}"
+    if gateway.dashboard_port >= 0:
+        extras += f", dashboard on {dashboard_url(settings, gateway.dashboard_port)}"
     log.info("serving %d model versions%s", sum(1 for _ in gateway.registry or ()), extras)
     print(f"listening on {format_address(settings.host, port)}", flush=True)
     await gateway.wait_stopped()

@@ -22,6 +22,7 @@ from pathlib import Path
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 CONTROL = re.compile(r"control on (\S+:\d+)")
 HTTP = re.compile(r"http on (\S+:\d+)")
+DASHBOARD = re.compile(r"dashboard on (https?://\S+/)")
 METRICS = re.compile(r"metrics on \S+:(\d+)")
 STOP_TIMEOUT_S = 20.0
 # Lines of output a failed start shows.
@@ -62,6 +63,7 @@ class Launched:
     address: str = ""  # HOST:PORT from `listening on`
     control: str = ""  # empty: no control API
     http: str = ""  # HOST:PORT of the REST binding; empty: off
+    dashboard: str = ""  # the dashboard's URL; empty: off
     metrics_port: int = -1
     output: Output = field(default_factory=Output)
 
@@ -123,6 +125,8 @@ def start(
                 launched.control = found.group(1)
             if found := HTTP.search(line):
                 launched.http = found.group(1)
+            if found := DASHBOARD.search(line):
+                launched.dashboard = found.group(1)
             if found := METRICS.search(line):
                 launched.metrics_port = int(found.group(1))
             if found := LISTENING.search(line):

@@ -34,6 +34,7 @@ _FLAGS = {
     "http_port": ("HTTP port", "--http-port", "0 picks a free one, -1 turns the REST binding off"),
     "control_port": ("control port", "--control-port", "0 picks a free one, -1 turns the control API off"),
     "metrics_port": ("metrics port", "--metrics-port", "0 picks a free one, -1 turns metrics off"),
+    "dashboard_port": ("dashboard port", "--dashboard-port", "0 picks a free one, -1 turns the dashboard off"),
 }
 
 
@@ -91,6 +92,7 @@ def check_distinct(s: GatewaySettings) -> None:
         ("http_port", s.host, s.http_port),
         ("control_port", s.control_host, s.control_port),
         ("metrics_port", s.host, s.metrics_port),
+        ("dashboard_port", s.control_host, s.dashboard_port),
     ) if port > 0]  # fmt: skip
     for (first, host_a, port_a), (second, host_b, port_b) in itertools.combinations(listeners, 2):
         if port_a == port_b and _overlaps(_sockaddr(host_a, port_a, first)[1], _sockaddr(host_b, port_b, second)[1]):
@@ -108,6 +110,7 @@ def check_ports(s: GatewaySettings, inference: bool = True) -> None:
         check_free(s.host, s.http_port, "http_port")
     check_free(s.control_host, s.control_port, "control_port")
     check_free(s.host, s.metrics_port, "metrics_port")
+    check_free(s.control_host, s.dashboard_port, "dashboard_port")
 
 
 @contextlib.contextmanager

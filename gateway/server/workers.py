@@ -93,7 +93,7 @@ def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str,
                 logging.getLogger(__name__).exception("worker %d could not start", index)
             events.put(("error", index, reason))
             return False
-        events.put(("ready", index, str(gateway.control_port)))
+        events.put(("ready", index, f"{gateway.control_port} {gateway.dashboard_port}"))
         await gateway.wait_stopped()
         return True
 
@@ -144,12 +144,15 @@ class Supervisor:
         # Release state, evidence and labels are shared through the store; worker 0
         # serves the control API and runs the controller on everyone's evidence.
         self.first_worker_settings = self.worker_settings
-        self.worker_settings = dataclasses.replace(self.worker_settings, control_port=-1, controller=False)
+        self.worker_settings = dataclasses.replace(
+            self.worker_settings, control_port=-1, dashboard_port=-1, controller=False
+        )
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()
         self._procs: dict[int, BaseProcess] = {}
         self._stopping = False
         self.control_port = -1
+        self.dashboard_port = -1
         self.exit_code = 0
         # Per worker: when it became ready, failures in a row, why it last failed to
         # start, and when a pending restart is due.
@@ -171,11 +174,17 @@ class Supervisor:
             self._start_errors[index] = message
             return
         self._ready_at[index] = time.monotonic()
-        if index == 0 and message not in ("", "-1"):
-            self.control_port = int(message)
+        control, _, dashboard = message.partition(" ")
+        if index == 0 and control not in ("", "-1"):
+            self.control_port = int(control)
             # A restarted worker 0 serves the control API where it was announced,
             # even when --control-port 0 let the first one pick the port.
             self.first_worker_settings = dataclasses.replace(self.first_worker_settings, control_port=self.control_port)
+        if index == 0 and dashboard not in ("", "-1"):
+            self.dashboard_port = int(dashboard)  # the dashboard likewise
+            self.first_worker_settings = dataclasses.replace(
+                self.first_worker_settings, dashboard_port=self.dashboard_port
+            )
 
     def _read_events(self) -> None:
         while True:
@@ -205,7 +214,7 @@ class Supervisor:
             waiting.discard(index)
 
     def run(self) -> int:
-        from gateway.server.gateway import format_address
+        from gateway.server.gateway import dashboard_url, format_address
 
         for index in range(self.count):
             self._spawn(index)
@@ -223,6 +232,8 @@ class Supervisor:
             metrics = f", http on {format_address(self.settings.host, self.worker_settings.http_port)}{metrics}"
         if self.control_port >= 0:
             metrics += f", control on {format_address(self.settings.control_host, self.control_port)}"
+        if self.dashboard_port >= 0:
+            metrics += f", dashboard on {dashboard_url(self.settings, self.dashboard_port)}"
         log.info("%d workers serving%s", self.count, metrics)
         print(f"listening on {format_address(self.settings.host, self.worker_settings.port)}", flush=True)
         return self._supervise()

@@ -1,0 +1,138 @@
+"""The dashboard's routes: two pages, their JSON, a login form, and the vendored static files.
+
+Read-only: nothing here changes a release. Authentication is the control API's: the
+composition root hands in `identify` (the control API's token check, any role may read);
+None means the control API has no tokens, and then, as the control API, the dashboard is
+only served on loopback (the caller checks the bind). A token is given once through the
+login form and kept in an HttpOnly, SameSite=Strict cookie, or sent as `Authorization:
+Bearer`. Without either a page answers the login form and the JSON 401, with no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gateway.dashboard.data import History, Sources, overview
+from gateway.errors import Unauthenticated
+
+# Takes an Authorization header value; returns the caller, or raises Unauthenticated.
+Identify = Callable[[str], object]
+
+COOKIE = "gateway_dashboard"
+# The login form's body is one token: anything larger is not one.
+MAX_LOGIN_BYTES = 4096
+# The pages load scripts and styles from /static only; no inline script, no framing.
+HEADERS = {
+    "content-security-policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+STATIC = resources.files("gateway.dashboard") / "static"
+
+
+def _page(name: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse((STATIC / name).read_text(encoding="utf-8"), status_code=status, headers=HEADERS)
+
+
+def _json(content: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(content, status_code=status, headers=HEADERS)
+
+
+class Dashboard:
+    def __init__(self, sources: Sources, history: History, identify: Identify | None, secure_cookie: bool) -> None:
+        self.sources = sources
+        self.history = history
+        self.identify = identify
+        self.secure_cookie = secure_cookie  # served over TLS: the cookie never travels in the clear
+
+    def allowed(self, request: Request) -> bool:
+        if self.identify is None:
+            return True
+        header = request.headers.get("authorization", "")
+        if not header and (cookie := request.cookies.get(COOKIE)):
+            header = f"Bearer {cookie}"
+        try:
+            self.identify(header)
+        except Unauthenticated:
+            return False
+        return True
+
+    async def index(self, request: Request) -> Response:
+        return _page("index.html") if self.allowed(request) else _page("login.html", 401)
+
+    async def model_page(self, request: Request) -> Response:
+        return _page("model.html") if self.allowed(request) else _page("login.html", 401)
+
+    async def api_overview(self, request: Request) -> Response:
+        if not self.allowed(request):
+            return _json({"error": "unauthenticated: log in, or send Authorization: Bearer <token>"}, 401)
+        return _json(overview(self.sources, time.time()))
+
+    async def api_model(self, request: Request) -> Response:
+        if not self.allowed(request):
+            return _json({"error": "unauthenticated: log in, or send Authorization: Bearer <token>"}, 401)
+        model = request.path_params["name"]
+        if model not in self.sources.models():
+            return _json({"error": f"no model {model!r} is loaded"}, 404)
+        try:
+            seq = int(request.query_params.get("since", "0"))
+        except ValueError:
+            return _json({"error": "since: expected a sample number"}, 400)
+        snapshot = self.sources.snapshot(model, time.time())
+        audit = await asyncio.to_thread(self.sources.audit, model)  # SQLite: off the loop
+        return _json({"snapshot": snapshot, "points": self.history.since(model, seq), "audit": audit})
+
+    async def login(self, request: Request) -> Response:
+        if self.identify is None:
+            return RedirectResponse("/", 303)
+        body = await request.body()
+        if len(body) > MAX_LOGIN_BYTES:
+            return _page("login.html", 413)
+        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0].strip()
+        try:
+            self.identify(f"Bearer {token}")
+        except Unauthenticated:
+            return _page("login.html", 401)
+        response = RedirectResponse(_local(request.query_params.get("next", "/")), 303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=self.secure_cookie, path="/")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/", 303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+
+def _local(target: str) -> str:
+    """Only a path on this server: a login link can never send the browser elsewhere."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
+def build_app(sources: Sources, history: History, identify: Identify | None, secure_cookie: bool = False) -> Starlette:
+    d = Dashboard(sources, history, identify, secure_cookie)
+    return Starlette(
+        routes=[
+            Route("/", d.index),
+            Route("/models/{name}", d.model_page),
+            Route("/api/overview", d.api_overview),
+            Route("/api/models/{name}", d.api_model),
+            Route("/login", d.login, methods=["POST"]),
+            Route("/logout", d.logout, methods=["POST"]),
+            # Scripts, styles and the vendored chart library: no data, so no login needed.
+            Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
+        ]
+    )
