@@ -23,7 +23,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import ModelNotFound
 from gateway.rest import codec
 from gateway.rest.limits import DEFAULT_LIMITS, RestLimits, check_length_header, decompress, too_large
-from gateway.rest.status import JSON_TYPE, error_answer, error_body
+from gateway.rest.status import JSON_TYPE, error_answer, error_body, http_status
 from gateway.serving.registry import PLATFORM, Registry
 from gateway.tracing import RequestTrace, Tracing
 from gateway.types import InferResponse, TensorSpec, WireRequest
@@ -160,6 +160,10 @@ class RestEndpoints:
         try:
             response = await self.infer(request, trace)
         except BaseException as exc:
+            # The answer is made further out (`_guarded`) from the same table: the span says it too.
+            # A client that went away gets no answer, and a cancelled task is not an HTTP error.
+            if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnect):
+                trace.set({"http.response.status_code": http_status(exc)})
             trace.end(exc)
             raise
         trace.set({"http.response.status_code": response.status_code})

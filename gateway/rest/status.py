@@ -42,6 +42,11 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+def http_status(exc: BaseException) -> int:
+    """The HTTP status an exception is answered with (what `error_answer` sends)."""
+    return 413 if isinstance(exc, BodyTooLarge) else HTTP_BY_CODE[code_for(exc)[0]]
+
+
 def error_answer(exc: BaseException, where: str) -> tuple[int, bytes, dict[str, str]]:
     """The status, JSON body and extra headers for an exception raised while serving `where`."""
     if isinstance(exc, BodyTooLarge):

@@ -221,6 +221,22 @@ def test_a_rest_request_with_a_traceparent_header_pinned_to_a_version(
     assert attrs(steps["gateway.run"])["gateway.batch.size"] >= 2
 
 
+def test_a_refused_rest_request_says_its_http_status_on_its_span(
+    server: Running, exporter: InMemorySpanExporter
+) -> None:
+    trace_id, parent_id = new_ids()
+    reply = httpx.post(
+        f"http://{server.http}/v2/models/digits/infer",
+        json=infer_body(tensor("pixels", rows(2)[:, :10])),  # 10 features where the model takes 64
+        headers={"traceparent": traceparent(trace_id, parent_id)},
+        timeout=30,
+    )
+    assert reply.status_code == 400, reply.text
+    request = one(spans_of(server, exporter, trace_id), "POST /v2/models/{name}/infer")
+    assert attrs(request)["http.response.status_code"] == 400
+    assert request.status.status_code is StatusCode.ERROR
+
+
 def test_a_shadowed_request_gets_shadow_spans_linked_to_it(server: Running, exporter: InMemorySpanExporter) -> None:
     trace_id, parent_id = new_ids()
     grpc_infer(server, traceparent(trace_id, parent_id), key=STABLE_KEY, n=2)
