@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from google.protobuf.json_format import MessageToDict  # type: ignore[import-untyped]
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -94,63 +95,88 @@ def _pct(bp: int) -> str:
     return f"{bp / 100:g}%"
 
 
+# Phases in which a rollout sits at one of the policy's traffic steps.
+_AT_A_STEP = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING})
+
+
+def shown_step(phase: str, step: int) -> int | None:
+    """The step as the text shows it (1-based), or None when the rollout is at no step."""
+    return step + 1 if phase in _AT_A_STEP else None
+
+
 def _release_line(r: rpb.Release) -> str:
-    parts = [f"[bold]{markup(r.model)}[/]  stable {markup(r.stable)}"]
+    parts = [f"[bold]{markup(r.model)}[/] stable {markup(r.stable)}"]
     if r.canary:
         parts.append(f"canary {markup(r.canary)} at {_pct(r.canary_weight_bp)}")
     if r.shadows:
         parts.append("shadows " + ", ".join(f"{markup(v)} ({f:.0%})" for v, f in sorted(r.shadows.items())))
     if r.phase and r.phase != Phase.IDLE:
-        parts.append(f"rollout {markup(r.phase)}" + (f" step {r.step + 1}" if r.phase == Phase.PROGRESSING else ""))
+        step = shown_step(r.phase, r.step)
+        parts.append(f"rollout {markup(r.phase)}" + (f" step {step}" if step is not None else ""))
     parts.append(f"revision {r.revision}")
-    return "  ·  ".join(parts)
+    # " · " rather than a wider separator: the line fits 80 columns for ordinary names.
+    return " · ".join(parts)
 
 
 def _num(value: float, fmt: str = "{:.3f}") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
 
-def report_table(report: rpb.Report) -> Table:
-    table = Table(title=_release_line(report.release), title_justify="left")
-    for column in (
-        "version",
-        "role",
-        "requests",
-        "errors",
-        "p50 ms",
-        "p99 ms",
-        "accuracy [95% CI]",
-        "labelled",
-        "agreement",
-        "compared",
-        "Δ latency ms",
-    ):
-        table.add_column(column, justify="left" if column in ("version", "role") else "right", overflow="fold")
-    for v in report.versions:
-        accuracy = "—" if math.isnan(v.accuracy) else f"{v.accuracy:.4f} [{v.accuracy_low:.3f}, {v.accuracy_high:.3f}]"
-        table.add_row(
-            markup(v.version),
-            markup(v.role),
-            str(v.requests),
-            f"{v.error_rate:.2%}" if v.requests else "—",
-            _num(v.p50_ms),
-            _num(v.p99_ms),
-            accuracy,
-            str(v.labelled),
-            _num(v.agreement, "{:.4f}") if v.compared_rows else "—",
-            str(v.compared_rows),
-            _num(v.latency_diff_ms, "{:+.3f}") if v.compared_rows else "—",
-        )
-    shadows = ", ".join(
-        f"{markup(version)}: {c.mirrored} mirrored, {c.dropped} dropped, {c.failed} failed, {c.timed_out} timed out"
-        + (" (circuit open)" if c.circuit_open else "")
+# Below this many columns the report turns on its side: one column per version, one row per
+# figure. Eleven figures side by side need about 130 columns; versions are few (2-4), so the
+# turned table fits 80 columns and a pipe (rich assumes 80 columns when not on a terminal).
+WIDE_REPORT_COLUMNS = 132
+UNITS_NOTE = "requests: calls; labelled and compared: rows (a call may carry several rows)"
+
+
+def _figures(v: rpb.VersionReport) -> list[tuple[str, str]]:
+    """One version's figures, labelled, in the order both layouts show them."""
+    return [
+        ("requests", str(v.requests)),
+        ("errors", f"{v.error_rate:.2%}" if v.requests else "—"),
+        ("p50 ms", _num(v.p50_ms)),
+        ("p99 ms", _num(v.p99_ms)),
+        ("accuracy", _num(v.accuracy, "{:.4f}")),
+        ("95% CI", "—" if math.isnan(v.accuracy) else f"[{v.accuracy_low:.3f}, {v.accuracy_high:.3f}]"),
+        ("labelled rows", str(v.labelled)),
+        ("agreement", _num(v.agreement, "{:.4f}") if v.compared_rows else "—"),
+        ("compared rows", str(v.compared_rows)),
+        ("Δ latency ms", _num(v.latency_diff_ms, "{:+.3f}") if v.compared_rows else "—"),
+    ]
+
+
+def report_table(report: rpb.Report, width: int | None = None) -> RenderableType:
+    """The release line over a table: a row per version on a wide terminal, else a column per version.
+
+    `width`: the columns to fit (default: the terminal's, or 80 when output is not a terminal)."""
+    width = console.width if width is None else width
+    table = Table(box=box.SIMPLE_HEAD)
+    rows = [(v, _figures(v)) for v in report.versions]
+    if width >= WIDE_REPORT_COLUMNS:
+        table.add_column("version")
+        table.add_column("role")
+        for label, _ in _figures(rpb.VersionReport()):
+            table.add_column(label, justify="right", overflow="fold")
+        for v, figures in rows:
+            table.add_row(markup(v.version), markup(v.role), *(value for _, value in figures))
+    else:
+        table.add_column("")
+        for v, _ in rows:
+            table.add_column(f"{markup(v.version)}\n{markup(v.role)}", justify="right", overflow="fold")
+        for i, (label, _) in enumerate(_figures(rpb.VersionReport())):
+            table.add_row(label, *(figures[i][1] for _, figures in rows))
+    shadows = [
+        f"shadow {markup(version)}: {c.mirrored} mirrored, {c.dropped} dropped, {c.failed} failed, "
+        f"{c.timed_out} timed out" + (" (circuit open)" if c.circuit_open else "")
         for version, c in sorted(report.shadows.items())
-    )
-    table.caption = (
-        f"window {report.window_s:.0f} s · feedback joined {report.feedback_joined}, unknown "
-        f"{report.feedback_unknown}" + (f" · shadows {shadows}" if shadows else "")
-    )
-    return table
+    ]
+    notes = [
+        f"window {report.window_s:.0f} s · feedback joined {report.feedback_joined}, unknown {report.feedback_unknown}",
+        *shadows,
+        UNITS_NOTE,
+    ]
+    # Under the table rather than its caption: a caption is folded to the table's width.
+    return Group(_release_line(report.release), table, *notes)
 
 
 def rollout_view(trailers: dict[str, str | bytes]) -> dict[str, Any] | None:
@@ -163,35 +189,65 @@ def rollout_view(trailers: dict[str, str | bytes]) -> dict[str, Any] | None:
 
 
 def _figure(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, int | float) else "—"
+    return f"{value:.3g}" if isinstance(value, int | float) and math.isfinite(value) else "—"
+
+
+def check_phrase(c: dict[str, Any]) -> str:
+    """A check as `name verdict estimate [low, high] vs bound`: what it saw against what it needs."""
+    if c["check"] == "step_duration_s":
+        return f"{_figure(c.get('value'))} s of {_figure(c.get('bound'))} s"
+    return f"{_figure(c.get('value'))} [{_figure(c.get('low'))}, {_figure(c.get('high'))}] vs {_figure(c.get('bound'))}"
+
+
+def _samples(c: dict[str, Any]) -> str:
+    """Samples so far and, while it cannot decide, about how many more it needs."""
+    if c["check"] == "step_duration_s":
+        return ""
+    needed = c.get("needed")
+    more = ""
+    if c["verdict"] == "inconclusive":
+        more = f", ~{needed} more" if needed is not None else ", more"
+    return f", {c.get('samples', 0)} samples{more}"
+
+
+def _waiting(view: dict[str, Any]) -> str:
+    """The checks the next decision waits on, by verdict: `inconclusive: error_rate, accuracy`."""
+    by_verdict: dict[str, list[str]] = {}
+    for c in view.get("checks", []):
+        if c["verdict"] != "pass":
+            by_verdict.setdefault(plain(c["verdict"]), []).append(plain(c["check"]))
+    return "; ".join(f"{verdict}: {', '.join(names)}" for verdict, names in by_verdict.items())
+
+
+def wrap(line: str, width: int) -> list[str]:
+    """`line` cut at spaces to `width` columns, later pieces indented under its first word."""
+    indent = " " * (len(line) - len(line.lstrip()) + 2)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False) or [""]
 
 
 def rollout_lines(view: dict[str, Any]) -> list[str]:
-    """A rollout view as plain lines: why it is in its phase, what comes next, and each check
-    that is not passing (estimate, interval, bound, samples and roughly how many more it needs)."""
+    """A rollout view as plain lines: why it is in its phase (the last change's reason, one line
+    per clause), what comes next and what it waits on, then every check: its verdict, estimate,
+    interval and bound, samples so far and roughly how many more it needs."""
     lines = []
     last = view.get("last_change")
     if last:
         stamp = datetime.fromtimestamp(last["at"], UTC).strftime("%H:%M:%S")
-        lines.append(f"  {plain(last['action'])} by {plain(last['actor'])} at {stamp} UTC: {plain(last['reason'])}")
+        lines.append(f"  {plain(last['action'])} by {plain(last['actor'])} at {stamp} UTC:")
+        # A dash before each clause: the reason names checks too, and a line that starts with a
+        # check's name is that check's current state, below.
+        lines += [f"    - {plain(clause)}" for clause in str(last["reason"]).split("; ") if clause]
     for key, label in (("next", "next"), ("if_resumed", "if resumed now")):
         if key in view:
-            lines.append(f"  {label}: {plain(view[key])} ({plain(view.get('reason', ''))})")
+            waiting = _waiting(view)
+            lines.append(f"  {label}: {plain(view[key])}" + (f" ({waiting})" if waiting else ""))
     for c in view.get("checks", []):
-        if c["verdict"] == "pass":
-            continue
-        if c["check"] == "step_duration_s":
-            lasted = f"{_figure(c.get('value'))} s of {c['bound']:g} s"
-            lines.append(f"    {'step_duration_s':<18} {plain(c['verdict']):<12} {lasted}")
-            continue
-        needed = c.get("needed")
-        more = "" if c["verdict"] != "inconclusive" else f", ~{needed} more" if needed is not None else ", more"
-        lines.append(
-            f"    {plain(c['check']):<18} {plain(c['verdict']):<12} {_figure(c.get('value'))} "
-            f"[{_figure(c.get('low'))}, {_figure(c.get('high'))}] vs {_figure(c.get('bound'))}, "
-            f"{c.get('samples', 0)} samples{more}"
-        )
+        lines.append(f"  {plain(c['check']):<15} {plain(c['verdict']):<12} {check_phrase(c)}{_samples(c)}")
     return lines
+
+
+def wrapped(lines: list[str], width: int) -> list[str]:
+    return [piece for line in lines for piece in wrap(line, width)]
 
 
 @click.command()
@@ -205,8 +261,10 @@ def status(client: ControlClient) -> None:
         if release.phase in ACTIVE:
             _, trailers = client.call_with_trailers(client.stub.GetRelease, rpb.GetReleaseRequest(model=release.model))
             view = rollout_view(trailers)
-            for line in rollout_lines(view) if view else []:
-                click.echo(line)  # one line each, never wrapped: scripts grep these
+            # Cut at spaces to the terminal's width (80 in a pipe), each clause of a reason on
+            # a line of its own, so a phrase a script greps for stays whole on one line.
+            for line in wrapped(rollout_lines(view), console.width) if view else []:
+                click.echo(line)
 
 
 @click.group()
@@ -326,11 +384,7 @@ def report(client: ControlClient, model: str, as_json: bool, watch: float | None
         console.print(f"wrote {markup(plot)}")
         return
     if as_json:
-        answer, view = fetch()
-        data = MessageToDict(answer, always_print_fields_with_no_presence=True)
-        if view is not None:
-            data["rollout"] = view
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(report_json(*fetch()), indent=2, allow_nan=False))
         return
     if watch is None:
         console.print(_report_with_rollout(*fetch()))
@@ -344,12 +398,11 @@ def report(client: ControlClient, model: str, as_json: bool, watch: float | None
         pass
 
 
-def _report_with_rollout(report: rpb.Report, view: dict[str, Any] | None) -> Table:
+def _report_with_rollout(report: rpb.Report, view: dict[str, Any] | None) -> RenderableType:
     table = report_table(report)
-    if view is not None:
-        table.caption = "\n".join([str(table.caption), *(markup(line) for line in rollout_lines(view))])
-        table.caption_justify = "left"
-    return table
+    if view is None:
+        return table
+    return Group(table, *(markup(line) for line in wrapped(rollout_lines(view), console.width)))
 
 
 def _audit_pages(client: ControlClient, model: str, since: float, until: float) -> Iterator[rpb.AuditRecord]:
@@ -375,7 +428,9 @@ def _when(text: str | None) -> float:
 
 
 def describe_audit(r: rpb.AuditRecord) -> str:
-    """One line per record, printed without markup: every server-sent string through `plain`."""
+    """One line per record, printed without markup: every server-sent string through `plain`.
+    Each check of the evidence shows its verdict, estimate, interval and bound, e.g.
+    `accuracy fail -0.0939 [-0.12, -0.07] vs -0.005`."""
     after = json.loads(r.after_json) if r.after_json else {}
     change = ""
     if after:
@@ -390,8 +445,7 @@ def describe_audit(r: rpb.AuditRecord) -> str:
         checks = (
             "  ["
             + "; ".join(
-                f"{plain(c['check'])} {plain(c['verdict'])}"
-                + (f" {c['value']:.4g}" if c.get("value") is not None else "")
+                f"{plain(c['check'])} {plain(c['verdict'])} {check_phrase(c)}"
                 + (f" (~{c['needed']} more)" if c.get("needed") is not None else "")
                 for c in json.loads(r.evidence_json)
             )
@@ -401,6 +455,138 @@ def describe_audit(r: rpb.AuditRecord) -> str:
     outcome = "" if r.outcome == AuditOutcome.APPLIED else " REFUSED"
     who = f"{plain(r.model):<10} {plain(r.action):<14}{outcome} by {plain(r.actor)}"
     return f"{stamp}  #{r.id:<4} {who}: {plain(r.reason)}  → {change}{checks}"
+
+
+# -- JSON output (report --json, audit --json); the shape is in docs/cli.md ---------------
+
+
+def rfc3339(at: float) -> str | None:
+    """A Unix time as RFC 3339 in UTC with milliseconds (2026-11-27T17:30:00.123Z); 0 means unset."""
+    if not at:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _finite(value: float) -> float | None:
+    """NaN and infinities (no value yet, or unbounded) as JSON null."""
+    return value if math.isfinite(value) else None
+
+
+def _percent(bp: int) -> float:
+    return bp / 100
+
+
+def _state_json(state: dict[str, Any]) -> dict[str, Any]:
+    """A stored release state (audit before/after) in the CLI's units: weight in percent, the
+    step as the text numbers it, times in RFC 3339."""
+    out = {k: v for k, v in state.items() if k != "canary_weight_bp"}
+    if "canary_weight_bp" in state:
+        out["canary_weight_percent"] = _percent(int(state["canary_weight_bp"]))
+    rollout = state.get("rollout")
+    if isinstance(rollout, dict):
+        rollout = dict(rollout)
+        rollout["step"] = shown_step(str(rollout.get("phase", "")), int(rollout.get("step", 0)))
+        for key in ("started_at", "timed_from"):
+            if isinstance(rollout.get(key), int | float):
+                rollout[key] = rfc3339(rollout[key])
+        out["rollout"] = rollout
+    return out
+
+
+def _check_json(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in c.items()}
+
+
+def release_json(r: rpb.Release) -> dict[str, Any]:
+    return {
+        "model": r.model,
+        "stable": r.stable,
+        "canary": r.canary or None,
+        "canary_weight_percent": _percent(r.canary_weight_bp),
+        "canary_compare_fraction": r.canary_compare_fraction,
+        "shadows": dict(sorted(r.shadows.items())),
+        "phase": r.phase or Phase.IDLE.value,
+        "step": shown_step(r.phase, r.step),
+        "revision": r.revision,
+    }
+
+
+def _version_json(v: rpb.VersionReport) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "role": v.role,
+        "requests": v.requests,
+        "errors": v.errors,
+        "error_rate": _finite(v.error_rate) if v.requests else None,
+        "p50_ms": _finite(v.p50_ms) if v.requests else None,
+        "p99_ms": _finite(v.p99_ms) if v.requests else None,
+        "labelled_rows": v.labelled,
+        "accuracy": _finite(v.accuracy),
+        "accuracy_low": _finite(v.accuracy_low) if v.labelled else None,
+        "accuracy_high": _finite(v.accuracy_high) if v.labelled else None,
+        "mean_abs_error": _finite(v.mean_abs_error),
+        "compared_rows": v.compared_rows,
+        "agreement": _finite(v.agreement) if v.compared_rows else None,
+        "within_tolerance": _finite(v.within_tolerance) if v.compared_rows else None,
+        "max_abs_diff": _finite(v.max_abs_diff) if v.compared_rows else None,
+        "mean_abs_diff": _finite(v.mean_abs_diff) if v.compared_rows else None,
+        "relative_l2": _finite(v.relative_l2) if v.compared_rows else None,
+        "latency_diff_ms": _finite(v.latency_diff_ms) if v.compared_rows else None,
+    }
+
+
+def rollout_json(view: dict[str, Any]) -> dict[str, Any]:
+    """The rollout view with the step numbered as the text shows it and RFC 3339 times."""
+    out = dict(view)
+    out["step"] = shown_step(str(view.get("phase", "")), int(view.get("step", 0)))
+    if isinstance(view.get("last_change"), dict):
+        out["last_change"] = {**view["last_change"], "at": rfc3339(view["last_change"]["at"])}
+    if "checks" in view:
+        out["checks"] = [_check_json(c) for c in view["checks"]]
+    return out
+
+
+def report_json(report: rpb.Report, view: dict[str, Any] | None) -> dict[str, Any]:
+    """`report --json`: counts as numbers, absent figures null, weights in percent."""
+    return {
+        "release": release_json(report.release),
+        "window_s": report.window_s,
+        "units": {"requests": "calls", "errors": "calls", "labelled_rows": "rows", "compared_rows": "rows"},
+        "versions": [_version_json(v) for v in report.versions],
+        "predictions_logged": report.predictions_logged,
+        "feedback": {"joined": report.feedback_joined, "unknown": report.feedback_unknown},
+        "shadows": {
+            version: {
+                "mirrored": c.mirrored,
+                "completed": c.completed,
+                "dropped": c.dropped,
+                "failed": c.failed,
+                "timed_out": c.timed_out,
+                "pending": c.pending,
+                "circuit_open": c.circuit_open,
+                "circuit_opened": c.circuit_opened,
+            }
+            for version, c in sorted(report.shadows.items())
+        },
+        "rollout": rollout_json(view) if view is not None else None,
+    }
+
+
+def audit_json(r: rpb.AuditRecord) -> dict[str, Any]:
+    """`audit --json`, one record: the before/after states and the evidence as nested JSON."""
+    return {
+        "id": r.id,
+        "at": rfc3339(r.at),
+        "model": r.model,
+        "action": r.action,
+        "outcome": r.outcome,
+        "actor": r.actor,
+        "reason": r.reason,
+        "revision": r.revision,
+        "before": _state_json(json.loads(r.before_json)) if r.before_json else None,
+        "after": _state_json(json.loads(r.after_json)) if r.after_json else None,
+        "evidence": [_check_json(c) for c in json.loads(r.evidence_json)] if r.evidence_json else None,
+    }
 
 
 @click.command(epilog="\b\nExamples:\n  gateway audit digits\n  gateway audit --since 2026-11-26T09:00 --json")
@@ -413,9 +599,10 @@ def audit(client: ControlClient, model: str, since: str | None, until: str | Non
     """The audit log: every change and refusal, who asked, why, and the evidence."""
     for record in _audit_pages(client, model, _when(since), _when(until)):
         if as_json:
-            click.echo(json.dumps(MessageToDict(record, always_print_fields_with_no_presence=True)))
+            click.echo(json.dumps(audit_json(record), allow_nan=False))
         else:
-            console.print(describe_audit(record), markup=False)
+            # One record a line, never folded: a log that scripts grep and cut.
+            console.print(describe_audit(record), markup=False, soft_wrap=True)
 
 
 # A SubmitFeedback message stays under this many bytes: the control API takes messages
@@ -535,7 +722,9 @@ def feedback_send(client: ControlClient, model: str, file: Path, batch: int) -> 
         for name in totals:
             totals[name] += getattr(reply, name)
         errors += list(reply.errors)
-        console.print(f"sent {sum(totals.values())} labels ({totals['joined']} joined)", end="\r")
+        # On a terminal each update overwrites the last; in a pipe or a file, one line each.
+        progress_end = "\r" if console.is_terminal else "\n"
+        console.print(f"sent {sum(totals.values())} labels ({totals['joined']} joined)", end=progress_end)
     summary = (
         f"sent {sum(totals.values())} labels: {totals['joined']} joined, {totals['unknown']} unknown or expired, "
         f"{totals['already_labelled']} already labelled"
