@@ -44,8 +44,11 @@ HEADERS = {
 STATIC = resources.files("gateway.dashboard") / "static"
 
 
-def _page(name: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse((STATIC / name).read_text(encoding="utf-8"), status_code=status, headers=HEADERS)
+def _page(name: str, status: int = 200, note: str = "") -> HTMLResponse:
+    text = (STATIC / name).read_text(encoding="utf-8")
+    if note:  # a fixed sentence of ours, never the request's text
+        text = text.replace("<form", f'<p class="error" role="alert">{note}</p>\n  <form', 1)
+    return HTMLResponse(text, status_code=status, headers=HEADERS)
 
 
 def _json(content: Any, status: int = 200) -> JSONResponse:
@@ -101,12 +104,12 @@ class Dashboard:
             return RedirectResponse("/", 303)
         body = await request.body()
         if len(body) > MAX_LOGIN_BYTES:
-            return _page("login.html", 413)
+            return _page("login.html", 413, "That is not a token.")
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0].strip()
         try:
             self.identify(f"Bearer {token}")
         except Unauthenticated:
-            return _page("login.html", 401)
+            return _page("login.html", 401, "That token is not known to this gateway.")
         response = RedirectResponse(_local(request.query_params.get("next", "/")), 303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=self.secure_cookie, path="/")
         return response

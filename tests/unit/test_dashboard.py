@@ -143,7 +143,7 @@ def test_a_read_or_write_token_opens_the_pages_by_header_or_by_the_login_forms_c
     web = client(f"viewer:read:{READ},deploy:write:{WRITE}")
     assert web.get("/", headers={"authorization": f"Bearer {WRITE}"}).status_code == 200
     refused = web.post("/login", data={"token": "wrong-token-0123456789"})
-    assert refused.status_code == 401 and COOKIE not in refused.cookies
+    assert refused.status_code == 401 and COOKIE not in refused.cookies and "not known" in refused.text
     login = web.post("/login?next=/models/digits", data={"token": READ})
     assert login.status_code == 303 and login.headers["location"] == "/models/digits"
     cookie = login.headers["set-cookie"]

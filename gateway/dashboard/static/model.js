@@ -51,7 +51,7 @@ function draw(id, title, series, columns, extra) {
     width,
     height: 200,
     series: [{}, ...series],
-    axes: [{}, { size: 60 }, ...((extra && extra.axes) || [])],
+    axes: [{}, { size: 60, ...((extra && extra.yAxis) || {}) }, ...((extra && extra.axes) || [])],
     scales: { x: { time: true }, ...((extra && extra.scales) || {}) },
     bands: (extra && extra.bands) || [],
     legend: { live: true },
@@ -75,8 +75,12 @@ function drawCharts() {
       { label: "canary weight %", stroke: color(0), width: 2, scale: "%" },
       { label: "step", stroke: color(1), width: 2, scale: "step", paths: uPlot.paths.stepped({ align: 1 }) },
     ],
-    [x, column((p) => p.weight_pct), column((p) => (p.phase === "idle" ? null : p.step))],
-    { scales: { "%": { range: [0, 100] }, step: { range: (u, lo, hi) => [0, Math.max(1, hi || 1)] } }, axes: [{ scale: "step", side: 1, size: 40 }] },
+    [x, column((p) => p.weight_pct), column((p) => (AT_REST.has(p.phase) ? null : p.step))],
+    {
+      scales: { "%": { range: [0, 100] }, step: { range: (u, lo, hi) => [0, Math.max(1, hi || 1)] } },
+      yAxis: { scale: "%" },
+      axes: [{ scale: "step", side: 1, size: 40, grid: { show: false } }],
+    },
   );
   for (const name of checksSeen()) {
     const get = (key) => column((p) => (p.checks[name] ? p.checks[name][key] : null));
@@ -98,7 +102,10 @@ function drawCharts() {
   const latency = [...perVersion("p50_ms", "p50"), ...perVersion("p99_ms", "p99").map(([s, c]) => [{ ...s, dash: [5, 3] }, c])];
   draw("chart-latency", "Latency per version (ms): p50 solid, p99 dashed", latency.map((s) => s[0]), [x, ...latency.map((s) => s[1])]);
   const errors = perVersion("error_rate", "error rate");
-  draw("chart-errors", "Error rate per version", errors.map((s) => s[0]), [x, ...errors.map((s) => s[1])]);
+  // A fraction: at least 0..1 %, so no errors reads as a flat line at 0, not a 0..100 axis.
+  draw("chart-errors", "Error rate per version", errors.map((s) => s[0]), [x, ...errors.map((s) => s[1])], {
+    scales: { y: { range: (u, lo, hi) => [0, Math.max(0.01, hi || 0)] } },
+  });
   const accuracy = [];
   const bands = [];
   versions.forEach((v, i) => {
@@ -128,7 +135,7 @@ function renderSummary(s) {
     ["canary", s.canary ? `v${s.canary} at ${fmt(s.weight_pct, 3)} %` : "none"],
     ["shadows", shadows],
     ["rollout", s.candidate && s.phase !== "idle" ? `${s.phase}, candidate v${s.candidate}` : s.phase],
-    ["step", s.phase === "idle" ? "–" : String(s.step)],
+    ["step", AT_REST.has(s.phase) ? "–" : String(s.step)],
     ["next", s.next ? `${s.next}: ${s.reason}` : "–"],
     ["labels joined", fmt(s.labels_joined)],
   ];

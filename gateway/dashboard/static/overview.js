@@ -14,7 +14,7 @@ function renderOverview(body) {
       el("td", { text: m.canary ? `${fmt(m.weight_pct, 3)} %` : "–" }),
       el("td", { text: shadows }),
       el("td", { class: `phase ${m.phase}`, text: m.candidate && m.phase !== "idle" ? `${m.phase} (v${m.candidate})` : m.phase }),
-      el("td", { text: m.phase === "idle" ? "–" : String(m.step) }),
+      el("td", { text: AT_REST.has(m.phase) ? "–" : String(m.step) }),
       el("td", { text: m.next || "–" }),
       alertMarks(m.alerts),
     );
