@@ -38,6 +38,9 @@ def checkout_root() -> Path | None:
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
     add_help_option=False,
+    epilog="\b\nExamples:\n  gateway bench --help                    # the bench's own options\n"
+    "  gateway bench --smoke                   # a few seconds (CI runs this)\n"
+    "  gateway bench --model digits --concurrency 1,16,64 --duration 3 --baselines bare,naive,gateway",
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:

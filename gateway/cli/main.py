@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,51 @@ Examples:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What every LogRecord carries; anything else on a record came from `extra=` and is kept.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (RFC 3339, UTC), level, logger, message, the `extra=`
+    fields and, for an exception, its traceback; for log collectors that parse lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        line: dict[str, object] = {
+            "time": stamp.replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """The serving process's log lines on stderr, as text for people or JSON for collectors."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+MAIN_EPILOG = """\b
+Examples:
+  gateway serve --models models
+  gateway demo
+  gateway rollout start digits 2 --reason 'new MLP' && gateway report digits --watch 2
+  gateway COMMAND --help      # each command's options and examples
+"""
+
+DEMO_EPILOG = """\b
+Example:
+  gateway demo                 # about a minute; prints the policy, the story and the audit trail
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=MAIN_EPILOG)
 @click.version_option(package_name="release-gateway")
 def main() -> None:
     """A release-aware model-serving gateway (Open Inference Protocol over gRPC and REST).
@@ -70,23 +116,40 @@ def main() -> None:
 @click.option("--tls-key", type=click.Path(path_type=Path), help="Server private key (PEM).")
 @click.option("--tls-client-ca", type=click.Path(path_type=Path), help="CA for client certificates: mutual TLS.")
 @click.option("--capture-dir", type=click.Path(file_okay=False, path_type=Path), help="Capture live requests here.")
-@click.option("--capture-fraction", type=click.FloatRange(0, 1, min_open=True), help="Share captured. [0.01]")
-@click.option("--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [.gateway-state]")
+@click.option("--capture-fraction", type=click.FloatRange(0, 1, min_open=True), help="Share captured. [default: 0.01]")
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [default: .gateway-state]"
+)
 @click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
-@click.option("--cuda-device", type=int, help="GPU to use. [0]")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="CUDA graphs per preferred batch size. [off]")
+@click.option("--cuda-device", type=int, help="GPU to use. [default: 0]")
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs", default=None, help="CUDA graphs per preferred batch size. [default: off]"
+)
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
-@click.option("--max-inflight", type=int, help="Calls in flight per process; more are refused at once. [1024]")
-@click.option("--max-streams", type=int, help="Open streams per process, apart from --max-inflight. [256]")
-@click.option("--stream-idle", "stream_idle_s", type=float, help="End a stream idle this many seconds; 0: never. [300]")
+@click.option("--max-inflight", type=int, help="Calls in flight per process; more are refused at once. [default: 1024]")
+@click.option("--max-streams", type=int, help="Open streams per process, apart from --max-inflight. [default: 256]")
+@click.option(
+    "--stream-idle", "stream_idle_s", type=float, help="End a stream idle this many seconds; 0: never. [default: 300]"
+)
 @click.option("--grace", "grace_s", type=float, help="Seconds to answer in-flight requests on SIGTERM. [default: 10]")
 @click.option("--intra-op-threads", type=int, help="onnxruntime threads per session; 0 lets it decide. [default: 0]")
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), help="Event loop. [default: uvloop]")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Least severe log lines written (to stderr). [default: INFO]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="text: one line for people; json: one JSON object a line (time, level, logger, message, extras). "
+    "[default: text]",
+)
 @click.option(
     "--otlp-endpoint",
-    help="OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (OTEL_* honoured). [off]",
+    help="OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (OTEL_* honoured). "
+    "[default: off]",
 )
 @click.option(
     "--config",
@@ -110,9 +173,7 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         # usage text click would add says nothing about a config file's mistake.
         click.echo(f"gateway: {exc}", err=True)
         sys.exit(2)
-    logging.basicConfig(
-        level=settings.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     from gateway.server import gateway as server
     from gateway.server.workers import serve_workers, worker_count
 
@@ -139,6 +200,8 @@ def _add_commands() -> None:
 
     for command in COMMANDS:
         main.add_command(command)
+    if not demo.epilog:  # demo.py's own examples win once it has some
+        demo.epilog = DEMO_EPILOG
     main.add_command(demo)
     main.add_command(replay_command, "replay")
     main.add_command(bench)

@@ -60,13 +60,25 @@ def markup(text: object) -> str:
 _PLAIN_BRACKET = re.compile(r"\[(?![a-z#/@][^[]*?\])")
 
 
+def examples(*lines: str) -> str:
+    """A click epilog: `Example:` or `Examples:` and the command lines, kept as written (\\b)."""
+    title = "Example:" if len(lines) == 1 else "Examples:"
+    return "\b\n" + title + "\n" + "\n".join(f"  {line}" for line in lines)
+
+
+REASON_HELP = "Why: recorded in the audit log with your name."
+
+
 def connection_options(func: F) -> F:
     """--control/--token/TLS flags on every client command; the client lands in `client`."""
 
     @click.option(
-        "--control", "address", metavar="HOST:PORT", help="Control API. [env GATEWAY_CONTROL; 127.0.0.1:8003]"
+        "--control",
+        "address",
+        metavar="HOST:PORT",
+        help="Control API. [env var: GATEWAY_CONTROL; default: 127.0.0.1:8003]",
     )
-    @click.option("--token", help="Bearer token. [env GATEWAY_TOKEN]")
+    @click.option("--token", help="Bearer token (a read or write token from --tokens-file). [env var: GATEWAY_TOKEN]")
     @click.option("--tls-ca", type=click.Path(exists=True, path_type=Path), help="CA that signed the server (TLS).")
     @click.option("--tls-cert", type=click.Path(exists=True, path_type=Path), help="Client certificate (mutual TLS).")
     @click.option("--tls-key", type=click.Path(exists=True, path_type=Path), help="Client key (mutual TLS).")
@@ -250,7 +262,7 @@ def wrapped(lines: list[str], width: int) -> list[str]:
     return [piece for line in lines for piece in wrap(line, width)]
 
 
-@click.command()
+@click.command(epilog=examples("gateway status", "GATEWAY_CONTROL=10.0.0.5:8003 GATEWAY_TOKEN=... gateway status"))
 @connection_options
 def status(client: ControlClient) -> None:
     """Every model's release: stable, canary and weight, shadows, rollout phase; during a
@@ -267,7 +279,7 @@ def status(client: ControlClient) -> None:
                 click.echo(line)
 
 
-@click.group()
+@click.group(epilog=examples("gateway traffic set digits --canary 2 --weight 10 --reason 'try v2'"))
 def traffic() -> None:
     """Split live traffic between the stable version and a canary."""
 
@@ -280,7 +292,7 @@ def traffic() -> None:
 @click.argument("model")
 @click.option("--canary", default=None, help="Canary version. [default: the current canary]")
 @click.option("--weight", type=click.FloatRange(0, 100), required=True, help="Percent of traffic on the canary.")
-@click.option("--reason", default="", help="Recorded in the audit log.")
+@click.option("--reason", default="", help=REASON_HELP)
 @connection_options
 def traffic_set(client: ControlClient, model: str, canary: str | None, weight: float, reason: str) -> None:
     """Send WEIGHT percent of MODEL's traffic (sticky by routing key) to the canary."""
@@ -297,16 +309,18 @@ def traffic_set(client: ControlClient, model: str, canary: str | None, weight: f
     console.print(_release_line(release))
 
 
-@click.group()
+@click.group(epilog=examples("gateway shadow add digits 3 --fraction 0.5", "gateway shadow remove digits 3"))
 def shadow() -> None:
     """Mirror copies of live traffic to a version; its answers are compared, never returned."""
 
 
-@shadow.command("add")
+@shadow.command("add", epilog=examples("gateway shadow add digits 3 --fraction 0.5 --reason 'compare v3 offline'"))
 @click.argument("model")
 @click.argument("version")
-@click.option("--fraction", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Share mirrored.")
-@click.option("--reason", default="")
+@click.option(
+    "--fraction", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Share of requests mirrored."
+)
+@click.option("--reason", default="", help=REASON_HELP)
 @connection_options
 def shadow_add(client: ControlClient, model: str, version: str, fraction: float, reason: str) -> None:
     """Mirror FRACTION of MODEL's stable traffic to VERSION."""
@@ -314,10 +328,10 @@ def shadow_add(client: ControlClient, model: str, version: str, fraction: float,
     console.print(_release_line(client.call(client.stub.AddShadow, request)))
 
 
-@shadow.command("remove")
+@shadow.command("remove", epilog=examples("gateway shadow remove digits 3 --reason 'seen enough'"))
 @click.argument("model")
 @click.argument("version")
-@click.option("--reason", default="")
+@click.option("--reason", default="", help=REASON_HELP)
 @connection_options
 def shadow_remove(client: ControlClient, model: str, version: str, reason: str) -> None:
     """Stop mirroring to VERSION."""
@@ -325,15 +339,19 @@ def shadow_remove(client: ControlClient, model: str, version: str, reason: str) 
     console.print(_release_line(client.call(client.stub.RemoveShadow, request)))
 
 
-@click.group()
+@click.group(
+    epilog=examples(
+        "gateway rollout start digits 2 --reason 'new MLP'", "gateway rollout pause digits", "gateway status"
+    )
+)
 def rollout() -> None:
     """Automatic, evidence-based rollouts (the model's [policy] decides each step)."""
 
 
-@rollout.command("start", epilog="\b\nExample:\n  gateway rollout start digits 2 --reason 'new MLP'")
+@rollout.command("start", epilog=examples("gateway rollout start digits 2 --reason 'new MLP'"))
 @click.argument("model")
 @click.argument("candidate")
-@click.option("--reason", default="")
+@click.option("--reason", default="", help=REASON_HELP)
 @connection_options
 def rollout_start(client: ControlClient, model: str, candidate: str, reason: str) -> None:
     """Start moving CANDIDATE through the policy's traffic steps."""
@@ -341,22 +359,43 @@ def rollout_start(client: ControlClient, model: str, candidate: str, reason: str
     console.print(_release_line(client.call(client.stub.StartRollout, request)))
 
 
-def _action(name: str, method: str, doc: str) -> click.Command:
+def _action(name: str, method: str, doc: str, example: str) -> click.Command:
     @click.argument("model")
-    @click.option("--reason", default="", help="Recorded in the audit log.")
+    @click.option("--reason", default="", help=REASON_HELP)
     @connection_options
     def command(client: ControlClient, model: str, reason: str) -> None:
         request = rpb.ModelActionRequest(model=model, reason=reason)
         console.print(_release_line(client.call(getattr(client.stub, method), request)))
 
     command.__doc__ = doc
-    return click.command(name)(command)
+    return click.command(name, epilog=examples(example))(command)
 
 
-rollout.add_command(_action("pause", "Pause", "Hold the rollout where it is (no automatic steps)."))
-rollout.add_command(_action("resume", "Resume", "Let a paused rollout go on."))
-promote = _action("promote", "Promote", "Make the canary (or the rollout's candidate) the stable version now.")
-rollback = _action("rollback", "Rollback", "Send all traffic back to stable and stop mirroring to the candidate.")
+rollout.add_command(
+    _action(
+        "pause",
+        "Pause",
+        "Hold the rollout where it is (no automatic steps).",
+        "gateway rollout pause digits --reason 'look at the errors first'",
+    )
+)
+rollout.add_command(
+    _action(
+        "resume", "Resume", "Let a paused rollout go on.", "gateway rollout resume digits --reason 'errors explained'"
+    )
+)
+promote = _action(
+    "promote",
+    "Promote",
+    "Make the canary (or the rollout's candidate) the stable version now.",
+    "gateway promote digits --reason 'accuracy +1.2 points on 3,000 labelled rows'",
+)
+rollback = _action(
+    "rollback",
+    "Rollback",
+    "Send all traffic back to stable and stop mirroring to the candidate.",
+    "gateway rollback digits --reason 'p99 doubled'",
+)
 
 
 @click.command(
@@ -364,8 +403,10 @@ rollback = _action("rollback", "Rollback", "Send all traffic back to stable and 
     "  gateway report digits --json | jq .versions\n  gateway report digits --plot rollout.png"
 )
 @click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (shape in docs/cli.md).")
+@click.option(
+    "--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C. [default: once]"
+)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the rollout over time as PNG.")
 @connection_options
 def report(client: ControlClient, model: str, as_json: bool, watch: float | None, plot: Path | None) -> None:
@@ -591,9 +632,9 @@ def audit_json(r: rpb.AuditRecord) -> dict[str, Any]:
 
 @click.command(epilog="\b\nExamples:\n  gateway audit digits\n  gateway audit --since 2026-11-26T09:00 --json")
 @click.argument("model", required=False, default="")
-@click.option("--since", help="ISO time (UTC unless it says otherwise).")
-@click.option("--until", help="ISO time.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
+@click.option("--since", help="Records from this ISO time on (UTC unless it says otherwise). [default: the first]")
+@click.option("--until", help="Records before this ISO time (UTC unless it says otherwise). [default: now]")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per record (shape in docs/cli.md).")
 @connection_options
 def audit(client: ControlClient, model: str, since: str | None, until: str | None, as_json: bool) -> None:
     """The audit log: every change and refusal, who asked, why, and the evidence."""
@@ -680,7 +721,7 @@ def feedback_batches(
         yield batch
 
 
-@click.group()
+@click.group(epilog=examples("gateway feedback send digits labels.jsonl"))
 def feedback() -> None:
     """Ground truth for earlier predictions, joined by request id."""
 
@@ -688,7 +729,8 @@ def feedback() -> None:
 @feedback.command(
     "send",
     epilog='\b\nFILE formats:\n  labels.jsonl  {"request_id": "r1", "label": 7}\n'
-    '                {"request_id": "r2", "labels": [7, 3]}   (one per row)\n  labels.csv    request_id,label',
+    '                {"request_id": "r2", "labels": [7, 3]}   (one per row)\n  labels.csv    request_id,label\n'
+    + examples("gateway feedback send digits labels.jsonl", "gateway feedback send digits labels.csv --batch 500"),
 )
 @click.argument("model")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -740,14 +782,14 @@ def feedback_send(client: ControlClient, model: str, file: Path, batch: int) -> 
         sys.exit(EXIT_REFUSED)
 
 
-@click.group()
+@click.group(epilog=examples("gateway models load digits", "gateway models unload digits"))
 def models() -> None:
     """Load or unload models from the gateway's repository (by name only)."""
 
 
-@models.command("load")
+@models.command("load", epilog=examples("gateway models load digits --reason 'v4 copied in'"))
 @click.argument("model")
-@click.option("--reason", default="")
+@click.option("--reason", default="", help=REASON_HELP)
 @connection_options
 def models_load(client: ControlClient, model: str, reason: str) -> None:
     """Load MODEL (or reload it: the old versions serve until the new ones are warm)."""
@@ -756,9 +798,9 @@ def models_load(client: ControlClient, model: str, reason: str) -> None:
     console.print(f"{markup(status.model)}: serving versions {versions}{_on_workers(status)}")
 
 
-@models.command("unload")
+@models.command("unload", epilog=examples("gateway models unload digits --reason 'retired'"))
 @click.argument("model")
-@click.option("--reason", default="")
+@click.option("--reason", default="", help=REASON_HELP)
 @connection_options
 def models_unload(client: ControlClient, model: str, reason: str) -> None:
     """Stop serving MODEL (requests in flight are answered)."""

@@ -135,7 +135,9 @@ async def replay(
     show_default=True,
     help="original: the captured timing; fast: as fast as --concurrency allows.",
 )
-@click.option("--concurrency", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option(
+    "--concurrency", type=click.IntRange(1, 1024), default=16, show_default=True, help="Requests in flight at once."
+)
 @click.option("--limit", type=click.IntRange(1), default=None, help="At most this many requests.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @click.option("--require-exact", is_flag=True, help="Exit 1 unless every answer equals the recorded one.")

@@ -25,6 +25,7 @@ ProviderMode = Literal["auto", "cuda", "cpu"]
 LoopKind = Literal["uvloop", "asyncio"]
 BatchingMode = Literal["spec", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 
 ENV_PREFIX = "GATEWAY_"
@@ -110,6 +111,8 @@ class GatewaySettings:
     max_contents_values: int = 1 << 20
     grace_s: float = 10.0
     log_level: str = "INFO"
+    # "text": lines for people; "json": one JSON object a line, for log collectors.
+    log_format: LogFormat = "text"
     loop: LoopKind = "uvloop"
     # "spec": dynamic batching as each model's spec says; "off": one run per request.
     batching: BatchingMode = "spec"

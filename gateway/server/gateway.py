@@ -491,6 +491,8 @@ async def _serve(settings: GatewaySettings) -> None:
     log.info("serving %d model versions%s", sum(1 for _ in gateway.registry or ()), extras)
     print(f"listening on {format_address(settings.host, port)}", flush=True)
     await gateway.wait_stopped()
+    # The last line: log readers (and --log-format json collectors) see the drain finished.
+    log.info("stopped")
 
 
 __all__ = ["Gateway", "run"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -17,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -166,3 +168,60 @@ def test_feedback_progress_is_one_line_per_update_in_a_pipe(server: Process, tmp
     lines = result.stdout.splitlines()
     assert lines[:3] == [f"sent {n} labels ({n} joined)" for n in (1, 2, 3)], lines
     assert lines[3].startswith("sent 3 labels: 3 joined"), lines
+
+
+def every_command(group: click.Group, path: tuple[str, ...] = ("gateway",)) -> Iterator[tuple[str, click.Command]]:
+    """The command tree, walked: (the command line, the command) for the group and each command under it."""
+    yield " ".join(path), group
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from every_command(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+# A default, an environment variable, a range or "required" in the one style click writes them.
+HINT_PART = re.compile(r"(default: .+|env var: [A-Z_]+|required|[0-9.]*[<>]?=?x[<>]?=?[0-9.]*)")
+
+
+def test_every_command_has_an_example_and_every_option_help_in_one_style() -> None:
+    from gateway.cli.main import main
+
+    commands = dict(every_command(main))
+    for expected in ("gateway status", "gateway promote", "gateway rollback", "gateway demo", "gateway serve"):
+        assert expected in commands, sorted(commands)
+    for line, command in commands.items():
+        context = click.Context(command, info_name=line)
+        assert "Example" in command.get_help(context), f"{line} --help has no example"
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            record = param.get_help_record(context)
+            assert record is not None and param.help, f"{line} {param.opts[0]} has no help text"
+            hint = re.search(r"\[([^\[\]]*)\]\s*$", record[1])
+            if hint:  # a trailing [...] says defaults, ranges, environment variables only, as click does
+                for part in hint.group(1).split("; "):
+                    assert HINT_PART.fullmatch(part), f"{line} {param.opts[0]}: {record[1]!r}"
+
+
+def test_help_prints_examples_from_the_command_line() -> None:
+    for args in (("status",), ("rollout", "pause"), ("models", "unload"), ("serve",)):
+        result = subprocess.run(gateway_command(*args, "--help"), capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 0 and "Example" in result.stdout, result.stdout
+
+
+def test_serve_log_format_json_one_object_a_line_ending_with_stopped(tmp_path: Path) -> None:
+    with gateway_process("--load", "digits", "--workers", "1", "--log-format", "json") as running:
+        infer(running, "digits", 3, "log")
+        assert running.stop() == 0
+        deadline = time.monotonic() + 10
+        while not running.lines or ("stopped" not in running.lines[-1] and time.monotonic() < deadline):
+            time.sleep(0.1)
+        lines = [line for line in running.lines if not line.startswith("listening on ")]
+    records = [json.loads(line) for line in lines]
+    assert records, running.lines
+    for record in records:
+        assert {"time", "level", "logger", "message"} <= record.keys(), record
+        rfc3339(record["time"])
+    assert any(r["message"].startswith("loaded digits version 1") for r in records), records
+    assert (records[-1]["message"], records[-1]["level"]) == ("stopped", "INFO"), records[-1]
