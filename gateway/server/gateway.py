@@ -286,6 +286,9 @@ class Gateway:
             streams,
             ErrorMappingInterceptor(infer_parsers(WireLimits.from_settings(s))),
         ]
+        if log.isEnabledFor(logging.DEBUG):
+            # Only at DEBUG: otherwise no call pays for the wrapper.
+            wrappers.append(RequestLog(REQUEST_LOG_EVERY))
         services = WrappedRegistration(server, wrappers)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s), self.tracing), services
@@ -452,6 +455,47 @@ class Gateway:
             return
         log.info("%s received: draining (grace %.1f s)", sig.name, self.settings.grace_s)
         asyncio.get_running_loop().create_task(self.drain())
+
+
+# At DEBUG, one inference call in this many gets a log line: a line per call would cost more
+# than the call. To log every call, set it to 1 here (there is no setting for it yet).
+REQUEST_LOG_EVERY = 100
+
+
+class RequestLog:
+    """One DEBUG line for every `every`-th unary call (method, status, milliseconds), outermost:
+    it times what the caller waits for."""
+
+    def __init__(self, every: int) -> None:
+        self._every = every
+        self._calls = 0
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
+        if inner is None:
+            return handler
+
+        async def logged(request: object, context: aio.ServicerContext[object, object]) -> object:
+            self._calls += 1
+            if self._calls % self._every:
+                return await inner(request, context)
+            start = time.perf_counter()
+            status = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                status = "ERROR"
+                raise
+            finally:
+                code = context.code()
+                if code is not None and code != grpc.StatusCode.OK:
+                    status = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                elapsed_ms = round((time.perf_counter() - start) * 1e3, 3)
+                extra = {"method": method, "status": status, "ms": elapsed_ms, "sampled_1_in": self._every}
+                log.debug("request %s %s %.3f ms", method, status, elapsed_ms, extra=extra)
+
+        wrapped: grpc.RpcMethodHandler = handler._replace(unary_unary=logged)
+        return wrapped
 
 
 async def _reserve(stack: AsyncExitStack) -> AsyncExitStack:

@@ -211,8 +211,9 @@ def test_help_prints_examples_from_the_command_line() -> None:
 
 
 def test_serve_log_format_json_one_object_a_line_ending_with_stopped(tmp_path: Path) -> None:
-    with gateway_process("--load", "digits", "--workers", "1", "--log-format", "json") as running:
-        infer(running, "digits", 3, "log")
+    debug = ("--log-format", "json", "--log-level", "DEBUG")
+    with gateway_process("--load", "digits", "--workers", "1", *debug) as running:
+        infer(running, "digits", 250, "log")  # one call in 100 is logged at DEBUG
         assert running.stop() == 0
         deadline = time.monotonic() + 10
         while not running.lines or ("stopped" not in running.lines[-1] and time.monotonic() < deadline):
@@ -225,3 +226,7 @@ def test_serve_log_format_json_one_object_a_line_ending_with_stopped(tmp_path: P
         rfc3339(record["time"])
     assert any(r["message"].startswith("loaded digits version 1") for r in records), records
     assert (records[-1]["message"], records[-1]["level"]) == ("stopped", "INFO"), records[-1]
+    requests = [r for r in records if r.get("method") == "/inference.GRPCInferenceService/ModelInfer"]
+    assert len(requests) == 2, [r["message"] for r in records]
+    assert all(r["level"] == "DEBUG" and r["status"] == "OK" and r["sampled_1_in"] == 100 for r in requests)
+    assert all(isinstance(r["ms"], float) and r["ms"] > 0 for r in requests), requests
