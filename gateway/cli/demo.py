@@ -124,6 +124,9 @@ def _start_gateway(repo: Path, state: Path) -> Launched:
         # The demo speaks gRPC only: no REST port, so 8000 being taken elsewhere cannot stop it.
         "--http-port",
         "-1",
+        # The dashboard on a free port (its URL is printed): the rollouts can be watched in a browser.
+        "--dashboard-port",
+        "0",
         "--workers",
         "1",
         "--state-dir",
@@ -318,6 +321,7 @@ def demo(models: Path) -> None:
     traffic = LabelledTraffic(address, control, models)
     try:
         console.print(f"gateway on {address}, control API on {control_address}")
+        console.print(f"watch it live in a browser: {launched.dashboard}")
         console.print(
             f"sending labelled traffic: {ROWS} held-out rows a request, each request's labels "
             f"{LABEL_DELAY_S:g} s later (as ground truth arrives late)"

@@ -23,13 +23,16 @@ from gateway.release.assessment import rollout_view
 from gateway.release.evidence import VersionReport
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ModelReport, ReleasePlane
-from gateway.release.policy import ACTIVE
+from gateway.release.policy import ACTIVE, Phase
 
 # One sample a second, an hour of them per model (a sample is a few hundred bytes).
 SAMPLE_S = 1.0
 HISTORY_SAMPLES = 3600
 # The audit records a model page shows, newest first.
 AUDIT_LIMIT = 50
+# Phases in which a rollout sits at one of the policy's traffic steps; the step is shown
+# 1-based there, as `gateway status` shows it, and null elsewhere.
+AT_A_STEP = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING})
 
 Json = dict[str, Any]
 # What a sample keeps of each version's figures: what the charts plot.
@@ -105,7 +108,7 @@ class Sources:
             "shadows": {v: f * 100 for v, f in sorted(state.shadows.items())},
             "revision": state.revision,
             "phase": rollout.phase.value,
-            "step": rollout.step,
+            "step": rollout.step + 1 if rollout.phase in AT_A_STEP else None,
             "candidate": rollout.candidate,
             "next": view.get("next") or view.get("if_resumed"),
             "reason": view.get("reason"),

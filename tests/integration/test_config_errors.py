@@ -191,6 +191,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "http_port": [-2, 65536],
     "metrics_port": [-2, 65536],
     "control_port": [-2, 65536],
+    "dashboard_port": [-2, 65536],
     "workers": [-1, 1_000_000],
     "max_message_bytes": [0, 1023, 1 << 31],
     "max_inflight": [0, -5, 1 << 31],

@@ -2,8 +2,6 @@
 "use strict";
 
 const POLL_MS = 1500;
-// Phases with no step in progress (the step number is left at 0).
-const AT_REST = new Set(["idle", "succeeded", "rolled_back"]);
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);

@@ -75,7 +75,7 @@ function drawCharts() {
       { label: "canary weight %", stroke: color(0), width: 2, scale: "%" },
       { label: "step", stroke: color(1), width: 2, scale: "step", paths: uPlot.paths.stepped({ align: 1 }) },
     ],
-    [x, column((p) => p.weight_pct), column((p) => (AT_REST.has(p.phase) ? null : p.step))],
+    [x, column((p) => p.weight_pct), column((p) => p.step)],
     {
       scales: { "%": { range: [0, 100] }, step: { range: (u, lo, hi) => [0, Math.max(1, hi || 1)] } },
       yAxis: { scale: "%" },
@@ -135,7 +135,7 @@ function renderSummary(s) {
     ["canary", s.canary ? `v${s.canary} at ${fmt(s.weight_pct, 3)} %` : "none"],
     ["shadows", shadows],
     ["rollout", s.candidate && s.phase !== "idle" ? `${s.phase}, candidate v${s.candidate}` : s.phase],
-    ["step", AT_REST.has(s.phase) ? "–" : String(s.step)],
+    ["step", s.step === null ? "–" : String(s.step)],
     ["next", s.next ? `${s.next}: ${s.reason}` : "–"],
     ["labels joined", fmt(s.labels_joined)],
   ];
@@ -179,7 +179,7 @@ function render(body) {
   const s = body.snapshot;
   const main = document.getElementById("model");
   main.dataset.points = String(points.length);
-  main.dataset.step = String(s.step);
+  main.dataset.step = s.step === null ? "" : String(s.step);
   main.dataset.phase = s.phase;
   main.dataset.weight = String(s.weight_pct);
   renderSummary(s);

@@ -7,14 +7,14 @@ function renderOverview(body) {
     const shadows = Object.entries(m.shadows).map(([v, p]) => `v${v} (${fmt(p, 3)} %)`).join(", ") || "–";
     return el(
       "tr",
-      { "data-model": m.model, "data-phase": m.phase, "data-step": String(m.step), "data-alert": level, class: level },
+      { "data-model": m.model, "data-phase": m.phase, "data-step": m.step === null ? "" : String(m.step), "data-alert": level, class: level },
       el("td", {}, el("a", { href: `/models/${encodeURIComponent(m.model)}`, text: m.model })),
       el("td", { text: `v${m.stable}` }),
       el("td", { text: m.canary ? `v${m.canary}` : "–" }),
       el("td", { text: m.canary ? `${fmt(m.weight_pct, 3)} %` : "–" }),
       el("td", { text: shadows }),
       el("td", { class: `phase ${m.phase}`, text: m.candidate && m.phase !== "idle" ? `${m.phase} (v${m.candidate})` : m.phase }),
-      el("td", { text: AT_REST.has(m.phase) ? "–" : String(m.step) }),
+      el("td", { text: m.step === null ? "–" : String(m.step) }),
       el("td", { text: m.next || "–" }),
       alertMarks(m.alerts),
     );
