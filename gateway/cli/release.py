@@ -158,25 +158,32 @@ def _figures(v: rpb.VersionReport) -> list[tuple[str, str]]:
 
 
 def report_table(report: rpb.Report, width: int | None = None) -> RenderableType:
-    """The release line over a table: a row per version on a wide terminal, else a column per version.
+    """The release line over a table: a row per version on a wide terminal, else a column per
+    version, in as many tables as it takes to fit (no figure is ever folded across lines).
 
     `width`: the columns to fit (default: the terminal's, or 80 when output is not a terminal)."""
     width = console.width if width is None else width
-    table = Table(box=box.SIMPLE_HEAD)
     rows = [(v, _figures(v)) for v in report.versions]
+    labels = [label for label, _ in _figures(rpb.VersionReport())]
+    tables: list[Table] = []
     if width >= WIDE_REPORT_COLUMNS:
+        table = _report_grid()
         table.add_column("version")
         table.add_column("role")
-        for label, _ in _figures(rpb.VersionReport()):
+        for label in labels:
             table.add_column(label, justify="right", overflow="fold")
         for v, figures in rows:
             table.add_row(markup(v.version), markup(v.role), *(value for _, value in figures))
+        tables.append(table)
     else:
-        table.add_column("")
-        for v, _ in rows:
-            table.add_column(f"{markup(v.version)}\n{markup(v.role)}", justify="right", overflow="fold")
-        for i, (label, _) in enumerate(_figures(rpb.VersionReport())):
-            table.add_row(label, *(figures[i][1] for _, figures in rows))
+        for group in _fitting(rows, width - max(map(len, labels)) - 1):
+            table = _report_grid()
+            table.add_column("")
+            for v, _ in group:
+                table.add_column(f"{markup(v.version)}\n{markup(v.role)}", justify="right", no_wrap=True)
+            for i, label in enumerate(labels):
+                table.add_row(label, *(figures[i][1] for _, figures in group))
+            tables.append(table)
     shadows = [
         f"shadow {markup(version)}: {c.mirrored} mirrored, {c.dropped} dropped, {c.failed} failed, "
         f"{c.timed_out} timed out" + (" (circuit open)" if c.circuit_open else "")
@@ -188,7 +195,31 @@ def report_table(report: rpb.Report, width: int | None = None) -> RenderableType
         UNITS_NOTE,
     ]
     # Under the table rather than its caption: a caption is folded to the table's width.
-    return Group(_release_line(report.release), table, *notes)
+    return Group(_release_line(report.release), *tables, *notes)
+
+
+def _report_grid() -> Table:
+    # No outer edge or edge padding: two columns more for figures in a narrow terminal.
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+
+
+def _fitting(
+    rows: list[tuple[rpb.VersionReport, list[tuple[str, str]]]], width: int
+) -> Iterator[list[tuple[rpb.VersionReport, list[tuple[str, str]]]]]:
+    """Versions in runs whose columns (widest figure or name, padding and divider) fit `width`."""
+    group: list[tuple[rpb.VersionReport, list[tuple[str, str]]]] = []
+    used = 0
+    for row in rows:
+        v, figures = row
+        # A space each side and the column divider before it.
+        need = max(len(one_line(v.version)), len(one_line(v.role)), *(len(value) for _, value in figures)) + 3
+        if group and used + need > width:
+            yield group
+            group, used = [], 0
+        group.append(row)
+        used += need
+    if group:
+        yield group
 
 
 def rollout_view(trailers: dict[str, str | bytes]) -> dict[str, Any] | None:
