@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +11,7 @@ import click
 
 from gateway.config.settings import load_settings
 from gateway.errors import GatewayError
+from gateway.logformat import configure_logging
 
 EPILOG = """\b
 Examples:
@@ -22,36 +20,6 @@ Examples:
   gateway serve --models models --http-port -1                # gRPC only, no REST
   GATEWAY_PROVIDER=cpu gateway serve --config gateway.toml
 """
-
-
-TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# What every LogRecord carries; anything else on a record came from `extra=` and is kept.
-_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object a line: time (RFC 3339, UTC), level, logger, message, the `extra=`
-    fields and, for an exception, its traceback; for log collectors that parse lines."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        line: dict[str, object] = {
-            "time": stamp.replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        line.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def configure_logging(level: str, log_format: str) -> None:
-    """The serving process's log lines on stderr, as text for people or JSON for collectors."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 MAIN_EPILOG = """\b

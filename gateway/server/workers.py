@@ -31,6 +31,7 @@ from typing import Any
 
 from gateway.config.settings import GatewaySettings, usable_cores
 from gateway.errors import ConfigError, GatewayError
+from gateway.logformat import configure_logging
 from gateway.server.ports import bind_failure, check_ports, reserve_shared
 from gateway.server.statelock import lock_state_dir
 from gateway.serving.providers import cuda_prerequisites
@@ -76,11 +77,7 @@ def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str,
     from gateway.server import gateway as server
 
     _die_with_parent()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s w{index} %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format, worker=index)
 
     async def run() -> bool:
         gateway = server.Gateway(settings)

@@ -230,3 +230,13 @@ def test_serve_log_format_json_one_object_a_line_ending_with_stopped(tmp_path: P
     assert len(requests) == 2, [r["message"] for r in records]
     assert all(r["level"] == "DEBUG" and r["status"] == "OK" and r["sampled_1_in"] == 100 for r in requests)
     assert all(isinstance(r["ms"], float) and r["ms"] > 0 for r in requests), requests
+
+
+def test_worker_processes_log_json_too_and_say_which_worker(tmp_path: Path) -> None:
+    # Each worker process sets up its own logging: it used to write text whatever --log-format said.
+    with gateway_process("--load", "digits", "--workers", "2", "--log-format", "json") as running:
+        assert running.stop() == 0
+        lines = [line for line in running.lines if not line.startswith("listening on ")]
+    records = [json.loads(line) for line in lines]
+    loaded = [r for r in records if r["message"].startswith("loaded digits version 1")]
+    assert sorted(r["worker"] for r in loaded) == [0, 1], records
