@@ -135,16 +135,16 @@ def _num(value: float, fmt: str = "{:.3f}") -> str:
 
 
 # Below this many columns the report turns on its side: one column per version, one row per
-# figure. Eleven figures side by side need about 130 columns; versions are few (2-4), so the
+# figure. Eleven figures side by side need about 140 columns; versions are few (2-4), so the
 # turned table fits 80 columns and a pipe (rich assumes 80 columns when not on a terminal).
-WIDE_REPORT_COLUMNS = 132
-UNITS_NOTE = "requests: calls; labelled and compared: rows (a call may carry several rows)"
+WIDE_REPORT_COLUMNS = 140
+UNITS_NOTE = "requests/rows: calls, and the rows they carried; labelled and compared: rows too"
 
 
 def _figures(v: rpb.VersionReport) -> list[tuple[str, str]]:
     """One version's figures, labelled, in the order both layouts show them."""
     return [
-        ("requests", str(v.requests)),
+        ("requests/rows", f"{v.requests}/{v.rows}"),
         ("errors", f"{v.error_rate:.2%}" if v.requests else "—"),
         ("p50 ms", _num(v.p50_ms)),
         ("p99 ms", _num(v.p99_ms)),
@@ -588,6 +588,7 @@ def _version_json(v: rpb.VersionReport) -> dict[str, Any]:
         "version": v.version,
         "role": v.role,
         "requests": v.requests,
+        "rows": v.rows,
         "errors": v.errors,
         "error_rate": _finite(v.error_rate) if v.requests else None,
         "p50_ms": _finite(v.p50_ms) if v.requests else None,
@@ -623,7 +624,13 @@ def report_json(report: rpb.Report, view: dict[str, Any] | None) -> dict[str, An
     return {
         "release": release_json(report.release),
         "window_s": report.window_s,
-        "units": {"requests": "calls", "errors": "calls", "labelled_rows": "rows", "compared_rows": "rows"},
+        "units": {
+            "requests": "calls",
+            "errors": "calls",
+            "rows": "rows",
+            "labelled_rows": "rows",
+            "compared_rows": "rows",
+        },
         "versions": [_version_json(v) for v in report.versions],
         "predictions_logged": report.predictions_logged,
         "feedback": {"joined": report.feedback_joined, "unknown": report.feedback_unknown},

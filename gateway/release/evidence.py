@@ -398,6 +398,7 @@ class VersionReport:
     mean_abs_diff: float
     relative_l2: float
     latency_diff_ms: float
+    rows: int  # rows answered: the unit of `labelled` and `compared_rows` (a request may carry several)
 
 
 def version_report(version: str, role: str, w: VersionWindow, pair: PairWindow | None) -> VersionReport:
@@ -423,6 +424,7 @@ def version_report(version: str, role: str, w: VersionWindow, pair: PairWindow |
         mean_abs_diff=p.mean_abs,
         relative_l2=p.relative_l2,
         latency_diff_ms=p.mean_latency_diff_s * 1e3,
+        rows=w.rows,
     )
 
 

@@ -102,11 +102,11 @@ def test_report_fits_80_columns_in_a_pipe_and_names_its_units(server: Process) -
     narrow = cli(server, "report", "hold")
     assert narrow.returncode == 0, narrow.stderr
     assert not long_lines(narrow.stdout), narrow.stdout
-    for label in ("requests", "labelled rows", "compared rows", "95% CI", "p99 ms"):
+    for label in ("requests/rows", "labelled rows", "compared rows", "95% CI", "p99 ms"):
         assert label in narrow.stdout, narrow.stdout
-    assert "requests: calls; labelled and compared: rows" in narrow.stdout
-    # One column per version: the requests row carries both versions' counts.
-    requests = next(line for line in narrow.stdout.splitlines() if line.strip().startswith("requests "))
+    assert "requests/rows: calls, and the rows they carried; labelled and compared: rows too" in narrow.stdout
+    # One column per version: the requests row carries both versions' counts, calls and rows.
+    requests = next(line for line in narrow.stdout.splitlines() if line.strip().startswith("requests/rows "))
     assert len(requests.split()) == 3, requests
     assert "next: hold (inconclusive:" in narrow.stdout
     wide = cli(server, "report", "hold", columns=200)
@@ -123,11 +123,14 @@ def test_report_json_has_numbers_nulls_percent_and_rfc3339(server: Process) -> N
     assert release["canary_weight_percent"] == 1 and release["step"] == 1 and isinstance(release["revision"], int)
     by_role = {v["role"]: v for v in data["versions"]}
     for version in by_role.values():
-        for count in ("requests", "errors", "labelled_rows", "compared_rows"):
+        for count in ("requests", "rows", "errors", "labelled_rows", "compared_rows"):
             assert isinstance(version[count], int) and not isinstance(version[count], bool), (count, version)
         assert version["accuracy"] is None and version["accuracy_low"] is None  # no labels: null, not "NaN"
     assert by_role["stable"]["requests"] > 0 and isinstance(by_role["stable"]["p50_ms"], float)
-    assert data["units"] == {"requests": "calls", "errors": "calls", "labelled_rows": "rows", "compared_rows": "rows"}
+    # Two rows a request here: rows answered (the unit of labelled rows) are twice the calls.
+    assert by_role["stable"]["rows"] == 2 * (by_role["stable"]["requests"] - by_role["stable"]["errors"])
+    units = {"requests": "calls", "errors": "calls", "rows": "rows", "labelled_rows": "rows", "compared_rows": "rows"}
+    assert data["units"] == units
     rollout: dict[str, Any] = data["rollout"]
     assert rollout["phase"] == "progressing" and rollout["step"] == 1 and rollout["next"] == "hold"
     rfc3339(rollout["last_change"]["at"])

@@ -63,14 +63,14 @@ def test_four_versions_with_every_figure_fit_80_columns_in_columns_never_folded(
     assert ci.count("[0.953, 0.982]") == 3, ci
     labelled = next(line for line in lines if line.strip().startswith("labelled rows"))
     assert labelled.split()[2:] == ["9876543"] * 3
-    assert sum(1 for line in lines if line.strip().startswith("requests ")) == 2
-    assert any(line.startswith("requests: calls; labelled and compared: rows") for line in lines)
+    assert sum(1 for line in lines if line.strip().startswith("requests/rows ")) == 2
+    assert any(line.startswith("requests/rows: calls, and the rows they carried") for line in lines)
 
 
 def test_a_wide_terminal_gets_a_row_per_version() -> None:
     lines = render(report_table(wide_report(), width=200), 200)
     header = next(line for line in lines if "version" in line)
-    assert header.split()[:4] == ["version", "role", "requests", "errors"]
+    assert header.split()[:4] == ["version", "role", "requests/rows", "errors"]
     assert "labelled rows" in header and "compared rows" in header
     assert sum(1 for line in lines if "1234567" in line) == 4
 

@@ -74,7 +74,7 @@ def report(**changes: Any) -> VersionReport:
         version="2", role="canary", requests=0, errors=0, error_rate=0.0, p50_ms=0.0, p99_ms=0.0, labelled=0,
         accuracy=math.nan, accuracy_low=math.nan, accuracy_high=math.nan, mean_abs_error=math.nan, compared_rows=0,
         agreement=math.nan, within_tolerance=math.nan, max_abs_diff=math.nan, mean_abs_diff=math.nan,
-        relative_l2=math.nan, latency_diff_ms=math.nan,
+        relative_l2=math.nan, latency_diff_ms=math.nan, rows=0,
     )  # fmt: skip
     return VersionReport(**(base | changes))
 

@@ -212,7 +212,7 @@ class GetReportRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class VersionReport(_message.Message):
-    __slots__ = ("version", "role", "requests", "errors", "error_rate", "p50_ms", "p99_ms", "labelled", "accuracy", "accuracy_low", "accuracy_high", "mean_abs_error", "compared_rows", "agreement", "within_tolerance", "max_abs_diff", "mean_abs_diff", "relative_l2", "latency_diff_ms")
+    __slots__ = ("version", "role", "requests", "errors", "error_rate", "p50_ms", "p99_ms", "labelled", "accuracy", "accuracy_low", "accuracy_high", "mean_abs_error", "compared_rows", "agreement", "within_tolerance", "max_abs_diff", "mean_abs_diff", "relative_l2", "latency_diff_ms", "rows")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class VersionReport(_message.Message):
     MEAN_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_L2_FIELD_NUMBER: _ClassVar[int]
     LATENCY_DIFF_MS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     version: str
     role: str
     requests: int
@@ -251,7 +252,8 @@ class VersionReport(_message.Message):
     mean_abs_diff: float
     relative_l2: float
     latency_diff_ms: float
-    def __init__(self, version: _Optional[str] = ..., role: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., accuracy: _Optional[float] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ..., mean_abs_error: _Optional[float] = ..., compared_rows: _Optional[int] = ..., agreement: _Optional[float] = ..., within_tolerance: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., mean_abs_diff: _Optional[float] = ..., relative_l2: _Optional[float] = ..., latency_diff_ms: _Optional[float] = ...) -> None: ...
+    rows: int
+    def __init__(self, version: _Optional[str] = ..., role: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., accuracy: _Optional[float] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ..., mean_abs_error: _Optional[float] = ..., compared_rows: _Optional[int] = ..., agreement: _Optional[float] = ..., within_tolerance: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., mean_abs_diff: _Optional[float] = ..., relative_l2: _Optional[float] = ..., latency_diff_ms: _Optional[float] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ShadowCounters(_message.Message):
     __slots__ = ("mirrored", "dropped", "failed", "timed_out", "completed", "pending", "circuit_open", "circuit_opened")
