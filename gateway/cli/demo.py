@@ -300,7 +300,12 @@ def _last_id(control: rgrpc.ReleaseServiceStub) -> int:
     show_default=True,
     help="Repository holding the bundled digits model.",
 )
-def demo(models: Path) -> None:
+@click.option(
+    "--keep-files",
+    is_flag=True,
+    help="Keep the demo's work folder (its model copy, state store and audit) instead of removing it at the end.",
+)
+def demo(models: Path, keep_files: bool) -> None:
     """Roll out digits v2 (promoted step by step) and v3 (rolled back) under labelled live traffic."""
     console = Console(highlight=False)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
@@ -347,8 +352,12 @@ def demo(models: Path) -> None:
         console.rule("audit trail")
         for record in control.GetAuditLog(rpb.GetAuditLogRequest(model="digits", limit=1000)).records:
             console.print(describe_audit(record), markup=False)
-        console.print(f"{traffic.sent} requests sent ({traffic.errors} errors); work files in {workdir}")
+        kept = f"work files kept in {workdir}" if keep_files else "work files removed (--keep-files keeps them)"
+        console.print(f"{traffic.sent} requests sent ({traffic.errors} errors); {kept}")
     finally:
         traffic.stop.set()
         proc.terminate()
         proc.wait(20)
+        if not keep_files:
+            # Every run made a new folder under the temporary directory; nothing else uses it.
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -65,3 +65,7 @@ def test_demo_promotes_v2_and_rolls_back_v3() -> None:
     assert audit.count("advance") >= 3  # every step of the policy: 10 %, 25 %, 50 %, then promote
     assert "promote" in audit and "rollback" in audit and re.search(r"accuracy(_paired)? fail", audit)
     assert "(0 errors)" in out
+    # Its work folder (a model copy and a state store a run) is gone: runs used to pile them up.
+    assert "work files removed" in out
+    workdir = re.search(r"state in (\S+)/state\)", out)
+    assert workdir is not None and not os.path.exists(workdir[1]), out[:2000]
