@@ -148,6 +148,8 @@ def main() -> int:
         "0",
         "--control-port",
         "-1",
+        "--dashboard-port",
+        "-1",
         "--http-port",
         "-1",
         "--workers",

@@ -86,8 +86,9 @@ def gateway_command(
     # A fresh store per server: a stored release (say, from `gateway traffic set` in this checkout)
     # would otherwise replace model.toml's, and gateway-shadow would quietly run without its shadow.
     args += ["--state-dir", str(state_dir)]
-    # The control API's fixed default port would collide with anything else on the machine.
-    args += ["--control-port", "-1"]
+    # The control API's and the dashboard's fixed default ports would collide with anything
+    # else on the machine (a gateway already running there: the bench failed to start).
+    args += ["--control-port", "-1", "--dashboard-port", "-1"]
     if c.intra_op_threads:
         args += ["--intra-op-threads", str(c.intra_op_threads)]
     if c.workers is not None:

@@ -6,11 +6,13 @@ depends on how fast anything is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -450,3 +452,16 @@ def test_naive_server_answers_what_onnxruntime_computes(loop: str) -> None:
     np.testing.assert_array_equal(result.as_numpy("probabilities"), probabilities)
     np.testing.assert_array_equal(result.as_numpy("label"), labels)
     assert result.as_numpy("label").dtype == np.int64
+
+
+def test_the_bench_runs_beside_a_gateway_holding_the_default_ports(tmp_path: Path) -> None:
+    # A gateway already serving on this machine holds the default ports; the bench's own
+    # gateways must take none of them (the dashboard's 8004 once failed every target's start).
+    with contextlib.ExitStack() as stack:
+        for port in (8000, 8002, 8003, 8004):
+            holder = stack.enter_context(socket.socket())
+            with contextlib.suppress(OSError):  # already held by something else: the same test
+                holder.bind(("127.0.0.1", port))
+                holder.listen(1)
+        result = gateway_bench("--smoke", "--baselines", "gateway", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
