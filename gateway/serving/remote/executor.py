@@ -1,0 +1,91 @@
+"""The executor process: `python -m gateway.serving.remote.executor --listen @NAME [--models DIR] ...`.
+
+Loads the models with the same builder the workers use (providers, warm-up, batching
+specs), listens for front ends on a Unix SEQPACKET socket, prints `ready ADDRESS` on
+stdout once it accepts them, and serves until SIGTERM or SIGINT: then it disconnects
+the front ends and lets each version's executor finish what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gateway.config.settings import GatewaySettings
+from gateway.serving.builder import ModelBuilder
+from gateway.serving.executor import drain_and_close
+from gateway.serving.remote.server import ExecutorServer, Served, listen, slot_bytes_for
+
+log = logging.getLogger(__name__)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gateway.serving.remote.executor", description=__doc__)
+    parser.add_argument("--listen", required=True, help="socket path, or @NAME in the abstract namespace")
+    parser.add_argument("--models", type=Path, default=Path("models"), help="the model repository")
+    parser.add_argument("--load", action="append", default=[], help="a model to load (repeat); default all")
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads a session (0: cores)")
+    parser.add_argument("--slot-bytes", type=int, default=0, help="slot size offered to front ends (0: from specs)")
+    return parser.parse_args(argv)
+
+
+def load(builder: ModelBuilder) -> list[Served]:
+    """Every version of every model to load, numbered in load order (the ids front ends use)."""
+    served: list[Served] = []
+    for name in builder.model_names():
+        entry = builder.assemble(builder.sessions(name))
+        for version in entry.sorted_versions():
+            loaded = entry.versions[version]
+            model = loaded.model
+            served.append(Served(len(served), name, version, model.inputs, model.outputs, loaded.executor))
+    return served
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = GatewaySettings(
+        models=args.models, load=tuple(args.load), provider=args.provider, intra_op_threads=args.intra_op_threads
+    )
+    with ThreadPoolExecutor(max_workers=64, thread_name_prefix="ort") as pool:
+        builder = ModelBuilder.from_settings(settings, pool, metrics=None)
+        versions = load(builder)
+        repository = builder.repository
+        slot_bytes = args.slot_bytes or max(
+            slot_bytes_for(
+                v.inputs,
+                v.outputs,
+                max(1, repository.spec(v.model).max_batch_size),
+                repository.spec(v.model).limits.max_request_bytes,
+            )
+            for v in versions
+        )
+        server = ExecutorServer(versions, slot_bytes)
+        listener = listen(args.listen)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        accepting = loop.create_task(server.serve(listener))
+        log.info("executor serving %d versions at %s, slots of %d bytes", len(versions), args.listen, slot_bytes)
+        print(f"ready {args.listen}", flush=True)
+        await stop.wait()
+        accepting.cancel()
+        listener.close()
+        await server.close()
+        await asyncio.gather(*(drain_and_close(v.executor) for v in versions))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s executor %(levelname)s %(message)s", stream=sys.stderr)
+    asyncio.run(serve(parse(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
