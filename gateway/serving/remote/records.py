@@ -45,15 +45,19 @@ ARENA: Final = 5  # front end -> executor, once: the arena's geometry, with its 
 # Request flags.
 TRACED: Final = 1  # the reply carries the batch's times (types.RunTiming)
 
+# Every record on the channel is RECORD_BYTES long, so one message may carry several
+# (gateway.serving.remote.channel sends those of one loop pass together).
+RECORD_BYTES: Final = 64
 # kind, flags, tensor count, slot, sequence number, version id, rows, deadline, timeout.
 # deadline is time.monotonic() (CLOCK_MONOTONIC, one clock for every process on the host);
 # NO_TIME where there is none, as for the timeout.
-REQUEST_RECORD: Final = struct.Struct("<BBHIQIIdd")
+REQUEST_RECORD: Final = struct.Struct("<BBHIQIIdd24x")
 # kind, code, output count, slot, sequence number, message bytes, batch rows, batch requests,
 # then the batch's times for a traced request: enqueued, dequeued (monotonic), started, ended (ns).
 REPLY_RECORD: Final = struct.Struct("<BBHIQIIIxxxxddqq")
-ARENA_RECORD: Final = struct.Struct("<BxxxIQ")  # kind, slot count, slot bytes
-RECORD_BYTES: Final = max(REQUEST_RECORD.size, REPLY_RECORD.size, ARENA_RECORD.size)
+ARENA_RECORD: Final = struct.Struct("<BxxxIQ")  # kind, slot count, slot bytes (sent alone, with the memfd)
+if not REQUEST_RECORD.size == REPLY_RECORD.size == RECORD_BYTES:
+    raise ImportError("the request and reply records must be RECORD_BYTES long")
 NO_TIME: Final = -1.0
 
 # Dtype code, rank, data offset from the slot's start, data bytes; then `rank` int64 dimensions.
@@ -234,15 +238,23 @@ def write_tensors(buffer: memoryview, base: int, size: int, arrays: Sequence[np.
     The data is copied once, straight into shared memory. Raises SlotTooSmall
     before writing anything when they do not fit, and TypeError for a dtype that
     has no code (object or string arrays cannot live in shared memory)."""
-    offsets, needed = layout([(a.ndim, a.nbytes) for a in arrays])
-    if needed > size:
-        raise SlotTooSmall(needed, size)
+    # One pass to place everything (the per-request hot path: no helper calls).
+    end = TABLE_ENTRY.size * len(arrays)
+    for a in arrays:
+        end += DIM.size * a.ndim
+    offsets = []
+    for a in arrays:
+        start = (end + ALIGN - 1) // ALIGN * ALIGN
+        offsets.append(start)
+        end = start + a.nbytes
+    if end > size:
+        raise SlotTooSmall(end, size)
     at = base
     for a, offset in zip(arrays, offsets, strict=True):
         code = _DTYPE_CODE.get(a.dtype)
         if code is None:
             raise TypeError(f"dtype {a.dtype} cannot be carried in shared memory")
-        entry = _entry(a.ndim)
+        entry = _ENTRIES.get(a.ndim) or _entry(a.ndim)
         entry.pack_into(buffer, at, code, a.ndim, offset, a.nbytes, *a.shape)
         at += entry.size
         if a.nbytes:
@@ -265,7 +277,7 @@ def read_tensors(buffer: memoryview, base: int, size: int, count: int) -> list[n
         rank = buffer[at + 1]
         if rank > MAX_RANK:
             raise ValueError(f"tensor {len(arrays)}: rank {rank} is past the limit of {MAX_RANK}")
-        entry = _entry(rank)
+        entry = _ENTRIES.get(rank) or _entry(rank)
         if at + entry.size > end:
             raise ValueError("the tensor table runs past the slot")
         code, _, offset, nbytes, *shape = entry.unpack_from(buffer, at)
