@@ -99,6 +99,7 @@ class DataPlane:
         if req.outputs:
             check_outputs(req.outputs, model.outputs, req.model)
         call.feeds, call.batch = build_inputs(req.inputs, model.inputs, loaded.spec, req.model)
+        self.releases.screen(loaded, call.feeds)
         timeout_s = _timeout_s(req, loaded.spec.batching.default_timeout_us)
         if trace is None:
             call.results = await loaded.executor.submit(call.feeds, call.batch, req.deadline, timeout_s)

@@ -106,6 +106,9 @@ class PolicySpec:
     max_error_increase: float = 0.01  # canary error rate - stable error rate (negative: off)
     min_agreement: float = 0.0  # top-1 agreement with stable (0: off)
     max_accuracy_drop: float = -1.0  # stable accuracy - canary accuracy (negative: off; needs labels)
+    # Prediction drift, candidate vs stable on the same rows (dual-run and shadow copies):
+    # the largest change in any class's share of predictions (0: off; classification only).
+    max_drift: float = 0.0
     max_duration_s: float = 3600.0  # then on_timeout, unless a check failed or all passed
     on_timeout: TimeoutAction = "pause"  # pause for a person, roll back, or promote
     alpha: float = 0.05  # for all checks together
@@ -139,6 +142,7 @@ class PolicySpec:
         check_number("policy.max_error_increase", self.max_error_increase, None, 1)
         check_number("policy.min_agreement", self.min_agreement, 0, 1)
         check_number("policy.max_accuracy_drop", self.max_accuracy_drop, None, 1)
+        check_number("policy.max_drift", self.max_drift, 0, 1)
         check_number("policy.max_duration_s", self.max_duration_s, 0, above=True)
         # 0 and 1 would compare the fastest or the slowest request: a quantile needs both sides.
         if not 0.5 <= self.latency_quantile <= 0.999:
@@ -177,6 +181,36 @@ class LimitsSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MonitorSpec:
+    """Drift and data-quality monitoring of live inputs and predictions (docs/drift.md)."""
+
+    enabled: bool = True  # on wherever a reference data set is found; off: nothing recorded
+    # The reference data set, relative to the model's folder; `<version>/reference.npz`
+    # beside a version's model.onnx comes first. Arrays keyed by input name (or `X` for a
+    # model of one input), and optionally `y`: labels, the reference class histogram.
+    reference: str = "reference.npz"
+    sample: float = 1.0  # fraction of requests binned (the NaN/Inf check sees every request)
+    reject_invalid: bool = False  # NaN/Inf in an input: INVALID_ARGUMENT before the model runs
+    max_drift: float = 0.2  # population stability index above which a feature counts as drifting
+    alpha: float = 0.01  # false alarms per closed window, across all features and the prediction
+    window_rows: int = 500  # rows per window; a window's test is made once, when it closes
+    bins: int = 10  # bins per feature, cut at the reference's quantiles
+    range_margin: float = 0.1  # outside [min - m * span, max + m * span] of the reference: out of range
+
+    def __post_init__(self) -> None:
+        check_number("monitor.sample", self.sample, 0, 1, above=True)
+        check_number("monitor.max_drift", self.max_drift, 0, above=True)
+        check_number("monitor.alpha", self.alpha, 0, 1, above=True)
+        if self.alpha == 1:
+            raise ConfigError("monitor.alpha: must be in (0, 1), got 1.0")
+        check_number("monitor.window_rows", self.window_rows, 10)
+        check_number("monitor.bins", self.bins, 2, 100)
+        check_number("monitor.range_margin", self.range_margin, 0)
+        if not self.reference or Path(self.reference).is_absolute() or ".." in Path(self.reference).parts:
+            raise ConfigError(f"monitor.reference: must be a path inside the model's folder, got {self.reference!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     max_batch_size: int = 0  # 0: the model has no batch dimension
     batching: BatchingSpec = field(default_factory=BatchingSpec)
@@ -184,6 +218,7 @@ class ModelSpec:
     release: ReleaseSpec = field(default_factory=ReleaseSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     policy: PolicySpec = field(default_factory=PolicySpec)
+    monitor: MonitorSpec = field(default_factory=MonitorSpec)
 
     def __post_init__(self) -> None:
         check_number("max_batch_size", self.max_batch_size, 0)

@@ -22,14 +22,18 @@ from gateway.release.store import Store
 def rollout_evidence(plane: ReleasePlane, model: str) -> RolloutEvidence:
     """Every worker's evidence since the rollout began, and since its current step began."""
     local = plane.evidence[model]
-    stable, candidate, pair = plane.combined(model).rollout_windows()
+    combined = plane.combined(model)
+    stable, candidate, pair = combined.rollout_windows()
     step = None
     if local.step_base is not None:
         base_stable, base_candidate, base_pair = local.step_base
         step = Windows(
             window_since(stable, base_stable), window_since(candidate, base_candidate), pair_since(pair, base_pair)
         )
-    return RolloutEvidence(stable, candidate, pair, step, time.monotonic() - local.step_began)
+    evidence = RolloutEvidence(stable, candidate, pair, step, time.monotonic() - local.step_began)
+    if combined.rollout_shift is not None:
+        evidence.shift = combined.rollout_shift  # prediction drift on copies (policy.max_drift)
+    return evidence
 
 
 def assess(plane: ReleasePlane, model: str, rollout: RolloutState, now: float) -> Decision | None:

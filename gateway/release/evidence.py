@@ -33,6 +33,9 @@ from gateway.release.compare import (
     window_from_dict,
     window_to_dict,
 )
+from gateway.release.drift.shift import ClassShift
+from gateway.release.drift.window import VersionDrift
+from gateway.release.drift.window import merged as merged_states
 
 # (version, role, values): values per row are the top-1 class (classification)
 # or the first output value (regression).
@@ -178,11 +181,16 @@ class ModelEvidence:
     labels_received: int = 0
     # Hashes of request ids whose predictions were joined with labels, oldest first.
     labelled: OrderedDict[int, None] = field(default_factory=OrderedDict, repr=False)
+    # Drift counts by version (gateway.release.drift: the monitor records into them), and the
+    # rollout's candidate-vs-stable prediction shift on the same rows (policy.max_drift).
+    drift: dict[str, VersionDrift] = field(default_factory=dict, repr=False)
+    rollout_shift: ClassShift | None = None
 
     def begin_rollout(self, stable: str, candidate: str, key: str = "") -> None:
         """Start gathering rollout evidence afresh (a new rollout, or a restart mid-rollout)."""
         self.rollout = {stable: VersionWindow(), candidate: VersionWindow()}
         self.rollout_pair = PairWindow()
+        self.rollout_shift = ClassShift()
         self.rollout_versions = (stable, candidate)
         self.rollout_key = key
         self.rollout_began = time.monotonic()
@@ -197,6 +205,7 @@ class ModelEvidence:
     def end_rollout(self) -> None:
         self.rollout = None
         self.rollout_pair = None
+        self.rollout_shift = None
         self.step_base = None
         self.rollout_versions = ("", "")
         self.rollout_key = ""
@@ -213,6 +222,8 @@ class ModelEvidence:
             "rollout_key": self.rollout_key,
             "rollout": {v: window_to_dict(w) for v, w in (self.rollout or {}).items()},
             "rollout_pair": pair_to_dict(self.rollout_pair) if self.rollout_pair else None,
+            "drift": {v: d.to_dict() for v, d in self.drift.items()},
+            "rollout_shift": self.rollout_shift.to_dict() if self.rollout_shift else None,
         }
 
     def merged_with(self, peers: Sequence[dict[str, Any]]) -> ModelEvidence:
@@ -225,6 +236,7 @@ class ModelEvidence:
                 merged.pairs.setdefault(version, PairWindow()).merge(pair_from_dict(p))
             merged.feedback_joined += data["feedback_joined"]
             merged.labels_received += data["labels_received"]
+        merged.drift = merged_states([data.get("drift", {}) for data in [self.snapshot(), *peers]])
         if self.rollout is not None:
             stable, candidate = self.rollout_versions
             merged.begin_rollout(stable, candidate, self.rollout_key)
@@ -237,6 +249,8 @@ class ModelEvidence:
                         merged.rollout[version].merge(window_from_dict(w))
                 if data["rollout_pair"]:
                     merged.rollout_pair.merge(pair_from_dict(data["rollout_pair"]))
+                if merged.rollout_shift is not None:
+                    merged.rollout_shift.merge(ClassShift.from_dict(data.get("rollout_shift")))
         return merged
 
     def rollout_windows(self) -> tuple[VersionWindow, VersionWindow, PairWindow]:
@@ -311,6 +325,8 @@ class ModelEvidence:
         compare_outputs(pair, base, cand, self.spec, latency_diff_s, requests)
         if self.rollout_pair is not None and candidate == self.rollout_versions[1]:
             compare_outputs(self.rollout_pair, base, cand, self.spec, latency_diff_s, requests)
+            if self.rollout_shift is not None and self.spec.kind == "classification":
+                self.rollout_shift.add(base, cand)
         return True
 
     def record_timing(self, candidate: str, candidate_s: float, stable_s: float) -> None:

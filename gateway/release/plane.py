@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import GatewayError, InvalidInput
+from gateway.release.drift.build import build_monitor
+from gateway.release.drift.monitor import ModelMonitor, VersionDriftReport
 from gateway.release.evidence import COPY, ModelEvidence, VersionReport, model_report
 from gateway.release.routing import Role
 from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
@@ -37,6 +39,7 @@ class ModelReport:
     feedback_unknown: int
     predictions_logged: int
     shadows: dict[str, ShadowReport]  # by version
+    drift: list[VersionDriftReport] = dataclasses.field(default_factory=list)  # profiled versions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +143,7 @@ class ReleasePlane:
         self.rng = rng or random.Random()
         self.table = ReleaseTable(lambda model: set(registry.entry(model).versions))
         self.evidence: dict[str, ModelEvidence] = {}
+        self.monitors: dict[str, ModelMonitor] = {}  # models with a drift reference (docs/drift.md)
         self._lanes: dict[tuple[str, str], ShadowLane] = {}
         self._sinks: dict[tuple[str, str, bool], CopySink] = {}
         self._previous: dict[str, ReleaseState] = {}
@@ -168,6 +172,7 @@ class ReleasePlane:
         index = stable.output_names.index(compare.output) if compare.output else 0
         if name not in self.evidence:
             self.evidence[name] = ModelEvidence(name, compare, index)
+        self._monitor(name)
         self._forget(name)  # lanes point at the old executors, sinks at the old evidence
 
     def restore_model(self, name: str, state: ReleaseState | None) -> None:
@@ -177,11 +182,20 @@ class ReleasePlane:
             self.table.remove(name)
         else:
             self.table.install(state)
+            self._monitor(name)
         self._forget(name)  # lanes made meanwhile point at the new, discarded executors
+
+    def _monitor(self, name: str) -> None:
+        monitor = build_monitor(self.registry.entry(name), self.evidence[name].drift, self.rng)
+        if monitor is None:
+            self.monitors.pop(name, None)
+        else:
+            self.monitors[name] = monitor
 
     def remove_model(self, name: str) -> None:
         self.table.remove(name)
         self.evidence.pop(name, None)
+        self.monitors.pop(name, None)
         self._forget(name)
 
     def _forget(self, name: str) -> None:
@@ -209,6 +223,12 @@ class ReleasePlane:
         chosen, role = state.split.choose(key, self.rng)
         return self.registry.get(model, chosen), role, state
 
+    def screen(self, loaded: LoadedVersion, feeds: dict[str, np.ndarray]) -> None:
+        """Before the model runs: InvalidInput for NaN/Inf where monitor.reject_invalid is set."""
+        monitor = self.monitors.get(loaded.name)
+        if monitor is not None:
+            monitor.check(loaded.version, feeds)
+
     def record(self, served: Served) -> None:
         loaded, run, state = served.loaded, served.run, served.state
         model = loaded.name
@@ -216,6 +236,9 @@ class ReleasePlane:
         evidence.record_request(loaded.version, served.ok, run.seconds, run.rows)
         if not served.ok or not run.outputs:
             return
+        monitor = self.monitors.get(model)
+        if monitor is not None:
+            monitor.record(loaded.version, run.feeds, run.rows, evidence.compared(run.outputs))
         evidence.record_prediction(run.request_id, loaded.version, served.role, run.outputs)
         if state is None:
             return  # pinned requests take no part in the release
@@ -281,6 +304,9 @@ class ReleasePlane:
 
     def combined(self, model: str) -> ModelEvidence:
         """This process's evidence plus the other workers' (when several share the port)."""
+        monitor = self.monitors.get(model)
+        if monitor is not None:
+            monitor.flush()  # requests queued for binning count in what is shared and reported
         evidence = self.evidence[model]
         peers = self.peers(model)
         return evidence.merged_with(peers) if peers else evidence
@@ -299,7 +325,17 @@ class ReleasePlane:
             feedback_unknown=max(0, evidence.labels_received - evidence.feedback_joined),
             predictions_logged=len(evidence.log),
             shadows=shadows,
+            drift=self.drift(model, local=True) if local else [],
         )
+
+    def drift(self, model: str, local: bool = False) -> list[VersionDriftReport]:
+        """Each profiled version's drift report (empty: no reference, or monitoring off)."""
+        self.table.get(model)  # NOT_FOUND for an unknown model
+        monitor = self.monitors.get(model)
+        if monitor is None:
+            return []
+        monitor.flush()
+        return monitor.report(self.evidence[model].drift if local else self.combined(model).drift)
 
     async def idle(self) -> None:
         """Wait for outstanding shadow copies (tests, and a clean drain)."""

@@ -34,6 +34,7 @@ from gateway.release.confidence import (
     quantile_cs,
     samples_needed,
 )
+from gateway.release.drift.shift import ClassShift
 from gateway.types import BASIS_POINTS
 
 
@@ -176,6 +177,7 @@ class Windows:
     stable: VersionWindow = field(default_factory=VersionWindow)
     candidate: VersionWindow = field(default_factory=VersionWindow)
     pair: PairWindow = field(default_factory=PairWindow)
+    shift: ClassShift = field(default_factory=ClassShift)  # prediction drift on the same rows
 
 
 @dataclass(slots=True)
@@ -189,10 +191,11 @@ class RolloutEvidence:
     pair: PairWindow = field(default_factory=PairWindow)
     step: Windows | None = None
     step_seconds: float = math.inf  # how long the current step has lasted
+    shift: ClassShift = field(default_factory=ClassShift)  # since the rollout began
 
     @property
     def whole(self) -> Windows:
-        return Windows(self.stable, self.candidate, self.pair)
+        return Windows(self.stable, self.candidate, self.pair, self.shift)
 
     @property
     def this_step(self) -> Windows:
@@ -216,6 +219,7 @@ LATENCY_PAIRED = "latency_paired"
 ACCURACY = "accuracy"
 ACCURACY_PAIRED = "accuracy_paired"
 AGREEMENT = "agreement"
+PREDICTION_DRIFT = "prediction_drift"  # policy.max_drift (gateway/release/drift/shift.py)
 STEP_PREFIX = "step_"  # the same checks on the current step's evidence alone
 STEP_REQUESTS = "step_requests"
 STEP_DURATION = "step_duration_s"
@@ -243,6 +247,8 @@ def enabled_checks(spec: PolicySpec, with_traffic: bool) -> list[str]:
         names += [ACCURACY, ACCURACY_PAIRED] if with_traffic else [ACCURACY_PAIRED]
     if spec.min_agreement > 0:
         names.append(AGREEMENT)
+    if spec.max_drift > 0:
+        names.append(PREDICTION_DRIFT)
     return names
 
 
@@ -311,6 +317,9 @@ def run_checks(
             # seen failing an identical copy at a 50 % step. A step judges latency on the
             # paired run times, measured on the same rows at the same moment.
             continue
+        if step and name == PREDICTION_DRIFT:
+            continue  # judged on the whole rollout's copies: a step keeps no base of the shift
+
         alpha = check_alpha(spec, name, step)
         log_scale = False
         if name == ERROR_RATE:
@@ -340,6 +349,11 @@ def run_checks(
             verdict = at_least(interval, -spec.max_accuracy_drop)
             value = pair.label_diff / n if n else math.nan
             bound = -spec.max_accuracy_drop
+        elif name == PREDICTION_DRIFT:
+            n = evidence.shift.rows
+            value, interval = evidence.shift.largest(alpha, spec.min_samples)
+            verdict = at_most(interval, spec.max_drift)
+            bound = spec.max_drift
         else:
             n = pair.rows
             interval = proportion_cs(pair.agree, pair.rows, alpha, spec.min_samples)
