@@ -84,7 +84,8 @@ def start_executor(models: Path, names: tuple[str, ...]) -> tuple[subprocess.Pop
 async def latency_points(models: Path, requests: int, repeats: int, address: str) -> list[list[Point]]:
     settings = GatewaySettings(models=models, load=MODELS, provider="cpu")
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="ort") as pool:
-        local = {s.model: s for s in load(ModelBuilder.from_settings(settings, pool, metrics=None)) if s.version == "1"}
+        loaded = load(ModelBuilder.from_settings(settings, pool, metrics=None))
+        local = {s.model: s for s in loaded if s.version == "1"}
         connection = await RemoteConnection.connect(address)
         rounds: list[list[Point]] = []
         for repeat in range(repeats):
@@ -104,7 +105,7 @@ async def latency_points(models: Path, requests: int, repeats: int, address: str
             rounds.append(points)
             print(f"repeat {repeat + 1}/{repeats} done", file=sys.stderr)
         await connection.close()
-        for served in local.values():
+        for served in loaded:
             await served.executor.close()
     return rounds
 
