@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gateway.errors import Code, DeadlineExceeded, Overloaded, QueueTimeout, code_for
+from gateway.errors import Code, DeadlineExceeded, InvalidInput, Overloaded, QueueTimeout, code_for
 from gateway.serving.remote.client import ExecutorLost, RemoteConnection
 from gateway.types import RunTiming
 from tests.support import MODELS, ROOT
@@ -249,6 +249,48 @@ def test_a_cancelled_request_is_not_run_and_its_slot_comes_back(executor: Execut
         await connection.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_larger_than_a_slot_and_a_full_arena_are_refused_in_the_front_end(executor: Executor) -> None:
+    async def scenario() -> None:
+        connection = await RemoteConnection.connect(executor.address, slots=2, slot_bytes=64 * 1024)
+        slow = connection.executor("slow", "1")
+        name = slow.version.inputs[0].name
+        with pytest.raises(InvalidInput, match="more than an executor slot"):
+            await slow.submit({name: np.ones((512, 784), np.float32)}, 512, None, None)
+        assert connection.slots.in_use() == 0
+        rows = {name: np.ones((16, 784), np.float32)}  # 50 KB: fits
+        results = await asyncio.gather(*(slow.submit(rows, 16, None, None) for _ in range(4)), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, Overloaded)]
+        assert len(refused) == 2 and "shared-memory slots" in str(refused[0])
+        assert sum(isinstance(r, list) for r in results) == 2
+        assert connection.slots.in_use() == 0
+        await connection.close()
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_stops_the_executor_cleanly_and_its_front_ends_see_it_gone(repository: Path, tmp_path: Path) -> None:
+    stopping = start_executor(repository, tmp_path, "slow")
+
+    async def scenario() -> None:
+        connection = await RemoteConnection.connect(stopping.address)
+        slow = connection.executor("slow", "1")
+        name = slow.version.inputs[0].name
+        x = {name: np.ones((1, 784), np.float32)}
+        assert len(await slow.submit(x, 1, None, None)) == 1
+        stopping.process.send_signal(signal.SIGTERM)
+        assert await eventually(lambda: connection.lost, 10.0)
+        with pytest.raises(ExecutorLost):
+            await slow.submit(x, 1, None, None)
+        await connection.close()
+
+    try:
+        asyncio.run(scenario())
+        assert stopping.process.wait(10) == 0
+    finally:
+        stopping.stop()
+    assert not arena_fds(os.getpid())
 
 
 def test_kill_9_of_the_executor_fails_requests_in_flight_at_once_and_leaves_nothing(
