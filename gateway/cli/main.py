@@ -163,6 +163,7 @@ def serve(config_file: Path | None, **flags: Any) -> None:
 def _add_commands() -> None:
     from gateway.cli.bench import bench
     from gateway.cli.demo import demo
+    from gateway.cli.drift import drift
     from gateway.cli.release import COMMANDS
     from gateway.cli.replay import replay_command
 
@@ -173,6 +174,7 @@ def _add_commands() -> None:
     main.add_command(demo)
     main.add_command(replay_command, "replay")
     main.add_command(bench)
+    main.add_command(drift)
 
 
 _add_commands()

@@ -16,6 +16,7 @@ from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
 from gateway.release import feedback
 from gateway.release.assessment import ROLLOUT_METADATA_KEY, rollout_view
+from gateway.release.drift.monitor import FeatureScore, VersionDriftReport
 from gateway.release.evidence import VersionReport
 from gateway.release.feedback import FEEDBACK_WAIT_S
 from gateway.release.loader import ModelLoader
@@ -69,6 +70,43 @@ def _shadow_message(s: ShadowReport) -> pb.ShadowCounters:
 
 ACTOR_METADATA = "x-gateway-actor"
 ANSWER_MARGIN_S = 2.0  # a wait for other workers ends this long before the caller's deadline
+
+
+def _feature_message(f: FeatureScore) -> pb.FeatureDrift:
+    return pb.FeatureDrift(
+        name=f.name,
+        psi=f.psi,
+        p_value=f.p_value,
+        rejected=f.rejected,
+        drifting=f.drifting,
+        reference=f.reference,
+        live=f.live,
+        edges=f.edges,
+    )
+
+
+def drift_message(r: VersionDriftReport) -> pb.VersionDrift:
+    message = pb.VersionDrift(
+        version=r.version,
+        reference=r.source,
+        judged=r.judged,
+        rows=r.rows,
+        open_rows=r.open_rows,
+        windows_closed=r.windows_closed,
+        score=r.score,
+        over_threshold=r.over_threshold,
+        alarm=r.alarm,
+        requests_checked=r.requests_checked,
+        nonfinite=r.nonfinite,
+        rejected=r.rejected,
+        out_of_range=r.out_of_range,
+        max_drift=r.max_drift,
+        alpha=r.alpha,
+        features=[_feature_message(f) for f in r.features],
+    )
+    if r.prediction is not None:
+        message.prediction.CopyFrom(_feature_message(r.prediction))
+    return message
 
 
 def actor_of(context: Context) -> str:
@@ -194,6 +232,13 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         report.release.step = rollout.step
         self._send_rollout_view(request.model, rollout, context)
         return report
+
+    async def GetDrift(self, request: pb.GetDriftRequest, context: Context) -> pb.DriftReport:
+        reports = self.plane.drift(request.model)
+        if request.version:
+            self.plane.registry.get(request.model, request.version)  # NOT_FOUND for an unknown version
+            reports = [r for r in reports if r.version == request.version]
+        return pb.DriftReport(model=request.model, versions=[drift_message(r) for r in reports])
 
     async def GetAuditLog(self, request: pb.GetAuditLogRequest, context: Context) -> pb.AuditLog:
         limit = request.limit or 100

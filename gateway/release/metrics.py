@@ -102,6 +102,34 @@ class ReleaseMetrics:
         }
         self._seen: dict[tuple[str, ...], float] = {}
         self._init_rollout(registry)
+        self._init_drift(registry)
+
+    def _init_drift(self, registry: CollectorRegistry) -> None:
+        # Each worker judges its own windows (docs/drift.md); across workers the worst counts.
+        mv = ("model", "version")
+        self.drift: dict[str, Gauge] = {
+            name: Gauge(f"gateway_drift_{name}", text, mv, registry=registry, multiprocess_mode="livemax")
+            for name, text in (
+                ("score", "The largest feature PSI, live window vs reference"),
+                ("features_over_threshold", "Features drifting: Holm-rejected and PSI >= monitor.max_drift"),
+                ("prediction_psi", "PSI of the predicted-class histogram vs the reference labels"),
+                ("alarm", "1 while the last closed window has a drifting feature or prediction"),
+                ("windows_closed", "Drift windows closed so far"),
+            )
+        }
+        self.quality: dict[str, Counter] = {
+            name: Counter(f"gateway_drift_{name}", text, (*mv, "input"), registry=registry)
+            for name, text in (
+                ("nonfinite_values", "NaN or infinite input values seen"),
+                ("out_of_range_values", "Input values outside the reference range (with its margin)"),
+            )
+        }
+        self.rejected = Counter(
+            "gateway_drift_rejected_requests",
+            "Requests refused for NaN/Inf (monitor.reject_invalid)",
+            mv,
+            registry=registry,
+        )
 
     def _init_rollout(self, registry: CollectorRegistry) -> None:
         self.phase = Gauge(
@@ -175,6 +203,18 @@ class ReleaseMetrics:
                 value = getattr(v, field)
                 if value == value:  # NaN: nothing measured yet
                     gauge.labels(model, v.version).set(value)
+        for d in report.drift:
+            labels = (model, d.version)
+            self.drift["score"].labels(*labels).set(d.score)
+            self.drift["features_over_threshold"].labels(*labels).set(d.over_threshold)
+            self.drift["prediction_psi"].labels(*labels).set(d.prediction.psi if d.prediction else math.nan)
+            self.drift["alarm"].labels(*labels).set(int(d.alarm))
+            self.drift["windows_closed"].labels(*labels).set(d.windows_closed)
+            for name, counts in (("nonfinite_values", d.nonfinite), ("out_of_range_values", d.out_of_range)):
+                for tensor in {*counts, *d.out_of_range}:
+                    self._inc(self.quality[name], (*labels, tensor), counts.get(tensor, 0))
+                    self.quality[name].labels(*labels, tensor)  # at 0 from the start, so increases show
+            self._inc(self.rejected, labels, d.rejected)
 
     # -- rollouts -----------------------------------------------------------------------
 

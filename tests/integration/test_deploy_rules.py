@@ -53,6 +53,7 @@ def test_each_alert_fires_on_synthetic_series_in_promtools_unit_tests() -> None:
         "GatewayShadowCircuitOpen",
         "GatewayQueueNearFull",
         "GatewayErrorRateJump",
+        "GatewayDriftHigh",
     ]
     for alert in alerts:
         assert f"alertname: {alert}" in tested, f"{alert} has no promtool test"

@@ -299,3 +299,91 @@ class Report(_message.Message):
     predictions_logged: int
     shadows: _containers.MessageMap[str, ShadowCounters]
     def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ..., window_s: _Optional[float] = ..., feedback_joined: _Optional[int] = ..., feedback_unknown: _Optional[int] = ..., predictions_logged: _Optional[int] = ..., shadows: _Optional[_Mapping[str, ShadowCounters]] = ...) -> None: ...
+
+class GetDriftRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("name", "psi", "p_value", "rejected", "drifting", "reference", "live", "edges")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DRIFTING_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    psi: float
+    p_value: float
+    rejected: bool
+    drifting: bool
+    reference: _containers.RepeatedScalarFieldContainer[int]
+    live: _containers.RepeatedScalarFieldContainer[int]
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., psi: _Optional[float] = ..., p_value: _Optional[float] = ..., rejected: _Optional[bool] = ..., drifting: _Optional[bool] = ..., reference: _Optional[_Iterable[int]] = ..., live: _Optional[_Iterable[int]] = ..., edges: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class VersionDrift(_message.Message):
+    __slots__ = ("version", "reference", "judged", "rows", "open_rows", "windows_closed", "score", "over_threshold", "alarm", "prediction", "requests_checked", "nonfinite", "rejected", "out_of_range", "max_drift", "alpha", "features")
+    class NonfiniteEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class OutOfRangeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    OVER_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_RANGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    reference: str
+    judged: str
+    rows: int
+    open_rows: int
+    windows_closed: int
+    score: float
+    over_threshold: int
+    alarm: bool
+    prediction: FeatureDrift
+    requests_checked: int
+    nonfinite: _containers.ScalarMap[str, int]
+    rejected: int
+    out_of_range: _containers.ScalarMap[str, int]
+    max_drift: float
+    alpha: float
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    def __init__(self, version: _Optional[str] = ..., reference: _Optional[str] = ..., judged: _Optional[str] = ..., rows: _Optional[int] = ..., open_rows: _Optional[int] = ..., windows_closed: _Optional[int] = ..., score: _Optional[float] = ..., over_threshold: _Optional[int] = ..., alarm: _Optional[bool] = ..., prediction: _Optional[_Union[FeatureDrift, _Mapping]] = ..., requests_checked: _Optional[int] = ..., nonfinite: _Optional[_Mapping[str, int]] = ..., rejected: _Optional[int] = ..., out_of_range: _Optional[_Mapping[str, int]] = ..., max_drift: _Optional[float] = ..., alpha: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ...) -> None: ...
+
+class DriftReport(_message.Message):
+    __slots__ = ("model", "versions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    versions: _containers.RepeatedCompositeFieldContainer[VersionDrift]
+    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionDrift, _Mapping]]] = ...) -> None: ...

@@ -109,6 +109,11 @@ class ReleaseServiceStub:
                 request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.SerializeToString,
                 response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.FromString,
                 _registered_method=True)
+        self.GetDrift = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/GetDrift',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetDriftRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.DriftReport.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -206,6 +211,13 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDrift(self, request, context):
+        """Drift and data quality of live traffic per version against its reference (docs/drift.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +295,11 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.FromString,
                     response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.SerializeToString,
+            ),
+            'GetDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrift,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetDriftRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.DriftReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -690,6 +707,33 @@ class ReleaseService:
             '/gateway.release.v1.ReleaseService/UnloadModel',
             gateway_dot_protocol_dot_pb_dot_release__pb2.ModelRequest.SerializeToString,
             gateway_dot_protocol_dot_pb_dot_release__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/GetDrift',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.GetDriftRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.DriftReport.FromString,
             options,
             channel_credentials,
             insecure,
