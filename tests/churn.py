@@ -1,6 +1,6 @@
 """Apply weight changes to a release store as fast as it allows (for the crash-safety test).
 
-    python tests/churn.py STATE_DB COUNT
+    python tests/churn.py STATE_DB_OR_POSTGRESQL_URL COUNT
 
 Runs the same store code the gateway runs. Prints `committed N` after each
 commit, so the test knows roughly where its kill -9 landed.
@@ -13,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.release.store import AuditEntry, SqliteStore, StoredRelease
+from gateway.release.store import AuditEntry, SqliteStore, Store, StoredRelease
+from gateway.release.store.postgres import PostgresStore
 
 
 def main() -> None:
-    store = SqliteStore(Path(sys.argv[1]))
+    target = sys.argv[1]
+    store: Store = PostgresStore(target) if target.startswith("postgresql://") else SqliteStore(Path(target))
     for _ in range(int(sys.argv[2])):
         current = store.load_all()["m"]
         weight = (current.state.canary_weight_bp + 37) % 10_001

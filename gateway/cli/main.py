@@ -88,6 +88,10 @@ def main() -> None:
 @click.option(
     "--state-dir", type=click.Path(path_type=Path), help="Release state and audit log. [default: .gateway-state]"
 )
+@click.option(
+    "--state-url",
+    help="postgresql://USER@HOST:PORT/DB: release state shared by several replicas (else SQLite in --state-dir).",
+)
 @click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
 @click.option("--cuda-device", type=int, help="GPU to use. [default: 0]")
 @click.option(

@@ -52,6 +52,22 @@ def check_otlp_endpoint(origin: str, value: str) -> None:
         )
 
 
+def check_state_url(origin: str, value: str) -> None:
+    """Refuse what is not a PostgreSQL URL with a host and a database (the value is not
+    repeated: it may hold a password)."""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 -- raises for a port that is not a number in 0..65535
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path.strip("/") or not port_ok:
+        raise ConfigError(
+            f"{origin}: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (a PostgreSQL database "
+            "shared by the replicas); leave it empty for SQLite in state_dir"
+        )
+
+
 def usable_cores() -> int:
     """CPUs this process may run on (its affinity mask), not the machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -126,6 +142,9 @@ class GatewaySettings:
     intra_op_threads: int = 0
     # Durable release state and audit log (SQLite) live here.
     state_dir: Path = Path(".gateway-state")
+    # Release state, audit log and controller lease on PostgreSQL instead, shared by several
+    # replicas (postgresql://user@host:port/db); empty: SQLite in state_dir (one host).
+    state_url: str = ""
     # Run the promotion controller (one process holds its lease at a time).
     controller: bool = True
     # Control API bearer tokens (TOML [[tokens]] name/role/token); see gateway.control.auth.
@@ -175,6 +194,8 @@ class GatewaySettings:
         check_number("capture_max_mb", self.capture_max_mb, 1)
         if self.otlp_endpoint:
             check_otlp_endpoint("otlp_endpoint", self.otlp_endpoint)
+        if self.state_url:
+            check_state_url("state_url", self.state_url)
 
 
 _SCHEMA = Schema.of(GatewaySettings)

@@ -1,7 +1,11 @@
 """The promotion controller: every analysis interval, ask the policy and apply its decision.
 
-Exactly one controller acts at a time: it holds a lease in the store, renewed
-each tick; another process takes over only once the lease has expired.
+Exactly one controller acts at a time, across every process and replica sharing
+the store: it holds a lease there, renewed each tick; another takes over only once
+the lease has expired (LEASE_TTL_S: within two ticks of a policy's interval), and
+takes the next epoch. Each decision commits fenced by the epoch it was made under
+(store.FENCE), so a controller that lost its lease mid-decision (a long pause, a
+partition) cannot commit it after the new holder has started deciding.
 After a restart it resumes from the stored phase and step, on evidence
 gathered since the restart (ReleaseOps begins it afresh); a promotion found
 half done is completed (or rolled back when it cannot be).
@@ -21,11 +25,15 @@ from gateway.release.assessment import rollout_evidence
 from gateway.release.confidence import Verdict
 from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
 from gateway.release.policy import DECIDING, Decision, Event, Phase, RolloutState, decide
+from gateway.release.store import FENCE, Fence
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
 LEASE = "controller"
+# A leader renews every tick; a dead one's lease runs out after this, and another takes it
+# on its next tick: a failover in about 3.5 s, inside two analysis intervals of 2 s or more.
+LEASE_TTL_S = 4 * TICK_S + 1.0
 
 # Told of every decision (the model, its rollout as decided on, the decision) before it is
 # applied, whether or not it changes anything: how the metrics show each check's state
@@ -55,9 +63,14 @@ class Controller:
             await asyncio.sleep(TICK_S)
 
     async def tick(self) -> None:
-        self.leading = await asyncio.to_thread(self.ops.store.try_lease, LEASE, self.holder, 4 * TICK_S + 1.0)
-        if not self.leading:
+        epoch = await asyncio.to_thread(self.ops.store.try_lease, LEASE, self.holder, LEASE_TTL_S)
+        self.leading = epoch is not None
+        if epoch is None:
+            FENCE.set(None)
             return
+        # Set in this task's context: the commits of its decisions (asyncio.to_thread copies
+        # the context into their threads) are checked against this epoch in their transaction.
+        FENCE.set(Fence(LEASE, self.holder, epoch))
         now = self.clock()
         for model in self.ops.plane.table.models():
             rollout = self.ops.rollouts.get(model)

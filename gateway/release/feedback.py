@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from gateway.errors import InvalidInput, StoreUnavailable
 from gateway.release.evidence import ALREADY, JOINED, UNKNOWN
 from gateway.release.plane import ReleasePlane
-from gateway.release.store import SqliteStore
+from gateway.release.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def check_items(items: Sequence[tuple[str, Sequence[float]]], max_items: int = M
 
 async def submit(
     plane: ReleasePlane,
-    store: SqliteStore | None,
+    store: Store | None,
     model: str,
     items: Sequence[tuple[str, Sequence[float]]],
     wait_s: float = FEEDBACK_WAIT_S,
@@ -118,7 +118,7 @@ async def submit(
 
 
 async def _shared(
-    store: SqliteStore, model: str, items: list[tuple[str, list[float]]], wait_s: float, tally: FeedbackTally
+    store: Store, model: str, items: list[tuple[str, list[float]]], wait_s: float, tally: FeedbackTally
 ) -> None:
     first, last = await asyncio.to_thread(store.add_feedback, model, items)
     peers = await asyncio.to_thread(store.live_workers, PEER_SEEN_WITHIN_S)
@@ -145,7 +145,7 @@ async def _shared(
                 tally.pending += 1
 
 
-async def join_shared(plane: ReleasePlane, store: SqliteStore, worker: str, last: int) -> None:
+async def join_shared(plane: ReleasePlane, store: Store, worker: str, last: int) -> None:
     """A worker other than the receiver: join the labels worker 0 shared after id `last`
     (read before this worker served: gateway.release.sync), and say what became of each
     (joined, already labelled or rejected; unknown goes unsaid)."""

@@ -1,10 +1,12 @@
 """Keeping one serving process in step with the others through the store.
 
 Releases change in whichever process a change was made (a worker's control
-API, the controller); every process polls the store and serves the change
-within about a second. With several workers each one also publishes its
-evidence, so the controller decides on everyone's traffic, and the workers
-other than the receiver join the labels it shares (gateway.release.feedback).
+API, the controller, another replica); every process polls the store and serves
+the change within about a second, and sooner where the store announces changes
+(PostgreSQL's NOTIFY wakes the follower at once; the poll stays as the fallback).
+With several workers each one also publishes its evidence, so the controller
+decides on everyone's traffic, and the workers other than the receiver join the
+labels it shares (gateway.release.feedback).
 Run-time model loads travel their own way (gateway.release.model_sync).
 """
 
@@ -20,7 +22,7 @@ from gateway.errors import StoreUnavailable
 from gateway.release.feedback import RECEIVER, join_shared
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
-from gateway.release.store import SqliteStore
+from gateway.release.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ SHARE_EVERY_S = 0.5
 
 
 async def sync_loops(
-    store: SqliteStore, plane: ReleasePlane, ops: ReleaseOps, worker_index: int
+    store: Store, plane: ReleasePlane, ops: ReleaseOps, worker_index: int
 ) -> list[Coroutine[Any, Any, None]]:
     """The loops to run for this process (each runs until cancelled), made ready before it serves.
 
@@ -54,10 +56,22 @@ async def sync_loops(
     return loops
 
 
-async def follow_store(store: SqliteStore, ops: ReleaseOps, seen: int) -> None:
-    """Serve changes other processes (workers, the controller) made after `seen`, within about a second."""
+async def follow_store(store: Store, ops: ReleaseOps, seen: int) -> None:
+    """Serve changes other processes (workers, the controller, replicas) made after `seen`:
+    at once when the store announces one, else within about a second."""
+    loop = asyncio.get_running_loop()
+    announced = asyncio.Event()
+
+    def wake() -> None:
+        """Called from the store's listener thread: the event is set on this loop's thread."""
+        with contextlib.suppress(RuntimeError):  # the loop closed (the process is stopping)
+            loop.call_soon_threadsafe(announced.set)
+
+    store.on_change(wake)
     while True:
-        await asyncio.sleep(FOLLOW_EVERY_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(announced.wait(), FOLLOW_EVERY_S)
+        announced.clear()
         try:
             now = await asyncio.to_thread(store.changes)
             if now != seen:
@@ -73,7 +87,7 @@ def _snapshots(plane: ReleasePlane) -> dict[str, Any]:
     return {m: plane.evidence[m].snapshot() for m in plane.table.models()}
 
 
-async def share_evidence(store: SqliteStore, plane: ReleasePlane, worker: str) -> None:
+async def share_evidence(store: Store, plane: ReleasePlane, worker: str) -> None:
     """Several workers: publish this one's counts (labels are shared by gateway.release.feedback)."""
     while True:
         await asyncio.sleep(SHARE_EVERY_S)

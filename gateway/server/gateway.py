@@ -65,7 +65,7 @@ from gateway.release.metrics import ReleaseMetrics
 from gateway.release.model_sync import IntentStore, run_id
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
-from gateway.release.store import SqliteStore
+from gateway.release.store import STATE_FILE, Store, open_store
 from gateway.release.sync import sync_loops
 from gateway.rest.app import RestEndpoints, build_app
 from gateway.rest.limits import RestLimits
@@ -170,7 +170,7 @@ class Gateway:
         self.registry: Registry | None = None
         self.dataplane: DataPlane | None = None
         self.releases: ReleasePlane | None = None
-        self.store: SqliteStore | None = None
+        self.store: Store | None = None
         self.capture: CaptureWriter | None = None
         self.controller: Controller | None = None
         self._streams: StreamGuard | None = None
@@ -224,7 +224,8 @@ class Gateway:
                 s.capture_dir, s.capture_fraction, s.capture_file_mb << 20, s.capture_max_mb << 20
             )
             stack.callback(self.capture.close)
-        self.store = store = SqliteStore(s.state_dir / "state.db")
+        # SQLite in state_dir, or PostgreSQL at state_url (several replicas).
+        self.store = store = await asyncio.to_thread(open_store, s.state_dir, s.state_url)
         stack.callback(store.close)
         # The loops use the store and the models: cancelled after the models close, before the store does.
         tasks: list[asyncio.Task[None]] = []
@@ -242,7 +243,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         if s.worker_index >= 0:
             # Run-time loads/unloads reach every worker through the store (gateway.release.model_sync).
-            await loader.join(IntentStore(store.path, run_id()), str(s.worker_index))
+            # This host's workers only, so in state_dir whichever store holds the releases.
+            await loader.join(IntentStore(s.state_dir / STATE_FILE, run_id()), str(s.worker_index))
             tasks.append(loop.create_task(loader.follow()))
         tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, s.worker_index)]
         if s.controller:

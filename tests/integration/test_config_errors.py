@@ -446,3 +446,18 @@ def test_bench_without_matplotlib_refuses_before_any_work(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing benchmarked, nothing written
     assert elapsed < 30, elapsed  # python start-up only; the smoke bench itself takes ~12 s
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///x.db", "postgresql://", "postgresql://u:pw-secret@host", "postgresql://h:99999/db", "db"]
+)
+def test_a_state_url_that_is_not_postgresql_is_refused_without_its_password(tmp_path: Path, url: str) -> None:
+    check_refused(tmp_path / "settings.toml", "state_url", url, load_serve_settings)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"GATEWAY_STATE_URL": url})
+    assert "GATEWAY_STATE_URL" in str(caught.value) and "pw-secret" not in str(caught.value)
+
+
+def test_a_postgresql_state_url_loads() -> None:
+    url = "postgresql://gateway:pw@db.example:5432/releases"
+    assert load_settings(env={"GATEWAY_STATE_URL": url}).state_url == url

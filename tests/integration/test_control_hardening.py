@@ -119,7 +119,7 @@ def test_a_store_that_cannot_be_written_is_reported_as_such_not_as_an_unreachabl
 ) -> None:
     with gateway_in_thread(digits, state_dir=tmp_path / "state", controller=False) as running:
         store = running.gateway.store
-        assert store is not None
+        assert isinstance(store, SqliteStore)
         running.call(_query_only(store, True))
         try:
             result = cli(running.control, "traffic", "set", "digits", "--canary", "2", "--weight", "10")

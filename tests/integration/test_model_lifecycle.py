@@ -15,6 +15,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from gateway.protocol.pb import release_pb2 as rpb
+from gateway.release.store import SqliteStore
 from tests.integration.test_model_lifecycle_repository import control, digits_answer
 from tests.support import MODELS, Running, gateway_in_thread
 
@@ -88,7 +89,7 @@ def test_a_load_that_fails_after_the_swap_puts_everything_back(lifecycle: tuple[
     running, _ = lifecycle
     stub = control(running)
     store = running.gateway.store
-    assert store is not None
+    assert isinstance(store, SqliteStore)
     tasks_before = running.call(_task_count())
     blocker = sqlite3.connect(str(store.path), isolation_level=None, timeout=1.0)
     blocker.execute("BEGIN EXCLUSIVE")

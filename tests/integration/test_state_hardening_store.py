@@ -149,7 +149,7 @@ def test_writes_failing_while_serving_answer_unavailable_and_log_once(
     every 0.5 s fail too, and the log gets one line, without a traceback."""
     with gateway_in_thread(repo, state_dir=tmp_path / "state") as running:
         store = running.gateway.store
-        assert store is not None
+        assert isinstance(store, SqliteStore)
         control = rgrpc.ReleaseServiceStub(grpc.insecure_channel(running.control))
         with caplog.at_level(logging.INFO):
             # The store's own connection, as the operating system would turn it: read-only.
@@ -175,7 +175,7 @@ def test_writes_failing_while_serving_answer_unavailable_and_log_once(
 def test_a_full_disk_answers_unavailable_naming_the_fix(repo: Path, tmp_path: Path) -> None:
     with gateway_in_thread(repo, state_dir=tmp_path / "state", controller=False) as running:
         store = running.gateway.store
-        assert store is not None
+        assert isinstance(store, SqliteStore)
         control = rgrpc.ReleaseServiceStub(grpc.insecure_channel(running.control))
         # SQLite's own "disk is full" (SQLITE_FULL): the file may not grow by one page.
         running.call(_cap_pages(store))

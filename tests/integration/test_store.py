@@ -1,22 +1,29 @@
-"""Weight change + audit are atomic (reliability row 11), and the store's refusals and log."""
+"""Weight change + audit are atomic (reliability row 11), and the store's refusals, log and
+lease, on both backends (SQLite, and a real PostgreSQL: tests/postgres.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from gateway.release.state import ReleaseState
-from gateway.release.store import AuditEntry, AuditOutcome, Conflict, SqliteStore, StoredRelease
+from gateway.release.store import FENCE, AuditEntry, AuditOutcome, Conflict, Fence, LeaseLost, Store, StoredRelease
 from tests.support import ROOT
 
+if TYPE_CHECKING:  # imported by pytest as a plugin: importing it first would skip its assert rewriting
+    from tests.postgres import Backend
 
-def initial(store: SqliteStore) -> StoredRelease:
+pytest_plugins = ("tests.postgres",)
+
+
+def initial(store: Store) -> StoredRelease:
     stored = StoredRelease(ReleaseState(model="m", stable="1", canary="2", canary_weight_bp=0))
     store.commit(
         None, stored, AuditEntry(actor="test", action="init", model="m", reason="", after=stored.to_dict(), revision=1)
@@ -24,9 +31,15 @@ def initial(store: SqliteStore) -> StoredRelease:
     return stored
 
 
-def check_consistent(db: Path) -> int:
+def changed(current: StoredRelease, weight: int) -> StoredRelease:
+    return StoredRelease(
+        dataclasses.replace(current.state, canary_weight_bp=weight, revision=current.revision + 1), current.rollout
+    )
+
+
+def check_consistent(backend: Backend) -> int:
     """State is entirely old or new, and the audit rows match it one for one; returns the revision."""
-    store = SqliteStore(db)  # opening runs the startup integrity check: ConfigError if corrupt
+    store = backend.open()  # opening SQLite runs the startup integrity check: ConfigError if corrupt
     try:
         stored = store.load_all()["m"]
         applied = [e for e in store.audit_log(model="m", limit=100_000) if e.outcome is AuditOutcome.APPLIED]
@@ -39,9 +52,8 @@ def check_consistent(db: Path) -> int:
         store.close()
 
 
-def test_kill_9_during_500_changes_leaves_old_or_new_state_and_matching_audit(tmp_path: Path) -> None:
-    db = tmp_path / "state.db"
-    store = SqliteStore(db)
+def test_kill_9_during_500_changes_leaves_old_or_new_state_and_matching_audit(backend: Backend) -> None:
+    store = backend.open()
     initial(store)
     store.close()
     rng = random.Random(11)
@@ -49,7 +61,7 @@ def test_kill_9_during_500_changes_leaves_old_or_new_state_and_matching_audit(tm
     kills = 0
     while changes < 500:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "churn.py"), str(db), str(500 - changes)],
+            [sys.executable, str(ROOT / "tests" / "churn.py"), backend.target, str(500 - changes)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -65,17 +77,19 @@ def test_kill_9_during_500_changes_leaves_old_or_new_state_and_matching_audit(tm
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.communicate(timeout=30)
-        revision = check_consistent(db)
+        revision = check_consistent(backend)
         assert revision - 1 >= changes  # nothing committed is ever lost
         changes = revision - 1
     assert kills >= 5
 
 
-def test_a_stale_revision_is_refused(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state.db")
+def test_a_stale_revision_is_refused(backend: Backend) -> None:
+    store = backend.open()
     first = initial(store)
     with pytest.raises(Conflict):
         store.commit(None, first, AuditEntry(actor="t", action="x", model="m", reason=""))
+    with pytest.raises(Conflict, match="revision 1, expected 7"):
+        store.commit(7, changed(first, 10), AuditEntry(actor="t", action="x", model="m", reason=""))
     audit = store.audit_log(model="m")
     assert [e.action for e in audit] == ["init"]
     store.record_refused(
@@ -84,12 +98,59 @@ def test_a_stale_revision_is_refused(tmp_path: Path) -> None:
     assert [(e.action, e.outcome) for e in store.audit_log(model="m")] == [("init", "applied"), ("promote", "refused")]
     assert store.audit_log(model="m", limit=1, offset=1)[0].action == "promote"
     assert store.audit_log(model="other") == []
+    assert store.last_applied("m") is not None and store.last_applied("m").action == "init"  # type: ignore[union-attr]
+    store.close()
 
 
-def test_one_controller_lease_at_a_time(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state.db")
-    assert store.try_lease("controller", "a", 0.3)
-    assert not store.try_lease("controller", "b", 0.3)
-    assert store.try_lease("controller", "a", 0.3)  # renewal
+def test_one_controller_lease_at_a_time_with_a_new_epoch_per_holder(backend: Backend) -> None:
+    store = backend.open()
+    assert store.try_lease("controller", "a", 0.3) == 1
+    assert store.try_lease("controller", "b", 0.3) is None
+    assert store.try_lease("controller", "a", 0.3) == 1  # renewal keeps the epoch
     time.sleep(0.35)
-    assert store.try_lease("controller", "b", 0.3)  # expired: taken over
+    assert store.try_lease("controller", "b", 0.3) == 2  # expired: taken over, the next epoch
+    store.close()
+
+
+def test_a_decision_under_a_lost_lease_is_not_committed(backend: Backend) -> None:
+    """Fencing: a holder whose lease another took commits nothing, even though its
+    revision is current; under the current epoch the same commit goes through."""
+    store = backend.open()
+    first = initial(store)
+    old = store.try_lease("controller", "a", 0.1)
+    assert old == 1
+    time.sleep(0.15)
+    new = store.try_lease("controller", "b", 10.0)
+    assert new == 2
+    entry = AuditEntry(actor="controller", action="advance", model="m", reason="r", revision=2)
+    token = FENCE.set(Fence("controller", "a", old))
+    try:
+        with pytest.raises(LeaseLost, match="held by b at epoch 2"):
+            store.commit(first.revision, changed(first, 500), entry)
+    finally:
+        FENCE.reset(token)
+    assert store.load_all()["m"].revision == 1
+    assert [e.action for e in store.audit_log(model="m")] == ["init"]
+    token = FENCE.set(Fence("controller", "b", new))
+    try:
+        store.commit(first.revision, changed(first, 500), entry)
+    finally:
+        FENCE.reset(token)
+    assert store.load_all()["m"].state.canary_weight_bp == 500
+    store.close()
+
+
+def test_evidence_and_labels_are_shared(backend: Backend) -> None:
+    store = backend.open()
+    store.put_evidence("0", {"m": {"n": 1}})
+    store.put_evidence("1", {"m": {"n": 2}})
+    assert store.peer_evidence("m", "0") == [{"n": 2}]
+    assert store.live_workers() == {"0", "1"}
+    first, last = store.add_feedback("m", [("r1", [1.0]), ("r2", [2.0])])
+    assert last == first + 1
+    assert [(rid, labels) for _, _, rid, labels in store.feedback_after(first - 1)] == [("r1", [1.0]), ("r2", [2.0])]
+    assert store.last_feedback_id() == last
+    store.record_feedback_outcomes("1", last, [(first, "joined", "")])
+    progress, answers = store.feedback_answers(first, last)
+    assert progress == {"1": last} and answers == [(first, "1", "joined", "")]
+    store.close()

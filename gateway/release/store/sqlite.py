@@ -1,14 +1,9 @@
-"""Durable release state and audit log: an interface and its SQLite implementation.
+"""The release store in one SQLite file: one gateway host, its worker processes.
 
-One transaction writes a model's new release state and the audit record of
-the change, so after a crash at any instant the state is entirely old or
-entirely new, and its audit row exists exactly when the new state does.
 SQLite runs in WAL mode with synchronous=FULL: a committed change survives
 power loss, and readers (other worker processes) never block the writer.
-
-The interface is narrow on purpose (load, commit with a revision check,
-append a refusal, read the log, hold a lease) so that a shared database can
-implement it for several gateway replicas later.
+Every write takes the database's one write lock (BEGIN IMMEDIATE), so a
+revision or lease read inside a transaction cannot change before its commit.
 """
 
 from __future__ import annotations
@@ -21,177 +16,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
-from gateway.errors import ConfigError, FailedPrecondition, StoreUnavailable
+from gateway.errors import ConfigError, StoreUnavailable
 from gateway.logthrottle import ThrottledLog
-from gateway.release.policy import RolloutState
-from gateway.release.state import ReleaseState
+from gateway.release.store.base import (
+    AUDIT_COLUMNS,
+    FENCE,
+    STORE_FAILURE_LOG_INTERVAL_S,
+    AuditEntry,
+    AuditOutcome,
+    StoredRelease,
+    audit_entry,
+    audit_values,
+    conflict,
+    lease_lost,
+    state_from,
+)
+from gateway.release.store.migrations import LATEST, VERSION_TABLE, steps_after
 
 log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS releases (
-    model TEXT PRIMARY KEY,
-    revision INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    rollout TEXT NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    model TEXT NOT NULL,
-    outcome TEXT NOT NULL,          -- applied | refused
-    before TEXT,
-    after TEXT,
-    reason TEXT NOT NULL,
-    evidence TEXT,
-    revision INTEGER
-);
-CREATE INDEX IF NOT EXISTS audit_model_at ON audit (model, at);
-CREATE TABLE IF NOT EXISTS evidence (        -- each worker's cumulative counts, replaced each flush
-    model TEXT NOT NULL,
-    worker TEXT NOT NULL,
-    data TEXT NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (model, worker)
-);
-CREATE TABLE IF NOT EXISTS feedback (        -- labels shared with every worker (several-worker mode)
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    model TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS feedback_outcome (  -- what a worker made of a shared label set, unless unknown there
-    feedback_id INTEGER NOT NULL,
-    worker TEXT NOT NULL,
-    outcome TEXT NOT NULL,                      -- joined | already_labelled | rejected
-    detail TEXT NOT NULL,
-    PRIMARY KEY (feedback_id, worker)
-);
-CREATE TABLE IF NOT EXISTS feedback_progress ( -- the last shared label set each worker has read
-    worker TEXT PRIMARY KEY,
-    last_id INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires REAL NOT NULL
-);
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRelease:
-    state: ReleaseState
-    rollout: RolloutState = field(default_factory=RolloutState)
-
-    @property
-    def revision(self) -> int:
-        return self.state.revision
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.state.to_dict(), "rollout": asdict(self.rollout)}
-
-
-class AuditOutcome(StrEnum):
-    """What became of a change an audit record names. Stored in the audit log and sent by
-    the control API as strings: never change a value."""
-
-    APPLIED = "applied"
-    REFUSED = "refused"
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    actor: str
-    action: str
-    model: str
-    reason: str
-    outcome: AuditOutcome = AuditOutcome.APPLIED
-    before: dict[str, Any] | None = None
-    after: dict[str, Any] | None = None
-    evidence: Any = None
-    revision: int | None = None
-    at: float = 0.0
-    id: int = 0
-
-
-class Conflict(FailedPrecondition):
-    """The release changed since it was read: read it again and retry."""
-
-
-class Store(Protocol):
-    def load_all(self) -> dict[str, StoredRelease]: ...
-
-    def changes(self) -> int:
-        """A number that grows whenever any release changes (cheap to poll)."""
-        ...
-
-    def commit(
-        self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
-    ) -> None:
-        """Store `after` and its audit record(s) in one transaction, if the stored revision
-        is still `expected_revision` (else Conflict)."""
-        ...
-
-    def record_refused(self, audit: AuditEntry) -> None: ...
-
-    def audit_log(
-        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
-    ) -> list[AuditEntry]: ...
-
-    def last_applied(self, model: str) -> AuditEntry | None: ...
-
-    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
-
-    def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None: ...
-
-    def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]: ...
-
-    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]: ...
-
-    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
-
-    def close(self) -> None: ...
-
-
-_AUDIT_COLUMNS = "id, at, actor, action, model, outcome, before, after, reason, evidence, revision"
-
-
-def _audit_entry(r: Sequence[Any]) -> AuditEntry:
-    return AuditEntry(
-        id=r[0],
-        at=r[1],
-        actor=r[2],
-        action=r[3],
-        model=r[4],
-        outcome=AuditOutcome(r[5]),
-        before=None if r[6] is None else json.loads(r[6]),
-        after=None if r[7] is None else json.loads(r[7]),
-        reason=r[8],
-        evidence=None if r[9] is None else json.loads(r[9]),
-        revision=r[10],
-    )
-
-
-def _state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
-    data = dict(data)
-    data["shadows"] = MappingProxyType(dict(data.get("shadows", {})))
-    return StoredRelease(ReleaseState(**data), RolloutState(**rollout))
-
-
-# While the store keeps failing (a full disk fails every write: the controller's lease
-# and each worker's evidence, twice a second), one log line per this many seconds.
-STORE_FAILURE_LOG_INTERVAL_S = 30.0
 
 _STARTUP_FIX = "restore it from a backup, or move it aside to start with a fresh store (its audit history is then gone)"
 
@@ -219,7 +64,7 @@ def _create_if_missing(path: Path) -> None:
         db = sqlite3.connect(str(temporary), isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+            migrate(db, str(temporary))
         finally:
             db.close()
         try:
@@ -233,6 +78,28 @@ def _create_if_missing(path: Path) -> None:
     finally:
         for suffix in ("", "-wal", "-shm"):
             temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)
+
+
+def migrate(db: sqlite3.Connection, where: str, target: int = LATEST) -> None:
+    """Bring the schema up to `target` in one transaction: under the write lock, so workers
+    starting together migrate once, and a failed step leaves the store as it was."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(VERSION_TABLE)
+        row = db.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+        current = 0 if row is None else int(row[0])
+        for step in steps_after(current, where, target):
+            for statement in step.sqlite:
+                db.execute(statement)
+            log.info("%s: schema migrated to version %d (%s)", where, step.version, step.what)
+            current = step.version
+        db.execute("INSERT OR REPLACE INTO schema_version (id, version) VALUES (1, ?)", (current,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
 
 
 def retry_while_locked(action: Callable[[], None], within_s: float = 15.0) -> None:
@@ -278,12 +145,12 @@ class SqliteStore:
             raise
 
     def _setup(self) -> None:
-        """WAL mode and the schema (switching the journal mode takes an exclusive lock)."""
+        """WAL mode and the schema's migrations (switching the journal mode takes an exclusive lock)."""
 
         def setup() -> None:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            migrate(self._db, f"state_dir: the state database {self.path}")
 
         retry_while_locked(setup)
 
@@ -351,7 +218,7 @@ class SqliteStore:
         loaded = {}
         for model, state, rollout in rows:
             try:
-                stored = _state_from(json.loads(state), json.loads(rollout))
+                stored = state_from(json.loads(state), json.loads(rollout))
             except (ValueError, TypeError, AttributeError) as exc:
                 # Written by hand or damaged: name what is wrong instead of a traceback.
                 raise ConfigError(
@@ -372,14 +239,16 @@ class SqliteStore:
         audits = [audit] if isinstance(audit, AuditEntry) else list(audit)
         data = after.to_dict()
         rollout = data.pop("rollout")
+        fence = FENCE.get()
         with self._transaction() as db:
+            if fence is not None:
+                held = db.execute("SELECT holder, epoch FROM leases WHERE name = ?", (fence.name,)).fetchone()
+                if held is None or (held[0], held[1]) != (fence.holder, fence.epoch):
+                    raise lease_lost(fence, None if held is None else held[0], None if held is None else held[1])
             row = db.execute("SELECT revision FROM releases WHERE model = ?", (after.state.model,)).fetchone()
             current = None if row is None else int(row[0])
             if current != expected_revision:
-                raise Conflict(
-                    f"{after.state.model}: the release changed meanwhile (revision {current}, expected "
-                    f"{expected_revision}); read it again and retry"
-                )
+                raise conflict(after.state.model, current, expected_revision)
             db.execute(
                 "INSERT OR REPLACE INTO releases (model, revision, state, rollout, updated) VALUES (?, ?, ?, ?, ?)",
                 (after.state.model, after.revision, json.dumps(data), json.dumps(rollout), time.time()),
@@ -396,24 +265,13 @@ class SqliteStore:
         db.execute(
             "INSERT INTO audit (at, actor, action, model, outcome, before, after, reason, evidence, revision) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                a.at or time.time(),
-                a.actor,
-                a.action,
-                a.model,
-                a.outcome,
-                None if a.before is None else json.dumps(a.before),
-                None if a.after is None else json.dumps(a.after),
-                a.reason,
-                None if a.evidence is None else json.dumps(a.evidence),
-                a.revision,
-            ),
+            audit_values(a, time.time()),
         )
 
     def audit_log(
         self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
     ) -> list[AuditEntry]:
-        query = f"SELECT {_AUDIT_COLUMNS} FROM audit"
+        query = f"SELECT {AUDIT_COLUMNS} FROM audit"
         where: list[str] = []
         args: list[Any] = []
         if model:
@@ -431,27 +289,33 @@ class SqliteStore:
         args += [limit, offset]
         with self._reading() as db:
             rows = db.execute(query, args).fetchall()
-        return [_audit_entry(r) for r in rows]
+        return [audit_entry(r) for r in rows]
 
     def last_applied(self, model: str) -> AuditEntry | None:
         """The newest applied change of a model's release: why it is in its phase now."""
         with self._reading() as db:
             row = db.execute(
-                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE model = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
+                f"SELECT {AUDIT_COLUMNS} FROM audit WHERE model = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
                 (model, AuditOutcome.APPLIED.value),
             ).fetchone()
-        return None if row is None else _audit_entry(row)
+        return None if row is None else audit_entry(row)
 
-    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
         now = time.time()
         with self._transaction() as db:
-            row = db.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT holder, expires, epoch FROM leases WHERE name = ?", (name,)).fetchone()
             if row is not None and row[0] != holder and row[1] > now:
-                return False
+                return None
+            # A new holder takes the next epoch: the old one's decisions are fenced off.
+            epoch = 1 if row is None else int(row[2]) + (row[0] != holder)
             db.execute(
-                "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?, ?, ?)", (name, holder, now + ttl_s)
+                "INSERT OR REPLACE INTO leases (name, holder, expires, epoch) VALUES (?, ?, ?, ?)",
+                (name, holder, now + ttl_s, epoch),
             )
-            return True
+            return epoch
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """SQLite has no notifications: the workers of one host poll `changes` (cheap)."""
 
     # -- evidence and labels shared between the worker processes of one gateway ----------
 

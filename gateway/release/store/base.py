@@ -1,0 +1,196 @@
+"""What every release store holds and promises: the records, the interface, the fence.
+
+One transaction writes a model's new release state and the audit record of the
+change, so after a crash at any instant the state is entirely old or entirely
+new, and its audit row exists exactly when the new state does. Two backends
+implement the interface: SQLite (one host: the gateway's workers) and
+PostgreSQL (several replicas on several hosts).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from gateway.errors import FailedPrecondition
+from gateway.release.policy import RolloutState
+from gateway.release.state import ReleaseState
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRelease:
+    state: ReleaseState
+    rollout: RolloutState = field(default_factory=RolloutState)
+
+    @property
+    def revision(self) -> int:
+        return self.state.revision
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.state.to_dict(), "rollout": asdict(self.rollout)}
+
+
+class AuditOutcome(StrEnum):
+    """What became of a change an audit record names. Stored in the audit log and sent by
+    the control API as strings: never change a value."""
+
+    APPLIED = "applied"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    actor: str
+    action: str
+    model: str
+    reason: str
+    outcome: AuditOutcome = AuditOutcome.APPLIED
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    evidence: Any = None
+    revision: int | None = None
+    at: float = 0.0
+    id: int = 0
+
+
+class Conflict(FailedPrecondition):
+    """The release changed since it was read: read it again and retry."""
+
+
+class LeaseLost(FailedPrecondition):
+    """A decision made under a lease another process has taken since: it is not committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A lease as held when a decision was made: the lease's epoch grows each time another
+    holder takes it, so a commit checking (name, holder, epoch) in its own transaction
+    refuses the decisions of a process that lost the lease while it was deciding."""
+
+    name: str
+    holder: str
+    epoch: int
+
+
+# The lease the commits made in this context are made under (None: not fenced, as for
+# changes people make through the control API). A context variable, not an argument:
+# the controller sets it in its own task, and asyncio.to_thread carries it into the
+# thread that commits, through ReleaseOps, which need not know of leases.
+FENCE: ContextVar[Fence | None] = ContextVar("release_store_fence", default=None)
+
+
+class Store(Protocol):
+    def load_all(self) -> dict[str, StoredRelease]: ...
+
+    def changes(self) -> int:
+        """A number that grows whenever any release changes (cheap to poll)."""
+        ...
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from another thread) soon after any process commits a release
+        change; a store without notifications never calls it (its followers poll)."""
+        ...
+
+    def commit(
+        self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
+    ) -> None:
+        """Store `after` and its audit record(s) in one transaction, if the stored revision
+        is still `expected_revision` (else Conflict) and, under a FENCE, the lease is still
+        held with its epoch (else LeaseLost)."""
+        ...
+
+    def record_refused(self, audit: AuditEntry) -> None: ...
+
+    def audit_log(
+        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
+    ) -> list[AuditEntry]: ...
+
+    def last_applied(self, model: str) -> AuditEntry | None: ...
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Take or renew a lease; its epoch when held (it grows with each new holder), else None."""
+        ...
+
+    def put_evidence(self, worker: str, snapshots: dict[str, Any]) -> None: ...
+
+    def peer_evidence(self, model: str, worker: str, max_age_s: float = 10.0) -> list[dict[str, Any]]: ...
+
+    def live_workers(self, max_age_s: float = 5.0) -> set[str]: ...
+
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]: ...
+
+    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
+
+    def last_feedback_id(self) -> int: ...
+
+    def record_feedback_outcomes(self, worker: str, last_id: int, outcomes: list[tuple[int, str, str]]) -> None: ...
+
+    def feedback_answers(
+        self, first_id: int, last_id: int
+    ) -> tuple[dict[str, int], list[tuple[int, str, str, str]]]: ...
+
+    def close(self) -> None: ...
+
+
+AUDIT_COLUMNS = "id, at, actor, action, model, outcome, before, after, reason, evidence, revision"
+
+
+def audit_entry(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(
+        id=r[0],
+        at=r[1],
+        actor=r[2],
+        action=r[3],
+        model=r[4],
+        outcome=AuditOutcome(r[5]),
+        before=None if r[6] is None else json.loads(r[6]),
+        after=None if r[7] is None else json.loads(r[7]),
+        reason=r[8],
+        evidence=None if r[9] is None else json.loads(r[9]),
+        revision=r[10],
+    )
+
+
+def audit_values(a: AuditEntry, now: float) -> tuple[Any, ...]:
+    """An audit entry as the audit table's columns after id, in AUDIT_COLUMNS' order."""
+    return (
+        a.at or now,
+        a.actor,
+        a.action,
+        a.model,
+        a.outcome.value,
+        None if a.before is None else json.dumps(a.before),
+        None if a.after is None else json.dumps(a.after),
+        a.reason,
+        None if a.evidence is None else json.dumps(a.evidence),
+        a.revision,
+    )
+
+
+def state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
+    data = dict(data)
+    data["shadows"] = MappingProxyType(dict(data.get("shadows", {})))
+    return StoredRelease(ReleaseState(**data), RolloutState(**rollout))
+
+
+def conflict(model: str, current: int | None, expected: int | None) -> Conflict:
+    return Conflict(
+        f"{model}: the release changed meanwhile (revision {current}, expected {expected}); read it again and retry"
+    )
+
+
+def lease_lost(fence: Fence, holder: str | None, epoch: int | None) -> LeaseLost:
+    return LeaseLost(
+        f"the {fence.name} lease was lost (held by {holder or 'nobody'} at epoch {epoch}, this decision was made "
+        f"by {fence.holder} at epoch {fence.epoch}): the decision is not committed; the new holder decides"
+    )
+
+
+# While the store keeps failing (a full disk fails every write: the controller's lease
+# and each worker's evidence, twice a second), one log line per this many seconds.
+STORE_FAILURE_LOG_INTERVAL_S = 30.0
