@@ -114,18 +114,21 @@ class RemoteConnection:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def _next_seq(self) -> int:
+    def next_seq(self) -> int:
+        """A request's number, unique on this connection (it names the request in replies and cancels)."""
         self._seq += 1
         return self._seq
 
-    def _start(self, owner: RemoteExecutor, slot: int, record: bytes, seq: int, timing: RunTiming | None) -> _Call:
+    def start_call(self, owner: RemoteExecutor, slot: int, record: bytes, seq: int, timing: RunTiming | None) -> _Call:
+        """Send a request whose inputs are in `slot`: from here the call table owns the slot."""
         call = _Call(asyncio.get_running_loop().create_future(), slot, owner, timing)
         self._calls[seq] = call
         owner.in_flight += 1
         self.channel.send(record)
         return call
 
-    def _cancel(self, seq: int) -> None:
+    def cancel_call(self, seq: int) -> None:
+        """Ask the executor to drop a request; its slot stays taken until the executor's final reply."""
         call = self._calls.get(seq)
         if call is not None and not call.cancelled:
             call.cancelled = True
@@ -220,7 +223,7 @@ class RemoteExecutor:
         arena = connection.arena
         try:
             rec.write_tensors(arena.view, arena.base(slot), arena.slot_bytes, arrays)
-            seq = connection._next_seq()
+            seq = connection.next_seq()
             record = rec.encode_request(
                 slot, seq, self.version.id, len(arrays), batch, deadline, timeout_s, timing is not None
             )
@@ -234,11 +237,11 @@ class RemoteExecutor:
             connection.slots.free(slot)
             raise
         # From here the call table owns the slot: the reply (or the executor's end) frees it.
-        call = connection._start(self, slot, record, seq, timing)
+        call = connection.start_call(self, slot, record, seq, timing)
         try:
             return await call.future
         except asyncio.CancelledError:
-            connection._cancel(seq)  # the executor drops it if not yet dispatched, then replies
+            connection.cancel_call(seq)  # the executor drops it if not yet dispatched, then replies
             raise
         finally:
             del call

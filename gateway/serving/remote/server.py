@@ -118,6 +118,7 @@ class ExecutorServer:
         """Send the versions, take the front end's arena; then the connection runs on callbacks."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
+        fds: list[int] = []
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
                 await loop.sock_sendall(sock, self._hello)
@@ -125,9 +126,12 @@ class ExecutorServer:
             if not fds:
                 raise ValueError("the arena record came without its descriptor")
             slots, slot_bytes = rec.decode_arena(data)
-            arena = Arena.attach(fds[0], slots, slot_bytes)
+            fd = fds.pop()
+            arena = Arena.attach(fd, slots, slot_bytes)  # owns fd from here, closed on failure too
         except (OSError, ValueError, TimeoutError) as exc:
             log.warning("a front end's handshake failed: %s", exc)
+            for fd in fds:
+                os.close(fd)
             sock.close()
             return
         self.connections.add(Connection(self, sock, arena))
