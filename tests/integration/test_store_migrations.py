@@ -5,6 +5,7 @@ with both versions and the fix, also through `gateway serve --state-url`."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import subprocess
 from contextlib import closing
@@ -153,6 +154,21 @@ def test_serve_refuses_a_newer_schema_with_one_line(state_url: str, tmp_path: Pa
     lines = [line for line in result.stderr.splitlines() if line.startswith("gateway: ")]
     assert len(lines) == 1, result.stderr
     assert f"version {LATEST + 1}" in lines[0] and "upgrade this gateway" in lines[0], lines[0]
+
+
+def test_serve_refuses_an_unreachable_database_with_one_line_and_no_password(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"postgresql://gateway:pw-secret@127.0.0.1:{s.getsockname()[1]}/releases"
+    args = ["serve", "--models", str(MODELS), "--state-dir", str(tmp_path / "s"), "--state-url", url]
+    args += ["--workers", "1", "--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--control-port", "-1"]
+    args += ["--dashboard-port", "-1", "--provider", "cpu"]
+    result = subprocess.run(gateway_command(*args), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "pw-secret" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gateway: ")]
+    assert len(lines) == 1, result.stderr
+    assert "state_url" in lines[0] and "gateway:***@127.0.0.1" in lines[0], lines[0]
 
 
 def test_steps_are_numbered_one_by_one() -> None:

@@ -111,7 +111,7 @@ class PostgresStore:
                 migrate(conn, self.where)
         except psycopg.Error as exc:
             raise ConfigError(
-                f"{self.where} cannot be used ({str(exc).strip()}): check the URL, that the server runs "
+                f"{self.where} cannot be used ({' '.join(str(exc).split())}): check the URL, that the server runs "
                 "and that the user may create tables in the database"
             ) from None
         self._pool = ConnectionPool(
