@@ -66,12 +66,15 @@ async def closed_loop(executor: Executor, name: str, row: np.ndarray, concurrenc
     return latencies
 
 
-def start_executor(models: Path, names: tuple[str, ...]) -> tuple[subprocess.Popen[str], str]:
+def start_executor(models: Path, names: tuple[str, ...], threads: int) -> tuple[subprocess.Popen[str], str]:
     address = f"@gateway-roundtrip-{uuid.uuid4().hex}"
     loads = [arg for name in names for arg in ("--load", name)]
     command = [sys.executable, "-m", "gateway.serving.remote.executor", "--listen", address, "--models", str(models)]
     process = subprocess.Popen(
-        [*command, "--provider", "cpu", *loads], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [*command, "--provider", "cpu", "--intra-op-threads", str(threads), *loads],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert process.stdout is not None
     line = process.stdout.readline().strip()
@@ -194,8 +197,11 @@ def main() -> int:
     parser.add_argument("--no-batch", action="store_true", help="skip the two-front-end mean batch run")
     parser.add_argument("--batch-seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument(
+        "--executor-threads", type=int, default=0, help="the executor's onnxruntime threads a session (0: its cores)"
+    )
     args = parser.parse_args()
-    process, address = start_executor(args.models, MODELS)
+    process, address = start_executor(args.models, MODELS, args.executor_threads)
     try:
         rounds = asyncio.run(latency_points(args.models, args.requests, args.repeats, address))
         rows = report(rounds)
