@@ -214,6 +214,7 @@ class ReleaseMetrics:
                 for tensor in {*counts, *d.out_of_range}:
                     self._inc(self.quality[name], (*labels, tensor), counts.get(tensor, 0))
                     self.quality[name].labels(*labels, tensor)  # at 0 from the start, so increases show
+            self.rejected.labels(*labels)  # at 0 from the start
             self._inc(self.rejected, labels, d.rejected)
 
     # -- rollouts -----------------------------------------------------------------------

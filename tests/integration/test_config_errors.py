@@ -245,6 +245,13 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "policy.gate_min_agreement": [1.1],
     "limits.max_elements": [0],
     "limits.max_request_bytes": [0],
+    "policy.max_drift": [-0.1, 1.5],
+    "monitor.sample": [0, 1.5],
+    "monitor.max_drift": [0, -1],
+    "monitor.alpha": [0, 1, 1.5],
+    "monitor.window_rows": [9],
+    "monitor.bins": [1, 101],
+    "monitor.range_margin": [-1],
 }
 
 
