@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from gateway.errors import FailedPrecondition
 from gateway.release.policy import RolloutState
@@ -194,3 +195,47 @@ def lease_lost(fence: Fence, holder: str | None, epoch: int | None) -> LeaseLost
 # While the store keeps failing (a full disk fails every write: the controller's lease
 # and each worker's evidence, twice a second), one log line per this many seconds.
 STORE_FAILURE_LOG_INTERVAL_S = 30.0
+
+
+class SqlReads:
+    """The reads both SQL stores run alike: only the driver's placeholder differs (`P`).
+
+    A store gives `_reading()`: a connection (or cursor) whose `execute(sql, args)`
+    returns rows, for reads that need no transaction of their own."""
+
+    P: ClassVar[str]
+
+    def _reading(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def audit_log(
+        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
+    ) -> list[AuditEntry]:
+        p = self.P
+        where: list[str] = []
+        args: list[Any] = []
+        for column, op, value in (("model", "=", model), ("at", ">=", since), ("at", "<=", until)):
+            if value:  # an empty model or a zero time: no filter on it
+                where.append(f"{column} {op} {p}")
+                args.append(value)
+        query = f"SELECT {AUDIT_COLUMNS} FROM audit"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += f" ORDER BY id LIMIT {p} OFFSET {p}"
+        with self._reading() as db:
+            rows = db.execute(query, [*args, limit, offset]).fetchall()
+        return [audit_entry(r) for r in rows]
+
+    def last_applied(self, model: str) -> AuditEntry | None:
+        """The newest applied change of a model's release: why it is in its phase now."""
+        p = self.P
+        query = f"SELECT {AUDIT_COLUMNS} FROM audit WHERE model = {p} AND outcome = {p} ORDER BY id DESC LIMIT 1"
+        with self._reading() as db:
+            row = db.execute(query, (model, AuditOutcome.APPLIED.value)).fetchone()
+        return None if row is None else audit_entry(row)
+
+    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
+        query = f"SELECT id, model, request_id, labels FROM feedback WHERE id > {self.P} ORDER BY id LIMIT 10000"
+        with self._reading() as db:
+            rows = db.execute(query, (last_id,)).fetchall()
+        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]

@@ -33,13 +33,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.logthrottle import ThrottledLog
 from gateway.release.store.base import (
-    AUDIT_COLUMNS,
     FENCE,
     STORE_FAILURE_LOG_INTERVAL_S,
     AuditEntry,
-    AuditOutcome,
+    SqlReads,
     StoredRelease,
-    audit_entry,
     audit_values,
     conflict,
     lease_lost,
@@ -98,7 +96,9 @@ def migrate(conn: psycopg.Connection[Any], where: str, target: int = LATEST) -> 
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
-class PostgresStore:
+class PostgresStore(SqlReads):
+    P = "%s"  # the driver's placeholder, for the reads in SqlReads
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.where = f"state_url: the state database {redacted(url)}"
@@ -251,37 +251,6 @@ class PostgresStore:
             audit_values(a, now),
         )
 
-    def audit_log(
-        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
-    ) -> list[AuditEntry]:
-        query = f"SELECT {AUDIT_COLUMNS} FROM audit"
-        where: list[str] = []
-        args: list[Any] = []
-        if model:
-            where.append("model = %s")
-            args.append(model)
-        if since:
-            where.append("at >= %s")
-            args.append(since)
-        if until:
-            where.append("at <= %s")
-            args.append(until)
-        if where:
-            query += " WHERE " + " AND ".join(where)
-        query += " ORDER BY id LIMIT %s OFFSET %s"
-        args += [limit, offset]
-        with self._reading() as db:
-            rows = db.execute(query, args).fetchall()
-        return [audit_entry(r) for r in rows]
-
-    def last_applied(self, model: str) -> AuditEntry | None:
-        with self._reading() as db:
-            row = db.execute(
-                f"SELECT {AUDIT_COLUMNS} FROM audit WHERE model = %s AND outcome = %s ORDER BY id DESC LIMIT 1",
-                (model, AuditOutcome.APPLIED.value),
-            ).fetchone()
-        return None if row is None else audit_entry(row)
-
     def try_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
         # One statement: take a free or expired lease (a new holder: the next epoch), or renew
         # one's own; no row back means another holder's lease is still running.
@@ -357,13 +326,6 @@ class PostgresStore:
                 (first_id, last_id),
             ).fetchall()
         return progress, [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
-
-    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
-        with self._reading() as db:
-            rows = db.execute(
-                "SELECT id, model, request_id, labels FROM feedback WHERE id > %s ORDER BY id LIMIT 10000", (last_id,)
-            ).fetchall()
-        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
 
     def last_feedback_id(self) -> int:
         with self._reading() as db:

@@ -22,13 +22,11 @@ from typing import Any
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.logthrottle import ThrottledLog
 from gateway.release.store.base import (
-    AUDIT_COLUMNS,
     FENCE,
     STORE_FAILURE_LOG_INTERVAL_S,
     AuditEntry,
-    AuditOutcome,
+    SqlReads,
     StoredRelease,
-    audit_entry,
     audit_values,
     conflict,
     lease_lost,
@@ -116,7 +114,9 @@ def retry_while_locked(action: Callable[[], None], within_s: float = 15.0) -> No
             time.sleep(0.05)
 
 
-class SqliteStore:
+class SqliteStore(SqlReads):
+    P = "?"  # the driver's placeholder, for the reads in SqlReads
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
@@ -268,38 +268,6 @@ class SqliteStore:
             audit_values(a, time.time()),
         )
 
-    def audit_log(
-        self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0
-    ) -> list[AuditEntry]:
-        query = f"SELECT {AUDIT_COLUMNS} FROM audit"
-        where: list[str] = []
-        args: list[Any] = []
-        if model:
-            where.append("model = ?")
-            args.append(model)
-        if since:
-            where.append("at >= ?")
-            args.append(since)
-        if until:
-            where.append("at <= ?")
-            args.append(until)
-        if where:
-            query += " WHERE " + " AND ".join(where)
-        query += " ORDER BY id LIMIT ? OFFSET ?"
-        args += [limit, offset]
-        with self._reading() as db:
-            rows = db.execute(query, args).fetchall()
-        return [audit_entry(r) for r in rows]
-
-    def last_applied(self, model: str) -> AuditEntry | None:
-        """The newest applied change of a model's release: why it is in its phase now."""
-        with self._reading() as db:
-            row = db.execute(
-                f"SELECT {AUDIT_COLUMNS} FROM audit WHERE model = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
-                (model, AuditOutcome.APPLIED.value),
-            ).fetchone()
-        return None if row is None else audit_entry(row)
-
     def try_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
         now = time.time()
         with self._transaction() as db:
@@ -378,13 +346,6 @@ class SqliteStore:
                 "SELECT DISTINCT worker FROM evidence WHERE updated >= ?", (time.time() - max_age_s,)
             ).fetchall()
         return {str(r[0]) for r in rows}
-
-    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
-        with self._reading() as db:
-            rows = db.execute(
-                "SELECT id, model, request_id, labels FROM feedback WHERE id > ? ORDER BY id LIMIT 10000", (last_id,)
-            ).fetchall()
-        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
 
     def last_feedback_id(self) -> int:
         with self._reading() as db:
