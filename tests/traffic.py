@@ -55,6 +55,7 @@ class Load:
     build: Builder
     clients: int = 3
     label_delay_s: float | None = None  # None: no labels
+    metadata: tuple[tuple[str, str], ...] = ()  # sent with the labels (a control API with tokens wants one)
     sent: int = 0
     failed: int = 0
     roles: dict[str, int] = field(default_factory=dict)  # answers by the role that served them
@@ -116,6 +117,7 @@ class Load:
                     while self._labels and self._labels[0][0] <= now and len(due) < 2000:
                         due.append(self._labels.popleft()[1])
                 if due:
-                    control.SubmitFeedback(rpb.SubmitFeedbackRequest(model=self.model, items=due), timeout=10)
+                    request = rpb.SubmitFeedbackRequest(model=self.model, items=due)
+                    control.SubmitFeedback(request, timeout=10, metadata=self.metadata)
                 else:
                     time.sleep(0.05)
