@@ -189,7 +189,10 @@ class MonitorSpec:
     # beside a version's model.onnx comes first. Arrays keyed by input name (or `X` for a
     # model of one input), and optionally `y`: labels, the reference class histogram.
     reference: str = "reference.npz"
-    sample: float = 1.0  # fraction of requests binned (the NaN/Inf check sees every request)
+    # Fraction of answered requests binned (the NaN/Inf check sees every request). A quarter:
+    # binning every request cost digits about 14 % of its throughput at c=64 (50 us of CPU a
+    # request), a quarter cost nothing measurable; windows then fill four times slower.
+    sample: float = 0.25
     reject_invalid: bool = False  # NaN/Inf in an input: INVALID_ARGUMENT before the model runs
     max_drift: float = 0.2  # population stability index above which a feature counts as drifting
     alpha: float = 0.01  # false alarms per closed window, across all features and the prediction

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = np.load(ROOT / "models" / "digits" / "heldout.npz")
 X, Y = DATA["X"], DATA["y"]
 PIXELS = [TensorSpec("pixels", "FP32", (-1, 64))]
-SPEC = MonitorSpec()
+SPEC = MonitorSpec(sample=1.0)
 EYE = np.eye(10, dtype=np.float32)
 
 

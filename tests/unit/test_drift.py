@@ -30,7 +30,7 @@ X, Y = DATA["X"], DATA["y"]
 
 
 def monitor(spec: MonitorSpec | None = None, windows: dict[str, VersionDrift] | None = None) -> ModelMonitor:
-    spec = spec or MonitorSpec()
+    spec = spec or MonitorSpec(sample=1.0)  # every request binned (the default is a quarter)
     profile = load_profile(REFERENCE, PIXELS, True, 10, spec)
     return ModelMonitor(spec, {"1": profile}, {} if windows is None else windows, random.Random(0))
 

@@ -21,7 +21,7 @@ X = np.load(REFERENCE)["X"]
 
 
 def test_drift_gauges_and_quality_counters_follow_the_report() -> None:
-    spec = MonitorSpec()
+    spec = MonitorSpec(sample=1.0)
     m = ModelMonitor(
         spec,
         {"1": load_profile(REFERENCE, [TensorSpec("pixels", "FP32", (-1, 64))], True, 10, spec)},
