@@ -154,13 +154,17 @@ def _panel(ax: Axes, f: rpb.FeatureDrift, title: str) -> None:
 
 
 def drift_figure(report: rpb.DriftReport) -> Figure:
+    """A row of panels per version that has seen live rows (its top features by PSI, then its
+    predictions); versions without live traffic are named in the title, not drawn as empty
+    windows scored 0."""
     from matplotlib.figure import Figure
 
-    versions = list(report.versions) or [rpb.VersionDrift()]
+    plotted = [v for v in report.versions if v.rows or v.open_rows]
+    idle = [f"v{v.version}" for v in report.versions if not (v.rows or v.open_rows)]
     cols = PLOTTED_FEATURES + 1
-    fig = Figure(figsize=(3.2 * cols, 3.0 * len(versions) + 0.6), layout="constrained")
-    axes = fig.subplots(len(versions), cols, squeeze=False)
-    for row, v in zip(axes, versions, strict=True):
+    fig = Figure(figsize=(3.2 * cols, 3.0 * max(1, len(plotted)) + 0.9), layout="constrained")
+    axes = fig.subplots(max(1, len(plotted)), cols, squeeze=False)
+    for row, v in zip(axes, plotted, strict=False):
         panels = [(f, f"v{v.version} feature {i + 1}") for i, f in enumerate(v.features[:PLOTTED_FEATURES])]
         if v.HasField("prediction"):
             panels.append((v.prediction, f"v{v.version} predictions"))
@@ -168,10 +172,19 @@ def drift_figure(report: rpb.DriftReport) -> Figure:
             _panel(ax, f, title)
         for ax in row[len(panels) :]:
             ax.set_axis_off()
-    if report.versions:
+    if plotted:
         axes[0][0].legend(fontsize=7)
-    verdicts = "; ".join(f"v{v.version}: {_verdict(v)}" for v in report.versions) or "no references"
-    fig.suptitle(f"{report.model}: reference vs live, top features by PSI ({verdicts})", fontsize=10)
+    else:
+        for ax in axes[0]:
+            ax.set_axis_off()
+        axes[0][0].text(0, 0.5, "no version has served live rows yet", fontsize=11)
+    lines = [f"{report.model}: reference vs live window, top features by PSI"]
+    lines += [f"v{v.version}: {_verdict(v)}" for v in plotted]
+    if idle:
+        lines.append(f"no live traffic yet: {', '.join(idle)}")
+    if not report.versions:
+        lines.append("no version has a reference data set")
+    fig.suptitle("\n".join(lines), fontsize=10)
     return fig
 
 
