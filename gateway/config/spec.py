@@ -189,7 +189,8 @@ class MonitorSpec:
     # beside a version's model.onnx comes first. Arrays keyed by input name (or `X` for a
     # model of one input), and optionally `y`: labels, the reference class histogram.
     reference: str = "reference.npz"
-    # Fraction of answered requests binned (the NaN/Inf check sees every request). A quarter:
+    # Fraction of answered requests binned, their NaN/Inf and out-of-range values counted
+    # (reject_invalid's refusal sees every request). A quarter:
     # binning every request cost digits about 14 % of its throughput at c=64 (50 us of CPU a
     # request), a quarter cost nothing measurable; windows then fill four times slower.
     sample: float = 0.25
