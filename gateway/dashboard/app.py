@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -49,6 +51,10 @@ def _page(name: str, status: int = 200, note: str = "") -> HTMLResponse:
     if note:  # a fixed sentence of ours, never the request's text
         text = text.replace("<form", f'<p class="error" role="alert">{note}</p>\n  <form', 1)
     return HTMLResponse(text, status_code=status, headers=HEADERS)
+
+
+# The Host names a loopback-only dashboard answers to (a port after them is allowed).
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
 def _json(content: Any, status: int = 200) -> JSONResponse:
@@ -97,7 +103,10 @@ class Dashboard:
             return _json({"error": "since: expected a sample number"}, 400)
         snapshot = self.sources.snapshot(model, time.time())
         audit = await asyncio.to_thread(self.sources.audit, model)  # SQLite: off the loop
-        return _json({"snapshot": snapshot, "points": self.history.since(model, seq), "audit": audit})
+        points = self.history.since(model, seq)
+        # A page's first poll carries the whole ring (about a megabyte of JSON): encoded off
+        # the loop, which also serves inference on this process.
+        return await asyncio.to_thread(_json, {"snapshot": snapshot, "points": points, "audit": audit})
 
     async def login(self, request: Request) -> Response:
         if self.identify is None:
@@ -127,7 +136,12 @@ def _local(target: str) -> str:
 
 def build_app(sources: Sources, history: History, identify: Identify | None, secure_cookie: bool = False) -> Starlette:
     d = Dashboard(sources, history, identify, secure_cookie)
+    # Without tokens the dashboard is open to anyone on this host, and it binds loopback only;
+    # a web page elsewhere could still reach it through DNS rebinding (its name resolved to
+    # 127.0.0.1): only requests naming this host by a loopback name are answered.
+    middleware = [] if identify is not None else [Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)]
     return Starlette(
+        middleware=middleware,
         routes=[
             Route("/", d.index),
             Route("/models/{name}", d.model_page),
@@ -137,5 +151,5 @@ def build_app(sources: Sources, history: History, identify: Identify | None, sec
             Route("/logout", d.logout, methods=["POST"]),
             # Scripts, styles and the vendored chart library: no data, so no login needed.
             Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
-        ]
+        ],
     )

@@ -12,6 +12,7 @@ appends the samples that come after the sequence number it last saw.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -19,15 +20,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.release.assessment import rollout_view
+from gateway.logthrottle import ThrottledLog
+from gateway.release.assessment import assess
 from gateway.release.evidence import VersionReport
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ModelReport, ReleasePlane
 from gateway.release.policy import ACTIVE, Phase
 
-# One sample a second, an hour of them per model (a sample is a few hundred bytes).
-SAMPLE_S = 1.0
-HISTORY_SAMPLES = 3600
+log = logging.getLogger(__name__)
+
+# One sample every 2 s, half an hour of them per model. A sample is a few kilobytes of
+# Python objects (3 versions and a rollout's checks: ~3.6 KB), so the ring holds about
+# 3 MB a model; an hour at one a second measured 13 MB, paid by every gateway.
+SAMPLE_S = 2.0
+HISTORY_SAMPLES = 900
 # The audit records a model page shows, newest first.
 AUDIT_LIMIT = 50
 # Phases in which a rollout sits at one of the policy's traffic steps; the step is shown
@@ -95,10 +101,10 @@ class Sources:
         report = self.plane.report(model)
         current = self.ops.current(model)
         state, rollout = report.release, current.rollout
-        view: Json = {}
-        if rollout.phase in ACTIVE:
-            view = rollout_view(self.plane, self.ops.store, model, rollout, now)
-        checks: list[Json] = view.get("checks", [])
+        # What the policy makes of the evidence now: in process, with no store read (a snapshot
+        # is taken on the event loop every sample; the store's lock may be held by a writer).
+        decision = assess(self.plane, model, rollout, now) if rollout.phase in ACTIVE else None
+        checks: list[Json] = [c.to_dict() for c in decision.checks] if decision is not None else []
         return {
             "model": model,
             "at": now,
@@ -110,8 +116,8 @@ class Sources:
             "phase": rollout.phase.value,
             "step": rollout.step + 1 if rollout.phase in AT_A_STEP else None,
             "candidate": rollout.candidate,
-            "next": view.get("next") or view.get("if_resumed"),
-            "reason": view.get("reason"),
+            "next": None if decision is None else decision.event.value,
+            "reason": None if decision is None else decision.reason,
             "checks": checks,
             "versions": [version_json(v) for v in report.versions],
             "shadow_lanes": {
@@ -194,14 +200,20 @@ class History:
             self._rings.setdefault(model, deque(maxlen=self.limit)).append(point)
 
     def since(self, model: str, seq: int) -> list[Json]:
-        """The model's samples numbered after `seq` (all of them for 0), oldest first."""
-        ring = self._rings.get(model, ())
+        """The model's samples numbered after `seq` (all of them for 0), oldest first. The ring
+        is copied first (one C-level pass), so a caller may filter it off the loop."""
+        ring = list(self._rings.get(model, ()))
         return [p for p in ring if p["seq"] > seq]
 
     async def run(self, interval_s: float = SAMPLE_S) -> None:
-        """Sample until cancelled (a task on the gateway's loop)."""
+        """Sample until cancelled (a task on the gateway's loop). A sample that fails is
+        logged (once in a while) and skipped: the charts must not freeze for good."""
+        failures = ThrottledLog(log)
         while True:
-            self.take()
+            try:
+                self.take()
+            except Exception as exc:
+                failures.log(logging.WARNING, "sample", "dashboard: sampling the models failed: %r", exc)
             await asyncio.sleep(interval_s)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from gateway.release.state import ReleaseState, ReleaseTable, initial_state
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.tracing import Tracing
 from gateway.types import ParamValue, RequestRun
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +241,13 @@ class ReleasePlane:
             return
         monitor = self.monitors.get(model)
         if monitor is not None:
-            monitor.record(loaded.version, run.feeds, run.rows, evidence.compared(run.outputs))
+            try:
+                monitor.record(loaded.version, run.feeds, run.rows, evidence.compared(run.outputs))
+            except Exception:
+                # The request is answered already: a monitoring bug must not fail it, nor every
+                # request after it. Monitoring stops for this model until it is loaded again.
+                log.exception("%s: drift monitoring failed and is off for this model until it reloads", model)
+                self.monitors.pop(model, None)
         evidence.record_prediction(run.request_id, loaded.version, served.role, run.outputs)
         if state is None:
             return  # pinned requests take no part in the release

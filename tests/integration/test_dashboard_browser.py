@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+
+# The test extra installs Playwright: imported plainly, so a missing one fails, never skips.
+import playwright.sync_api as playwright_api
 import pytest
 
 from gateway.cli.demo import DEMO_POLICY
@@ -27,7 +30,6 @@ from tests.support import MODELS, ROOT, gateway_process
 from tests.traffic import Load, digits_builder
 
 pytestmark = pytest.mark.integration
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 READ = "viewer-token-0123456789abcdef"

@@ -219,3 +219,19 @@ def test_the_cli_prints_json_and_draws_the_plot(gateway: Running, tmp_path: Path
     artifacts = ROOT / "test-artifacts"
     if artifacts.is_dir():  # kept for a look, like the dashboard's screenshots
         shutil.copy(png, artifacts / "drift.png")
+
+
+def test_a_failing_monitor_never_fails_a_request_and_turns_itself_off(gateway: Running) -> None:
+    # Monitoring runs after the model answered: a bug in it (here, injected) must not turn a
+    # good answer into an error, nor keep failing every request after it.
+    releases = gateway.gateway.releases
+    assert releases is not None and "digits" in releases.monitors
+
+    def broken(*_: object) -> None:
+        raise ValueError("injected monitoring bug")
+
+    releases.monitors["digits"].record = broken  # type: ignore[method-assign]
+    client = Client(gateway)
+    for _ in range(3):
+        assert client.send(X[:2]).outputs  # answered every time
+    assert "digits" not in releases.monitors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, cast
 
@@ -162,6 +163,17 @@ def test_the_login_never_sends_the_browser_to_another_site(target: str) -> None:
     assert login.status_code == 303 and login.headers["location"] == "/"
 
 
+def test_without_tokens_only_a_loopback_host_name_is_answered() -> None:
+    # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
+    # Host: evil.example; an open (token-less) dashboard must not answer it.
+    web = client(None)
+    for path in ("/", "/api/overview"):
+        assert web.get(path, headers={"host": "evil.example:8004"}).status_code == 400
+        assert web.get(path, headers={"host": "localhost:8004"}).status_code == 200
+    # With tokens the token is the guard: any host name the operator serves it under works.
+    assert client(f"viewer:read:{READ}").get("/", headers={"host": "gateway.internal"}).status_code == 401
+
+
 def test_without_tokens_everything_is_open_and_the_static_files_are_served() -> None:
     web = client(None)
     assert web.get("/").status_code == 200
@@ -169,3 +181,25 @@ def test_without_tokens_everything_is_open_and_the_static_files_are_served() -> 
     script = web.get("/static/vendor/uPlot.iife.min.js")
     assert script.status_code == 200 and script.text.startswith("/*! https://github.com/leeoniya/uPlot")
     assert web.get("/static/../app.py").status_code == 404
+
+
+def test_the_history_keeps_sampling_after_a_sample_fails() -> None:
+    # The sampling task used to die on the first error (a store hiccup, say), freezing every chart.
+    class Flaky(Made):
+        failures = 2
+
+        def snapshot(self, model: str, now: float) -> Json:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("store unavailable")
+            return super().snapshot(model, now)
+
+    history = History(Flaky(["digits"]))
+
+    async def sample_a_while() -> None:
+        task = asyncio.create_task(history.run(interval_s=0.01))
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(sample_a_while())
+    assert len(history.since("digits", 0)) >= 3

@@ -1,9 +1,9 @@
-// `/models/{name}`: the rollout over time. The server keeps an hour of samples; the page
+// `/models/{name}`: the rollout over time. The server keeps half an hour of samples; the page
 // asks for those after the last one it has (`since`), appends them, and redraws the charts.
 "use strict";
 
 const MODEL = decodeURIComponent(location.pathname.split("/").pop());
-const MAX_POINTS = 3600;
+const MAX_POINTS = 3600;  // the server's 900 samples, then the page's own polls: two hours at 2 s
 const COLORS = ["#1f6feb", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#e67700", "#0b7285"];
 const points = [];
 const charts = new Map();  // id -> {plot, key}

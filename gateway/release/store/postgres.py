@@ -64,13 +64,21 @@ LISTEN_WAIT_S = 1.0
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 
 
+# Query parameters libpq reads a secret from: shown as *** like the URL's own password.
+SECRET_PARAMETERS = frozenset({"password", "passfile", "sslpassword"})
+
+
 def redacted(url: str) -> str:
-    """`url` without its password, for messages and logs."""
+    """`url` without its password (in the user part or as a query parameter), for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = [p.partition("=") for p in parts.query.split("&")]
+        query = "&".join(f"{k}={'***' if k.lower() in SECRET_PARAMETERS else v}" if eq else k for k, eq, v in pairs)
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 def migrate(conn: psycopg.Connection[Any], where: str, target: int = LATEST) -> None:
