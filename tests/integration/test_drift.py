@@ -230,7 +230,7 @@ def test_a_failing_monitor_never_fails_a_request_and_turns_itself_off(gateway: R
     def broken(*_: object) -> None:
         raise ValueError("injected monitoring bug")
 
-    releases.monitors["digits"].record = broken  # type: ignore[method-assign]
+    releases.monitors["digits"].record = broken  # type: ignore[method-assign,assignment]
     client = Client(gateway)
     for _ in range(3):
         assert client.send(X[:2]).outputs  # answered every time
