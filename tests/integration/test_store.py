@@ -3,6 +3,7 @@ lease, on both backends (SQLite, and a real PostgreSQL: tests/postgres.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import signal
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from gateway.errors import ConfigError
 from gateway.release.state import ReleaseState
 from gateway.release.store import FENCE, AuditEntry, AuditOutcome, Conflict, Fence, LeaseLost, Store, StoredRelease
 from tests.support import ROOT
@@ -154,3 +156,29 @@ def test_evidence_and_labels_are_shared(backend: Backend) -> None:
     progress, answers = store.feedback_answers(first, last)
     assert progress == {"1": last} and answers == [(first, "1", "joined", "")]
     store.close()
+
+
+def test_a_damaged_release_row_stops_the_load_naming_the_model_and_the_fix(backend: Backend) -> None:
+    store = backend.open()
+    initial(store)
+    store.close()
+    damage = "UPDATE releases SET state = '{\"stable\": ' WHERE model = 'm'"  # written by hand, cut short
+    if backend.name == "postgres":
+        import psycopg
+
+        with psycopg.connect(backend.target, autocommit=True) as conn:
+            conn.execute(damage)
+        fix = "restore the database from a backup"
+    else:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(backend.target)) as db, db:
+            db.execute(damage)
+        fix = "restore it from a backup"
+    store = backend.open()
+    with pytest.raises(ConfigError) as caught:
+        store.load_all()
+    store.close()
+    message = str(caught.value)
+    assert "holds a release of model 'm' that cannot be read (JSONDecodeError" in message, message
+    assert message.startswith("state_") and fix in message, message

@@ -18,7 +18,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
-from gateway.errors import FailedPrecondition
+from gateway.errors import ConfigError, FailedPrecondition
 from gateway.release.policy import RolloutState
 from gateway.release.state import ReleaseState
 
@@ -201,12 +201,37 @@ class SqlReads:
     """The reads both SQL stores run alike: only the driver's placeholder differs (`P`).
 
     A store gives `_reading()`: a connection (or cursor) whose `execute(sql, args)`
-    returns rows, for reads that need no transaction of their own."""
+    returns rows, for reads that need no transaction of their own; `where`, the store as
+    messages name it; and `RESTORE_FIX`, what an operator does about a damaged row."""
 
     P: ClassVar[str]
+    RESTORE_FIX: ClassVar[str]
+    where: str
 
     def _reading(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def load_all(self) -> dict[str, StoredRelease]:
+        with self._reading() as db:
+            rows = db.execute("SELECT model, state, rollout FROM releases").fetchall()
+        loaded = {}
+        for model, state, rollout in rows:
+            try:
+                stored = state_from(json.loads(state), json.loads(rollout))
+            except (ValueError, TypeError, AttributeError) as exc:
+                # Written by hand or damaged: name what is wrong instead of a traceback.
+                raise ConfigError(
+                    f"{self.where} holds a release of model {model!r} that cannot be read "
+                    f"({type(exc).__name__}: {str(exc)[:200]}): {self.RESTORE_FIX}"
+                ) from None
+            loaded[stored.state.model] = stored
+        return loaded
+
+    def changes(self) -> int:
+        """A number that grows with every committed release change (the sum of revisions)."""
+        with self._reading() as db:
+            row = db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
+        return int(row[0]) if row else 0
 
     def audit_log(
         self, model: str = "", since: float = 0.0, until: float = 0.0, limit: int = 100, offset: int = 0

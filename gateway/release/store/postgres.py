@@ -41,7 +41,6 @@ from gateway.release.store.base import (
     audit_values,
     conflict,
     lease_lost,
-    state_from,
 )
 from gateway.release.store.migrations import LATEST, VERSION_TABLE, steps_after
 
@@ -106,6 +105,7 @@ def migrate(conn: psycopg.Connection[Any], where: str, target: int = LATEST) -> 
 
 class PostgresStore(SqlReads):
     P = "%s"  # the driver's placeholder, for the reads in SqlReads
+    RESTORE_FIX = "restore the database from a backup"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -161,26 +161,6 @@ class PostgresStore(SqlReads):
     def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._unavailable_on_error("be written"), self._pool.connection() as conn, conn.transaction():
             yield conn.cursor()
-
-    def load_all(self) -> dict[str, StoredRelease]:
-        with self._reading() as db:
-            rows = db.execute("SELECT model, state, rollout FROM releases").fetchall()
-        loaded = {}
-        for model, state, rollout in rows:
-            try:
-                stored = state_from(json.loads(state), json.loads(rollout))
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise ConfigError(
-                    f"{self.where} holds a release of model {model!r} that cannot be read "
-                    f"({type(exc).__name__}: {str(exc)[:200]}): restore the database from a backup"
-                ) from None
-            loaded[stored.state.model] = stored
-        return loaded
-
-    def changes(self) -> int:
-        with self._reading() as db:
-            row = db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
-        return int(row[0]) if row else 0
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)

@@ -30,7 +30,6 @@ from gateway.release.store.base import (
     audit_values,
     conflict,
     lease_lost,
-    state_from,
 )
 from gateway.release.store.migrations import LATEST, VERSION_TABLE, steps_after
 
@@ -116,9 +115,11 @@ def retry_while_locked(action: Callable[[], None], within_s: float = 15.0) -> No
 
 class SqliteStore(SqlReads):
     P = "?"  # the driver's placeholder, for the reads in SqlReads
+    RESTORE_FIX = _STARTUP_FIX
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = f"state_dir: the state database {path}"
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
         self._failures = ThrottledLog(log, interval_s=STORE_FAILURE_LOG_INTERVAL_S)
         try:
@@ -211,27 +212,6 @@ class SqliteStore(SqlReads):
                     with suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
-
-    def load_all(self) -> dict[str, StoredRelease]:
-        with self._reading() as db:
-            rows = db.execute("SELECT model, state, rollout FROM releases").fetchall()
-        loaded = {}
-        for model, state, rollout in rows:
-            try:
-                stored = state_from(json.loads(state), json.loads(rollout))
-            except (ValueError, TypeError, AttributeError) as exc:
-                # Written by hand or damaged: name what is wrong instead of a traceback.
-                raise ConfigError(
-                    f"state_dir: the state database {self.path} holds a release of model {model!r} that cannot "
-                    f"be read ({type(exc).__name__}: {str(exc)[:200]}): {_STARTUP_FIX}"
-                ) from None
-            loaded[stored.state.model] = stored
-        return loaded
-
-    def changes(self) -> int:
-        with self._reading() as db:
-            row = db.execute("SELECT COALESCE(SUM(revision), 0) FROM releases").fetchone()
-        return int(row[0])
 
     def commit(
         self, expected_revision: int | None, after: StoredRelease, audit: AuditEntry | Sequence[AuditEntry]
