@@ -349,7 +349,7 @@ class DynamicBatcher:
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(waited)
             if item.timing is not None:
-                item.timing.enqueued, item.timing.dequeued = item.enqueued, now
+                item.timing.dequeued = now  # its enqueue time was written when it queued
         if runs_inline(self.execution, self.model, rows):
             start = time.perf_counter_ns()
             result = self._run_or_error(feeds)

@@ -132,7 +132,7 @@ class DirectExecutor:
             dequeued = time.monotonic()
             self.stats.queue.add(int((dequeued - queued_at) * 1e9))
             if timing is not None:
-                timing.enqueued, timing.dequeued = queued_at, dequeued
+                timing.dequeued = dequeued  # its enqueue time was written when it began to wait
         else:
             await self._slots.acquire()
         self._running += 1
