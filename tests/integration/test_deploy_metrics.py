@@ -9,7 +9,6 @@ rollout metrics must say so once, not once per worker.
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from deploy import queries
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from tests.integration.test_rollout_decisions import digits_repo
 from tests.support import MODELS, Process, gateway_process, poll_until
 
 pytestmark = pytest.mark.integration
@@ -50,11 +50,7 @@ CHANNELS = 4  # separate connections, so the kernel spreads them over both worke
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    shutil.copytree(MODELS / "digits", root / "digits")
-    spec = root / "digits" / "model.toml"
-    spec.write_text(spec.read_text() + POLICY)
-    return root
+    return digits_repo(tmp_path / "repo", POLICY).parent
 
 
 class Client:
