@@ -21,6 +21,16 @@ keep the bet safe:
   dispatches that doubles with each fruitless try (16, 32, ... up to 1,024);
   one hold that gains rows switches it back on.
 
+Overlap can hide a saturated machine, though. When the clients share the
+gateway's cores (two cores, 64 clients in one process: CI), running each row
+on its own takes the CPU the clients need to send the next one, so requests
+trickle in one at a time and seldom overlap: batches of 1.0 and a third of the
+throughput, a state that sustains itself (measured: half the runs of the c=64
+test started in it and stayed). So between the lone client and clear overlap,
+a dispatch still holds now and then as a probe, paced like the fruitless holds
+above; a probe that gains rows makes those rows overlapping arrivals, which
+lifts the average to where holding is the rule. A lone client never probes.
+
 A hold lasts while rows keep coming: one timer tick at a time, ended by the
 first tick in which nothing arrived, by the batch reaching its target size,
 or by `max_queue_delay_us` since the hold began, whichever is first.
@@ -55,7 +65,7 @@ def timer_tick_s(loop: asyncio.AbstractEventLoop) -> float:
 class HoldPolicy:
     """Whether the next dispatch with nothing running holds its batch open, learned from outcomes."""
 
-    __slots__ = ("_fruitless", "_overlap", "_pause", "max_hold_s", "tick_s")
+    __slots__ = ("_fruitless", "_overlap", "_pause", "_probing", "max_hold_s", "tick_s")
 
     def __init__(self, max_hold_s: float, tick_s: float) -> None:
         # A hold shorter than one tick cannot be timed: round it up, so a configured
@@ -65,6 +75,7 @@ class HoldPolicy:
         self._pause = 0  # dispatches left without holding
         self._fruitless = 0  # fruitless holds in a row
         self._overlap = 0.0  # recent share of arrivals that found others queued or running
+        self._probing = False  # the hold under way was a probe (too little overlap to bet on)
 
     def arrival(self, overlapping: bool) -> None:
         """A request arrived; `overlapping`: others were queued or running."""
@@ -75,17 +86,22 @@ class HoldPolicy:
         return self._overlap < ALONE_OVERLAP
 
     def should_hold(self) -> bool:
-        if self.max_hold_s <= 0 or self._overlap < MIN_OVERLAP:
+        if self.max_hold_s <= 0 or self.alone():
             return False
         if self._pause > 0:
             self._pause -= 1
             return False
+        self._probing = self._overlap < MIN_OVERLAP
         return True
 
     def outcome(self, gained_rows: int) -> None:
         """Learn from a hold: rows that joined the batch while it was held."""
         if gained_rows > 0:
             self._fruitless = 0
+            if self._probing:
+                # Not yet the rule: the next probe waits its turn, so a moderate load that
+                # a probe happened to catch pays for one hold in FIRST_PAUSE dispatches.
+                self._pause = FIRST_PAUSE
             return
         self._pause = min(LAST_PAUSE, FIRST_PAUSE << self._fruitless)
         self._fruitless = min(self._fruitless + 1, LAST_PAUSE.bit_length())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.serving.holding import FIRST_PAUSE, LAST_PAUSE, HoldPolicy, timer_tick_s
+from gateway.serving.holding import ALONE_OVERLAP, FIRST_PAUSE, LAST_PAUSE, MIN_OVERLAP, HoldPolicy, timer_tick_s
 
 
 def busy(policy: HoldPolicy, arrivals: int = 64) -> HoldPolicy:
@@ -36,6 +36,25 @@ def test_overlapping_arrivals_hold_until_a_hold_gains_nothing_then_back_off_doub
     assert max(pauses) == LAST_PAUSE
     policy.outcome(3)  # one that gains rows: holding is back on at once
     assert policy.should_hold() and policy.should_hold()
+
+
+def test_a_little_overlap_still_probes_now_and_then_and_a_fruitful_probe_waits_its_turn() -> None:
+    """Too little overlap to bet on, yet not a lone client: a saturated shared machine looks like this (CI)."""
+    policy = HoldPolicy(0.002, 0.001)
+    policy.arrival(overlapping=True)
+    while policy._overlap > MIN_OVERLAP / 2:
+        policy.arrival(overlapping=False)
+    assert not policy.alone() and ALONE_OVERLAP < policy._overlap < MIN_OVERLAP
+    assert policy.should_hold()  # the first probe
+    gaps = []
+    for gained in (2, 2, 0, 0, 5):
+        policy.outcome(gained)
+        skipped = 0
+        while not policy.should_hold():
+            skipped += 1
+        gaps.append(skipped)
+    # A fruitful probe: the next in FIRST_PAUSE dispatches; fruitless ones back off doubling as holds do.
+    assert gaps == [FIRST_PAUSE, FIRST_PAUSE, FIRST_PAUSE, 2 * FIRST_PAUSE, FIRST_PAUSE]
 
 
 def test_no_delay_means_no_hold_and_a_short_delay_lasts_one_tick() -> None:
