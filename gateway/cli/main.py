@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from gateway.config.settings import load_settings
+from gateway.config.settings import load_settings, resolved_replica_id
 from gateway.errors import GatewayError
 from gateway.logformat import configure_logging
 
@@ -92,6 +93,11 @@ def main() -> None:
     "--state-url",
     help="postgresql://USER@HOST:PORT/DB: release state shared by several replicas (else SQLite in --state-dir).",
 )
+@click.option(
+    "--replica-id",
+    help="This replica's name in a shared --state-url store (evidence, the controller lease); unique per "
+    "replica, e.g. the pod name. [default: HOST-PID]",
+)
 @click.option("--controller/--no-controller", default=None, help="Run the promotion controller. [default: on]")
 @click.option("--cuda-device", type=int, help="GPU to use. [default: 0]")
 @click.option(
@@ -146,6 +152,8 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         click.echo(f"gateway: {exc}", err=True)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
+    # Named once here, so every worker of this replica shares the name.
+    settings = dataclasses.replace(settings, replica_id=resolved_replica_id(settings))
     from gateway.server import gateway as server
     from gateway.server.workers import serve_workers, worker_count
 

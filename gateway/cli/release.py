@@ -298,8 +298,10 @@ def wrapped(lines: list[str], width: int) -> list[str]:
 def status(client: ControlClient) -> None:
     """Every model's release: stable, canary and weight, shadows, rollout phase; during a
     rollout, why it is where it is and which checks it waits for (with what they still need)."""
-    releases = client.call(client.stub.ListReleases, rpb.ListReleasesRequest()).releases
-    for release in releases:
+    answer = client.call(client.stub.ListReleases, rpb.ListReleasesRequest())
+    for line in deployment_lines(answer.deployment):
+        click.echo(line)
+    for release in answer.releases:
         console.print(_release_line(release))
         if release.phase in ACTIVE:
             _, trailers = client.call_with_trailers(client.stub.GetRelease, rpb.GetReleaseRequest(model=release.model))
@@ -470,11 +472,26 @@ def report(client: ControlClient, model: str, as_json: bool, watch: float | None
         pass
 
 
+def deployment_lines(d: rpb.Deployment) -> list[str]:
+    """Where the state lives, who decides, whose evidence is merged (status and report)."""
+    if not d.store:
+        return []  # a gateway older than these fields
+    if not d.store_reachable:
+        return [
+            f"store: {d.store} is UNREACHABLE: serving the last installed release; "
+            "decisions and release changes wait for it"
+        ]
+    processes = f" ({d.processes} processes)" if d.processes != d.replicas else ""
+    leader = d.leader or "none now (a controller takes the lease within a few seconds)"
+    return [f"store: {d.store}", f"leader: {leader}; evidence merged from {d.replicas} replica(s){processes}"]
+
+
 def _report_with_rollout(report: rpb.Report, view: dict[str, Any] | None) -> RenderableType:
     table = report_table(report)
-    if view is None:
-        return table
-    return Group(table, *(markup(line) for line in wrapped(rollout_lines(view), console.width)))
+    lines = deployment_lines(report.deployment)
+    if view is not None:
+        lines += wrapped(rollout_lines(view), console.width)
+    return Group(table, *(markup(line) for line in lines)) if lines else table
 
 
 def _audit_pages(client: ControlClient, model: str, since: float, until: float) -> Iterator[rpb.AuditRecord]:
@@ -648,6 +665,13 @@ def report_json(report: rpb.Report, view: dict[str, Any] | None) -> dict[str, An
             for version, c in sorted(report.shadows.items())
         },
         "rollout": rollout_json(view) if view is not None else None,
+        "deployment": {
+            "store": report.deployment.store,
+            "store_reachable": report.deployment.store_reachable,
+            "leader": report.deployment.leader or None,
+            "replicas": report.deployment.replicas,
+            "processes": report.deployment.processes,
+        },
     }
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,17 @@ OTHER_VARIABLES = frozenset({"GATEWAY_CONTROL", "GATEWAY_TOKEN", "GATEWAY_CONTRO
 log = logging.getLogger(__name__)
 # More serving processes than this is a typo, not a machine: each one loads every model.
 MAX_WORKERS = 1024
+# A replica's name: what a Kubernetes pod name or a host name looks like, short enough for a label.
+REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def resolved_replica_id(settings: GatewaySettings) -> str:
+    """The replica's name: as set, else HOST-PID of this (the serving or supervising)
+    process, resolved once before any worker starts so all of one replica's workers share it."""
+    if settings.replica_id:
+        return settings.replica_id
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")[:48] or "gateway"
+    return f"{host}-{os.getpid()}"
 
 
 def check_otlp_endpoint(origin: str, value: str) -> None:
@@ -156,6 +169,10 @@ class GatewaySettings:
     # Set by `--workers N` for each worker (0..N-1): evidence and labels are then
     # shared through the store. -1: a single serving process.
     worker_index: int = -1
+    # This replica's name in a shared store (evidence rows, label answers, the controller
+    # lease): unique per replica. Empty: HOST-PID of the serving process (a Kubernetes pod's
+    # host name is its pod name); see resolved_replica_id.
+    replica_id: str = ""
     # Capture live requests served by the stable version, with its answers (replay, gate).
     capture_dir: Path | None = None
     capture_fraction: float = 0.01
@@ -196,6 +213,11 @@ class GatewaySettings:
             check_otlp_endpoint("otlp_endpoint", self.otlp_endpoint)
         if self.state_url:
             check_state_url("state_url", self.state_url)
+        if self.replica_id and not REPLICA_ID.fullmatch(self.replica_id):
+            raise ConfigError(
+                f"replica_id: {self.replica_id[:80]!r} is not a replica name: use 1-63 letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit (e.g. the pod name), or leave it empty for HOST-PID"
+            )
 
 
 _SCHEMA = Schema.of(GatewaySettings)

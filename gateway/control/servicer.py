@@ -10,12 +10,13 @@ from dataclasses import asdict
 from typing import Any, TypeAlias
 
 from gateway.control.auth import ACTOR
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, StoreUnavailable
 from gateway.logthrottle import one_line
 from gateway.protocol.pb import release_pb2 as pb
 from gateway.protocol.pb import release_pb2_grpc as pb_grpc
 from gateway.release import feedback
 from gateway.release.assessment import ROLLOUT_METADATA_KEY, rollout_view
+from gateway.release.controller import LEASE
 from gateway.release.drift.monitor import FeatureScore, VersionDriftReport
 from gateway.release.evidence import VersionReport
 from gateway.release.feedback import FEEDBACK_WAIT_S
@@ -26,7 +27,7 @@ from gateway.release.plane import ModelReport, ReleasePlane
 from gateway.release.policy import ACTIVE, RolloutState
 from gateway.release.shadow import ShadowReport
 from gateway.release.state import ReleaseState
-from gateway.release.store import SqliteStore, StoredRelease
+from gateway.release.store import StoredRelease
 
 log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
@@ -129,12 +130,37 @@ def wait_within_deadline(context: Context, longest_s: float) -> float:
     return max(0.0, min(longest_s, float(remaining) - ANSWER_MARGIN_S))
 
 
+# Replicas count as merging their evidence if they published within this (they do twice a second).
+MERGED_WITHIN_S = 10.0
+
+
 class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
-    def __init__(self, plane: ReleasePlane, ops: ReleaseOps, loader: ModelLoader, share_feedback: bool = False) -> None:
+    def __init__(self, plane: ReleasePlane, ops: ReleaseOps, loader: ModelLoader, member: str | None = None) -> None:
+        """`member`: this process's name among those sharing evidence and labels through the
+        store (gateway.release.sync.member_name); None: nobody to share with."""
         self.plane = plane
         self.ops = ops
         self.loader = loader
-        self.share_feedback = share_feedback
+        self.member = member
+
+    async def _deployment(self) -> pb.Deployment:
+        """The store, the leading controller, and the replicas whose evidence is merged."""
+        store = self.ops.store
+
+        def read() -> tuple[str | None, set[str]]:
+            return store.lease_holder(LEASE), store.live_workers(MERGED_WITHIN_S)
+
+        try:
+            leader, live = await asyncio.to_thread(read)
+        except StoreUnavailable:
+            return pb.Deployment(store=store.backend, store_reachable=False)
+        if self.member is not None:
+            live.add(self.member)
+        processes = len(live) or 1  # a single process on SQLite publishes nothing: itself
+        replicas = len({name.rpartition("/")[0] for name in live}) or 1
+        return pb.Deployment(
+            store=store.backend, leader=leader or "", replicas=replicas, processes=processes, store_reachable=True
+        )
 
     async def LoadModel(self, request: pb.ModelRequest, context: Context) -> pb.ModelStatus:
         entry, call = await self.loader.load_everywhere(request.model, wait_within_deadline(context, ACK_WAIT_S))
@@ -158,7 +184,10 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         return release_message(stored.state, stored.rollout)
 
     async def ListReleases(self, request: pb.ListReleasesRequest, context: Context) -> pb.ListReleasesResponse:
-        return pb.ListReleasesResponse(releases=[self._release(self.ops.current(m)) for m in self.plane.table.models()])
+        return pb.ListReleasesResponse(
+            releases=[self._release(self.ops.current(m)) for m in self.plane.table.models()],
+            deployment=await self._deployment(),
+        )
 
     async def GetRelease(self, request: pb.GetReleaseRequest, context: Context) -> pb.Release:
         current = self.ops.current(request.model)
@@ -213,9 +242,9 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         feedback.check_count(len(request.items))  # before copying any item out of the message
         items = [(item.request_id, list(item.labels)) for item in request.items]
         # Other workers may hold these predictions: they join them and say so through the store.
-        store = self.ops.store if self.share_feedback and isinstance(self.ops.store, SqliteStore) else None
+        sharing = None if self.member is None else feedback.Sharing(self.ops.store, self.member)
         wait_s = wait_within_deadline(context, FEEDBACK_WAIT_S)
-        tally = await feedback.submit(self.plane, store, request.model, items, wait_s)
+        tally = await feedback.submit(self.plane, sharing, request.model, items, wait_s)
         return pb.SubmitFeedbackResponse(
             joined=tally.joined,
             unknown=tally.unknown,
@@ -230,6 +259,7 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
         rollout = self.ops.current(request.model).rollout
         report.release.phase = rollout.phase
         report.release.step = rollout.step
+        report.deployment.CopyFrom(await self._deployment())
         self._send_rollout_view(request.model, rollout, context)
         return report
 

@@ -43,12 +43,17 @@ DecisionHook = Callable[[str, RolloutState, Decision], None]
 
 class Controller:
     def __init__(
-        self, ops: ReleaseOps, clock: Callable[[], float] = time.time, on_decision: DecisionHook | None = None
+        self,
+        ops: ReleaseOps,
+        clock: Callable[[], float] = time.time,
+        on_decision: DecisionHook | None = None,
+        holder: str = "",
     ) -> None:
         self.ops = ops
         self.clock = clock
         self.on_decision = on_decision
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # Unique per process: a new process is a new holder (and so a new fencing epoch).
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self._last: dict[str, float] = {}
         self.leading = False
 

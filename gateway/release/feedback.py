@@ -1,10 +1,14 @@
 """Labels for earlier predictions: checked whole before any is joined, joined where the
-prediction was made (in any worker process), and counted by what became of each.
+prediction was made (in any worker process, on any replica), and counted by what became of each.
 
 With several workers, the control API runs on worker 0 and each prediction is logged
-by the worker that served it. Worker 0 joins what it can, shares the rest through the
-store, and waits (a bounded time) for the other workers to say what they made of each
-label set, so the caller learns true counts, not "0 joined" while they join elsewhere.
+by the worker that served it; with several replicas, labels reach whichever replica's
+control API the load balancer picked. The process that receives a label set joins what
+it can, shares the rest through the store (named by its origin), and waits (a bounded
+time) for every other live process to say what it made of each, so the caller learns true
+counts, not "0 joined" while they join elsewhere. Every process but the origin joins
+what is shared: the predictions stay where they were made (a label set is a few hundred
+bytes; a logged prediction with its inputs is kilobytes, so labels travel, not predictions).
 """
 
 from __future__ import annotations
@@ -37,8 +41,6 @@ FEEDBACK_POLL_S = 0.1
 # writer can delay that by seconds; a worker missed here would have its labels
 # reported "unknown" although it joins them, so err on the side of waiting.
 PEER_SEEN_WITHIN_S = 30.0
-# The worker that serves the control API and so receives all labels.
-RECEIVER = "0"
 REJECTED = "rejected"
 ERRORS_REPORTED = 10
 
@@ -87,15 +89,23 @@ def check_items(items: Sequence[tuple[str, Sequence[float]]], max_items: int = M
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """Where labels unknown here go: the shared store, and this process's name there (replica/worker)."""
+
+    store: Store
+    member: str
+
+
 async def submit(
     plane: ReleasePlane,
-    store: Store | None,
+    sharing: Sharing | None,
     model: str,
     items: Sequence[tuple[str, Sequence[float]]],
     wait_s: float = FEEDBACK_WAIT_S,
 ) -> FeedbackTally:
-    """Join label sets here; with `store` (several workers), share those unknown here and
-    count what the other workers made of them."""
+    """Join label sets here; with `sharing` (several workers or replicas), share those unknown
+    here and count what the other processes made of them."""
     plane.table.get(model)  # NOT_FOUND for an unknown model
     check_items(items)
     evidence = plane.evidence[model]
@@ -107,22 +117,23 @@ async def submit(
         except InvalidInput as exc:  # labels that do not fit: the prediction stays for a resend
             tally.count(REJECTED, str(exc))
             continue
-        if outcome == UNKNOWN and store is not None:
+        if outcome == UNKNOWN and sharing is not None:
             elsewhere.append((request_id, list(labels)))
         else:
             tally.count(outcome)
     if elsewhere:
-        assert store is not None
-        await _shared(store, model, elsewhere, wait_s, tally)
+        assert sharing is not None
+        await _shared(sharing, model, elsewhere, wait_s, tally)
     return tally
 
 
 async def _shared(
-    store: Store, model: str, items: list[tuple[str, list[float]]], wait_s: float, tally: FeedbackTally
+    sharing: Sharing, model: str, items: list[tuple[str, list[float]]], wait_s: float, tally: FeedbackTally
 ) -> None:
-    first, last = await asyncio.to_thread(store.add_feedback, model, items)
+    store = sharing.store
+    first, last = await asyncio.to_thread(store.add_feedback, model, items, sharing.member)
     peers = await asyncio.to_thread(store.live_workers, PEER_SEEN_WITHIN_S)
-    peers.discard(RECEIVER)
+    peers.discard(sharing.member)
     deadline = time.monotonic() + wait_s
     while True:
         progress, answers = await asyncio.to_thread(store.feedback_answers, first, last)
@@ -146,9 +157,9 @@ async def _shared(
 
 
 async def join_shared(plane: ReleasePlane, store: Store, worker: str, last: int) -> None:
-    """A worker other than the receiver: join the labels worker 0 shared after id `last`
-    (read before this worker served: gateway.release.sync), and say what became of each
-    (joined, already labelled or rejected; unknown goes unsaid)."""
+    """Join the labels other processes shared after id `last` (read before this process
+    served: gateway.release.sync), and say what became of each (joined, already labelled
+    or rejected; unknown goes unsaid). Its own shares it skips: it found them unknown."""
     while True:
         await asyncio.sleep(FEEDBACK_POLL_S)
         try:
@@ -156,8 +167,10 @@ async def join_shared(plane: ReleasePlane, store: Store, worker: str, last: int)
             if not rows:
                 continue
             outcomes: list[tuple[int, str, str]] = []
-            for row_id, model, request_id, labels in rows:
+            for row_id, model, origin, request_id, labels in rows:
                 last = row_id  # never joined twice, whatever happens below
+                if origin == worker:
+                    continue
                 evidence = plane.evidence.get(model)
                 if evidence is None:
                     continue

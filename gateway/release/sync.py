@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from gateway.errors import StoreUnavailable
-from gateway.release.feedback import RECEIVER, join_shared
+from gateway.release.feedback import join_shared
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
 from gateway.release.store import Store
@@ -30,29 +30,42 @@ FOLLOW_EVERY_S = 0.5
 SHARE_EVERY_S = 0.5
 
 
+def member_name(replica_id: str, worker_index: int, shared_store: bool) -> str | None:
+    """This process's name among those sharing evidence and labels through the store
+    (replica/worker), or None for a process with nobody to share with: a single serving
+    process on SQLite. On a shared (PostgreSQL) store even one process shares: other
+    replicas are its peers."""
+    if worker_index < 0 and not shared_store:
+        return None
+    return f"{replica_id}/{max(worker_index, 0)}"
+
+
 async def sync_loops(
-    store: Store, plane: ReleasePlane, ops: ReleaseOps, worker_index: int
+    store: Store, plane: ReleasePlane, ops: ReleaseOps, member: str | None
 ) -> list[Coroutine[Any, Any, None]]:
     """The loops to run for this process (each runs until cancelled), made ready before it serves.
 
-    A worker (`worker_index` >= 0) also reads the other workers' evidence into its
-    reports from here on (`plane.peers`).
+    A member (see member_name) also reads the other members' evidence into its reports
+    from here on (`plane.peers`), and joins the labels the others share.
 
     Done here, before the process serves, not when the loops' tasks first run: where
-    each loop starts from, and a first publish of this worker's evidence. Worker 0
-    waits for the answers of the workers that have published (`store.live_workers`):
-    a worker that served predictions before its first publish, half a second in, was
-    not waited for, and the labels for them came back "unknown" although it joined them.
+    each loop starts from, and a first publish of this member's evidence. The receiver
+    of labels waits for the answers of the members that have published
+    (`store.live_workers`): one that served predictions before its first publish, half
+    a second in, was not waited for, and the labels for them came back "unknown"
+    although it joined them.
     """
     loops = [follow_store(store, ops, await asyncio.to_thread(store.changes))]
-    if worker_index >= 0:
-        worker = str(worker_index)
-        plane.peers = lambda model: store.peer_evidence(model, worker)
-        if worker != RECEIVER:  # worker 0 joins labels as they arrive; the others, as it shares them
-            loops.append(join_shared(plane, store, worker, await asyncio.to_thread(store.last_feedback_id)))
+    if member is not None:
+        worker = member
+        # Read off the loop (a store that is slow or down must not stall inference) and kept:
+        # reports and decisions use the copy, at most SHARE_EVERY_S old.
+        peers = PeerEvidence()
+        plane.peers = peers.of
+        loops.append(join_shared(plane, store, worker, await asyncio.to_thread(store.last_feedback_id)))
         with contextlib.suppress(StoreUnavailable):  # the store logs it; the loop publishes when it can
-            await asyncio.to_thread(store.put_evidence, worker, _snapshots(plane))
-        loops.append(share_evidence(store, plane, worker))
+            await _exchange(store, plane, worker, peers)
+        loops.append(share_evidence(store, plane, worker, peers))
     return loops
 
 
@@ -87,12 +100,36 @@ def _snapshots(plane: ReleasePlane) -> dict[str, Any]:
     return {m: plane.evidence[m].snapshot() for m in plane.table.models()}
 
 
-async def share_evidence(store: Store, plane: ReleasePlane, worker: str) -> None:
-    """Several workers: publish this one's counts (labels are shared by gateway.release.feedback)."""
+class PeerEvidence:
+    """The other members' latest evidence, per model, as last read from the store."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, list[dict[str, Any]]] = {}
+
+    def of(self, model: str) -> list[dict[str, Any]]:
+        return self.by_model.get(model, [])
+
+
+async def _exchange(store: Store, plane: ReleasePlane, worker: str, peers: PeerEvidence) -> None:
+    """Publish this member's counts and read everyone else's: the snapshot taken on the loop
+    (the counts change there), the store I/O in a thread."""
+    snapshots = _snapshots(plane)
+
+    def io() -> dict[str, list[dict[str, Any]]]:
+        store.put_evidence(worker, snapshots)
+        return {m: store.peer_evidence(m, worker) for m in snapshots}
+
+    peers.by_model = await asyncio.to_thread(io)
+
+
+async def share_evidence(store: Store, plane: ReleasePlane, worker: str, peers: PeerEvidence) -> None:
+    """Several members: publish this one's counts, read the others' (labels are shared by
+    gateway.release.feedback). While the store is down the counts keep growing here and
+    the next publish after it returns carries them all: cumulative counts need no buffer."""
     while True:
         await asyncio.sleep(SHARE_EVERY_S)
         try:
-            await asyncio.to_thread(store.put_evidence, worker, _snapshots(plane))
+            await _exchange(store, plane, worker, peers)
         except StoreUnavailable:
             pass  # the store logs its failures itself, rate-limited
         except Exception:

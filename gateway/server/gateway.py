@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -42,7 +43,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry, start_http_server
 
-from gateway.config.settings import GatewaySettings
+from gateway.config.settings import GatewaySettings, resolved_replica_id
 from gateway.control.auth import Authenticator, AuthInterceptor, check_bind, load_tokens
 from gateway.control.servicer import ReleaseServicer
 from gateway.dashboard.app import build_app as build_dashboard
@@ -66,7 +67,7 @@ from gateway.release.model_sync import IntentStore, run_id
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
 from gateway.release.store import STATE_FILE, Store, open_store
-from gateway.release.sync import sync_loops
+from gateway.release.sync import member_name, sync_loops
 from gateway.rest.app import RestEndpoints, build_app
 from gateway.rest.limits import RestLimits
 from gateway.rest.server import HttpOptions, HttpServer
@@ -157,7 +158,9 @@ class Gateway:
     loader: ModelLoader
 
     def __init__(self, settings: GatewaySettings, span_exporter: SpanExporter | None = None) -> None:
-        self.settings = settings
+        # `gateway serve` names the replica before any worker starts; a gateway built here
+        # directly (tests, tools) names itself.
+        self.settings = dataclasses.replace(settings, replica_id=resolved_replica_id(settings))
         # Where spans go instead of OTLP (tests: the SDK's InMemorySpanExporter); given, tracing is on.
         self._span_exporter = span_exporter
         self.tracing: Tracing | None = None  # None: tracing off
@@ -173,6 +176,8 @@ class Gateway:
         self.store: Store | None = None
         self.capture: CaptureWriter | None = None
         self.controller: Controller | None = None
+        # This process's name among those sharing the store (None: nobody to share with).
+        self.member: str | None = None
         self._streams: StreamGuard | None = None
         self._health = health_aio.HealthServicer()
         self._teardown = AsyncExitStack()
@@ -246,9 +251,12 @@ class Gateway:
             # This host's workers only, so in state_dir whichever store holds the releases.
             await loader.join(IntentStore(s.state_dir / STATE_FILE, run_id()), str(s.worker_index))
             tasks.append(loop.create_task(loader.follow()))
-        tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, s.worker_index)]
+        self.member = member_name(s.replica_id, s.worker_index, bool(s.state_url))
+        tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, self.member)]
         if s.controller:
-            self.controller = Controller(ops, on_decision=self.release_metrics.decided)
+            # Named so `gateway status` says which replica leads; the pid tells a restarted process apart.
+            holder = f"{s.replica_id}/{max(s.worker_index, 0)} pid {os.getpid()}"
+            self.controller = Controller(ops, on_decision=self.release_metrics.decided, holder=holder)
             tasks.append(loop.create_task(self.controller.run()))
         tasks.append(loop.create_task(self._sample_queues(registry, releases, self.capture)))
         control_api = await _reserve(stack)  # stops after the inference server
@@ -347,7 +355,7 @@ class Gateway:
             interceptors=[AuthInterceptor(Authenticator(tokens)), ErrorMappingInterceptor()],
         )
         release_pb2_grpc.add_ReleaseServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ReleaseServicer(releases, ops, loader, share_feedback=s.worker_index >= 0), control
+            ReleaseServicer(releases, ops, loader, member=self.member), control
         )
         self.control_port = bind(control, s.control_host, s.control_port, setting="control_port", settings=s)
         await control.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -39,8 +38,9 @@ def replica_repo(tmp_path: Path) -> Path:
 
 
 def start_replicas(stack: ExitStack, repo: Path, state_url: str, count: int) -> list[Process]:
+    """Replicas r0, r1, ...: one serving process each (its controller's lease holder is `rN/0 pid P`)."""
     args = ("--models", str(repo), "--state-url", state_url, "--workers", "1")
-    return [stack.enter_context(gateway_process(*args)) for _ in range(count)]
+    return [stack.enter_context(gateway_process(*args, "--replica-id", f"r{i}")) for i in range(count)]
 
 
 def control(replica: Process) -> rgrpc.ReleaseServiceStub:
@@ -82,7 +82,7 @@ def test_a_weight_change_through_one_replica_is_served_by_the_other_within_a_sec
 def test_one_controller_leads_and_another_takes_over_within_two_intervals_of_a_kill_9(
     replicas: list[Process], state_url: str
 ) -> None:
-    pids = {f"{socket.gethostname()}:{r.proc.pid}": r for r in replicas}
+    pids = {f"r{i}/0 pid {r.proc.pid}": r for i, r in enumerate(replicas)}
     deadline = time.monotonic() + 10
     while (held := lease_holder(state_url)) is None or held[0] not in pids:
         assert time.monotonic() < deadline, f"no replica took the controller lease: {held}"

@@ -141,10 +141,11 @@ def test_every_worker_is_live_in_the_store_once_the_gateway_is_listening(repo: P
     # Worker 0 waits for the workers the store lists as live; a worker that served
     # before it was listed had its labels counted unknown (they arrived < 0.5 s after ready).
     state = tmp_path / "s"
-    with gateway_process("--models", str(repo), "--workers", "2", "--state-dir", str(state)):
+    args = ("--models", str(repo), "--workers", "2", "--state-dir", str(state), "--replica-id", "here")
+    with gateway_process(*args):
         store = SqliteStore(state / "state.db")
         try:
-            assert store.live_workers() >= {"0", "1"}
+            assert store.live_workers() >= {"here/0", "here/1"}
         finally:
             store.close()
 

@@ -148,9 +148,10 @@ def test_evidence_and_labels_are_shared(backend: Backend) -> None:
     store.put_evidence("1", {"m": {"n": 2}})
     assert store.peer_evidence("m", "0") == [{"n": 2}]
     assert store.live_workers() == {"0", "1"}
-    first, last = store.add_feedback("m", [("r1", [1.0]), ("r2", [2.0])])
+    first, last = store.add_feedback("m", [("r1", [1.0]), ("r2", [2.0])], "a/0")
     assert last == first + 1
-    assert [(rid, labels) for _, _, rid, labels in store.feedback_after(first - 1)] == [("r1", [1.0]), ("r2", [2.0])]
+    shared = store.feedback_after(first - 1)
+    assert [(s.origin, s.request_id, s.labels) for s in shared] == [("a/0", "r1", [1.0]), ("a/0", "r2", [2.0])]
     assert store.last_feedback_id() == last
     store.record_feedback_outcomes("1", last, [(first, "joined", "")])
     progress, answers = store.feedback_answers(first, last)

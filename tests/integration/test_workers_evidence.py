@@ -60,7 +60,10 @@ def test_reports_and_labels_cover_every_worker(repo: Path, tmp_path: Path) -> No
                 worker: sum(w["requests"] for w in json.loads(blob)["windows"].values())
                 for worker, blob in db.execute("SELECT worker, data FROM evidence WHERE model='digits'")
             }
-        assert set(per_worker) == {"0", "1"} and all(n > 0 for n in per_worker.values()), per_worker
+        # Named replica/worker: one replica (this gateway, named HOST-PID), two workers.
+        assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), per_worker
+        assert len({name.rpartition("/")[0] for name in per_worker}) == 1, per_worker
+        assert {name.rpartition("/")[2] for name in per_worker} == {"0", "1"}, per_worker
         items = [rpb.Feedback(request_id=f"w{i}", labels=[float(data["y"][i % 450])]) for i in range(400)]
         control.SubmitFeedback(rpb.SubmitFeedbackRequest(model="digits", items=items))
 

@@ -128,10 +128,26 @@ class ListReleasesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListReleasesResponse(_message.Message):
-    __slots__ = ("releases",)
+    __slots__ = ("releases", "deployment")
     RELEASES_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     releases: _containers.RepeatedCompositeFieldContainer[Release]
-    def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
+    deployment: Deployment
+    def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class Deployment(_message.Message):
+    __slots__ = ("store", "leader", "replicas", "processes", "store_reachable")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    STORE_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    leader: str
+    replicas: int
+    processes: int
+    store_reachable: bool
+    def __init__(self, store: _Optional[str] = ..., leader: _Optional[str] = ..., replicas: _Optional[int] = ..., processes: _Optional[int] = ..., store_reachable: _Optional[bool] = ...) -> None: ...
 
 class GetReleaseRequest(_message.Message):
     __slots__ = ("model",)
@@ -276,7 +292,7 @@ class ShadowCounters(_message.Message):
     def __init__(self, mirrored: _Optional[int] = ..., dropped: _Optional[int] = ..., failed: _Optional[int] = ..., timed_out: _Optional[int] = ..., completed: _Optional[int] = ..., pending: _Optional[int] = ..., circuit_open: _Optional[bool] = ..., circuit_opened: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("release", "versions", "window_s", "feedback_joined", "feedback_unknown", "predictions_logged", "shadows")
+    __slots__ = ("release", "versions", "window_s", "feedback_joined", "feedback_unknown", "predictions_logged", "shadows", "deployment")
     class ShadowsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +307,7 @@ class Report(_message.Message):
     FEEDBACK_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_LOGGED_FIELD_NUMBER: _ClassVar[int]
     SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     release: Release
     versions: _containers.RepeatedCompositeFieldContainer[VersionReport]
     window_s: float
@@ -298,7 +315,8 @@ class Report(_message.Message):
     feedback_unknown: int
     predictions_logged: int
     shadows: _containers.MessageMap[str, ShadowCounters]
-    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ..., window_s: _Optional[float] = ..., feedback_joined: _Optional[int] = ..., feedback_unknown: _Optional[int] = ..., predictions_logged: _Optional[int] = ..., shadows: _Optional[_Mapping[str, ShadowCounters]] = ...) -> None: ...
+    deployment: Deployment
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ..., window_s: _Optional[float] = ..., feedback_joined: _Optional[int] = ..., feedback_unknown: _Optional[int] = ..., predictions_logged: _Optional[int] = ..., shadows: _Optional[_Mapping[str, ShadowCounters]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
 
 class GetDriftRequest(_message.Message):
     __slots__ = ("model", "version")

@@ -12,6 +12,7 @@ from gateway.release.store.base import (
     Conflict,
     Fence,
     LeaseLost,
+    SharedLabels,
     Store,
     StoredRelease,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Conflict",
     "Fence",
     "LeaseLost",
+    "SharedLabels",
     "SqliteStore",
     "Store",
     "StoredRelease",

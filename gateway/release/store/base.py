@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from gateway.errors import ConfigError, FailedPrecondition
 from gateway.release.policy import RolloutState
@@ -86,6 +86,9 @@ FENCE: ContextVar[Fence | None] = ContextVar("release_store_fence", default=None
 
 
 class Store(Protocol):
+    # What status shows: the backend and where (a URL without its password).
+    backend: str
+
     def load_all(self) -> dict[str, StoredRelease]: ...
 
     def changes(self) -> int:
@@ -123,9 +126,17 @@ class Store(Protocol):
 
     def live_workers(self, max_age_s: float = 5.0) -> set[str]: ...
 
-    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]: ...
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]], origin: str) -> tuple[int, int]:
+        """Share label sets that `origin` (a replica/worker) could not join: their first and last ids."""
+        ...
 
-    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]: ...
+    def feedback_after(self, last_id: int) -> list[SharedLabels]:
+        """Label sets shared after id `last_id`, oldest first (at most 10,000)."""
+        ...
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease now (None: nobody, or it ran out)."""
+        ...
 
     def last_feedback_id(self) -> int: ...
 
@@ -136,6 +147,16 @@ class Store(Protocol):
     ) -> tuple[dict[str, int], list[tuple[int, str, str, str]]]: ...
 
     def close(self) -> None: ...
+
+
+class SharedLabels(NamedTuple):
+    """A label set one process shared for the others to join (the feedback table's row)."""
+
+    id: int
+    model: str
+    origin: str  # the replica/worker that received it and could not join it
+    request_id: str
+    labels: list[float]
 
 
 AUDIT_COLUMNS = "id, at, actor, action, model, outcome, before, after, reason, evidence, revision"
@@ -205,6 +226,7 @@ class SqlReads:
     messages name it; and `RESTORE_FIX`, what an operator does about a damaged row."""
 
     P: ClassVar[str]
+    NOW: ClassVar[str]  # the store's clock in epoch seconds, as SQL (what lease expiries are written in)
     RESTORE_FIX: ClassVar[str]
     where: str
 
@@ -259,8 +281,16 @@ class SqlReads:
             row = db.execute(query, (model, AuditOutcome.APPLIED.value)).fetchone()
         return None if row is None else audit_entry(row)
 
-    def feedback_after(self, last_id: int) -> list[tuple[int, str, str, list[float]]]:
-        query = f"SELECT id, model, request_id, labels FROM feedback WHERE id > {self.P} ORDER BY id LIMIT 10000"
+    def feedback_after(self, last_id: int) -> list[SharedLabels]:
+        query = (
+            f"SELECT id, model, origin, request_id, labels FROM feedback WHERE id > {self.P} ORDER BY id LIMIT 10000"
+        )
         with self._reading() as db:
             rows = db.execute(query, (last_id,)).fetchall()
-        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+        return [SharedLabels(int(r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def lease_holder(self, name: str) -> str | None:
+        query = f"SELECT holder FROM leases WHERE name = {self.P} AND expires > {self.NOW}"
+        with self._reading() as db:
+            row = db.execute(query, (name,)).fetchone()
+        return None if row is None else str(row[0])

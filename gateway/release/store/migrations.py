@@ -81,6 +81,12 @@ STEPS: tuple[Step, ...] = (
         sqlite=("ALTER TABLE leases ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",),
         postgres=("ALTER TABLE leases ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0",),
     ),
+    Step(
+        3,
+        "who shared each label set (replica/worker), so every other process, on any replica, joins it",
+        sqlite=("ALTER TABLE feedback ADD COLUMN origin TEXT NOT NULL DEFAULT ''",),
+        postgres=("ALTER TABLE feedback ADD COLUMN origin TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 
 LATEST = STEPS[-1].version

@@ -105,11 +105,13 @@ def migrate(conn: psycopg.Connection[Any], where: str, target: int = LATEST) -> 
 
 class PostgresStore(SqlReads):
     P = "%s"  # the driver's placeholder, for the reads in SqlReads
+    NOW = NOW
     RESTORE_FIX = "restore the database from a backup"
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.where = f"state_url: the state database {redacted(url)}"
+        self.backend = f"postgresql {redacted(url)}"
         self._failures = ThrottledLog(log, interval_s=STORE_FAILURE_LOG_INTERVAL_S)
         self._callbacks: list[Callable[[], None]] = []
         self._closing = threading.Event()
@@ -275,13 +277,14 @@ class PostgresStore(SqlReads):
             rows = db.execute(f"SELECT DISTINCT worker FROM evidence WHERE updated >= {NOW} - %s", (max_age_s,))
             return {str(r[0]) for r in rows.fetchall()}
 
-    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]:
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]], origin: str) -> tuple[int, int]:
         """As SqliteStore's: the ids given are consecutive (the lock keeps other inserts out)."""
         with self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (FEEDBACK_LOCK,))
             cur.executemany(
-                f"INSERT INTO feedback (model, request_id, labels, at) VALUES (%s, %s, %s, {NOW}) RETURNING id",
-                [(model, rid, json.dumps(labels)) for rid, labels in items],
+                "INSERT INTO feedback (model, origin, request_id, labels, at) "
+                f"VALUES (%s, %s, %s, %s, {NOW}) RETURNING id",
+                [(model, origin, rid, json.dumps(labels)) for rid, labels in items],
                 returning=True,
             )
             ids: list[int] = []

@@ -115,11 +115,13 @@ def retry_while_locked(action: Callable[[], None], within_s: float = 15.0) -> No
 
 class SqliteStore(SqlReads):
     P = "?"  # the driver's placeholder, for the reads in SqlReads
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # time.time(), which the lease's expiry is written in
     RESTORE_FIX = _STARTUP_FIX
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = f"state_dir: the state database {path}"
+        self.backend = f"sqlite {path}"
         self._lock = threading.Lock()  # one connection, used from the loop and from worker threads
         self._failures = ThrottledLog(log, interval_s=STORE_FAILURE_LOG_INTERVAL_S)
         try:
@@ -285,13 +287,13 @@ class SqliteStore(SqlReads):
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def add_feedback(self, model: str, items: list[tuple[str, list[float]]]) -> tuple[int, int]:
+    def add_feedback(self, model: str, items: list[tuple[str, list[float]]], origin: str) -> tuple[int, int]:
         """Share label sets with every worker; returns the first and last row id given them."""
         now = time.time()
         with self._transaction() as db:
             db.executemany(
-                "INSERT INTO feedback (model, request_id, labels, at) VALUES (?, ?, ?, ?)",
-                [(model, rid, json.dumps(labels), now) for rid, labels in items],
+                "INSERT INTO feedback (model, origin, request_id, labels, at) VALUES (?, ?, ?, ?, ?)",
+                [(model, origin, rid, json.dumps(labels), now) for rid, labels in items],
             )
             # Ids are consecutive: this transaction holds the only write lock.
             last = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
