@@ -56,6 +56,8 @@ class Load:
     clients: int = 3
     label_delay_s: float | None = None  # None: no labels
     metadata: tuple[tuple[str, str], ...] = ()  # sent with the labels (a control API with tokens wants one)
+    prefix: str = ""  # of request ids and routing keys: several loads at once need distinct ones
+    max_requests: int | None = None  # each client stops after this many answers (None: until stop())
     sent: int = 0
     failed: int = 0
     roles: dict[str, int] = field(default_factory=dict)  # answers by the role that served them
@@ -80,6 +82,16 @@ class Load:
         for thread in self._threads:
             thread.join(15)
 
+    def stop_when_done(self, timeout: float) -> None:
+        """Wait for clients with `max_requests` to finish and their labels to be sent, then stop."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads[: self.clients]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        while self._labels and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the last batch the labeller took is on its way
+        self.stop()
+
     def __enter__(self) -> Load:
         return self.start()
 
@@ -90,8 +102,8 @@ class Load:
         with grpc.insecure_channel(self.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             count = 0
-            while not self._stop.is_set():
-                request_id = f"c{index}-{count}"
+            while not self._stop.is_set() and (self.max_requests is None or count < self.max_requests):
+                request_id = f"{self.prefix}c{index}-{count}"
                 count += 1
                 request, labels = self.build(request_id, request_id)
                 try:

@@ -14,13 +14,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psycopg
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.release.controller import LEASE
+from tests.integration.test_rollout_decisions import DONE, audit, audit_lines, checks_of, wait_phase
 from tests.support import MODELS, Process, gateway_process
+from tests.traffic import Load, digits_builder
 
 pytest_plugins = ("tests.postgres",)
 
@@ -102,3 +106,126 @@ def test_one_controller_leads_and_another_takes_over_within_two_intervals_of_a_k
     survivor = control(pids[survivor_holder])
     survivor.SetTraffic(rpb.SetTrafficRequest(model="digits", canary="2", weight_bp=300, reason="t"), timeout=10)
     assert survivor.GetRelease(rpb.GetReleaseRequest(model="digits"), timeout=10).canary_weight_bp == 300
+
+
+# One 50 % step, decided on errors only (latency off: its paired check needs thousands of
+# rows an arm to pass an A/A, which is not what these tests are about).
+ONE_STEP = """
+[policy]
+interval_s = 0.5
+max_latency_ratio = 0
+step_weights = [50]
+min_samples = 100
+step_min_samples = 450
+step_min_duration_s = 2
+max_duration_s = 120
+"""
+
+
+def versions_served(address: str, keys: list[str]) -> list[str]:
+    """The version each routing key's request was answered by, from one replica (16 calls in flight)."""
+    data = np.load(MODELS / "digits" / "heldout.npz")["X"][:1]
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers: list[str] = []
+        for start in range(0, len(keys), 16):
+            calls = []
+            for key in keys[start : start + 16]:
+                request = service_pb2.ModelInferRequest(model_name="digits")
+                request.parameters["routing_key"].string_param = key
+                request.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
+                request.raw_input_contents.append(data.tobytes())
+                calls.append(stub.ModelInfer.future(request, timeout=30))
+            answers += [call.result().model_version for call in calls]
+    return answers
+
+
+def test_three_replicas_route_alike_merge_their_evidence_and_labels_and_decide_on_everyones(
+    tmp_path: Path, state_url: str
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(MODELS / "digits", repo / "digits")
+    shutil.copytree(repo / "digits" / "1", repo / "digits" / "4")  # identical to v1: an A/A rollout
+    spec = repo / "digits" / "model.toml"
+    spec.write_text(spec.read_text() + ONE_STEP)
+    with ExitStack() as stack:
+        replicas = start_replicas(stack, repo, state_url, 3)
+        controls = [control(r) for r in replicas]
+        controls[0].SetTraffic(
+            rpb.SetTrafficRequest(model="digits", canary="4", weight_bp=3000, reason="t"), timeout=10
+        )
+        for c in controls:
+            while c.GetRelease(rpb.GetReleaseRequest(model="digits"), timeout=10).canary_weight_bp != 3000:
+                time.sleep(0.05)
+        # 3,000 routing keys: the same version from every replica, and the split as set.
+        keys = [f"user-{i}" for i in range(3000)]
+        served = [versions_served(r.address, keys) for r in replicas]
+        assert served[0] == served[1] == served[2]
+        assert 0.27 < served[0].count("4") / len(keys) < 0.33
+
+        # Labelled traffic on every replica, its labels sent to the next one: each label set
+        # reaches a replica that did not make the prediction. Every replica's report counts
+        # everyone's requests and joins.
+        loads = [
+            Load(
+                r.address,
+                replicas[(i + 1) % 3].control,
+                "digits",
+                digits_builder(seed=i),
+                clients=1,
+                label_delay_s=0.2,
+                prefix=f"r{i}-",
+                max_requests=150,
+            )
+            for i, r in enumerate(replicas)
+        ]
+        for load in loads:
+            load.start()
+        for load in loads:
+            load.stop_when_done(60)
+        sent = sum(load.sent for load in loads)
+        assert sent == 450 and not any(load.failed for load in loads)
+        routed = 9000 + sent  # the routing-key probes above count too
+
+        def merged(c: rgrpc.ReleaseServiceStub) -> tuple[int, int]:
+            report = c.GetReport(rpb.GetReportRequest(model="digits"), timeout=10)
+            return sum(v.requests for v in report.versions), report.feedback_joined
+
+        deadline = time.monotonic() + 10
+        while any(merged(c) != (routed, sent) for c in controls):
+            assert time.monotonic() < deadline, [merged(c) for c in controls]
+            time.sleep(0.2)
+        report = controls[2].GetReport(rpb.GetReportRequest(model="digits"), timeout=10)
+        assert report.deployment.replicas == 3 and report.deployment.store.startswith("postgresql ")
+        assert report.deployment.leader.split("/")[0] in {"r0", "r1", "r2"}, report.deployment
+
+        # A rollout decided on the merged evidence: 400 requests a replica, half of them on the
+        # canary, and a step that needs 450 canary requests: no replica alone could pass it.
+        controls[0].SetTraffic(rpb.SetTrafficRequest(model="digits", canary="", weight_bp=0, reason="t"), timeout=10)
+        while controls[1].GetRelease(rpb.GetReleaseRequest(model="digits"), timeout=10).canary:
+            time.sleep(0.05)  # a change through a replica that has not installed the last one is refused
+        controls[1].StartRollout(rpb.StartRolloutRequest(model="digits", candidate="4", reason="A/A"), timeout=10)
+        loads = [
+            Load(
+                r.address,
+                r.control,
+                "digits",
+                digits_builder(seed=10 + i),
+                clients=1,
+                prefix=f"b{i}-",
+                max_requests=400,
+            )
+            for i, r in enumerate(replicas)
+        ]
+        for load in loads:
+            load.start()
+        for load in loads:
+            load.stop_when_done(60)
+        assert sum(load.sent for load in loads) == 3 * 400
+        done = wait_phase(controls[2], "digits", DONE, timeout=60)
+        records = audit(controls[0], "digits")
+        assert done.phase == "succeeded", audit_lines(controls[0], "digits")
+        promoted = next(r for r in records if r.action == "promote")
+        canary_requests = checks_of(promoted)["step_requests"]["value"]
+        on_each = [load.roles.get("canary", 0) for load in loads]
+        assert canary_requests == sum(on_each) >= 450 > 400, (canary_requests, on_each)
