@@ -53,6 +53,8 @@ class PostgresServer:
     data: Path
     pg_ctl: Path
     run_as: list[str]
+    options: str = ""
+    log: Path | None = None
     _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def url(self, database: str) -> str:
@@ -67,6 +69,11 @@ class PostgresServer:
 
     def stop(self) -> None:
         subprocess.run([*self.run_as, str(self.pg_ctl), "stop", "-D", str(self.data), "-m", "immediate"], check=False)
+
+    def start(self) -> None:
+        """Start it again after stop(), on the same port (an outage ends)."""
+        command = [*self.run_as, str(self.pg_ctl), "start", "-D", str(self.data), "-w", "-t", "60"]
+        subprocess.run([*command, "-l", str(self.log), "-o", self.options], check=True, capture_output=True)
 
 
 def start_server(folder: Path) -> PostgresServer:
@@ -89,16 +96,25 @@ def start_server(folder: Path) -> PostgresServer:
         capture_output=True,
     )
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run(
-        [*run_as, str(pg_ctl), "start", "-D", str(data), "-w", "-t", "60", "-l", str(folder / "log"), "-o", options],
-        check=True,
-        capture_output=True,
-    )
-    return PostgresServer(port, data, pg_ctl, run_as)
+    server = PostgresServer(port, data, pg_ctl, run_as, options, folder / "log")
+    server.start()
+    return server
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
+    folder = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
+    server = start_server(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[PostgresServer]:
+    """A server of the test's own, to stop and start (an outage) without disturbing the others."""
     folder = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
     server = start_server(folder)
     try:

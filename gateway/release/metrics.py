@@ -103,6 +103,14 @@ class ReleaseMetrics:
         self._seen: dict[tuple[str, ...], float] = {}
         self._init_rollout(registry)
         self._init_drift(registry)
+        self.store_up = Gauge(
+            "gateway_release_store_up",
+            "1 while the release store answers; 0: serving the last installed release, release changes "
+            "refused and rollout decisions paused until it answers again",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.store_up.set(1)
 
     def _init_drift(self, registry: CollectorRegistry) -> None:
         # Each worker judges its own windows (docs/drift.md); across workers the worst counts.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gateway.errors import StoreUnavailable
@@ -41,7 +41,11 @@ def member_name(replica_id: str, worker_index: int, shared_store: bool) -> str |
 
 
 async def sync_loops(
-    store: Store, plane: ReleasePlane, ops: ReleaseOps, member: str | None
+    store: Store,
+    plane: ReleasePlane,
+    ops: ReleaseOps,
+    member: str | None,
+    reachable: Callable[[bool], None] = lambda up: None,
 ) -> list[Coroutine[Any, Any, None]]:
     """The loops to run for this process (each runs until cancelled), made ready before it serves.
 
@@ -55,7 +59,7 @@ async def sync_loops(
     a second in, was not waited for, and the labels for them came back "unknown"
     although it joined them.
     """
-    loops = [follow_store(store, ops, await asyncio.to_thread(store.changes))]
+    loops = [follow_store(store, ops, await asyncio.to_thread(store.changes), reachable)]
     if member is not None:
         worker = member
         # Read off the loop (a store that is slow or down must not stall inference) and kept:
@@ -69,9 +73,12 @@ async def sync_loops(
     return loops
 
 
-async def follow_store(store: Store, ops: ReleaseOps, seen: int) -> None:
+async def follow_store(
+    store: Store, ops: ReleaseOps, seen: int, reachable: Callable[[bool], None] = lambda up: None
+) -> None:
     """Serve changes other processes (workers, the controller, replicas) made after `seen`:
-    at once when the store announces one, else within about a second."""
+    at once when the store announces one, else within about a second. Each look tells
+    `reachable` whether the store answered (a metric: an outage is visible at once)."""
     loop = asyncio.get_running_loop()
     announced = asyncio.Event()
 
@@ -87,11 +94,12 @@ async def follow_store(store: Store, ops: ReleaseOps, seen: int) -> None:
         announced.clear()
         try:
             now = await asyncio.to_thread(store.changes)
+            reachable(True)
             if now != seen:
                 seen = now
                 ops.sync()
         except StoreUnavailable:
-            pass  # the store logs its failures itself, rate-limited
+            reachable(False)  # the store logs its failures itself, rate-limited
         except Exception:
             log.exception("reading the release store failed")
 

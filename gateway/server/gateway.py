@@ -252,7 +252,8 @@ class Gateway:
             await loader.join(IntentStore(s.state_dir / STATE_FILE, run_id()), str(s.worker_index))
             tasks.append(loop.create_task(loader.follow()))
         self.member = member_name(s.replica_id, s.worker_index, bool(s.state_url))
-        tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, self.member)]
+        reachable = self.release_metrics.store_up.set
+        tasks += [loop.create_task(sync) for sync in await sync_loops(store, releases, ops, self.member, reachable)]
         if s.controller:
             # Named so `gateway status` says which replica leads; the pid tells a restarted process apart.
             holder = f"{s.replica_id}/{max(s.worker_index, 0)} pid {os.getpid()}"

@@ -55,6 +55,10 @@ FEEDBACK_LOCK = 0x6761_7465_7761_0002
 # How long a call waits for a pooled connection (the database down, or every one busy)
 # before it answers UNAVAILABLE; the loops calling the store retry on their next tick.
 POOL_WAIT_S = 5.0
+# ... unless the database was found unreachable: then each call connects on its own, with
+# this timeout (libpq's least), so a release change fails fast while it is down (a refused
+# connection answers at once), and a loop's next call finds it back (see _connection).
+DOWN_CONNECT_TIMEOUT_S = 2
 CONNECT_TIMEOUT_S = 5
 # Four connections: the follow, share and controller loops, and a control call, at once.
 POOL_SIZE = 4
@@ -113,6 +117,7 @@ class PostgresStore(SqlReads):
         self.where = f"state_url: the state database {redacted(url)}"
         self.backend = f"postgresql {redacted(url)}"
         self._failures = ThrottledLog(log, interval_s=STORE_FAILURE_LOG_INTERVAL_S)
+        self._down = threading.Event()  # set while the last call could not reach the database
         self._callbacks: list[Callable[[], None]] = []
         self._closing = threading.Event()
         self._listener: threading.Thread | None = None
@@ -124,8 +129,15 @@ class PostgresStore(SqlReads):
                 f"{self.where} cannot be used ({' '.join(str(exc).split())}): check the URL, that the server runs "
                 "and that the user may create tables in the database"
             ) from None
-        self._pool = ConnectionPool(
-            url,
+        self._recovering = threading.Lock()
+        try:
+            self._pool = self._open_pool()
+        except PoolTimeout:
+            raise ConfigError(f"{self.where}: no connection within {POOL_WAIT_S:g} s") from None
+
+    def _open_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self.url,
             min_size=1,
             max_size=POOL_SIZE,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
@@ -136,10 +148,11 @@ class PostgresStore(SqlReads):
             name="gateway-store",
         )
         try:
-            self._pool.open(wait=True, timeout=POOL_WAIT_S)
+            pool.open(wait=True, timeout=POOL_WAIT_S)
         except PoolTimeout:
-            self._pool.close()
-            raise ConfigError(f"{self.where}: no connection within {POOL_WAIT_S:g} s") from None
+            pool.close()
+            raise
+        return pool
 
     @contextmanager
     def _unavailable_on_error(self, what: str) -> Iterator[None]:
@@ -147,6 +160,8 @@ class PostgresStore(SqlReads):
         try:
             yield
         except (psycopg.Error, PoolTimeout) as exc:
+            if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
+                self._down.set()
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self._failures.log(logging.ERROR, "store", "%s cannot %s: %s", self.where, what, cause)
             raise StoreUnavailable(
@@ -155,13 +170,46 @@ class PostgresStore(SqlReads):
             ) from None
 
     @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if not self._down.is_set():
+            with self._pool.connection() as conn:
+                yield conn
+            return
+        # Down: around the pool, which retries its connections with a doubling backoff (a 10 s
+        # outage ended ~5 s before it noticed); the first call that gets through starts a
+        # fresh pool, so the database is used again within a loop's tick of its return.
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=DOWN_CONNECT_TIMEOUT_S) as conn:
+            yield conn
+        self._recovered()
+
+    def _recovered(self) -> None:
+        """After a call got through while down (its work is done: never fail it from here)."""
+        with self._recovering:
+            if not self._down.is_set():
+                return  # another call did it
+            try:
+                fresh = self._open_pool()
+            except PoolTimeout:
+                return  # it went again: still down, the next call tries again
+            old, self._pool = self._pool, fresh
+            self._down.clear()
+        log.warning("%s answers again", self.where)
+        # Its waiters (none should be left: calls went around it) get PoolClosed: UNAVAILABLE.
+        old.close(timeout=0)
+
+    @property
+    def reachable(self) -> bool:
+        """False while the last call could not reach the database."""
+        return not self._down.is_set()
+
+    @contextmanager
     def _reading(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._unavailable_on_error("be read"), self._pool.connection() as conn:
+        with self._unavailable_on_error("be read"), self._connection() as conn:
             yield conn
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
-        with self._unavailable_on_error("be written"), self._pool.connection() as conn, conn.transaction():
+        with self._unavailable_on_error("be written"), self._connection() as conn, conn.transaction():
             yield conn.cursor()
 
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -181,7 +229,10 @@ class PostgresStore(SqlReads):
                         for _ in conn.notifies(timeout=LISTEN_WAIT_S):
                             self._notify()
             except psycopg.Error as exc:
-                # The followers poll meanwhile; this reconnects when the server is back.
+                # The followers poll meanwhile; this reconnects when the server is back. Its
+                # connection is the first to see a server stop: calls fail fast from now on.
+                if isinstance(exc, psycopg.OperationalError):
+                    self._down.set()
                 self._failures.log(logging.WARNING, "listen", "%s: not listening for changes: %s", self.where, exc)
                 self._closing.wait(LISTEN_WAIT_S)
 
