@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import httpx
@@ -54,7 +55,7 @@ def test_a_prometheus_vector_of_one_series_gives_its_number() -> None:
     ],
 )
 def test_a_prometheus_answer_without_one_number_says_why(answer: object, reason: str) -> None:
-    with pytest.raises(BadAnswer, match=reason.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(BadAnswer, match=re.escape(reason)):
         prometheus_value(answer)
 
 
@@ -63,9 +64,9 @@ def test_a_json_path_finds_nested_numbers_and_list_items() -> None:
     assert json_path_value(answer, "value") == 3.0
     assert json_path_value(answer, "data.score") == 0.95
     assert json_path_value(answer, "data.items.1.v") == 2.5
-    with pytest.raises(BadAnswer, match="no 'data.p99'"):
+    with pytest.raises(BadAnswer, match=re.escape("no 'data.p99'")):
         json_path_value(answer, "data.p99")
-    with pytest.raises(BadAnswer, match="list at 'data.items.5' has 2 items"):
+    with pytest.raises(BadAnswer, match=re.escape("list at 'data.items.5' has 2 items")):
         json_path_value(answer, "data.items.5.v")
     with pytest.raises(BadAnswer, match="a boolean, not a number"):
         json_path_value({"value": True}, "value")
@@ -299,9 +300,7 @@ def test_a_source_that_cannot_be_reached_or_answers_too_late_is_recorded_as_such
         raise httpx.ConnectError("connection refused", request=request)
 
     reading = poll_once(PROM, httpx.MockTransport(refuse))
-    assert reading is not None and reading.problem == (
-        "cannot reach http://prom:9090/api/v1/query: connection refused"
-    )
+    assert reading is not None and reading.problem == ("cannot reach http://prom:9090/api/v1/query: connection refused")
 
     async def stall(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(30)
