@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.config.spec import ExternalCheckSpec
+from gateway.logthrottle import ThrottledLog, one_line
 from gateway.release.external import BadAnswer, Reading, json_path_value, judge, prometheus_value
 from gateway.release.policy import CheckResult
 
@@ -64,6 +65,8 @@ class ExternalChecks:
         self._readings: dict[tuple[str, str], Reading] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._closed = False
+        # A dead source fails every interval: one line per check every few seconds is enough.
+        self._log = ThrottledLog(log)
 
     def poll(self, model: str, specs: Sequence[ExternalCheckSpec]) -> None:
         """Start reading each check's source, unless a read of it is still in flight. Returns at once."""
@@ -120,7 +123,9 @@ class ExternalChecks:
         except BadAnswer as exc:
             reading = Reading(spec, self._clock(), problem=f"{url}: {exc}")
         if reading.problem:
-            log.info("external check %s of %s: %s", spec.name, key[0], reading.problem)
+            self._log.log(
+                logging.WARNING, key, "external check %s of %s: %s", spec.name, key[0], one_line(reading.problem)
+            )
         self._readings[key] = reading
 
     async def _fetch(self, spec: ExternalCheckSpec, url: str) -> float:
