@@ -88,6 +88,14 @@ class ExternalChecks:
             for spec in specs
         ]
 
+    def latest(self, model: str, name: str) -> Reading | None:
+        """The latest reading of one check, whatever its age."""
+        return self._readings.get((model, name))
+
+    async def settle(self) -> None:
+        """Wait for the reads in flight now to land (or fail)."""
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
     def forget(self, model: str) -> None:
         """Drop a model's readings and stop its polls (its rollout ended)."""
         for key in [k for k in self._inflight if k[0] == model]:

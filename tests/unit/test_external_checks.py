@@ -258,8 +258,8 @@ def poll_once(spec: ExternalCheckSpec, handler: httpx.MockTransport) -> Reading 
     async def run() -> Reading | None:
         checks = ExternalChecks(clock=lambda: 100.0, transport=handler)
         checks.poll("m", [spec])
-        await asyncio.gather(*checks._inflight.values())
-        reading = checks._readings.get(("m", spec.name))
+        await checks.settle()
+        reading = checks.latest("m", spec.name)
         await checks.close()
         return reading
 
@@ -314,24 +314,29 @@ def test_a_source_that_cannot_be_reached_or_answers_too_late_is_recorded_as_such
 def test_one_read_in_flight_per_check_and_forget_drops_a_models_readings() -> None:
     async def run() -> None:
         release = asyncio.Event()
+        asked: list[httpx.Request] = []
 
         async def held(request: httpx.Request) -> httpx.Response:
+            asked.append(request)
             await release.wait()
             return httpx.Response(200, content=orjson.dumps(vector("0.1")))
 
         checks = ExternalChecks(clock=lambda: 100.0, transport=httpx.MockTransport(held))
         checks.poll("m", [PROM])
-        first = checks._inflight[("m", "p99")]
+        await asyncio.sleep(0.05)
         checks.poll("m", [PROM])  # the first read is still waiting: no second request
-        assert checks._inflight[("m", "p99")] is first
+        await asyncio.sleep(0.05)
         release.set()
-        await first
+        await checks.settle()
+        assert len(asked) == 1
         results = checks.results("m", [PROM], since=0.0, now=101.0, interval_s=1.0)
         assert results[0].verdict is Verdict.PASS
         checks.forget("m")
+        assert checks.latest("m", "p99") is None
         assert checks.results("m", [PROM], since=0.0, now=101.0, interval_s=1.0)[0].verdict is Verdict.INCONCLUSIVE
         await checks.close()
         checks.poll("m", [PROM])  # after close: nothing starts
-        assert not checks._inflight
+        await checks.settle()
+        assert len(asked) == 1 and checks.latest("m", "p99") is None
 
     asyncio.run(run())
