@@ -239,13 +239,15 @@ def check_phrase(c: dict[str, Any]) -> str:
     """A check as `name verdict estimate [low, high] vs bound`: what it saw against what it needs."""
     if c["check"] == "step_duration_s":
         return f"{_figure(c.get('value'))} s of {_figure(c.get('bound'))} s"
+    if c.get("kind"):  # an external check ([[policy.checks]]): what it read against its bound, or why nothing
+        return plain(c.get("reason", ""))
     return f"{_figure(c.get('value'))} [{_figure(c.get('low'))}, {_figure(c.get('high'))}] vs {_figure(c.get('bound'))}"
 
 
 def _samples(c: dict[str, Any]) -> str:
     """Samples so far and, while it cannot decide, about how many more it needs."""
-    if c["check"] == "step_duration_s":
-        return ""
+    if c["check"] == "step_duration_s" or c.get("kind"):
+        return ""  # a duration, or an external check's single reading: no samples to count
     needed = c.get("needed")
     more = ""
     if c["verdict"] == "inconclusive":

@@ -216,20 +216,26 @@ class Schema:
     cls: type
     readers: Mapping[str, Reader]
     sections: Mapping[str, Schema]
+    # Arrays of tables (`[[policy.checks]]`): a field typed tuple[SomeDataclass, ...].
+    table_arrays: Mapping[str, Schema] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, settings_class: type) -> Schema:
         readers: dict[str, Reader] = {}
         sections: dict[str, Schema] = {}
+        table_arrays: dict[str, Schema] = {}
         for name, hint in typing.get_type_hints(settings_class).items():
+            item = _table_array_item(hint)
             if dataclasses.is_dataclass(hint) and isinstance(hint, type):
                 sections[name] = Schema.of(hint)
+            elif item is not None:
+                table_arrays[name] = Schema.of(item)
             else:
                 readers[name] = reader_for(hint, f"{settings_class.__name__}.{name}")
-        return cls(settings_class, readers, sections)
+        return cls(settings_class, readers, sections, table_arrays)
 
     def names(self) -> list[str]:
-        return sorted([*self.readers, *self.sections])
+        return sorted([*self.readers, *self.sections, *self.table_arrays])
 
     def unknown(self, key: str, prefix: str = "") -> ConfigError:
         return ConfigError(f"unknown setting {prefix}{key} (known: {', '.join(self.names())})")
@@ -243,19 +249,54 @@ class Schema:
 
     def build(self, data: Mapping[str, Any], prefix: str = "") -> Any:
         """An instance from a TOML table; unknown keys are refused (a typo must not fall back to a default)."""
+        return self.cls(**self.values(data, prefix))
+
+    def values(self, data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """The fields of an instance, read from a TOML table (unknown keys refused), before the
+        class's own checks run."""
         for key in sorted(data):
-            if key not in self.readers and key not in self.sections:
+            if key not in self.readers and key not in self.sections and key not in self.table_arrays:
                 raise self.unknown(key, prefix)
         values: dict[str, Any] = {}
         for key, value in data.items():
             section = self.sections.get(key)
-            if section is None:
+            items = self.table_arrays.get(key)
+            if items is not None:
+                values[key] = items.build_array(value, f"{prefix}{key}")
+            elif section is None:
                 values[key] = self.read(f"{prefix}{key}", key, value)
             elif isinstance(value, Mapping):
                 values[key] = section.build(value, f"{prefix}{key}.")
             else:
                 raise ConfigError(f"{prefix}{key}: expected a table, got {value!r}")
-        return self.cls(**values)
+        return values
+
+    def build_array(self, value: Any, where: str) -> tuple[Any, ...]:
+        """A tuple of instances from an array of tables, each named by its index.
+
+        An item's own checks (its __post_init__) name its fields alone (`url: ...`): they
+        cannot know where the item sits, so its place (`policy.checks[1].`) is added here."""
+        if not isinstance(value, list | tuple) or not all(isinstance(item, Mapping) for item in value):
+            raise ConfigError(f"{where}: expected an array of tables ([[{where}]] sections), got {shown(value)}")
+        built = []
+        for index, item in enumerate(value):
+            place = f"{where}[{index}]"
+            values = self.values(item, f"{place}.")
+            try:
+                built.append(self.cls(**values))
+            except ConfigError as exc:
+                raise ConfigError(f"{place}.{exc}") from None
+        return tuple(built)
+
+
+def _table_array_item(hint: Any) -> type | None:
+    """The dataclass of a tuple[SomeDataclass, ...] field (an array of tables); None for any other type."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = args[0]
+        if dataclasses.is_dataclass(item) and isinstance(item, type):
+            return item
+    return None
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

@@ -8,10 +8,12 @@ expected.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from gateway.config._parse import MIB, Schema, check_choices, check_number, read_toml
 from gateway.errors import ConfigError
@@ -90,6 +92,76 @@ class ReleaseSpec:
             check_number(f"release.shadows.{version}", fraction, 0, 1)
 
 
+# External checks (`[[policy.checks]]`, gateway/release/external.py): where the number comes from.
+EXTERNAL_CHECK_KINDS = ("prometheus", "web")
+MAX_EXTERNAL_CHECKS = 16  # each is one HTTP request an interval
+MAX_EXTERNAL_TIMEOUT_S = 60.0
+# A check's name is a label in the audit, `gateway status` and the metrics: short and plain.
+_CHECK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}")
+# The built-in checks' names (gateway/release/policy.py, gate.py): an external check must not
+# take one, or the audit and the metrics would mix two checks under one name.
+_BUILT_IN_CHECK = re.compile(r"(step_|gate_|latency_).*|error_rate|accuracy|accuracy_paired|agreement|prediction_drift")
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalCheckSpec:
+    """One `[[policy.checks]]`: a number the gateway does not compute, read over HTTP each
+    analysis interval and held to a bound (`max` or `min`). A threshold on a point reading,
+    not a statistical test: see docs/promotion.md, "External checks".
+
+    Its messages name fields alone (`url: ...`); the reader of the array adds the
+    item's place (`policy.checks[0].url: ...`)."""
+
+    name: str = ""
+    kind: str = ""  # one of EXTERNAL_CHECK_KINDS
+    # prometheus: the server's base URL (the check asks {url}/api/v1/query); web: the URL to GET.
+    url: str = ""
+    query: str = ""  # prometheus: the PromQL instant query; it must come to one number
+    json_path: str = ""  # web: where the number is in the JSON answer, dotted (`data.p99`, `items.0.v`); "" = value
+    max: float | None = None  # fails when the reading is above this
+    min: float | None = None  # fails when the reading is below this
+    timeout_s: float = 2.0  # for the whole request; no answer by then: inconclusive
+
+    def __post_init__(self) -> None:
+        if not _CHECK_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"name: must be 1-63 letters, digits, '_', '.', ':' or '-' (starting with a letter or digit), "
+                f"got {self.name!r}"
+            )
+        if _BUILT_IN_CHECK.fullmatch(self.name):
+            raise ConfigError(f"name: {self.name!r} is the name of a built-in check (or its family); pick another")
+        if self.kind not in EXTERNAL_CHECK_KINDS:
+            raise ConfigError(f"kind: must be one of {', '.join(EXTERNAL_CHECK_KINDS)}, got {self.kind!r}")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"url: must be an http:// or https:// URL with a host, got {self.url!r}")
+        if self.kind == "prometheus":
+            if not self.query.strip():
+                raise ConfigError('query: a prometheus check needs a PromQL query, e.g. query = "up"')
+            if self.json_path:
+                raise ConfigError("json_path: only for kind = web (a prometheus answer's value has a fixed place)")
+        elif self.query:
+            raise ConfigError("query: only for kind = prometheus (a web check reads json_path from url's answer)")
+        if (self.max is None) == (self.min is None):
+            given = "both" if self.max is not None else "neither"
+            raise ConfigError(
+                f"max, min: set exactly one of them, got {given} (max = 0.25: fails above 0.25; "
+                "min = 0.9: fails below 0.9)"
+            )
+        check_number("timeout_s", self.timeout_s, 0, MAX_EXTERNAL_TIMEOUT_S, above=True)
+
+    @property
+    def bound(self) -> float:
+        """The number the reading is held to (max or min: __post_init__ saw that one is set)."""
+        bound = self.max if self.max is not None else self.min
+        return 0.0 if bound is None else bound
+
+    @property
+    def path(self) -> str:
+        """Where a web check's number is in the JSON answer."""
+        return self.json_path or "value"
+
+
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
     """How a rollout moves (Flagger's vocabulary; see docs/promotion.md for the statistics)."""
@@ -122,6 +194,9 @@ class PolicySpec:
     gate_requests: int = 300
     gate_max_latency_ratio: float = 1.5  # candidate p99 / stable p99 on the same requests
     gate_min_agreement: float = 0.9
+    # External checks, read over HTTP each interval while the candidate serves traffic
+    # (gateway/release/external.py); in model.toml, one [[policy.checks]] table each.
+    checks: tuple[ExternalCheckSpec, ...] = ()
 
     def __post_init__(self) -> None:
         check_choices(self, "policy.")
@@ -163,6 +238,11 @@ class PolicySpec:
         check_number("policy.gate_requests", self.gate_requests, 1, MAX_GATE_REQUESTS)
         check_number("policy.gate_max_latency_ratio", self.gate_max_latency_ratio, 0, above=True)
         check_number("policy.gate_min_agreement", self.gate_min_agreement, 0, 1)
+        if len(self.checks) > MAX_EXTERNAL_CHECKS:
+            raise ConfigError(f"policy.checks: at most {MAX_EXTERNAL_CHECKS} external checks, got {len(self.checks)}")
+        names = [c.name for c in self.checks]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"policy.checks: two checks are named {name!r}; each needs a name of its own")
 
     @property
     def step_weights_bp(self) -> list[int]:

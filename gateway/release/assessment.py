@@ -19,8 +19,9 @@ from gateway.release.policy import DECIDING, Decision, Phase, RolloutEvidence, R
 from gateway.release.store import Store
 
 
-def rollout_evidence(plane: ReleasePlane, model: str) -> RolloutEvidence:
-    """Every worker's evidence since the rollout began, and since its current step began."""
+def rollout_evidence(plane: ReleasePlane, model: str, rollout: RolloutState, now: float) -> RolloutEvidence:
+    """Every worker's evidence since the rollout began, and since its current step began, and
+    the external checks' verdicts on their latest readings."""
     local = plane.evidence[model]
     combined = plane.combined(model)
     stable, candidate, pair = combined.rollout_windows()
@@ -33,6 +34,11 @@ def rollout_evidence(plane: ReleasePlane, model: str) -> RolloutEvidence:
     evidence = RolloutEvidence(stable, candidate, pair, step, time.monotonic() - local.step_began)
     if combined.rollout_shift is not None:
         evidence.shift = combined.rollout_shift  # prediction drift on copies (policy.max_drift)
+    spec = plane.registry.entry(model).spec.policy
+    if spec.checks:
+        evidence.external = plane.external.results(
+            model, spec.checks, since=rollout.started_at, now=now, interval_s=spec.interval_s
+        )
     return evidence
 
 
@@ -45,7 +51,7 @@ def assess(plane: ReleasePlane, model: str, rollout: RolloutState, now: float) -
     if rollout.phase not in DECIDING or plane.evidence[model].rollout is None:
         return None
     spec = plane.registry.entry(model).spec.policy
-    return decide(rollout, rollout_evidence(plane, model), spec, now)
+    return decide(rollout, rollout_evidence(plane, model, rollout, now), spec, now)
 
 
 # The trailing metadata key under which the control API sends `rollout_view` (JSON, UTF-8)

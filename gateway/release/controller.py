@@ -84,6 +84,7 @@ class Controller:
                 continue
             if rollout is None or rollout.phase not in DECIDING:
                 self._last.pop(model, None)
+                self.ops.plane.external.forget(model)
                 continue
             spec = self.ops.plane.registry.entry(model).spec.policy
             last = self._last.setdefault(model, now)
@@ -97,7 +98,12 @@ class Controller:
         ops = self.ops
         rollout = ops.rollouts[model]
         spec = ops.plane.registry.entry(model).spec.policy
-        decision = decide(rollout, rollout_evidence(ops.plane, model), spec, self.clock())
+        now = self.clock()
+        if spec.checks and rollout.phase is Phase.PROGRESSING:
+            # Read in the background: this decision uses the readings already in, the
+            # next one this poll's (gateway/release/external_poll.py).
+            ops.plane.external.poll(model, spec.checks)
+        decision = decide(rollout, rollout_evidence(ops.plane, model, rollout, now), spec, now)
         if self.on_decision is not None:
             try:
                 self.on_decision(model, rollout, decision)

@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, InvalidInput
 from gateway.release.drift.build import build_monitor
 from gateway.release.drift.monitor import ModelMonitor, VersionDriftReport
 from gateway.release.evidence import COPY, ModelEvidence, VersionReport, model_report
+from gateway.release.external_poll import ExternalChecks
 from gateway.release.routing import Role
 from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
@@ -156,6 +157,8 @@ class ReleasePlane:
         self.primary: PrimaryActivity | None = None
         # Set by the server when tracing is on: shadow batches of traced requests get linked spans.
         self.tracing: Tracing | None = None
+        # External checks' latest readings ([[policy.checks]]): the controller polls, status reads.
+        self.external = ExternalChecks()
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():

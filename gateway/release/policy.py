@@ -151,6 +151,10 @@ class CheckResult:
             "needed": self.needed,
         }
 
+    def failure(self) -> str:
+        """How a failing check is named in a decision's reason."""
+        return self.name
+
     def describe(self) -> str:
         """One phrase for a reason or `gateway status`: estimate, interval, bound and what it needs."""
         if self.name == STEP_DURATION:
@@ -192,6 +196,9 @@ class RolloutEvidence:
     step: Windows | None = None
     step_seconds: float = math.inf  # how long the current step has lasted
     shift: ClassShift = field(default_factory=ClassShift)  # since the rollout began
+    # The external checks' verdicts on their latest readings (gateway/release/external.py):
+    # thresholds on numbers read from outside, judged while the candidate serves traffic.
+    external: Sequence[CheckResult] = ()
 
     @property
     def whole(self) -> Windows:
@@ -458,7 +465,11 @@ def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now
     checks = run_checks(evidence.whole, spec, with_traffic=traffic)
     if traffic and evidence.step is not None:
         checks += run_checks(evidence.step, spec, with_traffic=True, step=True)
-    failed = [c.name for c in checks if c.verdict is Verdict.FAIL]
+    if traffic:
+        # Point readings held to a bound, outside the alpha budget (docs/promotion.md): a fail
+        # counts toward threshold like any check's, an inconclusive one holds like any other.
+        checks += evidence.external
+    failed = [c.failure() for c in checks if c.verdict is Verdict.FAIL]
     if failed:
         if state.failed_checks + 1 >= spec.threshold:
             return Decision(Event.ROLLBACK, f"failed checks: {', '.join(failed)}", checks, weight_bp=0)

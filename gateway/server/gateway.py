@@ -239,6 +239,7 @@ class Gateway:
         stack.push_async_callback(registry.close)
         self.releases = releases = ReleasePlane(registry)
         releases.tracing = self.tracing
+        stack.push_async_callback(releases.external.close)  # in-flight external check reads, their client
         stack.push_async_callback(self._finish_releases, releases)
         self.dataplane = dataplane = DataPlane(registry, releases)
         releases.primary = dataplane

@@ -173,3 +173,21 @@ def test_audit_json_and_text_carry_each_checks_interval_and_bound() -> None:
     assert data["at"] == "2026-11-27T17:20:00.500Z" and data["id"] == 7 and data["before"] is None
     assert data["evidence"][1]["high"] is None and data["evidence"][0]["bound"] == -0.005
     assert data["after"]["canary_weight_percent"] == 0 and data["after"]["rollout"]["step"] is None
+
+
+def test_an_external_check_shows_its_reading_or_why_it_has_none_in_place_of_an_interval() -> None:
+    external = [
+        {"check": "p99-prom", "verdict": "fail", "value": 0.4, "low": 0.4, "high": 0.4, "bound": 0.25}
+        | {"samples": 1, "needed": None, "kind": "prometheus", "reason": "read 0.4, > max 0.25"},
+        {"check": "score", "verdict": "inconclusive", "value": None, "low": None, "high": None, "bound": 0.9}
+        | {"samples": 0, "needed": None, "kind": "web", "reason": "no usable reading: HTTP 503\nforged"},
+    ]
+    lines = rollout_lines({"phase": "progressing", "step": 0, "next": "rollback", "checks": external})
+    assert "  next: rollback (fail: p99-prom; inconclusive: score)" in lines
+    assert "  p99-prom        fail         read 0.4, > max 0.25" in lines
+    # A remote source's words stay on their line: no forged output line.
+    assert "  score           inconclusive no usable reading: HTTP 503\\nforged" in lines, lines
+    record = rpb.AuditRecord(id=1, at=1795800000.0, actor="controller", action="rollback", model="digits")
+    record.evidence_json = json.dumps(external)
+    assert "p99-prom fail read 0.4, > max 0.25; score inconclusive no usable reading" in describe_audit(record)
+    assert audit_json(record)["evidence"][0]["reason"] == "read 0.4, > max 0.25"
