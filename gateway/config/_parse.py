@@ -190,6 +190,45 @@ def _table_reader(item: Reader) -> Reader:
     return read
 
 
+class TableError(ValueError):
+    """A refusal inside one table of an array of tables: which table, and the message of its field."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+def _tables_reader(schema: Schema) -> Reader:
+    """An array of tables in TOML (`[[notify]]`), each built and checked by its dataclass.
+    Never from an environment variable: a table does not fit on one line."""
+
+    def read(value: Any, text: bool) -> tuple[Any, ...]:
+        if text or not isinstance(value, list | tuple):
+            raise ValueError("an array of tables ([[...]] in the config file)")
+        built = []
+        for index, table in enumerate(value):
+            if not isinstance(table, Mapping):
+                raise TableError(index, f"expected a table, got {shown(table)}")
+            try:
+                built.append(schema.build(table))
+            except ConfigError as exc:
+                raise TableError(index, str(exc)) from None
+        return tuple(built)
+
+    return read
+
+
+def _table_class(hint: Any) -> type | None:
+    """The dataclass of a `tuple[SomeDataclass, ...]` field (an array of tables), else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = args[0]
+        if dataclasses.is_dataclass(item) and isinstance(item, type):
+            return item
+    return None
+
+
 def reader_for(hint: Any, where: str) -> Reader:
     """The reader of a field's type; TypeError for a type no reader knows."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -222,8 +261,11 @@ class Schema:
         readers: dict[str, Reader] = {}
         sections: dict[str, Schema] = {}
         for name, hint in typing.get_type_hints(settings_class).items():
+            table = _table_class(hint)
             if dataclasses.is_dataclass(hint) and isinstance(hint, type):
                 sections[name] = Schema.of(hint)
+            elif table is not None:
+                readers[name] = _tables_reader(Schema.of(table))
             else:
                 readers[name] = reader_for(hint, f"{settings_class.__name__}.{name}")
         return cls(settings_class, readers, sections)
@@ -238,6 +280,8 @@ class Schema:
         """One field's value; ConfigError naming it (`shown_as`) when the value has the wrong type."""
         try:
             return self.readers[key](value, text)
+        except TableError as exc:
+            raise ConfigError(f"{shown_as}[{exc.index}]: {exc.message}") from None
         except ValueError as exc:
             raise ConfigError(f"{shown_as}: expected {exc}, got {shown(value)}") from None
 

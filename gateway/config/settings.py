@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from gateway.config._parse import INT32_MAX, MIB, Schema, check_choice, check_choices, check_number, read_toml
+from gateway.config.notify import NotifyTarget, check_targets
 from gateway.errors import ConfigError
 
 ProviderMode = Literal["auto", "cuda", "cpu"]
@@ -166,6 +167,8 @@ class GatewaySettings:
     # OpenTelemetry traces go to this OTLP/gRPC collector (http://HOST:4317); empty: tracing is
     # off unless the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set (gateway/tracing.py).
     otlp_endpoint: str = ""
+    # Where rollout events are sent ([[notify]] tables in the config file; gateway/config/notify.py).
+    notify: tuple[NotifyTarget, ...] = ()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -196,6 +199,7 @@ class GatewaySettings:
             check_otlp_endpoint("otlp_endpoint", self.otlp_endpoint)
         if self.state_url:
             check_state_url("state_url", self.state_url)
+        check_targets(self.notify)
 
 
 _SCHEMA = Schema.of(GatewaySettings)
@@ -256,4 +260,9 @@ def _config_file_values(config_file: Path) -> Mapping[str, Any]:
     section = data.get("serve", data)
     if not isinstance(section, Mapping):
         raise ConfigError(f"{config_file}: serve: expected a table, got {section!r}")
+    if section is not data and "notify" in data:
+        # [[notify]] reads naturally at the top level beside a [serve] table too.
+        if "notify" in section:
+            raise ConfigError(f"{config_file}: notify: give the targets as [[notify]] or [[serve.notify]], not both")
+        section = {**section, "notify": data["notify"]}
     return section
