@@ -264,5 +264,5 @@ def _config_file_values(config_file: Path) -> Mapping[str, Any]:
         # [[notify]] reads naturally at the top level beside a [serve] table too.
         if "notify" in section:
             raise ConfigError(f"{config_file}: notify: give the targets as [[notify]] or [[serve.notify]], not both")
-        section = {**section, "notify": data["notify"]}
+        return {**section, "notify": data["notify"]}
     return section

@@ -156,6 +156,9 @@ class ReleasePlane:
         self.primary: PrimaryActivity | None = None
         # Set by the server when tracing is on: shadow batches of traced requests get linked spans.
         self.tracing: Tracing | None = None
+        # Set by the server when notifications are on: told (model, version, times opened,
+        # failures in a row) when a shadow lane's circuit opens.
+        self.on_circuit_open: Callable[[str, str, int, int], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():
@@ -273,6 +276,8 @@ class ReleasePlane:
                 run_direct=loaded.model.run,
                 tracing=self.tracing,
             )
+            if self.on_circuit_open is not None:
+                lane.breaker.on_open = functools.partial(self.on_circuit_open, model, version)
         return lane
 
     def _sink(self, model: str, version: str, dual_run: bool) -> CopySink:
