@@ -49,8 +49,13 @@ def summary(event: NotifyEvent) -> str:
     return f"{event.model}: {what} ({event.reason})"[:_MAX_TEXT]
 
 
+def _escaped(text: str) -> str:
+    """Slack's three control characters: a reason with "<" or "&" would otherwise read as markup."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def slack_body(event: NotifyEvent) -> bytes:
-    text = f"{_ICONS.get(event.event, '')} {summary(event)}".strip()
+    text = f"{_ICONS.get(event.event, '')} {_escaped(summary(event))}".strip()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(event.at))
     context = f"{event.event} · {stamp} · by {event.actor} · id {event.id}"
     blocks: list[dict[str, Any]] = [
