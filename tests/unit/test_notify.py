@@ -245,10 +245,10 @@ def test_retries_stop_at_max_retries_and_a_client_error_is_not_retried() -> None
     event = from_audit(entry("rollback"))
     assert event is not None
     delivery = asyncio.run(sender.deliver(event))
-    assert (delivery.outcome, delivery.attempts, delivery.result, len(waits)) == ("failed", 3, "504", 2)
+    assert (delivery.outcome, delivery.attempts, delivery.result, len(waits), len(seen)) == ("failed", 3, "504", 2, 3)
     sender, seen, waits = sender_with([404, 200], max_retries=5)
     delivery = asyncio.run(sender.deliver(event))
-    assert (delivery.outcome, delivery.attempts, delivery.result, waits) == ("failed", 1, "404", [])
+    assert (delivery.outcome, delivery.attempts, delivery.result, waits, len(seen)) == ("failed", 1, "404", [], 1)
 
 
 def test_a_full_queue_drops_and_counts_without_waiting() -> None:
