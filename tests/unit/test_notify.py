@@ -21,7 +21,8 @@ from gateway.release.notify.events import from_audit
 from gateway.release.notify.metrics import NotifyMetrics
 from gateway.release.notify.payloads import slack_body
 from gateway.release.notify.secrets import Secret, load_secret
-from gateway.release.notify.sender import TargetSender
+from gateway.release.notify.sender import Notifier, TargetSender
+from gateway.release.shadow import CircuitBreaker
 from gateway.release.store import AuditEntry, AuditOutcome
 
 # -- signing ----------------------------------------------------------------------------
@@ -277,3 +278,33 @@ def test_a_target_gets_only_the_events_and_models_it_asks_for() -> None:
         return sender.queue.qsize()
 
     assert asyncio.run(offer()) == 1
+
+
+# -- the shadow circuit's event -------------------------------------------------------------
+
+
+def test_a_shadow_circuit_is_announced_each_time_it_opens() -> None:
+    opened: list[tuple[int, int]] = []
+    breaker = CircuitBreaker(threshold=3, clock=lambda: 0.0, on_open=lambda n, failures: opened.append((n, failures)))
+    for _ in range(5):
+        breaker.failure()
+    assert opened == [(1, 3)]  # failures past the threshold keep it open: no new event
+    breaker.success()
+    for _ in range(3):
+        breaker.failure()
+    assert opened == [(1, 3), (2, 3)]
+
+
+def test_the_notifier_sends_a_circuit_event_from_its_queue_and_drains_on_close() -> None:
+    async def run() -> list[httpx.Request]:
+        sender, seen, _ = sender_with([200])
+        notifier = Notifier([sender], sender._client, clock=lambda: 1700000000.0)
+        notifier.start()
+        notifier.circuit_opened("digits", "3", 1, 5)
+        await notifier.close(grace_s=5)
+        return seen
+
+    (request,) = asyncio.run(run())
+    body = json.loads(request.content)
+    assert (body["event"], body["model"], body["version"]) == ("shadow_circuit_opened", "digits", "3")
+    assert "failed 5 runs in a row" in body["reason"]
