@@ -177,6 +177,7 @@ def test_a_rollout_notifies_signed_events_once_while_down_and_slow_receivers_del
     with receiving() as good, receiving(SLOW_S) as slow:
         path = config(tmp_path, good.port, closed_port(), slow.port)
         args = ("--models", str(tmp_path / "repo"), "--workers", "2", "--metrics-port", "0", "--config", str(path))
+        args += ("--log-format", "json")  # the delivery log's lines, as collectors read them
         with gateway_process(*args, env={"NOTIFY_TEST_KEY": KEY}) as server:
             control = control_stub(server)
             with Load(server.address, server.control, "digits", digits_builder(), clients=2):
@@ -244,8 +245,15 @@ def test_a_rollout_notifies_signed_events_once_while_down_and_slow_receivers_del
             assert sum(v for (t, _, o), v in counts.items() if t == "good" and o == "delivered") == len(expected)
             assert counts[("chat", "rolled_back", "delivered")] == 1
             assert len(slow.got) >= 2  # it was tried (and retried), just never in time
+            # The delivery log: a structured line per event and target, from worker 0 alone.
+            lines = [json.loads(line) for line in server.lines if line.startswith("{")]
+            deliveries = [line for line in lines if line.get("logger") == "gateway.release.notify.sender"]
+            good_ids = [line["event_id"] for line in deliveries if line["target"] == "good"]
+            assert good_ids == [body["id"] for _, body in hooks], deliveries
+            down = [line for line in deliveries if line["target"] == "down"]
+            assert {(d["outcome"], d["attempts"], d["result"]) for d in down} == {("failed", 2, "error: ConnectError")}
+            assert {line["worker"] for line in deliveries} == {0}
             log = "\n".join(server.lines)
-            assert "notify down: rollout_started" in log and "failed after 2 attempt(s)" in log
             assert KEY not in log and "another key" not in log
 
 
