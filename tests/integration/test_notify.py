@@ -176,8 +176,8 @@ def test_a_rollout_notifies_signed_events_once_while_down_and_slow_receivers_del
     shutil.copytree(model_dir / "1", model_dir / "4")  # byte-identical to v1: promoted
     with receiving() as good, receiving(SLOW_S) as slow:
         path = config(tmp_path, good.port, closed_port(), slow.port)
-        args = ("--models", str(tmp_path / "repo"), "--workers", "2", "--metrics-port", "0", "--config", str(path))
-        args += ("--log-format", "json")  # the delivery log's lines, as collectors read them
+        args = ["--models", str(tmp_path / "repo"), "--workers", "2", "--metrics-port", "0", "--config", str(path)]
+        args += ["--log-format", "json"]  # the delivery log's lines, as collectors read them
         with gateway_process(*args, env={"NOTIFY_TEST_KEY": KEY}) as server:
             control = control_stub(server)
             with Load(server.address, server.control, "digits", digits_builder(), clients=2):
