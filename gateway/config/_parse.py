@@ -4,7 +4,8 @@ A field's type comes from `typing.get_type_hints`, and each type has one
 reader, chosen once when a class's schema is made (at import). A field whose
 type has no reader (a set, a nested list, a union of two types) stops the
 import with TypeError naming it, so a new field can never be read as a string
-by accident.
+by accident. A `tuple[SomeDataclass, ...]` field is an array of tables (`[[notify]]`),
+each table built and checked by its dataclass's own schema.
 
 Why not pydantic-settings: the messages are part of the contract (tests and
 operators read them), and pydantic's own ("Input should be a valid integer")
