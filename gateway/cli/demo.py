@@ -27,6 +27,8 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from gateway.cli.demo_notify import demo_config
+from gateway.cli.demo_notify import describe as describe_notifications
 from gateway.cli.release import describe_audit, report_table
 from gateway.config.spec import PolicySpec, load_model_spec
 from gateway.protocol.pb import inference_pb2 as pb
@@ -111,8 +113,10 @@ class LabelledTraffic(threading.Thread):
             self.control.SubmitFeedback(rpb.SubmitFeedbackRequest(model="digits", items=due), timeout=5)
 
 
-def _start_gateway(repo: Path, state: Path) -> Launched:
+def _start_gateway(repo: Path, state: Path, config: Path) -> Launched:
     args = [
+        "--config",
+        str(config),
         "--models",
         str(repo),
         "--port",
@@ -320,7 +324,8 @@ def demo(models: Path, keep_files: bool) -> None:
     for line in describe_policy(policy):
         console.print(line, markup=False)
     console.print(f"starting a gateway on a copy of {models / 'digits'} (state in {workdir / 'state'}) ...")
-    launched = _start_gateway(repo, workdir / "state")
+    config, receiver = demo_config(workdir)  # [[notify]]: a local webhook receiver
+    launched = _start_gateway(repo, workdir / "state", config)
     proc, address, control_address = launched.proc, launched.address, launched.control
     control = rgrpc.ReleaseServiceStub(grpc.insecure_channel(control_address))  # type: ignore[no-untyped-call]
     traffic = LabelledTraffic(address, control, models)
@@ -349,6 +354,13 @@ def demo(models: Path, keep_files: bool) -> None:
         if rollback is not None:
             before = [r for r in story.records if r.id < rollback.id]
             console.print(why_rolled_back(rollback, _weight(before[-1]) if before else "?"), markup=False)
+        console.rule("notifications")
+        deadline = time.monotonic() + 5  # deliveries run beside the decisions: the last may be on its way
+        while len(receiver.received()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        console.print(f"a local webhook receiver ([[notify]] in {config}) got, signed with its key:", markup=False)
+        for line in describe_notifications(receiver.received()):
+            console.print(line, markup=False)
         console.rule("audit trail")
         for record in control.GetAuditLog(rpb.GetAuditLogRequest(model="digits", limit=1000)).records:
             console.print(describe_audit(record), markup=False)
@@ -358,6 +370,7 @@ def demo(models: Path, keep_files: bool) -> None:
         traffic.stop.set()
         proc.terminate()
         proc.wait(20)
+        receiver.stop()
         if not keep_files:
             # Every run made a new folder under the temporary directory; nothing else uses it.
             shutil.rmtree(workdir, ignore_errors=True)

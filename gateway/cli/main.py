@@ -20,6 +20,7 @@ Examples:
   gateway serve --models models --port 0 --metrics-port -1   # any free port, no metrics
   gateway serve --models models --http-port -1                # gRPC only, no REST
   GATEWAY_PROVIDER=cpu gateway serve --config gateway.toml
+  gateway serve --config gateway.toml   # with [[notify]] targets: rollout events to webhooks/Slack
 """
 
 
@@ -133,7 +134,7 @@ def main() -> None:
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TOML file with these settings (top level or a [serve] table).",
+    help="TOML file with these settings (top level or a [serve] table) and [[notify]] targets (README: Notifications).",
 )
 def serve(config_file: Path | None, **flags: Any) -> None:
     """Serve every model in the repository over gRPC and REST (HTTP/JSON).

@@ -4,7 +4,8 @@ A field's type comes from `typing.get_type_hints`, and each type has one
 reader, chosen once when a class's schema is made (at import). A field whose
 type has no reader (a set, a nested list, a union of two types) stops the
 import with TypeError naming it, so a new field can never be read as a string
-by accident.
+by accident. A `tuple[SomeDataclass, ...]` field is an array of tables (`[[notify]]`),
+each table built and checked by its dataclass's own schema.
 
 Why not pydantic-settings: the messages are part of the contract (tests and
 operators read them), and pydantic's own ("Input should be a valid integer")
@@ -240,8 +241,22 @@ class Schema:
     def unknown(self, key: str, prefix: str = "") -> ConfigError:
         return ConfigError(f"unknown setting {prefix}{key} (known: {', '.join(self.names())})")
 
+    def knows(self, key: str) -> bool:
+        """Whether `key` is a field read on its own (not a section): a value or an array of tables."""
+        return key in self.readers or key in self.table_arrays
+
     def read(self, shown_as: str, key: str, value: Any, *, text: bool = False) -> Any:
         """One field's value; ConfigError naming it (`shown_as`) when the value has the wrong type."""
+        items = self.table_arrays.get(key)
+        if items is not None:
+            if text:  # a table does not fit on one line of an environment variable
+                raise ConfigError(f"{shown_as}: an array of tables goes in the config file ([[{key}]]), not here")
+            # "FILE: notify": the origin leads the whole message, the field names the table's place.
+            origin, _, field = shown_as.rpartition(": ")
+            try:
+                return items.build_array(value, field)
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}: {exc}" if origin else str(exc)) from None
         try:
             return self.readers[key](value, text)
         except ValueError as exc:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from gateway.config._parse import INT32_MAX, MIB, Schema, check_choice, check_choices, check_number, read_toml
+from gateway.config.notify import NotifyTarget, check_targets
 from gateway.errors import ConfigError
 
 ProviderMode = Literal["auto", "cuda", "cpu"]
@@ -183,6 +184,8 @@ class GatewaySettings:
     # OpenTelemetry traces go to this OTLP/gRPC collector (http://HOST:4317); empty: tracing is
     # off unless the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set (gateway/tracing.py).
     otlp_endpoint: str = ""
+    # Where rollout events are sent ([[notify]] tables in the config file; gateway/config/notify.py).
+    notify: tuple[NotifyTarget, ...] = ()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -218,6 +221,7 @@ class GatewaySettings:
                 f"replica_id: {self.replica_id[:80]!r} is not a replica name: use 1-63 letters, digits, '.', '_' "
                 "or '-', starting with a letter or digit (e.g. the pod name), or leave it empty for HOST-PID"
             )
+        check_targets(self.notify)
 
 
 _SCHEMA = Schema.of(GatewaySettings)
@@ -237,20 +241,20 @@ def load_settings(
     origins: dict[str, str] = {}
     if config_file is not None:
         for key, value in _config_file_values(config_file).items():
-            if key not in _SCHEMA.readers:
+            if not _SCHEMA.knows(key):
                 raise ConfigError(f"{config_file}: {_SCHEMA.unknown(key)}")
             values[key] = _SCHEMA.read(f"{config_file}: {key}", key, value)
             origins[key] = str(config_file)
     for variable, text in (env if env is not None else os.environ).items():
         key = variable[len(ENV_PREFIX) :].lower()
-        if variable.startswith(ENV_PREFIX) and key in _SCHEMA.readers:
+        if variable.startswith(ENV_PREFIX) and _SCHEMA.knows(key):
             values[key] = _SCHEMA.read(variable, key, text, text=True)
             origins[key] = variable
         elif variable.startswith(ENV_PREFIX) and variable not in OTHER_VARIABLES:
             _warn_unknown_variable(variable)
     for key, value in (overrides or {}).items():
         if value is not None:
-            if key not in _SCHEMA.readers:
+            if not _SCHEMA.knows(key):
                 raise _SCHEMA.unknown(key)
             values[key] = _SCHEMA.read(key, key, value)
             origins.pop(key, None)
@@ -267,7 +271,7 @@ def load_settings(
 def _warn_unknown_variable(variable: str) -> None:
     """Not refused (another program may share the prefix), but never silently ignored:
     GATEWAY_GRACE for GATEWAY_GRACE_S would otherwise leave the default in force."""
-    settings = [ENV_PREFIX + key.upper() for key in _SCHEMA.readers]
+    settings = [ENV_PREFIX + key.upper() for key in _SCHEMA.readers]  # not arrays of tables: file only
     close = difflib.get_close_matches(variable, settings, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     log.warning("%s is not a gateway setting and is ignored%s", variable, hint)
@@ -278,4 +282,9 @@ def _config_file_values(config_file: Path) -> Mapping[str, Any]:
     section = data.get("serve", data)
     if not isinstance(section, Mapping):
         raise ConfigError(f"{config_file}: serve: expected a table, got {section!r}")
+    if section is not data and "notify" in data:
+        # [[notify]] reads naturally at the top level beside a [serve] table too.
+        if "notify" in section:
+            raise ConfigError(f"{config_file}: notify: give the targets as [[notify]] or [[serve.notify]], not both")
+        return {**section, "notify": data["notify"]}
     return section

@@ -55,6 +55,9 @@ class Step:
 # How the metrics count rollbacks and promotions, whoever made them, without ReleaseOps
 # knowing Prometheus.
 AppliedHook = Callable[[str, str, StoredRelease, StoredRelease], None]
+# Told of every audit row once it is stored, applied or refused (with its revision): how
+# notifications learn of rollout events (gateway.release.notify) without ReleaseOps knowing them.
+AuditHook = Callable[[AuditEntry], None]
 
 
 class ReleaseOps:
@@ -64,11 +67,13 @@ class ReleaseOps:
         store: Store,
         captured: CapturedRequests | None = None,
         on_applied: AppliedHook | None = None,
+        on_audit: AuditHook | None = None,
     ) -> None:
         self.plane = plane
         self.store = store
         self.captured = captured
         self.on_applied = on_applied
+        self.on_audit = on_audit
         self.rollouts: dict[str, RolloutState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -210,6 +215,16 @@ class ReleaseOps:
             outcome=AuditOutcome.REFUSED,
         )
         await asyncio.to_thread(self.store.record_refused, entry)
+        self._audited([entry])
+
+    def _audited(self, entries: Sequence[AuditEntry]) -> None:
+        if self.on_audit is None:
+            return
+        for entry in entries:
+            try:
+                self.on_audit(entry)
+            except Exception:  # stored is stored: telling others of it must never undo or fail it
+                log.exception("%s: the audit hook failed", entry.model)
 
     async def change(
         self,
@@ -261,6 +276,7 @@ class ReleaseOps:
                 previous = after
             await asyncio.to_thread(self.store.commit, before.revision, previous, entries)
             self._install(previous)
+            self._audited(entries)
             for step, entry in zip(steps, entries, strict=True):
                 log.info(
                     "%s %s by %s -> revision %d, %s: %s",

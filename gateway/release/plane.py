@@ -159,6 +159,9 @@ class ReleasePlane:
         self.tracing: Tracing | None = None
         # External checks' latest readings ([[policy.checks]]): the controller polls, status reads.
         self.external = ExternalChecks()
+        # Set by the server when notifications are on: told (model, version, times opened,
+        # failures in a row) when a shadow lane's circuit opens.
+        self.on_circuit_open: Callable[[str, str, int, int], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.table.subscribe(self._on_change)
         for name in registry.names():
@@ -276,6 +279,8 @@ class ReleasePlane:
                 run_direct=loaded.model.run,
                 tracing=self.tracing,
             )
+            if self.on_circuit_open is not None:
+                lane.breaker.on_open = functools.partial(self.on_circuit_open, model, version)
         return lane
 
     def _sink(self, model: str, version: str, dual_run: bool) -> CopySink:

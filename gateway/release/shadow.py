@@ -50,6 +50,8 @@ class CircuitBreaker:
     backoff_s: float = 0.0
     probing: bool = False
     opened: int = 0  # times the circuit opened
+    # Told when the circuit opens (times opened, failures in a row): a notification, say.
+    on_open: Callable[[int, int], None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -74,6 +76,11 @@ class CircuitBreaker:
         if self.failures >= self.threshold:
             if self.failures == self.threshold:
                 self.opened += 1
+                if self.on_open is not None:
+                    try:
+                        self.on_open(self.opened, self.failures)
+                    except Exception:  # the breaker protects the primary: a listener must not stop it
+                        log.exception("the circuit-open hook failed")
             self.backoff_s = min(self.max_backoff_s, self.backoff_s * 2 or self.base_backoff_s)
             self.open_until = self.clock() + self.backoff_s
 

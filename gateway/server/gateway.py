@@ -64,6 +64,8 @@ from gateway.release.controller import Controller
 from gateway.release.loader import ModelLoader
 from gateway.release.metrics import ReleaseMetrics
 from gateway.release.model_sync import IntentStore, run_id
+from gateway.release.notify import Notifier, NotifyMetrics
+from gateway.release.notify.sender import CLOSE_GRACE_S
 from gateway.release.operations import ReleaseOps
 from gateway.release.plane import ReleasePlane
 from gateway.release.store import STATE_FILE, Store, open_store
@@ -178,6 +180,7 @@ class Gateway:
         self.controller: Controller | None = None
         # This process's name among those sharing the store (None: nobody to share with).
         self.member: str | None = None
+        self.notifier: Notifier | None = None
         self._streams: StreamGuard | None = None
         self._health = health_aio.HealthServicer()
         self._teardown = AsyncExitStack()
@@ -232,6 +235,8 @@ class Gateway:
         # SQLite in state_dir, or PostgreSQL at state_url (several replicas).
         self.store = store = await asyncio.to_thread(open_store, s.state_dir, s.state_url)
         stack.callback(store.close)
+        # Notifications go out until the loops that make release changes are cancelled (below).
+        notifier = self.notifier = self._start_notifier(stack, metrics_registry)
         # The loops use the store and the models: cancelled after the models close, before the store does.
         tasks: list[asyncio.Task[None]] = []
         stack.callback(_cancel_all, tasks)
@@ -240,10 +245,18 @@ class Gateway:
         self.releases = releases = ReleasePlane(registry)
         releases.tracing = self.tracing
         stack.push_async_callback(releases.external.close)  # in-flight external check reads, their client
+        if notifier is not None:
+            releases.on_circuit_open = notifier.circuit_opened
         stack.push_async_callback(self._finish_releases, releases)
         self.dataplane = dataplane = DataPlane(registry, releases)
         releases.primary = dataplane
-        self.ops = ops = ReleaseOps(releases, store, self.capture, on_applied=self.release_metrics.applied)
+        self.ops = ops = ReleaseOps(
+            releases,
+            store,
+            self.capture,
+            on_applied=self.release_metrics.applied,
+            on_audit=None if notifier is None else notifier.audit,
+        )
         self.loader = loader = ModelLoader(ModelBuilder.from_settings(s, pool, self.metrics), registry, releases, ops)
         await loader.load_at_startup()  # nothing is served before it ends
         loop = asyncio.get_running_loop()
@@ -280,6 +293,26 @@ class Gateway:
             control_api.callback(history.cancel)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stack.push_async_callback(self._set_health, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _start_notifier(self, stack: AsyncExitStack, registry: CollectorRegistry) -> Notifier | None:
+        """The [[notify]] targets' senders, in the one process that makes release changes.
+
+        Events are read off audit rows as this process appends them, so only a process
+        that appends them sends: the only one, or worker 0 of `--workers N` (its control API
+        and controller make every change; the other workers only follow the store). Each
+        row is appended once, so each event goes out once: N senders would not send N
+        copies, but a worker sending nothing costs nothing either. A shadow's circuit is
+        each process's own: worker 0's is announced, the others' are not (a shadow that
+        fails on everyone's copies fails on worker 0's too), so N workers never send N.
+        """
+        s = self.settings
+        if not s.notify or s.worker_index > 0:
+            return None
+        notifier = Notifier.build(s.notify, NotifyMetrics(registry), os.environ)
+        notifier.start()
+        stack.push_async_callback(lambda: notifier.close(min(CLOSE_GRACE_S, max(0.1, self._remaining()))))
+        log.info("notifications to %s", ", ".join(f"{t.name} ({t.kind})" for t in s.notify))
+        return notifier
 
     async def _start_inference(self, stack: AsyncExitStack, dataplane: DataPlane, registry: Registry) -> None:
         s = self.settings

@@ -61,6 +61,18 @@ def test_demo_promotes_v2_and_rolls_back_v3() -> None:
     failing = r"accuracy(_paired)? failed: -\d+\.\d \[.*\] pts, the whole interval below the bound -2 pts"
     assert re.search(failing, why[1]), why[1]
 
+    # One notification: a local webhook receiver got each rollout's start and end, signed.
+    notified = out[out.index("a local webhook receiver") : out.index("audit trail")]
+    events = re.findall(
+        r"^  (\w+): digits stable v(\d), candidate v(\d) by (\w+) \(signature verified\)$", notified, re.M
+    )
+    assert events == [
+        ("rollout_started", "1", "2", "anonymous"),
+        ("promoted", "2", "2", "controller"),
+        ("rollout_started", "2", "3", "anonymous"),
+        ("rolled_back", "2", "3", "controller"),
+    ], notified
+
     audit = out[out.index("audit trail") :]
     assert audit.count("advance") >= 3  # every step of the policy: 10 %, 25 %, 50 %, then promote
     assert "promote" in audit and "rollback" in audit and re.search(r"accuracy(_paired)? fail", audit)
