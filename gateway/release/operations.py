@@ -167,7 +167,7 @@ class ReleaseOps:
             # A new rollout, or one resumed after a restart: evidence starts afresh.
             key = f"{stored.state.stable}>{stored.rollout.candidate}@{stored.rollout.started_at}"
             evidence.begin_rollout(stored.state.stable, stored.rollout.candidate, key)
-        elif active and _new_step(previous, stored.rollout):
+        elif active and (_new_step(previous, stored.rollout) or _start_opened(previous, stored.rollout)):
             # Judged on its own traffic from here: what the rollout gathered so far is the base.
             evidence.begin_step(*self.plane.combined(model).rollout_windows())
         elif not active and stored.rollout.phase is not Phase.PAUSED:
@@ -411,11 +411,11 @@ class ReleaseOps:
         now = time.time()
         rollout_changes: dict[str, Any] = {"awaiting": "", "approved": gate, "timed_from": now}
         state_changes: dict[str, Any] = {}
-        if gate == START_GATE and rollout.phase is Phase.PROGRESSING and current.state.canary_weight_bp == 0:
-            # The first step begins now, and so does its evidence (a new started_at).
+        if gate == START_GATE and rollout.phase is Phase.PROGRESSING:
+            # The first step begins now (its own evidence too: see _install).
             spec = self.plane.registry.entry(model).spec.policy
             state_changes = {"canary_weight_bp": spec.step_weights_bp[0]}
-            rollout_changes.update(approved="", started_at=now, timed_from=0.0)
+            rollout_changes["approved"] = ""
         return await self.change(
             model,
             actor,
@@ -521,6 +521,14 @@ def _new_step(previous: RolloutState | None, current: RolloutState) -> bool:
     if previous is None or current.phase is not Phase.PROGRESSING or previous.phase is Phase.PAUSED:
         return False
     return previous.phase is not Phase.PROGRESSING or previous.step != current.step
+
+
+def _start_opened(previous: RolloutState | None, current: RolloutState) -> bool:
+    """Whether `current` is the first traffic step just approved at a start gate: the
+    rollout sat at 0 % until now, and the step's exposure counts from here."""
+    if previous is None or current.phase is not Phase.PROGRESSING or previous.phase is not Phase.PROGRESSING:
+        return False
+    return previous.awaiting == START_GATE and not current.awaiting
 
 
 def _promotion(state: ReleaseState, candidate: str) -> dict[str, Any]:
