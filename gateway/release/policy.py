@@ -91,7 +91,9 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     # An approval gate changes no phase: the rollout goes on deciding (and can still roll
     # back) while it waits, and an approval only lets its next move happen.
     **{(p, Event.AWAIT): p for p in DECIDING},
-    **{(p, Event.APPROVE): p for p in (*DECIDING, Phase.PAUSED)},
+    # Not while paused: a paused rollout holds where it is until resumed (and an approval
+    # at a start gate would begin its traffic).
+    **{(p, Event.APPROVE): p for p in DECIDING},
 }
 # Events that move a rollout past the gate it waited at.
 _MOVES = frozenset({Event.ADVANCE, Event.FINISH})

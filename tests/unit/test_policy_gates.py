@@ -134,6 +134,8 @@ def test_moving_or_ending_clears_the_gate_and_await_keeps_the_phase() -> None:
     assert waiting.on(Event.ROLLBACK).awaiting == ""
     paused = waiting.on(Event.PAUSE)
     assert paused.awaiting == "50" and paused.on(Event.RESUME).awaiting == "50"
+    with pytest.raises(IllegalTransition, match="cannot approve while the rollout is paused"):
+        paused.on(Event.APPROVE)
     with pytest.raises(IllegalTransition):
         RolloutState().on(Event.APPROVE)
 
