@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -71,7 +72,8 @@ def server_for(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Process]]:
 
     def start(models: dict[str, str]) -> Process:
         repo = repo_with(tmp_path / "repo", models)
-        context = gateway_process("--models", str(repo), "--workers", "1", env={"GATEWAY_CONTROL_TOKENS": TOKENS})
+        args = ("--models", str(repo), "--workers", "1", "--metrics-port", "0", "--dashboard-port", "0")
+        context = gateway_process(*args, env={"GATEWAY_CONTROL_TOKENS": TOKENS})
         started.append(context)
         return context.__enter__()
 
@@ -145,6 +147,17 @@ def events(output: str) -> list[dict[str, Any]]:
     return parsed
 
 
+def metric_soon(server: Process, line: str, timeout: float = 10.0) -> bool:
+    """Whether `line` appears in the gateway's /metrics within `timeout` (they are synced each sample)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{server.launched.metrics_port}/metrics", timeout=10).text
+        if line in text:
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def labelled_load(server: Process, model: str) -> Load:
     return Load(
         server.address,
@@ -185,6 +198,13 @@ def test_a_gated_rollout_stops_at_each_gate_until_approved_and_the_audit_names_w
             data = json.loads(report.stdout)
             assert data["release"]["awaiting_approval"] == "25"
             assert data["rollout"]["awaiting_approval"] == "25" and data["rollout"]["next"] == "await_approval"
+
+            # The dashboard (any role may read) and the metrics say so too.
+            dashboard = httpx.get(
+                server.dashboard + "api/models/digits", headers={"authorization": f"Bearer {READ}"}, timeout=10
+            ).json()
+            assert dashboard["snapshot"]["awaiting_approval"] == "25", dashboard["snapshot"]
+            assert metric_soon(server, 'gateway_rollout_awaiting_approval{model="digits",version="2"} 1.0')
 
             # A second watcher gives up after its timeout, saying where the rollout waits.
             timed_out = cli(server, "rollout", "wait", "digits", "--timeout", "1", token=READ)
