@@ -11,7 +11,10 @@ the rollout view that rides with it), then the audit log from the last record
 it printed. Each audited change is printed once, in order, and the assessment
 (what the controller would do next, and which checks it waits on) whenever it
 changes. A rollout is known by the time it began (`rollout_started_at`), so a
-rollout started by someone else afterwards is never taken for this one.
+rollout started by someone else afterwards is never taken for this one. A
+gateway that cannot be reached for a while (a restart, a rolling deploy) is
+waited for, up to UNREACHABLE_GRACE_S at a time: the rollout resumes where it
+was stored, and a pipeline should not fail because its gateway restarted.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import click
 
 from gateway.cli.release import audit_json, check_phrase, describe_audit, plain, rfc3339, rollout_json, rollout_view
 from gateway.config.spec import describe_gate
-from gateway.control.client import EXIT_REFUSED, CommandFailed, ControlClient
+from gateway.control.client import EXIT_REFUSED, EXIT_UNREACHABLE, CommandFailed, ControlClient
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.release.policy import ACTIVE, Phase
 
@@ -34,6 +37,8 @@ EXIT_PROMOTED = 0
 EXIT_ROLLED_BACK = 1
 EXIT_TIMEOUT = 5
 DEFAULT_POLL_S = 0.5
+# How long the control API may stay unreachable before the command gives up (exit 4).
+UNREACHABLE_GRACE_S = 60.0
 # The audit actions that end a rollout, and what the command then exits with.
 _ENDS = {"promote": ("promoted", EXIT_PROMOTED), "rollback": ("rolled_back", EXIT_ROLLED_BACK)}
 
@@ -51,7 +56,10 @@ class Watch:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     out: Callable[[str], None] = click.echo
+    err: Callable[[str], None] = field(default=lambda line: click.echo(line, err=True))
     _last_id: int = 0
+    _seen_rows: int = 0  # audit records of this rollout read so far: where the next read starts
+    _unreachable_since: float | None = None
     _assessment: tuple[Any, ...] = ()
     _ended_by: str = ""  # the last ending action printed (promote/rollback)
     _began: float = field(default=0.0)
@@ -62,8 +70,18 @@ class Watch:
         while True:
             # The release first, then the audit: every change up to the phase read is printed
             # before the command says how the rollout ended.
-            release, view = self._release()
-            self._changes()
+            try:
+                release, view = self._release()
+                self._changes()
+            except CommandFailed as exc:
+                self._unreachable(exc)
+                if deadline is not None and self.clock() >= deadline:
+                    raise
+                self.sleep(self.poll_s)
+                continue
+            if self._unreachable_since is not None:
+                self._unreachable_since = None
+                self.err("gateway: the control API answers again")
             ours = release.rollout_started_at == self.started_at
             if ours and release.phase not in ACTIVE:
                 return self._result(release, *_outcome(release.phase))
@@ -77,6 +95,17 @@ class Watch:
             pause = self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - self.clock()))
             self.sleep(pause)
 
+    def _unreachable(self, exc: CommandFailed) -> None:
+        """Ride out an unreachable control API for UNREACHABLE_GRACE_S; anything else ends the wait."""
+        if exc.code != EXIT_UNREACHABLE:
+            raise exc
+        now = self.clock()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            self.err(f"gateway: {plain(exc)}; retrying for up to {UNREACHABLE_GRACE_S:g} s")
+        elif now - self._unreachable_since > UNREACHABLE_GRACE_S:
+            raise exc
+
     # -- reading -----------------------------------------------------------------------
 
     def _release(self) -> tuple[rpb.Release, dict[str, Any] | None]:
@@ -86,22 +115,22 @@ class Watch:
         return release, rollout_view(trailers)
 
     def _records(self) -> Iterator[rpb.AuditRecord]:
-        """The model's audit records of this rollout not printed yet, oldest first."""
-        offset = 0
+        """The model's audit records of this rollout not printed yet, oldest first. The log is
+        append-only and read in id order, so the records read before are a prefix: reading
+        resumes after them."""
         while True:
-            page = self.client.call(
-                self.client.stub.GetAuditLog,
-                rpb.GetAuditLogRequest(model=self.model, since=self.started_at, limit=500, offset=offset),
-            )
+            request = rpb.GetAuditLogRequest(model=self.model, since=self.started_at, limit=500, offset=self._seen_rows)
+            page = self.client.call(self.client.stub.GetAuditLog, request)
+            self._seen_rows += len(page.records)
             yield from (r for r in page.records if r.id > self._last_id)
             if not page.next_offset:
                 return
-            offset = page.next_offset
 
     # -- printing ----------------------------------------------------------------------
 
     def _changes(self) -> None:
-        for record in list(self._records()):
+        # Printed page by page as read: a failure on a later page loses none of the earlier ones.
+        for record in self._records():
             self._last_id = record.id
             if record.outcome == "applied" and record.action in _ENDS:
                 self._ended_by = record.action

@@ -400,7 +400,7 @@ def test_a_rollout_waiting_at_a_gate_still_rolls_back_and_wait_exits_1_then_5(
     assert release(server, "quiet").phase == "progressing"  # the rollout goes on
 
 
-def test_a_waiting_rollout_survives_a_kill_9_and_is_approved_after_the_restart(tmp_path: Path) -> None:
+def test_a_waiting_rollout_survives_a_kill_9_and_a_watcher_rides_out_the_restart(tmp_path: Path) -> None:
     repo = repo_with(tmp_path / "repo", {"digits": 'approve_before = ["start"]\n'})
     args = ("--models", str(repo), "--workers", "1", "--state-dir", str(tmp_path / "state"))
     env = {"GATEWAY_CONTROL_TOKENS": TOKENS}
@@ -409,18 +409,30 @@ def test_a_waiting_rollout_survives_a_kill_9_and_is_approved_after_the_restart(t
             rpb.StartRolloutRequest(model="digits", candidate="2", reason="v2"), metadata=AS_ALICE, timeout=10
         )
         assert release(server, "digits").awaiting_approval == "start"
+        port = server.control.rsplit(":", 1)[1]
+        watcher = cli_background(server, "rollout", "wait", "digits", "--timeout", "90")
+        time.sleep(3)  # it is polling
         server.proc.kill()  # kill -9 while it waits
         server.proc.wait(10)
-    with gateway_process(*args, env=env) as server:
-        restored = release(server, "digits")
-        assert (restored.phase, restored.canary, restored.canary_weight_bp, restored.awaiting_approval) == (
-            "progressing",
-            "2",
-            0,
-            "start",
-        )
-        approved = cli(server, "rollout", "approve", "digits", "--reason", "after the restart")
-        assert approved.returncode == 0, approved.stderr
-        assert "canary 2 at 10%" in approved.stdout and "awaiting" not in approved.stdout, approved.stdout
-        last = audit(server, "digits")[-1]
-        assert (last.action, last.actor, last.reason) == ("approve", "alice", "after the restart")
+    try:
+        # The same control port: the watcher knows only that address.
+        with gateway_process(*args, "--control-port", port, env=env) as server:
+            restored = release(server, "digits")
+            assert (restored.phase, restored.canary, restored.canary_weight_bp, restored.awaiting_approval) == (
+                "progressing",
+                "2",
+                0,
+                "start",
+            )
+            approved = cli(server, "rollout", "approve", "digits", "--reason", "after the restart")
+            assert approved.returncode == 0, approved.stderr
+            assert "canary 2 at 10%" in approved.stdout and "awaiting" not in approved.stdout, approved.stdout
+            last = audit(server, "digits")[-1]
+            assert (last.action, last.actor, last.reason) == ("approve", "alice", "after the restart")
+            assert cli(server, "rollback", "digits", "--reason", "enough").returncode == 0
+            out, err = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 1, (out, err)
+    assert "cannot reach the control API" in err and "retrying" in err and "answers again" in err, err
+    assert "approve        by alice: after the restart" in out and "rolled back: digits stable 1" in out, out
