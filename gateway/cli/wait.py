@@ -61,7 +61,7 @@ class Watch:
     _seen_rows: int = 0  # audit records of this rollout read so far: where the next read starts
     _unreachable_since: float | None = None
     _assessment: tuple[Any, ...] = ()
-    _ended_by: str = ""  # the last ending action printed (promote/rollback)
+    _ended_by: str = ""  # the action that ended this rollout (promote/rollback), once printed
     _began: float = field(default=0.0)
 
     def run(self) -> int:
@@ -132,6 +132,8 @@ class Watch:
         # Printed page by page as read: a failure on a later page loses none of the earlier ones.
         for record in self._records():
             self._last_id = record.id
+            if self._ended_by:
+                continue  # a later rollout's records: not this one's story
             if record.outcome == "applied" and record.action in _ENDS:
                 self._ended_by = record.action
             if self.as_json:
