@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from gateway.config.spec import describe_gate
 from gateway.control.client import EXIT_REFUSED, CommandFailed, ControlClient
 from gateway.logthrottle import one_line
 from gateway.protocol.pb import release_pb2 as rpb
@@ -125,6 +126,8 @@ def _release_line(r: rpb.Release) -> str:
     if r.phase and r.phase != Phase.IDLE:
         step = shown_step(r.phase, r.step)
         parts.append(f"rollout {markup(r.phase)}" + (f" step {step}" if step is not None else ""))
+    if r.awaiting_approval:
+        parts.append(f"awaiting approval {markup(describe_gate(r.awaiting_approval))}")
     parts.append(f"revision {r.revision}")
     # " · " rather than a wider separator: the line fits 80 columns for ordinary names.
     return " · ".join(parts)
@@ -275,6 +278,12 @@ def rollout_lines(view: dict[str, Any]) -> list[str]:
     per clause), what comes next and what it waits on, then every check: its verdict, estimate,
     interval and bound, samples so far and roughly how many more it needs."""
     lines = []
+    gate = view.get("awaiting_approval")
+    if gate:
+        model = plain(view.get("model", "MODEL"))
+        lines.append(
+            f"  awaiting approval {plain(describe_gate(str(gate)))}: gateway rollout approve {model} --reason '...'"
+        )
     last = view.get("last_change")
     if last:
         stamp = datetime.fromtimestamp(last["at"], UTC).strftime("%H:%M:%S")
@@ -376,22 +385,123 @@ def shadow_remove(client: ControlClient, model: str, version: str, reason: str) 
 
 @click.group(
     epilog=examples(
-        "gateway rollout start digits 2 --reason 'new MLP'", "gateway rollout pause digits", "gateway status"
+        "gateway rollout start digits 2 --reason 'new MLP'",
+        "gateway rollout start digits 2 --wait --timeout 1800   # a CI/CD step",
+        "gateway rollout approve digits --reason 'dashboards look fine'",
+        "gateway rollout pause digits",
+        "gateway status",
     )
 )
 def rollout() -> None:
     """Automatic, evidence-based rollouts (the model's [policy] decides each step)."""
 
 
-@rollout.command("start", epilog=examples("gateway rollout start digits 2 --reason 'new MLP'"))
+WAIT_CODES = (
+    "\b\nExit status with --wait: 0 promoted, 1 rolled back (or refused), 5 --timeout ran out\n"
+    "(the rollout goes on), 3 authentication, 4 gateway unreachable. A rollout awaiting\n"
+    "approval keeps the command waiting."
+)
+
+
+def wait_options(func: F) -> F:
+    """--timeout/--json/--poll of a command that follows a rollout to its end."""
+    func = click.option(
+        "--poll",
+        "poll_s",
+        type=click.FloatRange(0.05, 60),
+        default=0.5,
+        show_default=True,
+        metavar="SECONDS",
+        help="How often to look at the gateway.",
+    )(func)
+    func = click.option(
+        "--json", "as_json", is_flag=True, help="One JSON event a line: change, assessment, result (docs/cli.md)."
+    )(func)
+    return click.option(
+        "--timeout",
+        "timeout_s",
+        type=click.FloatRange(0, min_open=True),
+        default=None,
+        metavar="SECONDS",
+        help="Give up waiting after this long: exit 5. [default: wait until the rollout ends]",
+    )(func)
+
+
+@rollout.command(
+    "start",
+    epilog=examples(
+        "gateway rollout start digits 2 --reason 'new MLP'",
+        'gateway rollout start digits 2 --reason "$CI_COMMIT_SHA" --wait --timeout 1800',
+        "gateway rollout start digits 2 --wait --json | tee rollout.jsonl",
+    )
+    + "\n\n"
+    + WAIT_CODES,
+)
 @click.argument("model")
 @click.argument("candidate")
 @click.option("--reason", default="", help=REASON_HELP)
+@click.option("--wait", "wait", is_flag=True, help="Stay until the rollout is promoted or rolled back.")
+@wait_options
 @connection_options
-def rollout_start(client: ControlClient, model: str, candidate: str, reason: str) -> None:
-    """Start moving CANDIDATE through the policy's traffic steps."""
+def rollout_start(
+    client: ControlClient,
+    model: str,
+    candidate: str,
+    reason: str,
+    wait: bool,
+    timeout_s: float | None,
+    as_json: bool,
+    poll_s: float,
+) -> None:
+    """Start moving CANDIDATE through the policy's traffic steps; with --wait, follow it to its end."""
+    if not wait and (timeout_s is not None or as_json):
+        raise click.UsageError("--timeout and --json go with --wait (or use `gateway rollout wait`)")
     request = rpb.StartRolloutRequest(model=model, candidate=candidate, reason=reason)
-    console.print(_release_line(client.call(client.stub.StartRollout, request)))
+    release = client.call(client.stub.StartRollout, request)
+    if not wait:
+        console.print(_release_line(release))
+        return
+    from gateway.cli.wait import watch
+
+    if not as_json:
+        console.print(_release_line(release))
+    sys.exit(watch(client, model, release=release, as_json=as_json, poll_s=poll_s, timeout_s=timeout_s))
+
+
+@rollout.command(
+    "wait",
+    epilog=examples(
+        "gateway rollout wait digits",
+        "gateway rollout wait digits --timeout 1800 --json",
+    )
+    + "\n\n"
+    + WAIT_CODES.replace(" with --wait", ""),
+)
+@click.argument("model")
+@wait_options
+@connection_options
+def rollout_wait(client: ControlClient, model: str, timeout_s: float | None, as_json: bool, poll_s: float) -> None:
+    """Follow MODEL's rollout until it is promoted or rolled back, printing each change.
+
+    A rollout that has ended already answers at once (its exit status and changes)."""
+    from gateway.cli.wait import watch
+
+    sys.exit(watch(client, model, as_json=as_json, poll_s=poll_s, timeout_s=timeout_s))
+
+
+@rollout.command(
+    "approve",
+    epilog=examples("gateway rollout approve digits --reason 'checked the 25% dashboards with the on-call'"),
+)
+@click.argument("model")
+@click.option("--reason", required=True, help="Why you approve: recorded in the audit log with your name.")
+@connection_options
+def rollout_approve(client: ControlClient, model: str, reason: str) -> None:
+    """Let MODEL's rollout go past the approval gate it waits at (policy.approve_before).
+
+    Its next move still needs every check to pass; a failing check still rolls it back."""
+    request = rpb.ModelActionRequest(model=model, reason=reason)
+    console.print(_release_line(client.call(client.stub.Approve, request)))
 
 
 def _action(name: str, method: str, doc: str, example: str) -> click.Command:
@@ -599,6 +709,7 @@ def release_json(r: rpb.Release) -> dict[str, Any]:
         "phase": r.phase or Phase.IDLE.value,
         "step": shown_step(r.phase, r.step),
         "revision": r.revision,
+        "awaiting_approval": r.awaiting_approval or None,
     }
 
 

@@ -156,9 +156,39 @@ def _enum_reader(kind: type[enum.Enum]) -> Reader:
     return read
 
 
+def _union_reader(kinds: tuple[Any, ...]) -> Reader:
+    """One of several scalar types (`str | float`, for an array such as ["start", 25]).
+
+    A typed value is read by the reader of its own type (an integer counts as a number);
+    text tries each type in the order written, so a number wins over a string."""
+    readers = [(kind, _SCALARS[kind]) for kind in kinds]
+    expected = " or ".join(_KIND_NAMES.get(kind, kind.__name__) for kind in kinds)
+
+    def read(value: Any, text: bool) -> Any:
+        for kind, reader in readers:
+            if text:
+                try:
+                    return reader(value, True)
+                except ValueError:
+                    continue
+            fits = type(value) is kind or (kind is float and type(value) is int)
+            if fits:
+                return reader(value, False)
+        raise ValueError(expected)
+
+    return read
+
+
+_KIND_NAMES = {str: "a string (in quotes)", float: "a number", int: "an integer", bool: "true or false"}
+
+
 def _scalar_reader(hint: Any, where: str) -> Reader:
     if hint in _SCALARS:
         return _SCALARS[hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if all(kind in _SCALARS for kind in members):
+            return _union_reader(members)
     if typing.get_origin(hint) is typing.Literal:
         # The type of the choices is read here; which choice, by check_choices.
         kinds = {type(choice) for choice in typing.get_args(hint)}

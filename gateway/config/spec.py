@@ -25,6 +25,11 @@ CompareKind = Literal["classification", "regression"]
 TimeoutAction = Literal["pause", "rollback", "promote"]
 # The load-test gate holds every request it sends in memory (gateway/release/gate.py).
 MAX_GATE_REQUESTS = 100_000
+# Approval gates (policy.approve_before): a rollout waits for a person before its first
+# traffic step ("start"), before a traffic step named by its weight in percent, or before
+# promoting. Stored in the release as strings ("start", "25", "promote"): never change one.
+START_GATE = "start"
+PROMOTE_GATE = "promote"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +202,8 @@ class PolicySpec:
     # External checks, read over HTTP each interval while the candidate serves traffic
     # (gateway/release/external.py); in model.toml, one [[policy.checks]] table each.
     checks: tuple[ExternalCheckSpec, ...] = ()
+    # Steps that wait for `gateway rollout approve`: "start", a step weight in percent, "promote".
+    approve_before: tuple[str | float, ...] = ()
 
     def __post_init__(self) -> None:
         check_choices(self, "policy.")
@@ -243,10 +250,43 @@ class PolicySpec:
         names = [c.name for c in self.checks]
         for name in sorted({n for n in names if names.count(n) > 1}):
             raise ConfigError(f"policy.checks: two checks are named {name!r}; each needs a name of its own")
+        for gate in self.approve_before:
+            if isinstance(gate, str) and gate not in (START_GATE, PROMOTE_GATE):
+                raise ConfigError(
+                    f"policy.approve_before: unknown step {gate!r}; name {START_GATE!r} (before the first traffic "
+                    f"step), {PROMOTE_GATE!r} (before promoting) or a step weight in percent, one of "
+                    f"{', '.join(f'{w:g}' for w in self.step_weights)} (policy.step_weights)"
+                )
+            if not isinstance(gate, str) and gate not in self.step_weights:
+                raise ConfigError(
+                    f"policy.approve_before: {gate:g} is not one of policy.step_weights "
+                    f"({', '.join(f'{w:g}' for w in self.step_weights)}): name the weight of a step, in percent"
+                )
 
     @property
     def step_weights_bp(self) -> list[int]:
         return [round(w * 100) for w in self.step_weights]
+
+    @property
+    def approval_gates(self) -> frozenset[str]:
+        """The gates of approve_before as stored: the first step's weight is the start gate."""
+        return frozenset(
+            gate if isinstance(gate, str) else self.gate_before_step(self.step_weights.index(gate))
+            for gate in self.approve_before
+        )
+
+    def gate_before_step(self, index: int) -> str:
+        """The gate that moving to traffic step `index` (from 0) passes."""
+        return START_GATE if index == 0 else f"{self.step_weights[index]:g}"
+
+
+def describe_gate(gate: str) -> str:
+    """A gate in words: `before the first traffic step`, `before 25%`, `before promoting`."""
+    if gate == START_GATE:
+        return "before the first traffic step"
+    if gate == PROMOTE_GATE:
+        return "before promoting"
+    return f"before {gate}%"
 
 
 @dataclass(frozen=True, slots=True)

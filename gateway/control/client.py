@@ -5,6 +5,8 @@ exit codes scripts can rely on:
 
     0 done · 1 refused (not allowed now, unknown name, bad value)
     2 usage error · 3 authentication or permission · 4 cannot reach the gateway
+    (`rollout wait` and `rollout start --wait` add: 1 rolled back, 5 timed out;
+    gateway/cli/wait.py)
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ def release_message(state: ReleaseState, rollout: RolloutState | None = None) ->
         shadows=dict(state.shadows),
         canary_compare_fraction=state.canary_compare_fraction,
         revision=state.revision,
+        awaiting_approval=rollout.awaiting if rollout and rollout.phase in ACTIVE else "",
+        rollout_started_at=rollout.started_at if rollout else 0.0,
+        candidate=rollout.candidate if rollout else "",
     )
 
 
@@ -238,6 +241,9 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
     async def Rollback(self, request: pb.ModelActionRequest, context: Context) -> pb.Release:
         return self._release(await self.ops.rollback(request.model, actor_of(context), request.reason))
 
+    async def Approve(self, request: pb.ModelActionRequest, context: Context) -> pb.Release:
+        return self._release(await self.ops.approve(request.model, actor_of(context), request.reason))
+
     async def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context: Context) -> pb.SubmitFeedbackResponse:
         feedback.check_count(len(request.items))  # before copying any item out of the message
         items = [(item.request_id, list(item.labels)) for item in request.items]
@@ -256,9 +262,9 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
 
     async def GetReport(self, request: pb.GetReportRequest, context: Context) -> pb.Report:
         report = report_message(self.plane.report(request.model))
-        rollout = self.ops.current(request.model).rollout
-        report.release.phase = rollout.phase
-        report.release.step = rollout.step
+        current = self.ops.current(request.model)
+        rollout = current.rollout
+        report.release.CopyFrom(self._release(current))
         report.deployment.CopyFrom(await self._deployment())
         self._send_rollout_view(request.model, rollout, context)
         return report

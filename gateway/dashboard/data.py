@@ -116,6 +116,8 @@ class Sources:
             "phase": rollout.phase.value,
             "step": rollout.step + 1 if rollout.phase in AT_A_STEP else None,
             "candidate": rollout.candidate,
+            # The approval gate it waits at (policy.approve_before): "start", "25", "promote".
+            "awaiting_approval": (rollout.awaiting or None) if rollout.phase in ACTIVE else None,
             "next": None if decision is None else decision.event.value,
             "reason": None if decision is None else decision.reason,
             "checks": checks,
@@ -226,6 +228,7 @@ def overview(sources: Sources, now: float) -> Json:
             "step": snap["step"],
             "candidate": snap["candidate"],
             "next": snap["next"],
+            "awaiting_approval": snap.get("awaiting_approval"),
             "alerts": snap["alerts"],
         })  # fmt: skip
     return {"at": now, "models": models}

@@ -64,6 +64,8 @@ def rollout_view(plane: ReleasePlane, store: Store, model: str, rollout: Rollout
     its phase (the last applied change) and what the policy makes of the evidence now, each
     waiting check with its estimate, interval and the samples it still needs."""
     view: dict[str, Any] = {"model": model, "phase": rollout.phase.value, "step": rollout.step}
+    # The approval gate it waits at (policy.approve_before), e.g. "25"; None when not waiting.
+    view["awaiting_approval"] = rollout.awaiting or None
     last = store.last_applied(model)
     if last is not None:
         view["last_change"] = {"at": last.at, "actor": last.actor, "action": last.action, "reason": last.reason}

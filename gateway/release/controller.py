@@ -23,7 +23,7 @@ from collections.abc import Callable
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.release.assessment import rollout_evidence
 from gateway.release.confidence import Verdict
-from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
+from gateway.release.operations import AWAIT_APPROVAL, MAX_REASON_CHARS, ReleaseOps
 from gateway.release.policy import DECIDING, Decision, Event, Phase, RolloutState, decide
 from gateway.release.store import FENCE, Fence
 
@@ -123,6 +123,20 @@ class Controller:
                 await ops.promote(model, "controller", reason, decision.checks)
             elif decision.event is Event.FINISH:
                 await ops.finish(model, reason, decision.checks)
+            elif decision.event is Event.AWAIT:
+                if rollout.awaiting == decision.gate:
+                    log.info("%s: awaiting approval (%s)", model, reason)
+                else:
+                    # Audited once per gate: when the rollout begins to wait there.
+                    await ops.change(
+                        model,
+                        "controller",
+                        AWAIT_APPROVAL,
+                        reason,
+                        event=Event.AWAIT,
+                        rollout_changes={"awaiting": decision.gate},
+                        checks=decision.checks,
+                    )
             elif decision.event is Event.ADVANCE:
                 changes: dict[str, object] = {"canary_weight_bp": decision.weight_bp or 0}
                 step = rollout.step + 1

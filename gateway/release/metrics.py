@@ -46,6 +46,8 @@ EVENTS = (
     "set_traffic",
     "add_shadow",
     "remove_shadow",
+    "await_approval",
+    "approve",
 )
 CONTROLLER = "controller"  # the actor name the controller's changes carry
 BY = (CONTROLLER, "operator")
@@ -154,6 +156,14 @@ class ReleaseMetrics:
             registry=registry,
             multiprocess_mode="livemostrecent",
         )
+        self.awaiting = Gauge(
+            "gateway_rollout_awaiting_approval",
+            "1 while the rollout waits at an approval gate (policy.approve_before) for "
+            "`gateway rollout approve`, else 0; version: the candidate",
+            ("model", "version"),
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
         check = ("model", "version", "check")
         self.check = Gauge(
             "gateway_rollout_check",
@@ -245,10 +255,12 @@ class ReleaseMetrics:
             for phase in Phase:
                 self.phase.labels(model, previous, phase.value).set(0)
             self.step.labels(model, previous).set(0)
+            self.awaiting.labels(model, previous).set(0)
         self._candidates[model] = candidate
         for phase in Phase:
             self.phase.labels(model, candidate, phase.value).set(1 if phase is rollout.phase else 0)
         self.step.labels(model, candidate).set(_step(rollout))
+        self.awaiting.labels(model, candidate).set(1 if rollout.awaiting and rollout.phase in ACTIVE else 0)
 
     def decided(self, model: str, rollout: RolloutState, decision: Decision) -> None:
         """The checks of the controller's latest decision on `model`'s rollout.

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from gateway.config.spec import PolicySpec
+from gateway.config.spec import START_GATE, PolicySpec, describe_gate
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput
 from gateway.logthrottle import one_line
 from gateway.release.gate import CapturedRequests, captured_inputs, generated_inputs, run_gate
@@ -25,6 +25,11 @@ from gateway.release.store import AuditEntry, AuditOutcome, Conflict, Store, Sto
 from gateway.types import BASIS_POINTS, Tensors
 
 log = logging.getLogger(__name__)
+
+# The audit actions of approval gates (other modules read them: notifications, `rollout wait`).
+AWAIT_APPROVAL = "await_approval"
+APPROVE = "approve"
+CONTROLLER = "controller"  # the actor the controller's own changes carry
 
 # A reason is a sentence for the audit log, not a document: every one is stored and
 # read back by `gateway audit`, so an unbounded one grows the store without limit.
@@ -49,6 +54,7 @@ class Step:
     state_changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     rollout_changes: Mapping[str, Any] | None = None
     checks: Sequence[CheckResult] = ()
+    actor: str = ""  # who the audit names for this step; empty: the caller of change_steps
 
 
 # Told of each applied step once it is stored and served: (action, actor, before, after).
@@ -166,7 +172,7 @@ class ReleaseOps:
             # A new rollout, or one resumed after a restart: evidence starts afresh.
             key = f"{stored.state.stable}>{stored.rollout.candidate}@{stored.rollout.started_at}"
             evidence.begin_rollout(stored.state.stable, stored.rollout.candidate, key)
-        elif active and _new_step(previous, stored.rollout):
+        elif active and (_new_step(previous, stored.rollout) or _start_opened(previous, stored.rollout)):
             # Judged on its own traffic from here: what the rollout gathered so far is the base.
             evidence.begin_step(*self.plane.combined(model).rollout_windows())
         elif not active and stored.rollout.phase is not Phase.PAUSED:
@@ -270,7 +276,9 @@ class ReleaseOps:
                     await self._record_refusal(actor, step.action, exc, before=previous, evidence=evidence)
                     raise
                 entries.append(
-                    self._audit(actor, step.action, step.reason, before=previous, after=after, evidence=evidence)
+                    self._audit(
+                        step.actor or actor, step.action, step.reason, before=previous, after=after, evidence=evidence
+                    )
                 )
                 transitions.append((previous, after))
                 previous = after
@@ -290,7 +298,7 @@ class ReleaseOps:
             if self.on_applied is not None:
                 for step, (step_before, step_after) in zip(steps, transitions, strict=True):
                     try:
-                        self.on_applied(step.action, actor, step_before, step_after)
+                        self.on_applied(step.action, step.actor or actor, step_before, step_after)
                     except Exception:  # the change is stored and served: a hook's failure must not undo that
                         log.exception("%s: the applied-change hook failed", model)
             return previous
@@ -337,7 +345,14 @@ class ReleaseOps:
         if candidate == current.stable:
             raise FailedPrecondition(f"{model}: version {candidate} is already the stable version")
         shadows = {v: f for v, f in current.shadows.items() if v != candidate}
-        rollout = {"step": 0, "failed_checks": 0, "candidate": candidate, "started_at": time.time()}
+        rollout = {
+            "step": 0,
+            "failed_checks": 0,
+            "candidate": candidate,
+            "started_at": time.time(),
+            "awaiting": "",
+            "approved": "",
+        }
         self.current(model).rollout.on(Event.START)  # refuse (and audit) before any gate work
         gate_checks: Sequence[CheckResult] = ()
         if spec.gate:
@@ -355,23 +370,76 @@ class ReleaseOps:
                 rollout_changes=rollout,
                 checks=gate_checks,
             )
+        # With a start gate and no shadow phase there is nothing to judge before the first
+        # step: the canary is named at 0 % and waits there for a person (ReleaseOps.approve).
+        held = START_GATE in spec.approval_gates
         changes = {
             "canary": candidate,
-            "canary_weight_bp": spec.step_weights_bp[0],
+            "canary_weight_bp": 0 if held else spec.step_weights_bp[0],
             "shadows": shadows,
             # Every canary request also runs on stable (in idle time): agreement, paired latency
             # and paired accuracy.
             "canary_compare_fraction": max(current.canary_compare_fraction, 1.0 if _pairs_wanted(spec) else 0.0),
         }
+        steps = [
+            Step(
+                action="start_rollout",
+                reason=reason,
+                event=Event.START,
+                state_changes=changes,
+                rollout_changes=rollout,
+                checks=gate_checks,
+            )
+        ]
+        if held:
+            # In the same transaction: a rollout at 0 % that is not waiting would never move.
+            steps.append(
+                Step(
+                    action=AWAIT_APPROVAL,
+                    reason=f"awaiting approval {describe_gate(START_GATE)} ({spec.step_weights[0]:g}%)",
+                    event=Event.AWAIT,
+                    rollout_changes={"awaiting": START_GATE},
+                    actor=CONTROLLER,
+                )
+            )
+        return await self.change_steps(model, actor, steps)
+
+    async def approve(self, model: str, actor: str, reason: str) -> StoredRelease:
+        """Let a rollout waiting at an approval gate (policy.approve_before) move on.
+
+        The approval only permits the move: the controller makes it at its next decision
+        whose checks all pass, so approving never skips the evidence. At a start gate with
+        no shadow phase there is no evidence yet, and the approval begins the first step.
+        max_duration_s counts afresh, as after a resume: the wait was the person's."""
+        check_reason(reason)
+        if not reason.strip():
+            raise InvalidInput("reason is empty: say why you approve (the audit log keeps it with your name)")
+        current = self.current(model)
+        rollout = current.rollout
+        gate = rollout.awaiting if rollout.phase in ACTIVE else ""
+        if not gate:
+            refused = FailedPrecondition(
+                f"{model} is not awaiting approval (rollout {rollout.phase}): nothing to approve; "
+                "`gateway status` shows where a rollout waits"
+            )
+            await self._record_refusal(actor, APPROVE, refused, before=current)
+            raise refused
+        now = time.time()
+        rollout_changes: dict[str, Any] = {"awaiting": "", "approved": gate, "timed_from": now}
+        state_changes: dict[str, Any] = {}
+        if gate == START_GATE and rollout.phase is Phase.PROGRESSING:
+            # The first step begins now (its own evidence too: see _install).
+            spec = self.plane.registry.entry(model).spec.policy
+            state_changes = {"canary_weight_bp": spec.step_weights_bp[0]}
+            rollout_changes["approved"] = ""
         return await self.change(
             model,
             actor,
-            "start_rollout",
+            APPROVE,
             reason,
-            event=Event.START,
-            state_changes=changes,
-            rollout_changes=rollout,
-            checks=gate_checks,
+            event=Event.APPROVE,
+            state_changes=state_changes,
+            rollout_changes=rollout_changes,
         )
 
     async def _gate(self, model: str, stable: str, candidate: str, actor: str, reason: str) -> list[CheckResult]:
@@ -469,6 +537,14 @@ def _new_step(previous: RolloutState | None, current: RolloutState) -> bool:
     if previous is None or current.phase is not Phase.PROGRESSING or previous.phase is Phase.PAUSED:
         return False
     return previous.phase is not Phase.PROGRESSING or previous.step != current.step
+
+
+def _start_opened(previous: RolloutState | None, current: RolloutState) -> bool:
+    """Whether `current` is the first traffic step just approved at a start gate: the
+    rollout sat at 0 % until now, and the step's exposure counts from here."""
+    if previous is None or current.phase is not Phase.PROGRESSING or previous.phase is not Phase.PROGRESSING:
+        return False
+    return previous.awaiting == START_GATE and not current.awaiting
 
 
 def _promotion(state: ReleaseState, candidate: str) -> dict[str, Any]:

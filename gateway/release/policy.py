@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gateway.config.spec import PolicySpec
+from gateway.config.spec import PROMOTE_GATE, START_GATE, PolicySpec, describe_gate
 from gateway.errors import FailedPrecondition
 from gateway.release.compare import PairWindow, VersionWindow, bucket_edges
 from gateway.release.confidence import (
@@ -62,6 +62,8 @@ class Event(StrEnum):
     ROLLBACK = "rollback"
     SET_WEIGHT = "set_weight"
     HOLD = "hold"
+    AWAIT = "await_approval"  # the checks passed, and the next move waits for a person (approve_before)
+    APPROVE = "approve"
 
 
 ACTIVE = frozenset({Phase.SHADOWING, Phase.PROGRESSING, Phase.PROMOTING, Phase.PAUSED})
@@ -86,7 +88,15 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.PROGRESSING, Event.PAUSE): Phase.PAUSED,
     (Phase.PAUSED, Event.RESUME): Phase.PROGRESSING,  # or shadowing: RolloutState.resume_to decides
     **{(p, Event.ROLLBACK): Phase.ROLLED_BACK for p in ACTIVE},
+    # An approval gate changes no phase: the rollout goes on deciding (and can still roll
+    # back) while it waits, and an approval only lets its next move happen.
+    **{(p, Event.AWAIT): p for p in DECIDING},
+    # Not while paused: a paused rollout holds where it is until resumed (and an approval
+    # at a start gate would begin its traffic).
+    **{(p, Event.APPROVE): p for p in DECIDING},
 }
+# Events that move a rollout past the gate it waited at.
+_MOVES = frozenset({Event.ADVANCE, Event.FINISH})
 
 
 class IllegalTransition(FailedPrecondition):
@@ -104,6 +114,10 @@ class RolloutState:
     # When max_duration_s began to count (unix seconds; 0: at started_at). A resume
     # restarts it, so a rollout paused on timeout gets a whole max_duration_s again.
     timed_from: float = 0.0
+    # The approval gate the rollout waits at ("start", "25", "promote"; empty: none), and the
+    # one a person has approved, which its next move may pass. Both clear when it moves or ends.
+    awaiting: str = ""
+    approved: str = ""
 
     def __post_init__(self) -> None:
         # Read back from the store, a phase is a string: the member, or ValueError naming it.
@@ -123,6 +137,9 @@ class RolloutState:
             target = self.resume_to
         if event == Event.PAUSE:
             changes.setdefault("resume_to", self.phase)
+        if event in _MOVES or target in AT_REST:
+            changes.setdefault("awaiting", "")
+            changes.setdefault("approved", "")
         return dataclasses.replace(self, phase=target, **changes)  # type: ignore[arg-type]
 
 
@@ -215,6 +232,7 @@ class Decision:
     reason: str
     checks: Sequence[CheckResult] = ()
     weight_bp: int | None = None  # the canary weight after this decision, when it changes
+    gate: str = ""  # AWAIT: the approval gate the move waits at
 
 
 # Check names. The latency check on served traffic is named by its quantile
@@ -445,9 +463,18 @@ def _timeout(
         if state.phase is Phase.SHADOWING:
             # The candidate has served no traffic yet: on to the first step, not to stable.
             weight = spec.step_weights_bp[0]
-            return Decision(Event.ADVANCE, reason("on_timeout = promote: first traffic step"), checks, weight)
-        return Decision(Event.PROMOTE, reason("on_timeout = promote"), checks, weight_bp=BASIS_POINTS)
+            move = Decision(Event.ADVANCE, reason("on_timeout = promote: first traffic step"), checks, weight)
+            return _gated(move, START_GATE, state, spec)
+        move = Decision(Event.PROMOTE, reason("on_timeout = promote"), checks, weight_bp=BASIS_POINTS)
+        return _gated(move, PROMOTE_GATE, state, spec)
     return Decision(Event.PAUSE, reason("on_timeout = pause: waiting for a person"), checks)
+
+
+def _gated(move: Decision, gate: str, state: RolloutState, spec: PolicySpec) -> Decision:
+    """`move`, or AWAIT when policy.approve_before holds it at `gate` and no one has approved it."""
+    if gate not in spec.approval_gates or state.approved == gate:
+        return move
+    return Decision(Event.AWAIT, f"{move.reason}; awaiting approval {describe_gate(gate)}", move.checks, gate=gate)
 
 
 def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now: float) -> Decision:
@@ -458,9 +485,17 @@ def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now
     check passes on the whole rollout's evidence and the step has had its own
     exposure (step_min_samples candidate requests, step_min_duration_s). Past
     max_duration_s with nothing failed and something still waiting, `on_timeout` decides.
+    A move that policy.approve_before gates waits (AWAIT) until a person approves it: its
+    checks still run, so a failure at a gate still counts toward a rollback, and an
+    approved move still needs every check to pass.
     """
     if state.phase not in DECIDING:
         raise IllegalTransition(f"no automatic decision while the rollout is {state.phase}")
+    if state.phase is Phase.PROGRESSING and state.awaiting == START_GATE:
+        # Started with its canary at 0 % (no shadow phase): nothing to judge until a person
+        # lets the first step begin (ReleaseOps.approve sets its weight).
+        first = spec.step_weights[0]
+        return Decision(Event.AWAIT, f"awaiting approval before the first traffic step ({first:g}%)", gate=START_GATE)
     traffic = state.phase is Phase.PROGRESSING
     checks = run_checks(evidence.whole, spec, with_traffic=traffic)
     if traffic and evidence.step is not None:
@@ -483,17 +518,21 @@ def decide(state: RolloutState, evidence: RolloutEvidence, spec: PolicySpec, now
     if not deciding:
         return Decision(Event.HOLD, "no checks enabled", checks)
     if waiting:
-        if now - (state.timed_from or state.started_at) > spec.max_duration_s:
+        # A rollout waiting for a person is not timed out: the person decides.
+        if now - (state.timed_from or state.started_at) > spec.max_duration_s and not state.awaiting:
             return _timeout(state, spec, waiting, checks)
         return Decision(Event.HOLD, "inconclusive: " + "; ".join(c.describe() for c in waiting), checks)
     weights = spec.step_weights_bp
     if state.phase is Phase.SHADOWING:
-        return Decision(Event.ADVANCE, "shadow checks passed: first traffic step", checks, weight_bp=weights[0])
+        move = Decision(Event.ADVANCE, "shadow checks passed: first traffic step", checks, weight_bp=weights[0])
+        return _gated(move, START_GATE, state, spec)
     if state.step + 1 < len(weights):
-        return Decision(
+        move = Decision(
             Event.ADVANCE,
             f"checks passed at step {state.step + 1}/{len(weights)}",
             checks,
             weight_bp=weights[state.step + 1],
         )
-    return Decision(Event.FINISH, "checks passed at the last step: promote", checks, weight_bp=BASIS_POINTS)
+        return _gated(move, spec.gate_before_step(state.step + 1), state, spec)
+    move = Decision(Event.FINISH, "checks passed at the last step: promote", checks, weight_bp=BASIS_POINTS)
+    return _gated(move, PROMOTE_GATE, state, spec)

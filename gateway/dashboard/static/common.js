@@ -22,6 +22,13 @@ function fmt(x, digits) {
   return x.toPrecision(digits || 4).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
 }
 
+// An approval gate (policy.approve_before) as `gateway status` words it; "" when none.
+function awaiting(gate) {
+  if (!gate) return "";
+  const where = gate === "start" ? "the first traffic step" : gate === "promote" ? "promoting" : `${gate} %`;
+  return `awaiting approval before ${where}`;
+}
+
 function pct(x) {
   return x === null || x === undefined ? "–" : `${fmt(x * 100, 4)} %`;
 }

@@ -134,7 +134,7 @@ function renderSummary(s) {
     ["stable", `v${s.stable}`],
     ["canary", s.canary ? `v${s.canary} at ${fmt(s.weight_pct, 3)} %` : "none"],
     ["shadows", shadows],
-    ["rollout", s.candidate && s.phase !== "idle" ? `${s.phase}, candidate v${s.candidate}` : s.phase],
+    ["rollout", (s.candidate && s.phase !== "idle" ? `${s.phase}, candidate v${s.candidate}` : s.phase) + (s.awaiting_approval ? `, ${awaiting(s.awaiting_approval)}` : "")],
     ["step", s.step === null ? "–" : String(s.step)],
     ["next", s.next ? `${s.next}: ${s.reason}` : "–"],
     ["labels joined", fmt(s.labels_joined)],

@@ -13,7 +13,7 @@ function renderOverview(body) {
       el("td", { text: m.canary ? `v${m.canary}` : "–" }),
       el("td", { text: m.canary ? `${fmt(m.weight_pct, 3)} %` : "–" }),
       el("td", { text: shadows }),
-      el("td", { class: `phase ${m.phase}`, text: m.candidate && m.phase !== "idle" ? `${m.phase} (v${m.candidate})` : m.phase }),
+      el("td", { class: `phase ${m.phase}`, text: (m.candidate && m.phase !== "idle" ? `${m.phase} (v${m.candidate})` : m.phase) + (m.awaiting_approval ? `, ${awaiting(m.awaiting_approval)}` : "") }),
       el("td", { text: m.step === null ? "–" : String(m.step) }),
       el("td", { text: m.next || "–" }),
       alertMarks(m.alerts),

@@ -95,7 +95,7 @@ class AuditLog(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("model", "stable", "canary", "canary_weight_bp", "shadows", "canary_compare_fraction", "revision", "phase", "step")
+    __slots__ = ("model", "stable", "canary", "canary_weight_bp", "shadows", "canary_compare_fraction", "revision", "phase", "step", "awaiting_approval", "rollout_started_at", "candidate")
     class ShadowsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,9 @@ class Release(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     stable: str
     canary: str
@@ -121,7 +124,10 @@ class Release(_message.Message):
     revision: int
     phase: str
     step: int
-    def __init__(self, model: _Optional[str] = ..., stable: _Optional[str] = ..., canary: _Optional[str] = ..., canary_weight_bp: _Optional[int] = ..., shadows: _Optional[_Mapping[str, float]] = ..., canary_compare_fraction: _Optional[float] = ..., revision: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    awaiting_approval: str
+    rollout_started_at: float
+    candidate: str
+    def __init__(self, model: _Optional[str] = ..., stable: _Optional[str] = ..., canary: _Optional[str] = ..., canary_weight_bp: _Optional[int] = ..., shadows: _Optional[_Mapping[str, float]] = ..., canary_compare_fraction: _Optional[float] = ..., revision: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., awaiting_approval: _Optional[str] = ..., rollout_started_at: _Optional[float] = ..., candidate: _Optional[str] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()

@@ -114,6 +114,11 @@ class ReleaseServiceStub:
                 request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetDriftRequest.SerializeToString,
                 response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.DriftReport.FromString,
                 _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/Approve',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -218,6 +223,14 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Approve(self, request, context):
+        """Let a rollout waiting at an approval gate (policy.approve_before) move on; the
+        reason is required. FAILED_PRECONDITION when it is not waiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +313,11 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.GetDrift,
                     request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.GetDriftRequest.FromString,
                     response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.DriftReport.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +752,33 @@ class ReleaseService:
             '/gateway.release.v1.ReleaseService/GetDrift',
             gateway_dot_protocol_dot_pb_dot_release__pb2.GetDriftRequest.SerializeToString,
             gateway_dot_protocol_dot_pb_dot_release__pb2.DriftReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/Approve',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
             options,
             channel_credentials,
             insecure,
