@@ -224,9 +224,7 @@ class ReleasePlane:
 
     # -- the request path ---------------------------------------------------------------
 
-    def route(
-        self, req: WireRequest, key: str | None
-    ) -> tuple[LoadedVersion, Role, ReleaseState | None, Rule | None]:
+    def route(self, req: WireRequest, key: str | None) -> tuple[LoadedVersion, Role, ReleaseState | None, Rule | None]:
         """The version serving `req`, its role, the release that chose it (None: pinned by
         the client) and the routing rule that did (None: the split, or pinned)."""
         model = req.model

@@ -118,20 +118,6 @@ class Rule:
             "version": self.version,
         }
 
-    def describe(self) -> str:
-        """One line, as `gateway route list` and `gateway status` show a rule."""
-        conditions = " and ".join(_describe_match(m) for m in self.matches)
-        to = f"version {self.version}" if self.target is Target.VERSION else self.target.value
-        return f"{self.name}: {conditions} -> {to}"
-
-
-def _describe_match(m: Match) -> str:
-    where = f"{m.source.value} {m.key}"
-    if m.op is Op.IN:
-        return f"{where} in {{{', '.join(m.values)}}}"
-    symbol = {Op.EXACT: "=", Op.PREFIX: "starts with", Op.REGEX: "~"}[m.op]
-    return f"{where} {symbol} {m.values[0]!r}"
-
 
 # -- building (and validating) rules ----------------------------------------------------------
 
@@ -302,6 +288,7 @@ def without_rule(rules: Sequence[Rule], name: str) -> tuple[Rule, ...] | None:
 
 
 # -- the request path -----------------------------------------------------------------------
+
 
 def param_text(value: bool | int | float | str) -> str:
     """A request parameter as rules compare it: strings as they are, booleans as true/false."""
