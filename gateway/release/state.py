@@ -103,7 +103,7 @@ def check(state: ReleaseState, versions: set[str]) -> None:
         if rule.target is Target.VERSION and rule.version not in versions:
             raise InvalidInput(
                 f"route {rule.name!r}: route.version {rule.version[:80]!r} is not a loaded version of "
-                f"{state.model} (loaded: {', '.join(sorted(versions))})"
+                f"{state.model} (loaded: {', '.join(sorted(versions))}); route to stable, canary or a loaded version"
             )
 
 
