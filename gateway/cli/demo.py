@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from gateway.cli.demo_rule import show_rule
 from gateway.cli.release import describe_audit, report_table
 from gateway.config.spec import PolicySpec, load_model_spec
 from gateway.protocol.pb import inference_pb2 as pb
@@ -349,6 +350,7 @@ def demo(models: Path, keep_files: bool) -> None:
         if rollback is not None:
             before = [r for r in story.records if r.id < rollback.id]
             console.print(why_rolled_back(rollback, _weight(before[-1]) if before else "?"), markup=False)
+        show_rule(console, control, address, traffic.x)
         console.rule("audit trail")
         for record in control.GetAuditLog(rpb.GetAuditLogRequest(model="digits", limit=1000)).records:
             console.print(describe_audit(record), markup=False)
