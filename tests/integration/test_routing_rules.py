@@ -25,6 +25,7 @@ from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from gateway.release.routing import route_point
 from tests.integration.rest_support import infer_body, tensor
 from tests.integration.test_cli_release import cli
+from tests.integration.test_deploy_metrics import scrape, where
 from tests.support import MODELS, Process, gateway_process
 
 pytest_plugins = ("tests.postgres",)
@@ -83,13 +84,23 @@ def test_a_tenant_always_reaches_the_canary_while_the_rest_split_by_weight(repo:
     keys = [f"user-{rng.getrandbits(64):016x}" for _ in range(5000)]
     # Every fifth request comes from the internal tenant; the others from two other tenants or none.
     tenants = [("internal" if i % 5 == 0 else rng.choice(["acme", "globex", None])) for i in range(5000)]
-    with gateway_process("--models", str(repo), "--workers", "1", "--no-controller") as server:
+    args = ("--models", str(repo), "--workers", "1", "--no-controller", "--metrics-port", "0")
+    with gateway_process(*args) as server:
         stub = control(server)
         stub.SetTraffic(rpb.SetTrafficRequest(model="digits", canary="2", weight_bp=WEIGHT_BP, reason="canary"))
         release = stub.AddRoute(rpb.AddRouteRequest(model="digits", route=internal_rule(), reason="dogfood"))
         assert [r.name for r in release.routes] == ["internal"]
         answers = served(server, [request(k, t) for k, t in zip(keys, tenants, strict=True)])
         report = stub.GetReport(rpb.GetReportRequest(model="digits"), timeout=10)
+        # Prometheus has the cohort in its own counter (synced from the report every sample period).
+        labels = {"model": "digits", "version": "2", "rule": "internal", "outcome": "ok"}
+        counted = 0.0
+        deadline = time.monotonic() + 20
+        while counted != 1000:
+            assert time.monotonic() < deadline, f"gateway_rule_routed_requests_total is {counted}, not 1000"
+            time.sleep(0.5)
+            samples = where(scrape(server.launched.metrics_port), "gateway_rule_routed_requests_total", **labels)
+            counted = samples[0].value if samples else 0.0
     internal = [a for a, t in zip(answers, tenants, strict=True) if t == "internal"]
     others = [(a, k) for a, k, t in zip(answers, keys, tenants, strict=True) if t != "internal"]
     assert len(internal) == 1000 and set(internal) == {("2", "rule")}
