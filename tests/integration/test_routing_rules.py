@@ -240,3 +240,21 @@ def test_the_cli_adds_lists_shows_and_removes_rules_and_the_audit_has_them(cli_s
     assert ("add_route", "refused") in actions  # the refusals above are audited too
     helped = route_cli(cli_server, "add", "--help")
     assert helped.returncode == 0 and "gateway route add digits internal --param tenant=internal" in helped.stdout
+
+
+def test_adding_and_removing_rules_takes_the_write_role_and_listing_the_read_role(repo: Path) -> None:
+    write, read = "w" * 24, "r" * 24
+    tokens = {"GATEWAY_CONTROL_TOKENS": f"alice:write:{write},bob:read:{read}"}
+    with gateway_process("--models", str(repo), "--workers", "1", "--no-controller", env=tokens) as server:
+        args = ("route", "add", "digits", "internal", "--param", "tenant=internal", "--to", "canary")
+        refused = cli(server, *args, token=read)
+        assert refused.returncode == 3 and "write role" in refused.stderr, refused.stderr
+        assert cli(server, *args, token=write).returncode == 0
+        listed = cli(server, "route", "list", "digits", token=read)
+        assert listed.returncode == 0 and "internal: param tenant = 'internal' -> canary" in listed.stdout
+        assert cli(server, "route", "remove", "digits", "internal", token=read).returncode == 3
+        audit = control(server).GetAuditLog(
+            rpb.GetAuditLogRequest(model="digits"), metadata=(("authorization", f"Bearer {read}"),)
+        )
+        (added,) = [r for r in audit.records if r.action == "add_route"]
+        assert added.actor == "alice" and '"rules"' in added.after_json and '"rules"' not in added.before_json
