@@ -108,7 +108,6 @@ class Rule:
     matches: tuple[Match, ...]  # all must hold
     target: Target
     version: str = ""  # the pinned version when target is VERSION, else empty
-    reads_headers: bool = field(default=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,8 +239,7 @@ def make_rule(name: str, matches: Sequence[Match], target: str, version: str = "
         raise InvalidInput(f"route {name!r}: route.version is empty: name the version to pin (route.to is version)")
     if kind is not Target.VERSION and version:
         raise InvalidInput(f"route {name!r}: route.version is set but route.to is {kind.value}; set to = version")
-    reads_headers = any(m.source is Source.HEADER for m in matches)
-    return Rule(name, tuple(matches), kind, version, reads_headers=reads_headers)
+    return Rule(name, tuple(matches), kind, version)
 
 
 def rule_from_dict(data: Mapping[str, Any]) -> Rule:
@@ -311,17 +309,16 @@ def first_match(
     rules: Sequence[Rule], parameters: Mapping[str, bool | int | float | str], headers: HeaderSource | None
 ) -> Rule | None:
     """The first rule all of whose matches hold for this request, or None."""
-    header_values: dict[str, list[str]] | None = None
+    header_values: dict[str, list[str]] | None = None  # read at the first header condition reached
     for rule in rules:
-        if rule.reads_headers and header_values is None:
-            header_values = _header_values(headers)
         for m in rule.matches:
             if m.source is Source.PARAM:
                 raw = parameters.get(m.key)
                 if raw is None or not m.holds(param_text(raw)):
                     break
             else:
-                assert header_values is not None
+                if header_values is None:
+                    header_values = _header_values(headers)
                 if not any(m.holds(v) for v in header_values.get(m.key, ())):
                     break
         else:
