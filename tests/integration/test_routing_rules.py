@@ -258,3 +258,20 @@ def test_adding_and_removing_rules_takes_the_write_role_and_listing_the_read_rol
         )
         (added,) = [r for r in audit.records if r.action == "add_route"]
         assert added.actor == "alice" and '"rules"' in added.after_json and '"rules"' not in added.before_json
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        rpb.Route(name="r", match=[rpb.RouteMatch(source="param", key="t", op="regex", values=["(("])], to="canary"),
+        rpb.Route(name="r", match=[rpb.RouteMatch(source="param", key="t", op="exact", values=["x"])], to="somewhere"),
+        rpb.Route(name="r", match=[rpb.RouteMatch(source="param", key="t", op="exact", values=["x"])], to="version"),
+        rpb.Route(name="r", to="canary"),
+    ],
+    ids=["bad-regex", "unknown-role", "no-version", "empty-match"],
+)
+def test_invalid_rules_are_invalid_argument_on_the_control_api(cli_server: Process, route: rpb.Route) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        control(cli_server).AddRoute(rpb.AddRouteRequest(model="digits", route=route), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "route" in (caught.value.details() or "")
