@@ -13,6 +13,7 @@ from gateway.errors import Draining, InvalidInput, ModelExecutionError
 from gateway.logthrottle import ThrottledLog, one_line
 from gateway.release.plane import ReleasePlane, Served, routing_key
 from gateway.release.routing import Role
+from gateway.release.rules import Rule
 from gateway.release.state import ReleaseState
 from gateway.serving.metrics import VERSION_FAULTS, outcome_of
 from gateway.serving.registry import LoadedVersion, Registry
@@ -42,6 +43,7 @@ class _Call:
     loaded: LoadedVersion
     role: Role
     state: ReleaseState | None
+    rule: Rule | None  # the routing rule that chose the version, if one did
     trace: RequestTrace | None  # None unless tracing is on and the request was sampled
     start: int = field(default_factory=time.perf_counter_ns)
     batch: int = 1
@@ -72,10 +74,10 @@ class DataPlane:
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         key = routing_key(req.parameters, req.id)
-        loaded, role, state = self.releases.route(req.model, req.version, key)
-        call = _Call(req, loaded, role, state, trace)
+        loaded, role, state, rule = self.releases.route(req, key)
+        call = _Call(req, loaded, role, state, rule, trace)
         if trace is not None:
-            _trace_route(trace, req, loaded.version, role, state)
+            _trace_route(trace, req, loaded.version, role, state, rule)
         self.inflight += 1
         self._idle.clear()
         try:
@@ -89,6 +91,8 @@ class DataPlane:
             self._finish(call, exc)
             raise
         self._finish(call, None)
+        if rule is not None:
+            return InferResponse(req.model, loaded.version, outputs, req.id, {"role": role, "rule": rule.name})
         return InferResponse(req.model, loaded.version, outputs, req.id, {"role": role})
 
     async def _run(self, call: _Call) -> dict[str, np.ndarray]:
@@ -138,7 +142,9 @@ class DataPlane:
                 deadline=req.deadline,
                 trace=None if call.trace is None else call.trace.context,
             )
-            self.releases.record(Served(loaded=loaded, role=call.role, state=call.state, ok=error is None, run=run))
+            self.releases.record(
+                Served(loaded=loaded, role=call.role, state=call.state, ok=error is None, run=run, rule=call.rule)
+            )
 
     def _log_failure(self, model: str, version: str, request_id: str, error: BaseException) -> None:
         """The caller got INTERNAL "details are in the gateway log": these are the details."""
@@ -153,10 +159,14 @@ class DataPlane:
         )
 
 
-def _trace_route(trace: RequestTrace, req: WireRequest, version: str, role: Role, state: ReleaseState | None) -> None:
+def _trace_route(
+    trace: RequestTrace, req: WireRequest, version: str, role: Role, state: ReleaseState | None, rule: Rule | None
+) -> None:
     """A traced request's routing, on its span: which version served it, in which role, and why."""
     if state is None:
         decision = "pinned"  # the client named the version
+    elif rule is not None:
+        decision = f"rule:{rule.name}"  # a routing rule matched (gateway.release.rules)
     elif not state.canary or state.canary_weight_bp <= 0:
         decision = "stable_only"  # no canary takes traffic: every request goes to the stable version
     else:

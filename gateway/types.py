@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
 ParamValue = bool | int | float | str
 Tensors = dict[str, np.ndarray]
+# A request's transport metadata (gRPC metadata, HTTP headers) as (lower-case name, value)
+# pairs, read only when a routing rule needs it: each edge passes a bound method
+# (grpc's invocation_metadata, Starlette's headers.items), so a request of a model
+# without header rules pays for no copy of its headers.
+HeaderSource = Callable[[], Iterable[tuple[str, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,7 @@ class WireRequest:
     outputs: tuple[str, ...]
     parameters: dict[str, ParamValue]
     deadline: float | None = None
+    headers: HeaderSource | None = None  # None: a caller without transport metadata (tests, replay)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

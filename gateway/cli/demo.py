@@ -29,6 +29,7 @@ from rich.live import Live
 
 from gateway.cli.demo_notify import demo_config
 from gateway.cli.demo_notify import describe as describe_notifications
+from gateway.cli.demo_rule import show_rule
 from gateway.cli.release import describe_audit, report_table
 from gateway.config.spec import PolicySpec, load_model_spec
 from gateway.protocol.pb import inference_pb2 as pb
@@ -354,6 +355,7 @@ def demo(models: Path, keep_files: bool) -> None:
         if rollback is not None:
             before = [r for r in story.records if r.id < rollback.id]
             console.print(why_rolled_back(rollback, _weight(before[-1]) if before else "?"), markup=False)
+        show_rule(console, control, address, traffic.x)
         console.rule("notifications")
         deadline = time.monotonic() + 5  # deliveries run beside the decisions: the last may be on its way
         while len(receiver.received()) < 4 and time.monotonic() < deadline:

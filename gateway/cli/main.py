@@ -179,6 +179,7 @@ def _add_commands() -> None:
     from gateway.cli.drift import drift
     from gateway.cli.release import COMMANDS
     from gateway.cli.replay import replay_command
+    from gateway.cli.route import route
 
     for command in COMMANDS:
         main.add_command(command)
@@ -188,6 +189,7 @@ def _add_commands() -> None:
     main.add_command(replay_command, "replay")
     main.add_command(bench)
     main.add_command(drift)
+    main.add_command(route)
 
 
 _add_commands()

@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from gateway.cli.rules_text import route_lines
 from gateway.config.spec import describe_gate
 from gateway.control.client import EXIT_REFUSED, CommandFailed, ControlClient
 from gateway.logthrottle import one_line
@@ -192,9 +193,18 @@ def report_table(report: rpb.Report, width: int | None = None) -> RenderableType
         f"{c.timed_out} timed out" + (" (circuit open)" if c.circuit_open else "")
         for version, c in sorted(report.shadows.items())
     ]
+    # Rule-routed traffic: a cohort, counted apart from the split's rows above (docs/routing.md).
+    routed = [
+        f"{markup(r.role)} -> {markup(r.version)}: {r.requests} requests, "
+        + (f"{r.error_rate:.2%} errors" if r.requests else "no errors")
+        + (f", accuracy {r.accuracy:.4f} on {r.labelled} labelled rows" if r.labelled else "")
+        + " (not in the comparison)"
+        for r in report.routed
+    ]
     notes = [
         f"window {report.window_s:.0f} s · feedback joined {report.feedback_joined}, unknown {report.feedback_unknown}",
         *shadows,
+        *routed,
         UNITS_NOTE,
     ]
     # Under the table rather than its caption: a caption is folded to the table's width.
@@ -314,6 +324,8 @@ def status(client: ControlClient) -> None:
         click.echo(line)
     for release in answer.releases:
         console.print(_release_line(release))
+        for line in route_lines(release.routes):  # routing rules, tried before the split
+            console.print(markup(line))
         if release.phase in ACTIVE:
             _, trailers = client.call_with_trailers(client.stub.GetRelease, rpb.GetReleaseRequest(model=release.model))
             view = rollout_view(trailers)
@@ -638,6 +650,8 @@ def describe_audit(r: rpb.AuditRecord) -> str:
         change = f"stable {plain(after.get('stable'))}"
         if after.get("canary"):
             change += f", canary {plain(after['canary'])} {_pct(after.get('canary_weight_bp', 0))}"
+        if after.get("rules"):
+            change += f", {len(after['rules'])} routing rule{'s' if len(after['rules']) != 1 else ''}"
         phase = after.get("rollout", {}).get("phase", "")
         if phase and phase != Phase.IDLE:
             change += f", {plain(phase)}"
@@ -710,6 +724,17 @@ def release_json(r: rpb.Release) -> dict[str, Any]:
         "step": shown_step(r.phase, r.step),
         "revision": r.revision,
         "awaiting_approval": r.awaiting_approval or None,
+        "routes": [
+            {
+                "name": route.name,
+                "match": [
+                    {"source": m.source, "key": m.key, "op": m.op, "values": list(m.values)} for m in route.match
+                ],
+                "to": route.to,
+                "version": route.version or None,
+            }
+            for route in r.routes
+        ],
     }
 
 
@@ -762,6 +787,7 @@ def report_json(report: rpb.Report, view: dict[str, Any] | None) -> dict[str, An
             "compared_rows": "rows",
         },
         "versions": [_version_json(v) for v in report.versions],
+        "routed": [_version_json(v) for v in report.routed],
         "predictions_logged": report.predictions_logged,
         "feedback": {"joined": report.feedback_joined, "unknown": report.feedback_unknown},
         "shadows": {

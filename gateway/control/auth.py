@@ -28,7 +28,7 @@ ROLES = ("read", "write")
 # variable is scoped to the call's own task, so concurrent calls never mix.
 ACTOR: ContextVar[str | None] = ContextVar("gateway_actor", default=None)
 TOKEN_KEYS = ("name", "role", "token")
-READ_METHODS = frozenset({"ListReleases", "GetRelease", "GetReport", "GetAuditLog", "GetDrift"})
+READ_METHODS = frozenset({"ListReleases", "GetRelease", "GetReport", "GetAuditLog", "GetDrift", "ListRoutes"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from gateway.release.model_sync import ACK_WAIT_S
 from gateway.release.operations import MAX_REASON_CHARS, ReleaseOps
 from gateway.release.plane import ModelReport, ReleasePlane
 from gateway.release.policy import ACTIVE, RolloutState
+from gateway.release.rules import Rule
 from gateway.release.shadow import ShadowReport
 from gateway.release.state import ReleaseState
 from gateway.release.store import StoredRelease
@@ -33,8 +34,26 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
 
+def route_message(rule: Rule) -> pb.Route:
+    data = rule.to_dict()
+    return pb.Route(
+        name=data["name"], match=[pb.RouteMatch(**m) for m in data["match"]], to=data["to"], version=data["version"]
+    )
+
+
+def route_dict(route: pb.Route) -> dict[str, Any]:
+    """A Route message as `Rule.to_dict` writes a rule (ReleaseOps.add_route validates it)."""
+    return {
+        "name": route.name,
+        "match": [{"source": m.source, "key": m.key, "op": m.op, "values": list(m.values)} for m in route.match],
+        "to": route.to,
+        "version": route.version,
+    }
+
+
 def release_message(state: ReleaseState, rollout: RolloutState | None = None) -> pb.Release:
     return pb.Release(
+        routes=[route_message(rule) for rule in state.rules],
         phase=rollout.phase if rollout else "",
         step=rollout.step if rollout else 0,
         model=state.model,
@@ -63,6 +82,7 @@ def report_message(report: ModelReport) -> pb.Report:
         feedback_unknown=report.feedback_unknown,
         predictions_logged=report.predictions_logged,
         shadows={v: _shadow_message(s) for v, s in report.shadows.items()},
+        routed=[_version_message(v) for v in report.routed],
     )
 
 
@@ -222,6 +242,24 @@ class ReleaseServicer(pb_grpc.ReleaseServiceServicer):
     async def RemoveShadow(self, request: pb.RemoveShadowRequest, context: Context) -> pb.Release:
         return self._release(
             await self.ops.remove_shadow(request.model, request.version, actor_of(context), request.reason)
+        )
+
+    async def AddRoute(self, request: pb.AddRouteRequest, context: Context) -> pb.Release:
+        return self._release(
+            await self.ops.add_route(
+                request.model, route_dict(request.route), request.position, actor_of(context), request.reason
+            )
+        )
+
+    async def ListRoutes(self, request: pb.ListRoutesRequest, context: Context) -> pb.ListRoutesResponse:
+        state = self.plane.table.get(request.model)
+        return pb.ListRoutesResponse(
+            model=state.model, routes=[route_message(rule) for rule in state.rules], revision=state.revision
+        )
+
+    async def RemoveRoute(self, request: pb.RemoveRouteRequest, context: Context) -> pb.Release:
+        return self._release(
+            await self.ops.remove_route(request.model, request.name, actor_of(context), request.reason)
         )
 
     async def StartRollout(self, request: pb.StartRolloutRequest, context: Context) -> pb.Release:

@@ -129,6 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.tracing is not None:
             return await self._traced_infer(self.tracing, request, context)
         wire = codec.decode_infer(request, deadline_of(context), self.limits)
+        wire.headers = context.invocation_metadata  # read only if a routing rule asks (gateway.release.rules)
         if self.capture is None:
             return self.encoder.encode(await self.dataplane.infer(wire))
         start = time.perf_counter()
@@ -145,6 +146,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         try:
             wire = codec.decode_infer(request, deadline_of(context), self.limits)
+            wire.headers = context.invocation_metadata
             answer = await self.dataplane.infer(wire, trace)
             response = self.encoder.encode(answer)
         except BaseException as exc:
@@ -182,6 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if isinstance(request, Unparseable):
                 raise request.error()  # a message that did not parse (see protocol.status)
             wire = codec.decode_infer(request, deadline_of(context), self.limits)
+            wire.headers = context.invocation_metadata  # the stream's metadata, for every message
             response = self.encoder.encode_stream(await self.dataplane.infer(wire, trace))
         except GatewayError as exc:
             if trace is not None:

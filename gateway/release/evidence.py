@@ -143,11 +143,18 @@ JOINED = "joined"
 # The role of a dual run's copy (a canary's request run again on the stable version) in
 # the prediction log: labels join it with the canary's answer as a pair, not as an arm's.
 COPY = "copy"
+# The role prefix of a rule-routed prediction in the log: `rule:NAME` (see `routed_role`).
+ROUTED = "rule:"
 UNKNOWN = "unknown"  # no prediction logged for the id here (never, or expired)
 ALREADY = "already_labelled"  # its prediction was joined with labels before: a resend
 # How many labelled request ids each model remembers (as 8-byte hashes, ~100 bytes each
 # with the dict's slot: ~10 MB), to tell a resent label from an unknown id.
 LABELLED_IDS_KEPT = 100_000
+
+
+def routed_role(rule: str) -> str:
+    """The role a rule-routed prediction is logged with: its labels count for the rule only."""
+    return ROUTED + rule
 
 
 @dataclass(slots=True)
@@ -185,6 +192,9 @@ class ModelEvidence:
     # rollout's candidate-vs-stable prediction shift on the same rows (policy.max_drift).
     drift: dict[str, VersionDrift] = field(default_factory=dict, repr=False)
     rollout_shift: ClassShift | None = None
+    # Traffic routing rules sent, by rule name and version: a cohort is no random sample,
+    # so it never enters `windows` or `rollout` (the arms the checks compare).
+    routed: dict[str, dict[str, VersionWindow]] = field(default_factory=dict)
 
     def begin_rollout(self, stable: str, candidate: str, key: str = "") -> None:
         """Start gathering rollout evidence afresh (a new rollout, or a restart mid-rollout)."""
@@ -224,6 +234,7 @@ class ModelEvidence:
             "rollout_pair": pair_to_dict(self.rollout_pair) if self.rollout_pair else None,
             "drift": {v: d.to_dict() for v, d in self.drift.items()},
             "rollout_shift": self.rollout_shift.to_dict() if self.rollout_shift else None,
+            "routed": {r: {v: window_to_dict(w) for v, w in by.items()} for r, by in self.routed.items()},
         }
 
     def merged_with(self, peers: Sequence[dict[str, Any]]) -> ModelEvidence:
@@ -236,6 +247,9 @@ class ModelEvidence:
                 merged.pairs.setdefault(version, PairWindow()).merge(pair_from_dict(p))
             merged.feedback_joined += data["feedback_joined"]
             merged.labels_received += data["labels_received"]
+            for rule, by_version in data.get("routed", {}).items():  # absent from older workers' snapshots
+                for version, w in by_version.items():
+                    merged.routed_window(rule, version).merge(window_from_dict(w))
         merged.drift = merged_states([data.get("drift", {}) for data in [self.snapshot(), *peers]])
         if self.rollout is not None:
             stable, candidate = self.rollout_versions
@@ -272,6 +286,19 @@ class ModelEvidence:
         if w is None:
             w = self.windows[version] = VersionWindow()
         return w
+
+    def routed_window(self, rule: str, version: str) -> VersionWindow:
+        by_version = self.routed.get(rule)
+        if by_version is None:
+            by_version = self.routed[rule] = {}
+        w = by_version.get(version)
+        if w is None:
+            w = by_version[version] = VersionWindow()
+        return w
+
+    def record_routed(self, rule: str, version: str, ok: bool, seconds: float, rows: int) -> None:
+        """Count a request a routing rule sent to `version`, in the rule's own window only."""
+        self.routed_window(rule, version).record(ok, seconds, rows, 1)
 
     def record_request(
         self, version: str, ok: bool, seconds: float, rows: int, requests: int = 1, served: bool = True
@@ -371,7 +398,12 @@ class ModelEvidence:
                 continue  # a dual run's copy: paired evidence only (below), never an arm's
             correct = int(np.count_nonzero(values == truth)) if classification else 0
             abs_error = float(np.abs(values - truth).sum()) if not classification else 0.0
-            for w in self._targets(version, predicted_at):
+            targets = (
+                [self.routed_window(role[len(ROUTED) :], version)]
+                if role.startswith(ROUTED)
+                else self._targets(version, predicted_at)
+            )
+            for w in targets:
                 w.labelled += truth.shape[0]
                 w.correct += correct
                 w.abs_error += abs_error
@@ -442,6 +474,15 @@ def version_report(version: str, role: str, w: VersionWindow, pair: PairWindow |
         latency_diff_ms=p.mean_latency_diff_s * 1e3,
         rows=w.rows,
     )
+
+
+def routed_report(evidence: ModelEvidence) -> list[VersionReport]:
+    """One row per (rule, version) that rules sent traffic to; role `rule NAME`."""
+    return [
+        version_report(version, f"rule {rule}", w, None)
+        for rule, by_version in sorted(evidence.routed.items())
+        for version, w in sorted(by_version.items())
+    ]
 
 
 def model_report(evidence: ModelEvidence, roles: Mapping[str, str]) -> list[VersionReport]:

@@ -48,6 +48,8 @@ EVENTS = (
     "remove_shadow",
     "await_approval",
     "approve",
+    "add_route",
+    "remove_route",
 )
 CONTROLLER = "controller"  # the actor name the controller's changes carry
 BY = (CONTROLLER, "operator")
@@ -82,6 +84,13 @@ class ReleaseMetrics:
             multiprocess_mode="livemax",
         )
         self.feedback = Counter("gateway_feedback", "Labels received", ("model", "outcome"), registry=registry)
+        # Apart from the versions' request counts of the split: a rule's cohort (docs/routing.md).
+        self.routed = Counter(
+            "gateway_rule_routed_requests",
+            "Requests a routing rule sent to a version, by outcome (ok | error)",
+            (*mv, "rule", "outcome"),
+            registry=registry,
+        )
         self.compare: dict[str, Gauge] = {
             field: Gauge(
                 f"gateway_compare_{field}",
@@ -215,6 +224,10 @@ class ReleaseMetrics:
                 self._inc(self.shadow, (model, version, outcome), count)
             self.circuit.labels(model, version).set(shadow.circuit_open)
         self._inc(self.feedback, (model, "joined"), report.feedback_joined)
+        for r in report.routed:
+            rule = r.role.removeprefix("rule ")
+            self._inc(self.routed, (model, r.version, rule, "ok"), r.requests - r.errors)
+            self._inc(self.routed, (model, r.version, rule, "error"), r.errors)
         self._inc(self.feedback, (model, "unknown"), report.feedback_unknown)
         for v in report.versions:
             for field, gauge in self.compare.items():

@@ -20,6 +20,7 @@ from gateway.logthrottle import one_line
 from gateway.release.gate import CapturedRequests, captured_inputs, generated_inputs, run_gate
 from gateway.release.plane import ReleasePlane
 from gateway.release.policy import ACTIVE, AT_REST, DECIDING, CheckResult, Event, Phase, RolloutState
+from gateway.release.rules import rule_from_dict, with_rule, without_rule
 from gateway.release.state import ReleaseState
 from gateway.release.store import AuditEntry, AuditOutcome, Conflict, Store, StoredRelease
 from gateway.types import BASIS_POINTS, Tensors
@@ -335,6 +336,29 @@ class ReleaseOps:
             raise FailedPrecondition(f"{model} has no shadow {version!r}: nothing to remove")
         del shadows[version]
         return await self.change(model, actor, "remove_shadow", reason, event=None, state_changes={"shadows": shadows})
+
+    async def add_route(
+        self, model: str, route: Mapping[str, Any], position: int, actor: str, reason: str
+    ) -> StoredRelease:
+        """Add a routing rule given as `Rule.to_dict` writes one, at `position` (1-based; 0:
+        last). Refused and audited when it is no valid rule (a bad regex, no match, an unknown
+        role) or does not fit (a taken name, too many rules); a version that is not loaded is
+        refused (and audited) by the state check of `change`."""
+        check_reason(reason)
+        current = self.current(model)
+        try:
+            rules = with_rule(current.state.rules, rule_from_dict(route), position)
+        except GatewayError as exc:
+            await self._record_refusal(actor, "add_route", exc, before=current)
+            raise
+        return await self.change(model, actor, "add_route", reason, event=None, state_changes={"rules": rules})
+
+    async def remove_route(self, model: str, name: str, actor: str, reason: str) -> StoredRelease:
+        rules = without_rule(self.plane.table.get(model).rules, name)
+        if rules is None:
+            known = ", ".join(r.name for r in self.plane.table.get(model).rules) or "none"
+            raise FailedPrecondition(f"{model} has no routing rule named {name[:80]!r} (rules: {known})")
+        return await self.change(model, actor, "remove_route", reason, event=None, state_changes={"rules": rules})
 
     async def start_rollout(self, model: str, candidate: str, actor: str, reason: str) -> StoredRelease:
         check_reason(reason)

@@ -22,14 +22,15 @@ import numpy as np
 from gateway.errors import GatewayError, InvalidInput
 from gateway.release.drift.build import build_monitor
 from gateway.release.drift.monitor import ModelMonitor, VersionDriftReport
-from gateway.release.evidence import COPY, ModelEvidence, VersionReport, model_report
+from gateway.release.evidence import COPY, ModelEvidence, VersionReport, model_report, routed_report, routed_role
 from gateway.release.external_poll import ExternalChecks
 from gateway.release.routing import Role
+from gateway.release.rules import Rule, first_match, resolve
 from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.tracing import Tracing
-from gateway.types import ParamValue, RequestRun
+from gateway.types import ParamValue, RequestRun, WireRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class ModelReport:
     predictions_logged: int
     shadows: dict[str, ShadowReport]  # by version
     drift: list[VersionDriftReport] = dataclasses.field(default_factory=list)  # profiled versions
+    # Traffic routing rules sent, one row per (rule, version), role "rule NAME": counted
+    # apart from the versions' rows above, which are the split's (docs/routing.md).
+    routed: list[VersionReport] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +59,7 @@ class Served:
     state: ReleaseState | None  # the release that routed it; None when pinned to a version
     ok: bool
     run: RequestRun
+    rule: Rule | None = None  # the routing rule that chose the version (role "rule")
 
 
 def routing_key(parameters: dict[str, ParamValue], request_id: str) -> str | None:
@@ -225,12 +230,21 @@ class ReleasePlane:
 
     # -- the request path ---------------------------------------------------------------
 
-    def route(self, model: str, version: str, key: str | None) -> tuple[LoadedVersion, Role, ReleaseState | None]:
-        if version:
-            return self.registry.get(model, version), "pinned", None
+    def route(self, req: WireRequest, key: str | None) -> tuple[LoadedVersion, Role, ReleaseState | None, Rule | None]:
+        """The version serving `req`, its role, the release that chose it (None: pinned by
+        the client) and the routing rule that did (None: the split, or pinned)."""
+        model = req.model
+        if req.version:
+            return self.registry.get(model, req.version), "pinned", None, None
         state = self.table.get(model)
+        if state.rules:  # the one test a model without rules pays
+            rule = first_match(state.rules, req.parameters, req.headers)
+            if rule is not None:
+                version = resolve(rule, state.stable, state.canary)
+                if version:
+                    return self.registry.get(model, version), "rule", state, rule
         chosen, role = state.split.choose(key, self.rng)
-        return self.registry.get(model, chosen), role, state
+        return self.registry.get(model, chosen), role, state, None
 
     def screen(self, loaded: LoadedVersion, feeds: dict[str, np.ndarray]) -> None:
         """Before the model runs: InvalidInput for NaN/Inf where monitor.reject_invalid is set."""
@@ -242,6 +256,15 @@ class ReleasePlane:
         loaded, run, state = served.loaded, served.run, served.state
         model = loaded.name
         evidence = self.evidence[model]
+        if served.rule is not None:
+            # A cohort chosen by a rule is not a random sample of traffic: counted apart, and
+            # kept out of the versions' windows, the rollout's arms, mirroring and drift, so
+            # it cannot bias the canary-vs-stable comparison (docs/routing.md).
+            name = served.rule.name
+            evidence.record_routed(name, loaded.version, served.ok, run.seconds, run.rows)
+            if served.ok and run.outputs:
+                evidence.record_prediction(run.request_id, loaded.version, routed_role(name), run.outputs)
+            return
         evidence.record_request(loaded.version, served.ok, run.seconds, run.rows)
         if not served.ok or not run.outputs:
             return
@@ -343,6 +366,7 @@ class ReleasePlane:
             predictions_logged=len(evidence.log),
             shadows=shadows,
             drift=self.drift(model, local=True) if local else [],
+            routed=routed_report(evidence),
         )
 
     def drift(self, model: str, local: bool = False) -> list[VersionDriftReport]:

@@ -18,7 +18,8 @@ from typing import Literal
 
 from gateway.types import BASIS_POINTS
 
-Role = Literal["stable", "canary", "pinned", "shadow"]
+# "rule": a routing rule chose the version (gateway.release.rules), not the split.
+Role = Literal["stable", "canary", "pinned", "shadow", "rule"]
 _SCALE = float(1 << 64)
 
 

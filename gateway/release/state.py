@@ -17,6 +17,7 @@ from types import MappingProxyType
 from gateway.config.spec import ModelSpec
 from gateway.errors import FailedPrecondition, InvalidInput, ModelNotFound
 from gateway.release.routing import Split
+from gateway.release.rules import Rule, Target, check_rules
 from gateway.types import BASIS_POINTS
 
 
@@ -31,6 +32,9 @@ class ReleaseState:
     # canary gets agreement figures like a shadow does.
     canary_compare_fraction: float = 0.0
     revision: int = 1
+    # Routing rules, tried in order before the split (gateway.release.rules); () for most
+    # models, so the request path tests one attribute.
+    rules: tuple[Rule, ...] = ()
 
     @property
     def split(self) -> Split:
@@ -46,7 +50,7 @@ class ReleaseState:
         return "idle"
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "model": self.model,
             "stable": self.stable,
             "canary": self.canary,
@@ -55,6 +59,11 @@ class ReleaseState:
             "canary_compare_fraction": self.canary_compare_fraction,
             "revision": self.revision,
         }
+        # Only when there are some: a release without rules is stored as before, so a
+        # gateway that predates rules still reads it.
+        if self.rules:
+            data["rules"] = [rule.to_dict() for rule in self.rules]
+        return data
 
 
 def initial_state(model: str, spec: ModelSpec, versions: Iterable[str], default: str) -> ReleaseState:
@@ -89,6 +98,13 @@ def check(state: ReleaseState, versions: set[str]) -> None:
     for version, fraction in state.shadows.items():
         if not 0.0 <= fraction <= 1.0:
             raise InvalidInput(f"mirror fraction of shadow {version} must be in 0..1, got {fraction}")
+    check_rules(state.rules)
+    for rule in state.rules:
+        if rule.target is Target.VERSION and rule.version not in versions:
+            raise InvalidInput(
+                f"route {rule.name!r}: route.version {rule.version[:80]!r} is not a loaded version of "
+                f"{state.model} (loaded: {', '.join(sorted(versions))}); route to stable, canary or a loaded version"
+            )
 
 
 class ReleaseTable:

@@ -134,6 +134,7 @@ class RestEndpoints:
             self.limits,
         )
         del body  # the JSON and binary parts are all decoded into the request now
+        decoded.wire.headers = request.headers.items  # read only if a routing rule asks (gateway.release.rules)
         start = time.perf_counter()
         answer = await self.dataplane.infer(decoded.wire, trace)
         content, json_length = codec.encode_infer(answer, decoded)

@@ -72,8 +72,14 @@ def test_demo_promotes_v2_and_rolls_back_v3() -> None:
         ("rollout_started", "2", "3", "anonymous"),
         ("rolled_back", "2", "3", "controller"),
     ], notified
+    # One routing rule: the internal tenant reaches v3 (rolled back for everyone else), counted apart.
+    rule = out[out.index("a routing rule") : out.index("audit trail")]
+    assert "rule 1. internal: param tenant = 'internal' -> version 3" in rule, rule
+    assert "tenant=internal: 20 requests served by v3; other tenants: 20 requests served by v2 (the split)" in rule
+    assert re.search(r"counted apart: rule internal -> v3: 20 requests, in no canary comparison", rule), rule
 
     audit = out[out.index("audit trail") :]
+    assert "add_route" in audit
     assert audit.count("advance") >= 3  # every step of the policy: 10 %, 25 %, 50 %, then promote
     assert "promote" in audit and "rollback" in audit and re.search(r"accuracy(_paired)? fail", audit)
     assert "(0 errors)" in out

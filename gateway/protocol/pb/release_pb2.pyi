@@ -95,7 +95,7 @@ class AuditLog(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("model", "stable", "canary", "canary_weight_bp", "shadows", "canary_compare_fraction", "revision", "phase", "step", "awaiting_approval", "rollout_started_at", "candidate")
+    __slots__ = ("model", "stable", "canary", "canary_weight_bp", "shadows", "canary_compare_fraction", "revision", "phase", "step", "awaiting_approval", "rollout_started_at", "candidate", "routes")
     class ShadowsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class Release(_message.Message):
     AWAITING_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     stable: str
     canary: str
@@ -127,7 +128,8 @@ class Release(_message.Message):
     awaiting_approval: str
     rollout_started_at: float
     candidate: str
-    def __init__(self, model: _Optional[str] = ..., stable: _Optional[str] = ..., canary: _Optional[str] = ..., canary_weight_bp: _Optional[int] = ..., shadows: _Optional[_Mapping[str, float]] = ..., canary_compare_fraction: _Optional[float] = ..., revision: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., awaiting_approval: _Optional[str] = ..., rollout_started_at: _Optional[float] = ..., candidate: _Optional[str] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, model: _Optional[str] = ..., stable: _Optional[str] = ..., canary: _Optional[str] = ..., canary_weight_bp: _Optional[int] = ..., shadows: _Optional[_Mapping[str, float]] = ..., canary_compare_fraction: _Optional[float] = ..., revision: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., awaiting_approval: _Optional[str] = ..., rollout_started_at: _Optional[float] = ..., candidate: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
@@ -298,7 +300,7 @@ class ShadowCounters(_message.Message):
     def __init__(self, mirrored: _Optional[int] = ..., dropped: _Optional[int] = ..., failed: _Optional[int] = ..., timed_out: _Optional[int] = ..., completed: _Optional[int] = ..., pending: _Optional[int] = ..., circuit_open: _Optional[bool] = ..., circuit_opened: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("release", "versions", "window_s", "feedback_joined", "feedback_unknown", "predictions_logged", "shadows", "deployment")
+    __slots__ = ("release", "versions", "window_s", "feedback_joined", "feedback_unknown", "predictions_logged", "shadows", "deployment", "routed")
     class ShadowsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +316,7 @@ class Report(_message.Message):
     PREDICTIONS_LOGGED_FIELD_NUMBER: _ClassVar[int]
     SHADOWS_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
     release: Release
     versions: _containers.RepeatedCompositeFieldContainer[VersionReport]
     window_s: float
@@ -322,7 +325,8 @@ class Report(_message.Message):
     predictions_logged: int
     shadows: _containers.MessageMap[str, ShadowCounters]
     deployment: Deployment
-    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ..., window_s: _Optional[float] = ..., feedback_joined: _Optional[int] = ..., feedback_unknown: _Optional[int] = ..., predictions_logged: _Optional[int] = ..., shadows: _Optional[_Mapping[str, ShadowCounters]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+    routed: _containers.RepeatedCompositeFieldContainer[VersionReport]
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ..., window_s: _Optional[float] = ..., feedback_joined: _Optional[int] = ..., feedback_unknown: _Optional[int] = ..., predictions_logged: _Optional[int] = ..., shadows: _Optional[_Mapping[str, ShadowCounters]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ..., routed: _Optional[_Iterable[_Union[VersionReport, _Mapping]]] = ...) -> None: ...
 
 class GetDriftRequest(_message.Message):
     __slots__ = ("model", "version")
@@ -411,3 +415,65 @@ class DriftReport(_message.Message):
     model: str
     versions: _containers.RepeatedCompositeFieldContainer[VersionDrift]
     def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionDrift, _Mapping]]] = ...) -> None: ...
+
+class RouteMatch(_message.Message):
+    __slots__ = ("source", "key", "op", "values")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    key: str
+    op: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source: _Optional[str] = ..., key: _Optional[str] = ..., op: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("name", "match", "to", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    match: _containers.RepeatedCompositeFieldContainer[RouteMatch]
+    to: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., match: _Optional[_Iterable[_Union[RouteMatch, _Mapping]]] = ..., to: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class AddRouteRequest(_message.Message):
+    __slots__ = ("model", "route", "position", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    route: Route
+    position: int
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., position: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListRoutesResponse(_message.Message):
+    __slots__ = ("model", "routes", "revision")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    revision: int
+    def __init__(self, model: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class RemoveRouteRequest(_message.Message):
+    __slots__ = ("model", "name", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    name: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

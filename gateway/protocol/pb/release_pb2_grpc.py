@@ -119,6 +119,21 @@ class ReleaseServiceStub:
                 request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
                 response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
                 _registered_method=True)
+        self.AddRoute = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/AddRoute',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.AddRouteRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
+        self.ListRoutes = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/ListRoutes',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ListRoutesResponse.FromString,
+                _registered_method=True)
+        self.RemoveRoute = channel.unary_unary(
+                '/gateway.release.v1.ReleaseService/RemoveRoute',
+                request_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.RemoveRouteRequest.SerializeToString,
+                response_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -231,6 +246,25 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddRoute(self, request, context):
+        """Routing rules, tried in order before the weighted split (docs/routing.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoutes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +351,21 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
             'Approve': grpc.unary_unary_rpc_method_handler(
                     servicer.Approve,
                     request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'AddRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRoute,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.AddRouteRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
+            ),
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ListRoutesRequest.FromString,
+                    response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.ListRoutesResponse.SerializeToString,
+            ),
+            'RemoveRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRoute,
+                    request_deserializer=gateway_dot_protocol_dot_pb_dot_release__pb2.RemoveRouteRequest.FromString,
                     response_serializer=gateway_dot_protocol_dot_pb_dot_release__pb2.Release.SerializeToString,
             ),
     }
@@ -778,6 +827,87 @@ class ReleaseService:
             target,
             '/gateway.release.v1.ReleaseService/Approve',
             gateway_dot_protocol_dot_pb_dot_release__pb2.ModelActionRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/AddRoute',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.AddRouteRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/ListRoutes',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ListRoutesRequest.SerializeToString,
+            gateway_dot_protocol_dot_pb_dot_release__pb2.ListRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.release.v1.ReleaseService/RemoveRoute',
+            gateway_dot_protocol_dot_pb_dot_release__pb2.RemoveRouteRequest.SerializeToString,
             gateway_dot_protocol_dot_pb_dot_release__pb2.Release.FromString,
             options,
             channel_credentials,

@@ -18,8 +18,9 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from gateway.errors import ConfigError, FailedPrecondition
+from gateway.errors import ConfigError, FailedPrecondition, InvalidInput
 from gateway.release.policy import RolloutState
+from gateway.release.rules import rule_from_dict
 from gateway.release.state import ReleaseState
 
 
@@ -197,6 +198,7 @@ def audit_values(a: AuditEntry, now: float) -> tuple[Any, ...]:
 def state_from(data: dict[str, Any], rollout: dict[str, Any]) -> StoredRelease:
     data = dict(data)
     data["shadows"] = MappingProxyType(dict(data.get("shadows", {})))
+    data["rules"] = tuple(rule_from_dict(rule) for rule in data.get("rules", ()))
     return StoredRelease(ReleaseState(**data), RolloutState(**rollout))
 
 
@@ -240,7 +242,7 @@ class SqlReads:
         for model, state, rollout in rows:
             try:
                 stored = state_from(json.loads(state), json.loads(rollout))
-            except (ValueError, TypeError, AttributeError) as exc:
+            except (ValueError, TypeError, AttributeError, InvalidInput) as exc:
                 # Written by hand or damaged: name what is wrong instead of a traceback.
                 raise ConfigError(
                     f"{self.where} holds a release of model {model!r} that cannot be read "
