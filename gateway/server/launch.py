@@ -135,9 +135,9 @@ def start(
         ready.set()  # end of output: it exited (or closed its output) without listening
 
     threading.Thread(target=read, name="launched-output", daemon=True).start()
-    ready.wait(timeout_s)
+    ended = ready.wait(timeout_s)  # set without an address: its output ended (it exited)
     if not launched.address:
-        exited = proc.poll() is not None
+        exited = ended or proc.poll() is not None
         proc.kill()
         proc.wait(10)
         what = "exited before listening" if exited else f"did not listen within {timeout_s:g} s"
