@@ -118,8 +118,9 @@ ONE_STEP = """
 [policy]
 interval_s = 0.5
 max_latency_ratio = 0
+max_accuracy_drop = 0.25
 step_weights = [50]
-min_samples = 100
+min_samples = 450
 step_min_samples = 450
 step_min_duration_s = 2
 max_duration_s = 120
@@ -211,8 +212,9 @@ def test_three_replicas_route_alike_merge_their_evidence_and_labels_and_decide_o
         assert f"leader: {report.deployment.leader}; evidence merged from 3 replica(s)" in status.stdout, status.stdout
         assert "store: postgresql postgresql://" in status.stdout, status.stdout
 
-        # A rollout decided on the merged evidence: 400 requests a replica, half of them on the
-        # canary, and a step that needs 450 canary requests: no replica alone could pass it.
+        # A rollout decided on the merged evidence: 400 labelled requests a replica, half of them
+        # on the canary, each label sent to another replica, and checks that need 450 requests
+        # and 450 labelled rows an arm: no replica alone could pass them.
         controls[0].SetTraffic(rpb.SetTrafficRequest(model="digits", canary="", weight_bp=0, reason="t"), timeout=10)
         while controls[1].GetRelease(rpb.GetReleaseRequest(model="digits"), timeout=10).canary:
             time.sleep(0.05)  # a change through a replica that has not installed the last one is refused
@@ -220,10 +222,11 @@ def test_three_replicas_route_alike_merge_their_evidence_and_labels_and_decide_o
         loads = [
             Load(
                 r.address,
-                r.control,
+                replicas[(i + 1) % 3].control,
                 "digits",
                 digits_builder(seed=10 + i),
                 clients=1,
+                label_delay_s=0.2,
                 prefix=f"b{i}-",
                 max_requests=400,
             )
@@ -241,6 +244,8 @@ def test_three_replicas_route_alike_merge_their_evidence_and_labels_and_decide_o
         canary_requests = checks_of(promoted)["step_requests"]["value"]
         on_each = [load.roles.get("canary", 0) for load in loads]
         assert canary_requests == sum(on_each) >= 450 > 400, (canary_requests, on_each)
+        accuracy = checks_of(promoted)["accuracy"]
+        assert accuracy["verdict"] == "pass" and accuracy["samples"] >= 450, accuracy  # labelled rows an arm
 
 
 def metric(replica: Process, name: str) -> float:
