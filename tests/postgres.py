@@ -9,6 +9,7 @@ Without the server binaries the tests skip, except under CI (`CI` set), where th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -101,8 +102,9 @@ def start_server(folder: Path) -> PostgresServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[PostgresServer]:
+    """A server in a folder of its own, stopped and removed at the end."""
     folder = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
     server = start_server(folder)
     try:
@@ -110,18 +112,19 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with throwaway_server() as server:
+        yield server
 
 
 @pytest.fixture
 def own_postgres_server() -> Iterator[PostgresServer]:
     """A server of the test's own, to stop and start (an outage) without disturbing the others."""
-    folder = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
-    server = start_server(folder)
-    try:
+    with throwaway_server() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
