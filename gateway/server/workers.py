@@ -373,6 +373,7 @@ class Supervisor:
         self._executor_stopping = True
         proc = self._procs.get(EXECUTOR)
         if proc is not None and proc.is_alive() and proc.pid is not None:
+            log.info("the workers have stopped: draining the executor")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
 
