@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served(repository: Path) -> Iterator[Process]:
     """Two front-end workers and one executor, shared by the tests that leave it serving."""
     before = shm_entries()
-    args = ("--models", str(repository), "--workers", "2", "--executors", "1")
+    args = ("--models", str(repository), "--workers", "2", "--executors", "1", "--metrics-port", "0")
     with gateway_process(*args, timeout=START_TIMEOUT_S) as server:
         yield server
     assert not shm_entries() - before
@@ -178,6 +179,11 @@ def test_10000_mixed_requests_from_several_connections_equal_in_process_onnxrunt
     assert stats.execution_count > 0 and stats.inference_stats.compute_infer.count == stats.execution_count
     assert stats.inference_stats.queue.count > 0
     assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
+    # The executor's batch sizes are in the supervisor's merged metrics (the workers run no batcher).
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{served.launched.metrics_port}/metrics", timeout=10)
+    text = metrics.read().decode()
+    found = re.search(r'gateway_batch_size_count\{model="digits",version="1"\} (\S+)', text)
+    assert found and float(found.group(1)) == stats.execution_count, found
     # Every worker's requests were served by the one executor.
     (executor,) = pids(served, "executor")
     assert arena_mappings(executor) == 2
