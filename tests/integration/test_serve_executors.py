@@ -289,6 +289,12 @@ def test_kill_9_of_the_executor_answers_unavailable_then_serving_resumes(reposit
         # The worker unmapped its first arena; the new executor maps the new one only.
         assert wait_until(lambda: arena_mappings(worker) == 1 and arena_mappings(restarted[1]) == 1, 10)
         assert not shm_entries() - before
+
+        # The supervisor killed: the executor (PR_SET_PDEATHSIG) and the worker go with it.
+        server.proc.kill()
+        server.proc.wait(10)
+        assert wait_until(lambda: not os.path.exists(f"/proc/{restarted[1]}"), 15), "the executor outlived the gateway"
+        assert wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 15), "the worker outlived the gateway"
     assert not shm_entries() - before
 
 
