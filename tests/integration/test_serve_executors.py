@@ -27,6 +27,8 @@ import onnxruntime as ort
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from gateway.protocol.pb import release_pb2 as rpb
+from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from tests.support import MODELS, Process, gateway_process
 
 START_TIMEOUT_S = 180.0
@@ -305,6 +307,14 @@ def test_sigterm_drains_the_workers_then_the_executor(repository: Path) -> None:
         (executor,) = pids(server, "executor")
         name = input_names(repository)["mlp"]
         big = request("slow", "1", np.ones((512, 784), np.float32), name)
+
+        # At run time a worker can serve only what the executor loaded at its start.
+        control = rgrpc.ReleaseServiceStub(grpc.insecure_channel(server.control))
+        assert list(control.LoadModel(rpb.ModelRequest(model="slow"), timeout=60).versions) == ["1"]
+        with pytest.raises(grpc.RpcError) as caught:
+            control.LoadModel(rpb.ModelRequest(model="digits"), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "the executor process does not serve it" in (caught.value.details() or "")
 
         async def drained() -> list[object]:
             async with grpc.aio.insecure_channel(server.address) as channel:
