@@ -19,6 +19,7 @@ Examples:
   gateway serve --models models --port 8001
   gateway serve --models models --port 0 --metrics-port -1   # any free port, no metrics
   gateway serve --models models --http-port -1                # gRPC only, no REST
+  gateway serve --models models --workers 4 --executors 1     # 4 front ends, one executor batching for all
   GATEWAY_PROVIDER=cpu gateway serve --config gateway.toml
   gateway serve --config gateway.toml   # with [[notify]] targets: rollout events to webhooks/Slack
 """
@@ -79,6 +80,11 @@ def main() -> None:
     "--workers",
     type=int,
     help="Serving processes sharing the port (SO_REUSEPORT); 0: one per core on CPU, one per GPU. [default: 0]",
+)
+@click.option(
+    "--executors",
+    help="auto|N|off: model runs in N executor processes fed by every worker through shared memory, "
+    "batching across workers (N is 1 so far); auto: one on a GPU host, off on a CPU host. [default: auto]",
 )
 @click.option("--batching", type=click.Choice(["spec", "off"]), help="off: one model run per request. [default: spec]")
 @click.option("--tokens-file", type=click.Path(path_type=Path), help="Control API tokens (TOML [[tokens]]).")
@@ -156,11 +162,12 @@ def serve(config_file: Path | None, **flags: Any) -> None:
     # Named once here, so every worker of this replica shares the name.
     settings = dataclasses.replace(settings, replica_id=resolved_replica_id(settings))
     from gateway.server import gateway as server
-    from gateway.server.workers import serve_workers, worker_count
+    from gateway.server.workers import executor_count, serve_workers, worker_count
 
     try:
         count = worker_count(settings)
-        if count > 1:
+        # An executor process is started and restarted by the supervisor, even for one worker.
+        if count > 1 or executor_count(settings):
             sys.exit(serve_workers(settings, count))
         if settings.loop == "uvloop":
             import uvloop

@@ -82,6 +82,26 @@ def check_state_url(origin: str, value: str) -> None:
         )
 
 
+def read_executors(value: int | str) -> int | str:
+    """ "auto", or a count of executor processes ("off" and "0": none); refused with the fix."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "off"):
+            return text
+        if not text.isdigit():
+            raise ConfigError(f"executors: {value[:40]!r} is not auto, off or a number of executor processes (0, 1)")
+        value = int(text)
+    if value == 0:
+        return "off"
+    if value < 0:
+        raise ConfigError(f"executors: {value} is not auto, off or a number of executor processes (0, 1)")
+    if value > 1:
+        raise ConfigError(
+            f"executors: {value}: one executor process is supported so far (it owns one device); use 1, auto or off"
+        )
+    return value
+
+
 def usable_cores() -> int:
     """CPUs this process may run on (its affinity mask), not the machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -186,9 +206,18 @@ class GatewaySettings:
     otlp_endpoint: str = ""
     # Where rollout events are sent ([[notify]] tables in the config file; gateway/config/notify.py).
     notify: tuple[NotifyTarget, ...] = ()
+    # Executor processes (gateway/serving/remote, docs/executors.md): "auto" (one on a GPU host,
+    # none on a CPU host, where in-process batching answers sooner), "off" (0), or a count (1 so
+    # far: one executor for the one device). With one, the front-end workers hand every model
+    # run to it through shared memory, so requests from all of them batch together.
+    executors: int | str = "auto"
+    # Set by the supervisor for each front-end worker: where its executor listens (@NAME: an
+    # abstract Unix socket). Empty: models run in this process.
+    executor_address: str = ""
 
     def __post_init__(self) -> None:
         check_choices(self)
+        object.__setattr__(self, "executors", read_executors(self.executors))
         for name in ("port", "http_port", "metrics_port", "control_port", "dashboard_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):

@@ -17,6 +17,7 @@ from gateway.protocol.pb import inference_pb2 as pb
 from gateway.protocol.pb import inference_pb2_grpc as pb_grpc
 from gateway.protocol.status import Unparseable, status_for
 from gateway.serving.registry import PLATFORM, LoadedVersion, Registry
+from gateway.serving.remote.link import refresh_statistics
 from gateway.tracing import RequestTrace, Tracing
 from gateway.types import TensorSpec
 
@@ -209,6 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("statistics: a version needs a model name")
         else:
             selected = list(self.registry)
+        await refresh_statistics(selected)  # executor mode: the executor's run counts (else nothing)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in selected])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:

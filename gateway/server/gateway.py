@@ -79,6 +79,7 @@ from gateway.server.statelock import lock_state_dir
 from gateway.serving.builder import ModelBuilder
 from gateway.serving.metrics import QUEUE_SAMPLE_S, GatewayMetrics
 from gateway.serving.registry import Registry
+from gateway.serving.remote.link import ExecutorLink
 from gateway.tracing import SHUTDOWN_TIMEOUT_S, Tracing, tracing_config
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,12 @@ class Gateway:
         # (`instances`), so the pool never queues one version behind another.
         pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="ort")
         stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+        link: ExecutorLink | None = None
+        if s.executor_address:
+            # Models run in the executor process (`--executors 1`); the link closes after the
+            # registry's executors have drained (the stack unwinds last in, first out).
+            link = await ExecutorLink.connect(s.executor_address)
+            stack.push_async_callback(link.close)
         config = tracing_config(s.otlp_endpoint, os.environ, injected=self._span_exporter is not None)
         if config is not None:
             # This process's own provider (each worker builds one), shut down late in the drain:
@@ -257,7 +264,12 @@ class Gateway:
             on_applied=self.release_metrics.applied,
             on_audit=None if notifier is None else notifier.audit,
         )
-        self.loader = loader = ModelLoader(ModelBuilder.from_settings(s, pool, self.metrics), registry, releases, ops)
+        self.loader = loader = ModelLoader(
+            ModelBuilder.from_settings(s, pool, self.metrics, remote=None if link is None else link.executor),
+            registry,
+            releases,
+            ops,
+        )
         await loader.load_at_startup()  # nothing is served before it ends
         loop = asyncio.get_running_loop()
         if s.worker_index >= 0:

@@ -1,4 +1,4 @@
-"""`gateway serve --workers N`: N serving processes on one port (and one REST port).
+"""`gateway serve --workers N [--executors 1]`: N serving processes on one port (and one REST port).
 
 Python's gRPC server is bound by one core's worth of Python, so the gateway
 scales across cores with one process per core sharing the port through
@@ -8,6 +8,12 @@ all are ready, serves the merged Prometheus metrics of all of them, restarts a
 worker that dies (backing off, and giving up when one keeps failing), and
 forwards SIGTERM/SIGINT so each drains. It also holds the state directory's
 lock for all of its workers.
+
+With `--executors 1` it first starts the executor process (gateway.serving.remote:
+it owns the model sessions and batches every worker's requests), waits until it
+accepts front ends, then starts the workers, which run their models through it.
+It restarts a dead executor like a worker (the workers connect again by
+themselves), and on SIGTERM drains the workers first, then the executor.
 """
 
 from __future__ import annotations
@@ -53,12 +59,27 @@ RESTART_STABLE_S = 60.0
 WORKER_START_FAILED = 3
 # The supervisor's exit code when it gave up on a worker.
 GAVE_UP = 1
+# The executor's index among the supervised processes (workers are 0..N-1).
+EXECUTOR = -1
+
+
+def executor_count(settings: GatewaySettings) -> int:
+    """Executor processes to start: auto is one on a GPU host (the workers' requests batch
+    together on the device) and none on a CPU host, where a worker's own batcher answers
+    sooner (docs/executors.md: the round trip adds ~0.15 ms there and buys no device time)."""
+    if settings.executor_address or settings.executors == "off":
+        return 0  # a front end of a supervisor that runs the executor
+    if settings.executors == "auto":
+        return 1 if settings.provider != "cpu" and cuda_prerequisites().usable else 0
+    return int(settings.executors)
 
 
 def worker_count(settings: GatewaySettings) -> int:
     """0 means automatic: one per core on the CPU, one per GPU (one CUDA context per process)."""
     if settings.workers:
         return settings.workers
+    if executor_count(settings):
+        return usable_cores()  # front ends: decoding and encoding take every core
     if settings.provider != "cpu" and cuda_prerequisites().usable:
         return 1
     return usable_cores()
@@ -106,6 +127,61 @@ def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str,
         sys.exit(WORKER_START_FAILED)
 
 
+def _executor_main(settings: GatewaySettings, address: str, events: Queue[tuple[str, int, str]]) -> None:
+    """The executor process: the models' sessions and batchers, fed by every worker."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.serving.metrics import GatewayMetrics
+    from gateway.serving.remote import executor as remote
+
+    _die_with_parent()
+    # A group of its own: a Ctrl-C at a terminal (or `timeout`) signals the whole foreground
+    # group, and the executor must outlive the workers' drain; the supervisor stops it after.
+    os.setpgrp()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> bool:
+        # Its batchers' batch sizes, queue and compute times go to the multiprocess
+        # directory (MULTIPROC_ENV), merged with the workers' metrics by the supervisor.
+        metrics = GatewayMetrics(CollectorRegistry())
+        try:
+            await remote.serve(settings, address, lambda: events.put(("ready", EXECUTOR, "")), metrics=metrics)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, GatewayError):
+                logging.getLogger(__name__).exception("the executor could not start")
+            events.put(("error", EXECUTOR, reason))
+            return False
+        return True
+
+    if settings.loop == "uvloop":
+        import uvloop
+
+        started = uvloop.run(run())
+    else:
+        import asyncio
+
+        started = asyncio.run(run())
+    if not started:
+        sys.exit(WORKER_START_FAILED)
+
+
+def front_end(settings: GatewaySettings, address: str) -> GatewaySettings:
+    """A worker's settings when its models run in the executor at `address`."""
+    return dataclasses.replace(
+        settings,
+        executors="off",
+        executor_address=address,
+        provider="cpu",
+        cuda_graphs=False,
+        intra_op_threads=1,
+    )
+
+
+def process_name(index: int) -> str:
+    return "the executor" if index == EXECUTOR else f"worker {index}"
+
+
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         with contextlib.suppress(ValueError):
@@ -144,6 +220,18 @@ class Supervisor:
         self.worker_settings = dataclasses.replace(
             self.worker_settings, control_port=-1, dashboard_port=-1, controller=False
         )
+        self.executors = executor_count(settings)
+        # Unique per gateway (the supervisor's pid), in the abstract namespace: no file to leave.
+        self.executor_address = f"@gateway-{os.getpid()}-exec0"
+        self.executor_settings = dataclasses.replace(
+            settings, intra_op_threads=settings.intra_op_threads or usable_cores()
+        )
+        if self.executors:
+            # Front ends keep a CPU session of each version for its signature (and a shadow's
+            # direct run); the executor owns the device and the threads.
+            self.first_worker_settings = front_end(self.first_worker_settings, self.executor_address)
+            self.worker_settings = front_end(self.worker_settings, self.executor_address)
+        self._executor_stopping = False
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()
         self._procs: dict[int, BaseProcess] = {}
@@ -159,6 +247,16 @@ class Supervisor:
         self._restart_at: dict[int, float] = {}
 
     def _spawn(self, index: int) -> None:
+        if index == EXECUTOR:
+            proc = self._ctx.Process(
+                target=_executor_main,
+                args=(self.executor_settings, self.executor_address, self._events),
+                name="gateway-exec0",
+            )
+            proc.start()
+            self._procs[index] = proc
+            log.info("executor started (pid %s) at %s", proc.pid, self.executor_address)
+            return
         settings = self.first_worker_settings if index == 0 else self.worker_settings
         settings = dataclasses.replace(settings, worker_index=index)
         proc = self._ctx.Process(target=_worker_main, args=(settings, index, self._events), name=f"gateway-w{index}")
@@ -197,13 +295,13 @@ class Supervisor:
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ConfigError("workers did not become ready in time")
+                raise ConfigError(f"{', '.join(map(process_name, sorted(waiting)))} did not become ready in time")
             try:
                 kind, index, message = self._events.get(timeout=min(remaining, 1.0))
             except Exception:
                 dead = [i for i in waiting if not self._procs[i].is_alive()]
                 if dead:
-                    raise ConfigError(f"worker {dead[0]} exited during startup (see its log above)") from None
+                    raise ConfigError(f"{process_name(dead[0])} exited during startup (see its log above)") from None
                 continue
             if kind == "error":
                 raise ConfigError(message)
@@ -213,10 +311,14 @@ class Supervisor:
     def run(self) -> int:
         from gateway.server.gateway import dashboard_url, format_address
 
-        for index in range(self.count):
-            self._spawn(index)
         try:
-            self._wait_ready(set(self._procs))
+            if self.executors:
+                # The workers connect to it as they build their models: it listens first.
+                self._spawn(EXECUTOR)
+                self._wait_ready({EXECUTOR})
+            for index in range(self.count):
+                self._spawn(index)
+            self._wait_ready(set(range(self.count)))
             # Inside the try: a metrics port taken while the workers started must
             # stop them too, or they serve on with nobody to announce or stop them.
             metrics = self._serve_metrics()
@@ -231,7 +333,8 @@ class Supervisor:
             metrics += f", control on {format_address(self.settings.control_host, self.control_port)}"
         if self.dashboard_port >= 0:
             metrics += f", dashboard on {dashboard_url(self.settings, self.dashboard_port)}"
-        log.info("%d workers serving%s", self.count, metrics)
+        executor = " and an executor process" if self.executors else ""
+        log.info("%d workers%s serving%s", self.count, executor, metrics)
         print(f"listening on {format_address(self.settings.host, self.worker_settings.port)}", flush=True)
         return self._supervise()
 
@@ -253,16 +356,31 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if not self._stopping:
-            log.info("%s received: draining %d workers", signal.Signals(signum).name, len(self._procs))
+            workers = len(set(self._procs) - {EXECUTOR})
+            log.info("%s received: draining %d workers", signal.Signals(signum).name, workers)
             self._stop()
 
     def _stop(self) -> None:
+        """Drain the workers; the executor drains once they are gone (they may still need it)."""
         self._stopping = True
         self._restart_at.clear()
-        self._terminate(signal.SIGTERM)
+        self._terminate(signal.SIGTERM, workers_only=True)
+        self._stop_executor_when_alone()
 
-    def _terminate(self, sig: int) -> None:
-        for proc in self._procs.values():
+    def _stop_executor_when_alone(self) -> None:
+        if self._executor_stopping or set(self._procs) - {EXECUTOR}:
+            return
+        self._executor_stopping = True
+        proc = self._procs.get(EXECUTOR)
+        if proc is not None and proc.is_alive() and proc.pid is not None:
+            log.info("the workers have stopped: draining the executor")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def _terminate(self, sig: int, workers_only: bool = False) -> None:
+        for index, proc in self._procs.items():
+            if workers_only and index == EXECUTOR:
+                continue
             if proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, sig)
@@ -293,6 +411,8 @@ class Supervisor:
                 if not self._stopping:
                     self._read_events()  # its start error, if that is why it exited
                     self._on_exit(index, proc.exitcode)
+            if self._stopping:
+                self._stop_executor_when_alone()
             now = time.monotonic()
             for index, due in list(self._restart_at.items()):
                 if due <= now:
@@ -317,8 +437,8 @@ class Supervisor:
         reason = f"could not start: {error}" if error is not None else describe_exit(exitcode)
         if failures >= RESTART_LIMIT:
             log.error(
-                "worker %d %s; it failed %d times in a row: giving up, stopping the gateway",
-                index,
+                "%s %s; it failed %d times in a row: giving up, stopping the gateway",
+                process_name(index),
                 reason,
                 failures,
             )
@@ -327,8 +447,8 @@ class Supervisor:
             return
         delay = min(RESTART_BACKOFF_S * 2 ** (failures - 1), RESTART_BACKOFF_MAX_S)
         log.error(
-            "worker %d %s; restarting it in %.1f s (failure %d in a row, giving up at %d)",
-            index,
+            "%s %s; restarting it in %.1f s (failure %d in a row, giving up at %d)",
+            process_name(index),
             reason,
             delay,
             failures,

@@ -31,6 +31,8 @@ from gateway.serving.statistics import VersionStats
 log = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[OnnxModel, ModelSpec, VersionStats, "VersionMetrics | None"], Executor]
+# Executor mode: the executor process's runner of a (model, version); KeyError when it has none.
+RemoteFactory = Callable[[str, str], Executor]
 # A rule of a layer above on a model's spec, checked before any session is built:
 # (name, spec, versions, default version); raises GatewayError saying what is wrong.
 SpecCheck = Callable[[str, ModelSpec, list[str], str], None]
@@ -89,6 +91,8 @@ class ModelBuilder:
     make_executor: ExecutorFactory
     metrics: GatewayMetrics | None = None
     checks: Sequence[SpecCheck] = ()
+    # Set in a front end of `--executors 1`: every version runs in the executor process.
+    remote: RemoteFactory | None = None
 
     @classmethod
     def from_settings(
@@ -97,6 +101,7 @@ class ModelBuilder:
         pool: ThreadPoolExecutor,
         metrics: GatewayMetrics | None,
         checks: Sequence[SpecCheck] = (),
+        remote: RemoteFactory | None = None,
     ) -> ModelBuilder:
         chooser = ProviderChooser(
             settings.provider,
@@ -115,6 +120,7 @@ class ModelBuilder:
             make_executor=executor_factory(pool, batching=settings.batching == "spec"),
             metrics=metrics,
             checks=checks,
+            remote=remote,
         )
 
     def model_names(self) -> list[str]:
@@ -158,17 +164,32 @@ class ModelBuilder:
         for version, model in sessions.models.items():
             stats = VersionStats()
             bound = self.metrics.for_version(name, version) if self.metrics is not None else None
-            executor = self.make_executor(model, spec, stats, bound)
+            if self.remote is not None:
+                executor = self._remote(name, version)
+                where, how = "the executor process", "batched there across the workers"
+            else:
+                executor = self.make_executor(model, spec, stats, bound)
+                where, how = model.provider, describe(spec, model, executor)
             versions[version] = LoadedVersion(name, version, spec, model, executor, stats, bound)
             log.info(
                 "loaded %s version %s on %s (warm-up run %.3f ms; %s)",
                 name,
                 version,
-                model.provider,
+                where,
                 model.warmup_seconds * 1e3,
-                describe(spec, model, executor),
+                how,
             )
         return ModelEntry(name, spec, versions, default_version(spec, versions))
+
+    def _remote(self, name: str, version: str) -> Executor:
+        assert self.remote is not None
+        try:
+            return self.remote(name, version)
+        except KeyError:
+            raise ModelLoadError(
+                f"{name} version {version}: the executor process does not serve it (it serves what it loaded "
+                "when it started): restart the gateway to serve a model added since, or use --executors off"
+            ) from None
 
     def note_provider(self) -> None:
         """After the startup loads: say once why `auto` runs on the CPU."""

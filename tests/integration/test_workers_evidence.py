@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
@@ -38,10 +39,17 @@ def wait_for(check, timeout: float = 15.0):  # type: ignore[no-untyped-def]
         time.sleep(0.2)
 
 
-def test_reports_and_labels_cover_every_worker(repo: Path, tmp_path: Path) -> None:  # noqa: F811
+# The release plane is the front ends' own: it works unchanged whether the models run in
+# each worker (off) or in one executor process fed by both workers (1).
+EXECUTORS = pytest.mark.parametrize("executors", ["off", "1"])
+
+
+@EXECUTORS
+def test_reports_and_labels_cover_every_worker(repo: Path, tmp_path: Path, executors: str) -> None:  # noqa: F811
     state = tmp_path / "state"
     data = np.load(MODELS / "digits" / "heldout.npz")
-    with gateway_process("--models", str(repo), "--workers", "2", "--state-dir", str(state)) as server:
+    args = ("--models", str(repo), "--workers", "2", "--executors", executors, "--state-dir", str(state))
+    with gateway_process(*args, timeout=120) as server:
         infer = stubs(server)
         for i in range(400):
             request = service_pb2.ModelInferRequest(model_name="digits", id=f"w{i}")
@@ -75,11 +83,15 @@ def test_reports_and_labels_cover_every_worker(repo: Path, tmp_path: Path) -> No
         assert report is not None, "labels for the other worker's predictions were not joined"
         assert report.feedback_unknown == 0
         assert sum(v.labelled for v in report.versions) == 400
+        # Executor mode really ran the models there: the workers built no batcher of their own.
+        remote = [line for line in server.lines if "on the executor process" in line]
+        assert bool(remote) == (executors == "1"), remote
 
 
-def test_a_rollout_is_decided_on_all_workers_evidence(repo: Path, tmp_path: Path) -> None:  # noqa: F811
-    args = ("--models", str(repo), "--workers", "2", "--state-dir", str(tmp_path / "state"))
-    with gateway_process(*args) as server:
+@EXECUTORS
+def test_a_rollout_is_decided_on_all_workers_evidence(repo: Path, tmp_path: Path, executors: str) -> None:  # noqa: F811
+    args = ("--models", str(repo), "--workers", "2", "--executors", executors, "--state-dir", str(tmp_path / "state"))
+    with gateway_process(*args, timeout=120) as server:
         traffic = Traffic(server, seed=3)
         connections = stubs(server, 4)
         calls = iter(range(10**9))

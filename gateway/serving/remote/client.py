@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from gateway.errors import Draining, InvalidInput, Overloaded
 from gateway.serving.remote import records as rec
 from gateway.serving.remote.arena import Arena, SlotPool
 from gateway.serving.remote.channel import Channel, socket_path
+from gateway.serving.statistics import Duration, VersionStats
 from gateway.types import RunTiming, Tensors, TensorSpec
 
 DEFAULT_SLOTS = 256
@@ -73,6 +74,8 @@ class RemoteConnection:
             info = RemoteVersion(int(v["id"]), v["model"], v["version"], _specs(v["inputs"]), _specs(v["outputs"]))
             self.versions[(info.model, info.version)] = info
         self.lost = False
+        # Called once when the executor goes (not on close()): the link connects again.
+        self.on_lost: Callable[[], None] | None = None
         self._calls: dict[int, _Call] = {}
         self._seq = 0
         self.channel = Channel(sock, self._on_record, self._on_close)
@@ -162,6 +165,11 @@ class RemoteConnection:
 
     def _on_close(self) -> None:
         """The executor is gone: every call in flight fails now, and its slot is free again."""
+        self._fail_calls()
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _fail_calls(self) -> None:
         self.lost = True
         calls, self._calls = self._calls, {}
         for call in calls.values():
@@ -174,7 +182,7 @@ class RemoteConnection:
         """Disconnect: calls in flight fail as if the executor had gone, and the arena is unmapped."""
         if not self.channel.closed:
             self.channel.close()
-            self._on_close()
+            self._fail_calls()
         self.arena.close()
 
 
@@ -245,6 +253,25 @@ class RemoteExecutor:
             raise
         finally:
             del call
+
+    async def pull_statistics(self, stats: VersionStats) -> None:
+        """Put the executor's counts of this version's runs into `stats`: its model runs,
+        their compute times by batch size, and the queue times of every front end's requests
+        (the batches it ran hold them all). Requests answered stay this front end's own."""
+        connection = self.connection
+        if connection.lost:
+            raise ExecutorLost(f"the executor process (pid {connection.executor_pid}) is gone")
+        slot = connection.slots.take()
+        if slot is None:
+            raise Overloaded(f"all {connection.arena.slots} shared-memory slots are in use: try again later")
+        seq = connection.next_seq()
+        call = connection.start_call(self, slot, rec.encode_stats(slot, seq, self.version.id), seq, None)
+        counters, batches = await call.future
+        execution_count, compute_count, compute_ns, queue_count, queue_ns = (int(v) for v in counters)
+        stats.execution_count = execution_count
+        stats.compute_infer = Duration(compute_count, compute_ns)
+        stats.queue = Duration(queue_count, queue_ns)
+        stats.by_batch_size = {int(size): Duration(int(count), int(ns)) for size, count, ns in batches}
 
     async def close(self) -> None:
         self._closed = True

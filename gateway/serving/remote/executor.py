@@ -13,13 +13,14 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.config.settings import GatewaySettings
 from gateway.serving.builder import ModelBuilder
 from gateway.serving.executor import drain_and_close
+from gateway.serving.metrics import GatewayMetrics
 from gateway.serving.remote.server import ExecutorServer, Served, listen, slot_bytes_for
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,36 @@ def load(builder: ModelBuilder) -> list[Served]:
         for version in entry.sorted_versions():
             loaded = entry.versions[version]
             model = loaded.model
-            served.append(Served(len(served), name, version, model.inputs, model.outputs, loaded.executor))
+            served.append(
+                Served(len(served), name, version, model.inputs, model.outputs, loaded.executor, loaded.stats)
+            )
     return served
 
 
-async def serve(args: argparse.Namespace) -> None:
-    settings = GatewaySettings(
+def settings_of(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(
         models=args.models, load=tuple(args.load), provider=args.provider, intra_op_threads=args.intra_op_threads
     )
+
+
+async def serve(
+    settings: GatewaySettings,
+    address: str,
+    on_ready: Callable[[], None],
+    slot_bytes: int = 0,
+    metrics: GatewayMetrics | None = None,
+) -> None:
+    """Load, listen at `address`, call `on_ready`, and serve until SIGTERM or SIGINT.
+
+    `metrics`: the batchers' Prometheus collectors (batch sizes, queue and compute
+    times); under `gateway serve` they land in the supervisor's multiprocess
+    directory and are merged with the front ends' own."""
     with ThreadPoolExecutor(max_workers=64, thread_name_prefix="ort") as pool:
-        builder = ModelBuilder.from_settings(settings, pool, metrics=None)
+        builder = ModelBuilder.from_settings(settings, pool, metrics=metrics)
         versions = load(builder)
+        builder.note_provider()
         repository = builder.repository
-        slot_bytes = args.slot_bytes or max(
+        slot_bytes = slot_bytes or max(
             slot_bytes_for(
                 v.inputs,
                 v.outputs,
@@ -66,15 +84,16 @@ async def serve(args: argparse.Namespace) -> None:
             for v in versions
         )
         server = ExecutorServer(versions, slot_bytes)
-        listener = listen(args.listen)
+        listener = listen(address)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         accepting = loop.create_task(server.serve(listener))
-        log.info("executor serving %d versions at %s, slots of %d bytes", len(versions), args.listen, slot_bytes)
-        print(f"ready {args.listen}", flush=True)
+        log.info("executor serving %d versions at %s, slots of %d bytes", len(versions), address, slot_bytes)
+        on_ready()
         await stop.wait()
+        log.info("executor draining")
         accepting.cancel()
         listener.close()
         await server.close()
@@ -83,7 +102,10 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s executor %(levelname)s %(message)s", stream=sys.stderr)
-    asyncio.run(serve(parse(argv)))
+    args = parse(argv)
+    asyncio.run(
+        serve(settings_of(args), args.listen, lambda: print(f"ready {args.listen}", flush=True), args.slot_bytes)
+    )
     return 0
 
 

@@ -41,6 +41,10 @@ CANCEL: Final = 2
 REPLY: Final = 3
 HELLO: Final = 4  # executor -> front end, once: the versions served, as JSON after the kind byte
 ARENA: Final = 5  # front end -> executor, once: the arena's geometry, with its memfd attached
+# Front end -> executor, a request record with no tensors: the version's statistics (the
+# executor's batcher counts every front end's runs), answered as an OK reply whose two
+# int64 tensors, STATS_COUNTERS and one (batch size, count, ns) row per size, are in the slot.
+STATS: Final = 6
 
 # Request flags.
 TRACED: Final = 1  # the reply carries the batch's times (types.RunTiming)
@@ -142,6 +146,14 @@ def encode_request(
         NO_TIME if deadline is None else deadline,
         NO_TIME if timeout_s is None else timeout_s,
     )
+
+
+# The first statistics tensor: execution count, then count and ns of compute and of queue.
+STATS_COUNTERS: Final = ("execution_count", "compute_count", "compute_ns", "queue_count", "queue_ns")
+
+
+def encode_stats(slot: int, seq: int, version: int) -> bytes:
+    return REQUEST_RECORD.pack(STATS, 0, 0, slot, seq, version, 0, NO_TIME, NO_TIME)
 
 
 def encode_cancel(slot: int, seq: int) -> bytes:

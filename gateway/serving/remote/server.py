@@ -22,7 +22,7 @@ import math
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from gateway.serving.executor import Executor
 from gateway.serving.remote import records as rec
 from gateway.serving.remote.arena import Arena, round_to_page
 from gateway.serving.remote.channel import Channel, recv_with_fds, socket_path
+from gateway.serving.statistics import VersionStats
 from gateway.types import RunTiming, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Served:
     inputs: Sequence[TensorSpec]
     outputs: Sequence[TensorSpec]
     executor: Executor
+    # Counted by the version's batcher for every front end's requests (answered to STATS).
+    stats: VersionStats = field(default_factory=VersionStats)
 
     def describe(self) -> dict[str, object]:
         def tensors(specs: Sequence[TensorSpec]) -> list[list[object]]:
@@ -167,6 +170,31 @@ class Connection:
             task = self.tasks.get(rec.decode_request(data).seq)
             if task is not None:
                 task.cancel()  # the batcher drops it if not yet dispatched; the task then replies CANCELLED
+        elif kind == rec.STATS:
+            self._statistics(rec.decode_request(data))
+
+    def _statistics(self, request: rec.Request) -> None:
+        """A version's counters, as two int64 tensors in the request's slot (a rare call: no task)."""
+        if request.slot >= self.arena.slots:
+            log.warning("a front end named slot %d of %d: ignored", request.slot, self.arena.slots)
+            return
+        if request.version >= len(self.server.versions):
+            self._error(request, ModelNotFound(f"the executor has no version with id {request.version}"))
+            return
+        s = self.server.versions[request.version].stats
+        counters = np.array(
+            [s.execution_count, s.compute_infer.count, s.compute_infer.ns, s.queue.count, s.queue.ns], np.int64
+        )
+        sizes = sorted(s.by_batch_size.items())
+        batches = np.array([(size, d.count, d.ns) for size, d in sizes], np.int64).reshape(len(sizes), 3)
+        try:
+            rec.write_tensors(
+                self.arena.view, self.arena.base(request.slot), self.arena.slot_bytes, [counters, batches]
+            )
+        except rec.SlotTooSmall as exc:
+            self._error(request, ModelExecutionError(f"the statistics cannot be returned: {exc}"))
+            return
+        self.channel.send(rec.encode_reply(request.slot, request.seq, rec.OK, 2))
 
     def _request(self, request: rec.Request) -> None:
         if request.slot >= self.arena.slots:
