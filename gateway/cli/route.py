@@ -8,6 +8,8 @@ text, so a mistake anywhere is refused the same way, with exit status 1 and the 
 
 from __future__ import annotations
 
+import difflib
+
 import click
 
 from gateway.cli.release import REASON_HELP, connection_options, console, markup
@@ -38,6 +40,16 @@ def parse_condition(text: str, source: str) -> rpb.RouteMatch:
             f"--{source} {text[:60]!r}: expected NAME=VALUE or NAME:OP=VALUE (OP: {', '.join(OPS)})", EXIT_REFUSED
         )
     key, colon, op = name.rpartition(":")
+    if colon and op not in OPS:
+        close = difflib.get_close_matches(op.lower(), OPS, n=1, cutoff=0.6)
+        if close:
+            # A misspelt operator would otherwise make an exact match on a parameter named
+            # `tenant:regx`, which no request has: a rule that silently never matches.
+            raise CommandFailed(
+                f"--{source} {text[:60]!r}: unknown operator {op[:20]!r} (did you mean {close[0]!r}?); "
+                f"use NAME:OP=VALUE with OP one of {', '.join(OPS)}, or NAME:exact=VALUE for a name holding ':'",
+                EXIT_REFUSED,
+            )
     if not colon or op not in OPS:
         # No operator (a name may hold a colon itself): an exact match on the whole name.
         key, op = name, "exact"
