@@ -103,6 +103,13 @@ def test_anything_that_leaves_the_number_unknown_is_inconclusive_with_its_reason
         "no usable reading: cannot reach http://prom:9090/api/v1/query: connection refused",
     )
     assert verdict(PROM, Reading(PROM, 99.0, math.nan))[0] is Verdict.INCONCLUSIVE
+    # An infinity never passes: +Inf for a min (a ratio over zero), -Inf for a max.
+    assert verdict(WEB, Reading(WEB, 99.0, math.inf)) == (
+        Verdict.INCONCLUSIVE,
+        "the reading is inf (a division by zero?), not a number",
+    )
+    assert verdict(PROM, Reading(PROM, 99.0, -math.inf))[0] is Verdict.INCONCLUSIVE
+    assert verdict(WEB, Reading(WEB, 99.0, -math.inf))[0] is Verdict.FAIL
     # A reading of the check before its spec changed (a reloaded model.toml) is not used.
     tighter = ExternalCheckSpec(name="p99", kind="prometheus", url="http://prom:9090", query="up", max=0.1)
     assert verdict(tighter, Reading(PROM, 99.0, 0.2))[0] is Verdict.INCONCLUSIVE
