@@ -243,6 +243,10 @@ def test_model_toml_reads_an_array_of_checks(tmp_path: Path) -> None:
         (f"[[policy.checks]]\n{GOOD.replace('p99', 'a b')}max = 1", "policy.checks[0].name: must be 1-63 letters"),
         (f"[[policy.checks]]\n{GOOD}max = 1\n[[policy.checks]]\n{GOOD}min = 1", "two checks are named 'p99'"),
         ("checks = 3", "policy.checks: expected an array of tables"),
+        # URLs that parse wrong, or that the HTTP client refuses at each poll (never a reading).
+        (f"[[policy.checks]]\n{GOOD.replace('http://prom:9090', 'http://[::1')}max = 1", "it does not parse"),
+        (f"[[policy.checks]]\n{GOOD.replace('prom:9090', 'prom:99999')}max = 1", "it does not parse (Port out of"),
+        (f"[[policy.checks]]\n{GOOD.replace('prom:9090', 'prom:9090/' + 'x' * 9000)}max = 1", "limit is 8192"),
     ],
 )
 def test_a_bad_check_is_refused_naming_its_place_and_field(tmp_path: Path, checks: str, message: str) -> None:
