@@ -53,7 +53,15 @@ def parse_condition(text: str, source: str) -> rpb.RouteMatch:
     if not colon or op not in OPS:
         # No operator (a name may hold a colon itself): an exact match on the whole name.
         key, op = name, "exact"
-    values = value.split(",") if op == "in" else [value]
+    values = [value]
+    if op == "in":
+        # `in=staff, qa` means qa, not " qa" (a member no request would ever carry); an empty
+        # member (`a,,b`, a trailing comma) is a slip, not a wish to match the empty string.
+        values = [member.strip() for member in value.split(",")]
+        if "" in values:
+            raise CommandFailed(
+                f"--{source} {text[:60]!r}: an empty member in the set; list the values as A,B,C", EXIT_REFUSED
+            )
     return rpb.RouteMatch(source=source, key=key, op=op, values=values)
 
 
