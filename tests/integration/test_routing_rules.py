@@ -308,3 +308,22 @@ def test_a_cohort_routed_to_the_canary_during_a_rollout_is_no_evidence_for_its_s
     assert checks["step_requests"]["value"] == 0, checks["step_requests"]  # not the cohort's 1,000
     assert checks["error_rate"]["samples"] == 0, checks["error_rate"]
     assert [(r["version"], r["role"], r["requests"]) for r in data["routed"]] == [("2", "rule internal", 1000)]
+
+
+def test_a_reason_holding_nul_is_invalid_not_a_store_outage_on_postgresql(repo: Path, state_url: str) -> None:
+    """PostgreSQL text cannot hold NUL: such a reason (any client can send one over gRPC) was
+    written as it came, the write failed, and the caller was told the store was unavailable."""
+    with gateway_process("--models", str(repo), "--state-url", state_url, "--workers", "1") as server:
+        stub = control(server)
+        calls = [
+            lambda: stub.AddRoute(rpb.AddRouteRequest(model="digits", route=internal_rule(), reason="a\x00b")),
+            lambda: stub.SetTraffic(rpb.SetTrafficRequest(model="digits", canary="2", weight_bp=0, reason="\x00")),
+            lambda: stub.Approve(rpb.ModelActionRequest(model="digits", reason="ok\x00")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            assert "reason holds a NUL character" in (caught.value.details() or "")
+        added = stub.AddRoute(rpb.AddRouteRequest(model="digits", route=internal_rule(), reason="plain"), timeout=10)
+        assert [r.name for r in added.routes] == ["internal"]
