@@ -8,6 +8,8 @@ text, so a mistake anywhere is refused the same way, with exit status 1 and the 
 
 from __future__ import annotations
 
+import difflib
+
 import click
 
 from gateway.cli.release import REASON_HELP, connection_options, console, markup
@@ -38,10 +40,28 @@ def parse_condition(text: str, source: str) -> rpb.RouteMatch:
             f"--{source} {text[:60]!r}: expected NAME=VALUE or NAME:OP=VALUE (OP: {', '.join(OPS)})", EXIT_REFUSED
         )
     key, colon, op = name.rpartition(":")
+    if colon and op not in OPS:
+        close = difflib.get_close_matches(op.lower(), OPS, n=1, cutoff=0.6)
+        if close:
+            # A misspelt operator would otherwise make an exact match on a parameter named
+            # `tenant:regx`, which no request has: a rule that silently never matches.
+            raise CommandFailed(
+                f"--{source} {text[:60]!r}: unknown operator {op[:20]!r} (did you mean {close[0]!r}?); "
+                f"use NAME:OP=VALUE with OP one of {', '.join(OPS)}, or NAME:exact=VALUE for a name holding ':'",
+                EXIT_REFUSED,
+            )
     if not colon or op not in OPS:
         # No operator (a name may hold a colon itself): an exact match on the whole name.
         key, op = name, "exact"
-    values = value.split(",") if op == "in" else [value]
+    values = [value]
+    if op == "in":
+        # `in=staff, qa` means qa, not " qa" (a member no request would ever carry); an empty
+        # member (`a,,b`, a trailing comma) is a slip, not a wish to match the empty string.
+        values = [member.strip() for member in value.split(",")]
+        if "" in values:
+            raise CommandFailed(
+                f"--{source} {text[:60]!r}: an empty member in the set; list the values as A,B,C", EXIT_REFUSED
+            )
     return rpb.RouteMatch(source=source, key=key, op=op, values=values)
 
 

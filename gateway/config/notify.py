@@ -14,6 +14,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from gateway.config._parse import check_choices, check_number
+from gateway.config.urls import http_url_problem
 from gateway.errors import ConfigError
 
 NotifyKind = Literal["webhook", "slack"]
@@ -57,14 +58,13 @@ class NotifyTarget:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        parts = urlsplit(self.url)
-        try:
-            port = parts.port  # raises for a port that is not a number in 0..65535
-        except ValueError:
-            port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        problem = http_url_problem(self.url)
+        if problem:
             # The URL is not repeated: a Slack webhook's path is its secret.
-            raise ConfigError("url: expected http(s)://HOST[:PORT]/PATH of the receiver (with its scheme)")
+            raise ConfigError(
+                f"url: expected http(s)://HOST[:PORT]/PATH of the receiver (with its scheme); it {problem}"
+            )
+        parts = urlsplit(self.url)
         if not self.name:
             # object.__setattr__: the one way to fill in a default on a frozen dataclass.
             object.__setattr__(self, "name", parts.netloc.rsplit("@", 1)[-1])

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
-from gateway.config._parse import MIB, Schema, check_choices, check_number, read_toml
+from gateway.config._parse import MIB, Schema, check_choices, check_number, read_toml, shown
+from gateway.config.urls import http_url_problem
 from gateway.errors import ConfigError
 from gateway.types import BASIS_POINTS
 
@@ -137,9 +137,11 @@ class ExternalCheckSpec:
             raise ConfigError(f"name: {self.name!r} is the name of a built-in check (or its family); pick another")
         if self.kind not in EXTERNAL_CHECK_KINDS:
             raise ConfigError(f"kind: must be one of {', '.join(EXTERNAL_CHECK_KINDS)}, got {self.kind!r}")
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"url: must be an http:// or https:// URL with a host, got {self.url!r}")
+        problem = http_url_problem(self.url)
+        if problem:
+            raise ConfigError(
+                f"url: must be an http:// or https:// URL with a host, got {shown(self.url)}: it {problem}"
+            )
         if self.kind == "prometheus":
             if not self.query.strip():
                 raise ConfigError('query: a prometheus check needs a PromQL query, e.g. query = "up"')

@@ -146,6 +146,11 @@ def judge(spec: ExternalCheckSpec, reading: Reading | None, *, since: float, now
         verdict, reason = Verdict.INCONCLUSIVE, f"no usable reading: {reading.problem}"
     elif math.isnan(reading.value):
         verdict, reason = Verdict.INCONCLUSIVE, "the reading is NaN (no data behind it, or 0/0)"
+    elif math.isinf(reading.value) and (reading.value < 0) == (spec.max is not None):
+        # An infinity on the passing side (+Inf for a min, -Inf for a max) is a division by
+        # zero or "1e999", not a good number; one past the bound (histogram_quantile's +Inf:
+        # beyond the last bucket) fails below.
+        verdict, reason = Verdict.INCONCLUSIVE, f"the reading is {reading.value} (a division by zero?), not a number"
     else:
         value = reading.value
         within = value <= bound if spec.max is not None else value >= bound

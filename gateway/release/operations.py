@@ -43,6 +43,10 @@ def check_reason(reason: str) -> None:
             f"reason is {len(reason)} characters; the limit is {MAX_REASON_CHARS}: shorten it "
             "(link to a ticket for the long story)"
         )
+    if "\x00" in reason:
+        # PostgreSQL's text cannot hold NUL: stored as it is, the write failed and the caller
+        # was told the database was unreachable (UNAVAILABLE), which it was not.
+        raise InvalidInput("reason holds a NUL character (\\x00): send plain text")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,10 +9,12 @@ the split (see `resolve`). Requests no rule matches take the split as before.
 
 Regular expressions are operators' text run against clients' text on the
 request path, so they are bounded three ways: the pattern's length
-(MAX_PATTERN_CHARS), its shape (no unbounded repetition inside another, nor
-of an alternation: the two shapes whose backtracking grows exponentially with
-the input, the usual ReDoS), and the text they run on (MAX_SUBJECT_CHARS:
-a longer value never matches a regex). Every pattern is compiled once, when
+(MAX_PATTERN_CHARS), its shape (no part that matches in several ways
+repeated many times over, like (a+)+ or (a{2,5})+ or (a|ab)*: backtracking
+exponential in the input, the usual ReDoS; and at most MAX_LONG_REPEATS
+unbounded repetitions, each of which multiplies the cost by the input's
+length), and the text they run on (MAX_SUBJECT_CHARS: a longer value never
+matches a regex). Every pattern is compiled once, when
 the rule is made (or read back from the store), never per request.
 
 Pure: no I/O, no clock; the release state holds the rules, and the store
@@ -21,6 +23,7 @@ keeps them with it (revisioned and audited like every release change).
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,11 +52,18 @@ MAX_VALUES = 64  # members of one `in` set
 # A regex is refused past this length: a rule is a cohort test, not a program, and the
 # shape check below walks the parsed pattern whole.
 MAX_PATTERN_CHARS = 256
-# A regex never matches a longer value: the cost of a search grows with the text, and a
-# request parameter can be as long as the message allows (megabytes).
-MAX_SUBJECT_CHARS = 1024
-# Repetitions above this count are "large" for the shape check ({2,5} inside + is fine).
+# A regex never matches a longer value: the cost of a search grows with the text (as its
+# square, for a pattern with two unbounded repetitions), and a request parameter can be as
+# long as the message allows (megabytes). Cohort values are short: an exact or prefix
+# value is at most MAX_VALUE_CHARS too.
+MAX_SUBJECT_CHARS = 256
+# Repetitions above this count are "large" for the shape check: a part that can match in
+# several ways, run more often than this, is refused ({2,5} inside + is not fine: 5 s on
+# 40 characters).
 _LARGE_REPEAT = 10
+# Unbounded repetitions (`.*`, `\\d+`, `{1,50}`) one pattern may hold: each multiplies the
+# worst case of a failing search by the value's length (two: 10 ms on 256 characters).
+MAX_LONG_REPEATS = 2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -170,7 +180,10 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
         parsed = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
         raise InvalidInput(f"{where}: {pattern[:60]!r} is not a valid regular expression ({exc})") from None
-    problem = _backtracking(parsed, inside_repeat=False)
+    problem = _backtracking(parsed, outer=1)
+    long_repeats = _long_repeats(parsed)
+    if not problem and long_repeats > MAX_LONG_REPEATS:
+        problem = f"{long_repeats} unbounded repetitions (like .*.*.*; at most {MAX_LONG_REPEATS})"
     if problem:
         raise InvalidInput(
             f"{where}: {pattern[:60]!r} has {problem}, which can take exponential time on a hostile value; "
@@ -179,30 +192,57 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
     return compiled
 
 
-def _backtracking(items: Any, inside_repeat: bool) -> str:
-    """The first exponential-backtracking shape in a parsed pattern, described; "" if none."""
+def _backtracking(items: Any, outer: float) -> str:
+    """The first exponential-backtracking shape in a parsed pattern, described; "" if none.
+
+    `outer` is how many times the enclosing repetitions may run this part, together
+    (their upper bounds multiplied; inf when one is unbounded). A part that can match in
+    more than one way (a repetition of variable count, an alternation) run more than
+    _LARGE_REPEAT times over gives the engine that many choices to retry on a mismatch:
+    (a+)+, but also (a{2,5})+ and (a?){40}, which are small repetitions inside large ones."""
     for op, av in items:
         if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
-            _low, high, body = av
-            large = high == sre_constants.MAXREPEAT or high > _LARGE_REPEAT
-            if large and inside_repeat:
+            low, high, body = av
+            count = math.inf if high == sre_constants.MAXREPEAT else high
+            if low != high and outer > _LARGE_REPEAT:
                 return "a repetition inside a repetition (like (a+)+)"
-            if large and any(sub_op == sre_constants.BRANCH for sub_op, _ in _flat(body)):
+            if outer * count > _LARGE_REPEAT and any(sub_op == sre_constants.BRANCH for sub_op, _ in _flat(body)):
                 return "a repeated alternation (like (a|ab)+)"
-            found = _backtracking(body, inside_repeat or large)
+            found = _backtracking(body, outer * count)
         elif op == sre_constants.SUBPATTERN:
-            found = _backtracking(av[-1], inside_repeat)
+            found = _backtracking(av[-1], outer)
         elif op == sre_constants.BRANCH:
-            found = next((f for branch in av[1] if (f := _backtracking(branch, inside_repeat))), "")
+            found = next((f for branch in av[1] if (f := _backtracking(branch, outer))), "")
         elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-            found = _backtracking(av[1], inside_repeat)
+            found = _backtracking(av[1], outer)
         elif op == sre_constants.GROUPREF_EXISTS:
-            found = next((f for part in av[1:] if part and (f := _backtracking(part, inside_repeat))), "")
+            found = next((f for part in av[1:] if part and (f := _backtracking(part, outer))), "")
         else:
             found = ""
         if found:
             return found
     return ""
+
+
+def _long_repeats(items: Any) -> int:
+    """How many repetitions of large or unbounded variable count a parsed pattern holds:
+    k of them in a row (.*.*.*) make a failing search take time growing as the value's
+    length to the power k, polynomial but not small (56 s for k = 3 on 1,024 characters)."""
+    count = 0
+    for op, av in items:
+        if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
+            low, high, body = av
+            large = high == sre_constants.MAXREPEAT or high > _LARGE_REPEAT
+            count += int(large and low != high) + _long_repeats(body)
+        elif op == sre_constants.SUBPATTERN:
+            count += _long_repeats(av[-1])
+        elif op == sre_constants.BRANCH:
+            count += sum(_long_repeats(branch) for branch in av[1])
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            count += _long_repeats(av[1])
+        elif op == sre_constants.GROUPREF_EXISTS:
+            count += sum(_long_repeats(part) for part in av[1:] if part)
+    return count
 
 
 def _flat(items: Any) -> Iterable[tuple[Any, Any]]:

@@ -193,6 +193,15 @@ def test_an_unreachable_source_is_inconclusive_and_the_rollout_never_promotes_on
             flat = " ".join(status.split())  # status wraps its lines at the terminal's width
             assert f"{P99} inconclusive no usable reading: cannot reach {down}/api/v1/query" in flat, status
             assert f"next: hold (inconclusive: {P99})" in flat, status
+            # A pipeline's `rollout wait --json` sees the same: the external check it waits on, and why.
+            waited = cli(server, "rollout", "wait", "digits", "--json", "--timeout", "1")
+            assert waited.returncode == 5, (waited.stdout, waited.stderr)
+            stream = [json.loads(line) for line in waited.stdout.splitlines()]
+            assessed = [e for e in stream if e["event"] == "assessment"]
+            assert assessed and P99 in assessed[-1]["waiting"], stream
+            (seen,) = [c for c in assessed[-1]["checks"] if c["check"] == P99]
+            assert (seen["verdict"], seen["kind"]) == ("inconclusive", "prometheus"), seen
+            assert seen["reason"].startswith(f"no usable reading: cannot reach {down}"), seen
             # max_duration_s runs out with the check still inconclusive: on_timeout (pause), not a promotion.
             done = wait_phase(control, "digits", DONE, timeout=30)
         records = audit(control, "digits")
@@ -234,3 +243,12 @@ min = 0.9
                 assert (score["verdict"], score["value"], score["bound"], score["kind"]) == ("pass", 0.97, 0.9, "web")
                 assert score["reason"] == "read 0.97, ≥ min 0.9"
             assert source.asked and all(p == "/scores/digits?window=5m" for p in source.asked)
+            # `rollout wait --json` on the ended rollout: each step's change carries the verdict and the value.
+            waited = cli(server, "rollout", "wait", "digits", "--json")
+            assert waited.returncode == 0, (waited.stdout, waited.stderr)
+            changes = [json.loads(line) for line in waited.stdout.splitlines()]
+            advanced = [e for e in changes if e["event"] == "change" and e["action"] == "advance"]
+            assert len(advanced) == 2, changes
+            for event in advanced:
+                (score,) = [c for c in event["checks"] if c["check"] == "business-score"]
+                assert (score["verdict"], score["value"], score["kind"]) == ("pass", 0.97, "web"), score

@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from gateway.protocol.pb import release_pb2 as rpb
@@ -266,3 +267,54 @@ def test_a_missing_secret_stops_the_gateway_naming_the_target_and_the_variable(t
         pass
     message = str(caught.value)
     assert "notify[0] (good): secret_env: the environment variable NOTIFY_TEST_KEY is not set or empty" in message
+
+
+def test_approval_gates_and_a_failed_load_test_gate_are_announced(tmp_path: Path) -> None:
+    """The events the approval gates' audit rows announce (awaiting approval, approved) and a
+    start the load-test gate refuses (gate failed) reach a real receiver, signed, as they happen."""
+    repo = tmp_path / "repo"
+    digits_repo(repo, '\n[policy]\napprove_before = ["start"]\n', name="held")
+    # A latency bound no candidate meets (p99 at a millionth of the stable's): the gate refuses.
+    refused_gate = "\n[policy]\ngate = true\ngate_requests = 20\ngate_max_latency_ratio = 0.000001\n"
+    digits_repo(repo, refused_gate, name="gated")
+    with receiving() as good:
+        path = tmp_path / "gateway.toml"
+        path.write_text(f'[[notify]]\nname = "good"\nurl = "http://127.0.0.1:{good.port}/hook"\nsecret_env = "K"\n')
+        args = ("--models", str(repo), "--workers", "1", "--config", str(path))
+        with gateway_process(*args, env={"K": KEY}) as server:
+            control = control_stub(server)
+            started = control.StartRollout(rpb.StartRolloutRequest(model="held", candidate="2", reason="v2"))
+            assert started.awaiting_approval == "start"
+            control.Approve(rpb.ModelActionRequest(model="held", reason="looks good"))
+            control.Rollback(rpb.ModelActionRequest(model="held", reason="enough"))
+            with pytest.raises(grpc.RpcError) as caught:
+                control.StartRollout(rpb.StartRolloutRequest(model="gated", candidate="2", reason="v2"))
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+            expected = [
+                ("held", "rollout_started"),
+                ("held", "awaiting_approval"),
+                ("held", "approved"),
+                ("held", "rolled_back"),
+                ("gated", "gate_failed"),
+            ]
+            deadline = time.monotonic() + 20
+            while len(good.bodies("/hook")) < len(expected) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            hooks = good.bodies("/hook")
+    assert [(body["model"], body["event"]) for _, body in hooks] == expected, hooks
+    for received, body in hooks:
+        headers = {k.lower(): v for k, v in received.headers.items()}
+        signed = (headers["x-gateway-timestamp"], headers["x-gateway-signature"], received.body)
+        assert signing.verify(KEY.encode(), *signed, now=time.time()), body
+    by_event = {body["event"]: body for _, body in hooks}
+    waiting = by_event["awaiting_approval"]
+    assert (waiting["actor"], waiting["release"]["canary"], waiting["release"]["canary_weight_pct"]) == (
+        "controller",
+        "2",
+        0,
+    )
+    assert "awaiting approval before the first traffic step" in waiting["reason"]
+    approved = by_event["approved"]
+    assert (approved["reason"], approved["release"]["canary_weight_pct"]) == ("looks good", 1)
+    failed = by_event["gate_failed"]
+    assert "fail" in {c["verdict"] for c in failed["checks"] if c["check"] == "gate_latency_p99_ratio"}, failed

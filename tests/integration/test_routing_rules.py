@@ -5,6 +5,7 @@ status 1 and the field named (the CLI as a subprocess)."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -275,3 +276,54 @@ def test_invalid_rules_are_invalid_argument_on_the_control_api(cli_server: Proce
         control(cli_server).AddRoute(rpb.AddRouteRequest(model="digits", route=route), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     assert "route" in (caught.value.details() or "")
+
+
+def test_a_cohort_routed_to_the_canary_during_a_rollout_is_no_evidence_for_its_steps(tmp_path: Path) -> None:
+    """In a real rollout: a thousand requests the rule sends to the canary count for the rule
+    alone; the step's exposure (candidate requests) and the comparison see only the split's."""
+    repo = tmp_path / "repo"
+    shutil.copytree(MODELS / "digits", repo / "digits")
+    spec = repo / "digits" / "model.toml"
+    # One step at 10 % that needs more canary requests than this test sends: it stays there.
+    policy = "\n[policy]\ninterval_s = 0.3\nstep_weights = [10]\nstep_min_samples = 100000\nmax_latency_ratio = 0\n"
+    spec.write_text(spec.read_text() + policy)
+    with gateway_process("--models", str(repo), "--workers", "1") as server:
+        stub = control(server)
+        stub.AddRoute(rpb.AddRouteRequest(model="digits", route=internal_rule(), reason="dogfood"))
+        stub.StartRollout(rpb.StartRolloutRequest(model="digits", candidate="2", reason="v2"))
+        answers = served(server, [request(f"k{i}", "internal") for i in range(1000)])
+        assert set(answers) == {("2", "rule")}
+        deadline = time.monotonic() + 20
+        while True:  # the controller's view is the report's: wait for an assessment after the traffic
+            shown = cli(server, "report", "digits", "--json", token=None)
+            assert shown.returncode == 0, shown.stderr
+            data = json.loads(shown.stdout)
+            checks = {c["check"]: c for c in data.get("rollout", {}).get("checks", [])}
+            if "step_requests" in checks and data["routed"]:
+                break
+            assert time.monotonic() < deadline, shown.stdout
+            time.sleep(0.3)
+        release = stub.GetRelease(rpb.GetReleaseRequest(model="digits"), timeout=10)
+    assert (release.phase, release.canary, release.canary_weight_bp) == ("progressing", "2", 1000)
+    assert checks["step_requests"]["value"] == 0, checks["step_requests"]  # not the cohort's 1,000
+    assert checks["error_rate"]["samples"] == 0, checks["error_rate"]
+    assert [(r["version"], r["role"], r["requests"]) for r in data["routed"]] == [("2", "rule internal", 1000)]
+
+
+def test_a_reason_holding_nul_is_invalid_not_a_store_outage_on_postgresql(repo: Path, state_url: str) -> None:
+    """PostgreSQL text cannot hold NUL: such a reason (any client can send one over gRPC) was
+    written as it came, the write failed, and the caller was told the store was unavailable."""
+    with gateway_process("--models", str(repo), "--state-url", state_url, "--workers", "1") as server:
+        stub = control(server)
+        calls = [
+            lambda: stub.AddRoute(rpb.AddRouteRequest(model="digits", route=internal_rule(), reason="a\x00b")),
+            lambda: stub.SetTraffic(rpb.SetTrafficRequest(model="digits", canary="2", weight_bp=0, reason="\x00")),
+            lambda: stub.Approve(rpb.ModelActionRequest(model="digits", reason="ok\x00")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            assert "reason holds a NUL character" in (caught.value.details() or "")
+        added = stub.AddRoute(rpb.AddRouteRequest(model="digits", route=internal_rule(), reason="plain"), timeout=10)
+        assert [r.name for r in added.routes] == ["internal"]

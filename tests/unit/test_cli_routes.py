@@ -38,6 +38,25 @@ def test_a_condition_without_a_value_is_refused_with_exit_1() -> None:
     assert caught.value.code == 1 and "--header 'x-cohort': expected NAME=VALUE" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "meant"), [("tenant:regx=^a", "regex"), ("tenant:Prefix=a", "prefix"), ("t:IN=a", "in")]
+)
+def test_a_misspelt_operator_is_refused_not_taken_as_part_of_the_name(text: str, meant: str) -> None:
+    with pytest.raises(CommandFailed) as caught:
+        parse_condition(text, "param")
+    assert caught.value.code == 1 and f"(did you mean {meant!r}?)" in str(caught.value), str(caught.value)
+    # A name holding a colon and a word like an operator is still written with one.
+    assert parse_condition("ns:regx:exact=a", "param").key == "ns:regx"
+
+
+def test_set_members_are_trimmed_and_an_empty_one_is_refused() -> None:
+    assert list(parse_condition("tenant:in=staff, qa ,ops", "param").values) == ["staff", "qa", "ops"]
+    for text in ("tenant:in=", "tenant:in=a,,b", "tenant:in=a,b,"):
+        with pytest.raises(CommandFailed) as caught:
+            parse_condition(text, "param")
+        assert caught.value.code == 1 and "an empty member in the set" in str(caught.value), text
+
+
 def test_targets_are_roles_or_versions() -> None:
     assert parse_target("canary") == ("canary", "")
     assert parse_target("stable") == ("stable", "")

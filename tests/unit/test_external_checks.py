@@ -103,6 +103,13 @@ def test_anything_that_leaves_the_number_unknown_is_inconclusive_with_its_reason
         "no usable reading: cannot reach http://prom:9090/api/v1/query: connection refused",
     )
     assert verdict(PROM, Reading(PROM, 99.0, math.nan))[0] is Verdict.INCONCLUSIVE
+    # An infinity never passes: +Inf for a min (a ratio over zero), -Inf for a max.
+    assert verdict(WEB, Reading(WEB, 99.0, math.inf)) == (
+        Verdict.INCONCLUSIVE,
+        "the reading is inf (a division by zero?), not a number",
+    )
+    assert verdict(PROM, Reading(PROM, 99.0, -math.inf))[0] is Verdict.INCONCLUSIVE
+    assert verdict(WEB, Reading(WEB, 99.0, -math.inf))[0] is Verdict.FAIL
     # A reading of the check before its spec changed (a reloaded model.toml) is not used.
     tighter = ExternalCheckSpec(name="p99", kind="prometheus", url="http://prom:9090", query="up", max=0.1)
     assert verdict(tighter, Reading(PROM, 99.0, 0.2))[0] is Verdict.INCONCLUSIVE
@@ -236,6 +243,10 @@ def test_model_toml_reads_an_array_of_checks(tmp_path: Path) -> None:
         (f"[[policy.checks]]\n{GOOD.replace('p99', 'a b')}max = 1", "policy.checks[0].name: must be 1-63 letters"),
         (f"[[policy.checks]]\n{GOOD}max = 1\n[[policy.checks]]\n{GOOD}min = 1", "two checks are named 'p99'"),
         ("checks = 3", "policy.checks: expected an array of tables"),
+        # URLs that parse wrong, or that the HTTP client refuses at each poll (never a reading).
+        (f"[[policy.checks]]\n{GOOD.replace('http://prom:9090', 'http://[::1')}max = 1", "it does not parse"),
+        (f"[[policy.checks]]\n{GOOD.replace('prom:9090', 'prom:99999')}max = 1", "it does not parse (Port out of"),
+        (f"[[policy.checks]]\n{GOOD.replace('prom:9090', 'prom:9090/' + 'x' * 9000)}max = 1", "limit is 8192"),
     ],
 )
 def test_a_bad_check_is_refused_naming_its_place_and_field(tmp_path: Path, checks: str, message: str) -> None:

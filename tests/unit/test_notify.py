@@ -142,6 +142,10 @@ def settings_from(tmp_path: Path, text: str, env: dict[str, str] | None = None) 
     [
         ('[[notify]]\nurl = "hooks.example.com/x"\nsecret_env = "K"\n', "notify[0].url: expected http(s)://"),
         ('[[notify]]\nurl = "http://h/x"\n', "notify[0].secret_env or secret_file: a webhook signs"),
+        # URLs that parse wrong, or that the HTTP client would refuse only when the first event is sent.
+        ('[[notify]]\nurl = "http://[::1/h"\nsecret_env = "K"\n', "notify[0].url: expected http(s)://"),
+        ('[[notify]]\nurl = "http://h/' + "x" * 70_000 + '"\nsecret_env = "K"\n', "the limit is 8192"),
+        ('[[notify]]\nurl = "http://a b/h"\nsecret_env = "K"\n', "holds a space or a control character"),
         (
             '[[notify]]\nurl = "http://h/x"\nsecret_env = "K"\nevents = ["promote"]\n',
             "notify[0].events: 'promote' is not an event (did you mean 'promoted'?)",

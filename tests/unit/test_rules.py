@@ -170,6 +170,34 @@ def test_a_hostile_pattern_shape_is_refused_before_it_could_take_seconds() -> No
     assert time.perf_counter() - start < 0.5
 
 
+@pytest.mark.parametrize(
+    ("pattern", "subject", "named"),
+    [
+        # Small variable repetitions inside large ones: exponential all the same (5 s at 40
+        # characters for the first, 0.15 s at 22 for the second, doubling with each one more).
+        ("(a{2,5})+$", "a" * 40 + "b", "repetition inside a repetition"),
+        ("^(a?){40}a{40}$", "a" * 40, "repetition inside a repetition"),
+        ("((a?){5}){5}b", "a" * 25, "repetition inside a repetition"),
+        ("(?:x|xy){20}z", "x" * 20, "repeated alternation"),
+        # Three unbounded repetitions: cubic in the value's length (56 s on 1,024 characters).
+        (".*.*.*x", "a" * MAX_SUBJECT_CHARS, "3 unbounded repetitions"),
+        (r"^\d+-\d+-\d+-\d+$", "1" * MAX_SUBJECT_CHARS, "4 unbounded repetitions"),
+    ],
+)
+def test_slow_shapes_the_first_check_let_through_are_refused(pattern: str, subject: str, named: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        param("t", "regex", pattern)
+    assert named in str(caught.value), str(caught.value)
+
+
+def test_the_worst_accepted_shapes_fail_fast_on_the_longest_value() -> None:
+    for pattern in (".*a.*b", r"^\d+-\d+x", "(ab?){10}c", r"^beta(-\d+)?$"):
+        m = param("t", "regex", pattern)
+        start = time.perf_counter()
+        assert not m.holds("a" * MAX_SUBJECT_CHARS if "d" not in pattern else "1" * MAX_SUBJECT_CHARS)
+        assert time.perf_counter() - start < 0.2, pattern
+
+
 def test_positions_names_and_the_count_limit() -> None:
     a, b, c = (rule(n, param("t", "exact", n)) for n in "abc")
     rules = with_rule((a, b), c, 1)
