@@ -8,14 +8,15 @@ a pinned version. A rule for the canary while there is none falls through to
 the split (see `resolve`). Requests no rule matches take the split as before.
 
 Regular expressions are operators' text run against clients' text on the
-request path, so they are bounded three ways: the pattern's length
-(MAX_PATTERN_CHARS), its shape (no part that matches in several ways
-repeated many times over, like (a+)+ or (a{2,5})+ or (a|ab)*: backtracking
-exponential in the input, the usual ReDoS; and at most MAX_LONG_REPEATS
-unbounded repetitions, each of which multiplies the cost by the input's
-length), and the text they run on (MAX_SUBJECT_CHARS: a longer value never
-matches a regex). Every pattern is compiled once, when
-the rule is made (or read back from the store), never per request.
+request path, so they run on RE2 (google-re2): time linear in the value
+whatever the pattern, so no pattern can be a ReDoS ((a+)+$ answers in
+microseconds on 10,000 characters, where Python's backtracking `re` took
+seconds on 40). Backreferences and lookaround, which no linear-time engine
+has, are refused with the reason. The pattern's length (MAX_PATTERN_CHARS)
+and the compiled program's memory (RE2_MAX_MEM) are capped, and so is the
+text a pattern runs on (MAX_SUBJECT_CHARS: a longer value never matches a
+regex). Every pattern is compiled once, when the rule is made (or read back
+from the store), never per request.
 
 Pure: no I/O, no clock; the release state holds the rules, and the store
 keeps them with it (revisioned and audited like every release change).
@@ -23,23 +24,16 @@ keeps them with it (revisioned and audited like every release change).
 
 from __future__ import annotations
 
-import math
 import re
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import re2
+
 from gateway.errors import InvalidInput
 from gateway.types import HeaderSource
-
-with warnings.catch_warnings():
-    # The regular-expression parser is public only under these (deprecated) names; its
-    # structure is what the shape check below reads. typeshed types both modules.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import sre_constants
-    import sre_parse
 
 # Bounds on what one model's rules may hold: they are checked on every routed request
 # of the model (first match wins), and stored and audited with each release change.
@@ -49,21 +43,17 @@ MAX_NAME_CHARS = 64
 MAX_KEY_CHARS = 128
 MAX_VALUE_CHARS = 256  # an exact value, a prefix, a member of a set
 MAX_VALUES = 64  # members of one `in` set
-# A regex is refused past this length: a rule is a cohort test, not a program, and the
-# shape check below walks the parsed pattern whole.
+# A regex is refused past this length: a rule is a cohort test, not a program.
 MAX_PATTERN_CHARS = 256
-# A regex never matches a longer value: the cost of a search grows with the text (as its
-# square, for a pattern with two unbounded repetitions), and a request parameter can be as
-# long as the message allows (megabytes). Cohort values are short: an exact or prefix
-# value is at most MAX_VALUE_CHARS too.
-MAX_SUBJECT_CHARS = 256
-# Repetitions above this count are "large" for the shape check: a part that can match in
-# several ways, run more often than this, is refused ({2,5} inside + is not fine: 5 s on
-# 40 characters).
-_LARGE_REPEAT = 10
-# Unbounded repetitions (`.*`, `\\d+`, `{1,50}`) one pattern may hold: each multiplies the
-# worst case of a failing search by the value's length (two: 10 ms on 256 characters).
-MAX_LONG_REPEATS = 2
+# A regex never matches a longer value: a request parameter can be as long as the message
+# allows (megabytes), and even linear time on that is time taken from every request. Cohort
+# values are short: an exact or prefix value is at most MAX_VALUE_CHARS too.
+MAX_SUBJECT_CHARS = 1024
+# The compiled program's memory: RE2 refuses a pattern whose automaton would be larger
+# (a{1000}{1000} and the like) instead of building it.
+RE2_MAX_MEM = 1 << 20
+# What a compiled pattern offers the rules (re2's own type has no stubs).
+Pattern = Any
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -94,7 +84,7 @@ class Match:
     op: Op
     values: tuple[str, ...]  # one, except for `in`
     # Made once from `values` (compare=False: two equal rules are equal whatever they hold).
-    _pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _pattern: Pattern | None = field(default=None, compare=False, repr=False)
     _members: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def holds(self, value: str) -> bool:
@@ -169,89 +159,23 @@ def make_match(source: str, key: str, op: str, values: Sequence[str], where: str
     return Match(src, key, kind, values, _members=frozenset(values) if kind is Op.IN else frozenset())
 
 
-def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
-    """The compiled pattern, or InvalidInput: too long, not a regex, or a shape that backtracks."""
+def compile_pattern(pattern: str, where: str) -> Pattern:
+    """The compiled pattern, or InvalidInput: empty, too long, or not a regex RE2 runs."""
     if not pattern:
         raise InvalidInput(f"{where}: the pattern is empty (it would match everything)")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise InvalidInput(f"{where}: the pattern is {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is the caller's error, not a line on the gateway's stderr
+    options.max_mem = RE2_MAX_MEM
     try:
-        compiled = re.compile(pattern)
-        parsed = sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise InvalidInput(f"{where}: {pattern[:60]!r} is not a valid regular expression ({exc})") from None
-    problem = _backtracking(parsed, outer=1)
-    long_repeats = _long_repeats(parsed)
-    if not problem and long_repeats > MAX_LONG_REPEATS:
-        problem = f"{long_repeats} unbounded repetitions (like .*.*.*; at most {MAX_LONG_REPEATS})"
-    if problem:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise InvalidInput(
-            f"{where}: {pattern[:60]!r} has {problem}, which can take exponential time on a hostile value; "
-            "rewrite it without the nesting (a character class, or a prefix or `in` match)"
-        )
-    return compiled
-
-
-def _backtracking(items: Any, outer: float) -> str:
-    """The first exponential-backtracking shape in a parsed pattern, described; "" if none.
-
-    `outer` is how many times the enclosing repetitions may run this part, together
-    (their upper bounds multiplied; inf when one is unbounded). A part that can match in
-    more than one way (a repetition of variable count, an alternation) run more than
-    _LARGE_REPEAT times over gives the engine that many choices to retry on a mismatch:
-    (a+)+, but also (a{2,5})+ and (a?){40}, which are small repetitions inside large ones."""
-    for op, av in items:
-        if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
-            low, high, body = av
-            count = math.inf if high == sre_constants.MAXREPEAT else high
-            if low != high and outer > _LARGE_REPEAT:
-                return "a repetition inside a repetition (like (a+)+)"
-            if outer * count > _LARGE_REPEAT and any(sub_op == sre_constants.BRANCH for sub_op, _ in _flat(body)):
-                return "a repeated alternation (like (a|ab)+)"
-            found = _backtracking(body, outer * count)
-        elif op == sre_constants.SUBPATTERN:
-            found = _backtracking(av[-1], outer)
-        elif op == sre_constants.BRANCH:
-            found = next((f for branch in av[1] if (f := _backtracking(branch, outer))), "")
-        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-            found = _backtracking(av[1], outer)
-        elif op == sre_constants.GROUPREF_EXISTS:
-            found = next((f for part in av[1:] if part and (f := _backtracking(part, outer))), "")
-        else:
-            found = ""
-        if found:
-            return found
-    return ""
-
-
-def _long_repeats(items: Any) -> int:
-    """How many repetitions of large or unbounded variable count a parsed pattern holds:
-    k of them in a row (.*.*.*) make a failing search take time growing as the value's
-    length to the power k, polynomial but not small (56 s for k = 3 on 1,024 characters)."""
-    count = 0
-    for op, av in items:
-        if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT):
-            low, high, body = av
-            large = high == sre_constants.MAXREPEAT or high > _LARGE_REPEAT
-            count += int(large and low != high) + _long_repeats(body)
-        elif op == sre_constants.SUBPATTERN:
-            count += _long_repeats(av[-1])
-        elif op == sre_constants.BRANCH:
-            count += sum(_long_repeats(branch) for branch in av[1])
-        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-            count += _long_repeats(av[1])
-        elif op == sre_constants.GROUPREF_EXISTS:
-            count += sum(_long_repeats(part) for part in av[1:] if part)
-    return count
-
-
-def _flat(items: Any) -> Iterable[tuple[Any, Any]]:
-    """A parsed pattern's items, looking through groups (not into repetitions)."""
-    for op, av in items:
-        if op == sre_constants.SUBPATTERN:
-            yield from _flat(av[-1])
-        else:
-            yield op, av
+            f"{where}: {pattern[:60]!r} is not a regular expression this gateway runs ({reason}); "
+            "rules run on RE2 (linear time): no backreferences or lookaround"
+        ) from None
 
 
 def make_rule(name: str, matches: Sequence[Match], target: str, version: str = "") -> Rule:

@@ -194,13 +194,13 @@ def route_cli(server: Process, *args: str) -> subprocess.CompletedProcess[str]:
     ("args", "named"),
     [
         (("--param", "tenant:regex=(unclosed", "--to", "canary"), "route 'bad' match[0].values"),
-        (("--param", "tenant:regex=^(a+)+$", "--to", "canary"), "repetition inside a repetition"),
+        (("--param", "tenant:regex=^(a)\\1$", "--to", "canary"), "no backreferences or lookaround"),
         (("--param", "tenant=x", "--to", "9"), "route.version '9' is not a loaded version"),
         (("--param", "tenant=x", "--to", "canry"), "route to stable, canary or a loaded version"),
         (("--to", "canary"), "has no match"),
         (("--header", "x-cohort", "--to", "canary"), "expected NAME=VALUE"),
     ],
-    ids=["bad-regex", "backtracking-regex", "unknown-version", "unknown-role", "empty-match", "no-value"],
+    ids=["bad-regex", "backreference-regex", "unknown-version", "unknown-role", "empty-match", "no-value"],
 )
 def test_invalid_rules_are_refused_with_exit_1_and_the_field(
     cli_server: Process, args: tuple[str, ...], named: str

@@ -129,10 +129,11 @@ def test_a_canary_rule_without_a_canary_falls_back_to_the_split() -> None:
 @pytest.mark.parametrize(
     ("build", "field"),
     [
-        (lambda: param("t", "regex", "(unclosed"), "not a valid regular expression"),
+        (lambda: param("t", "regex", "(unclosed"), "is not a regular expression this gateway runs (missing )"),
         (lambda: param("t", "regex", "a" * (MAX_PATTERN_CHARS + 1)), "the limit is 256"),
-        (lambda: param("t", "regex", "^(a+)+$"), "repetition inside a repetition"),
-        (lambda: param("t", "regex", "(x|xy)*z"), "repeated alternation"),
+        (lambda: param("t", "regex", r"(a)\1"), "no backreferences or lookaround"),
+        (lambda: param("t", "regex", "(?=a)b"), "no backreferences or lookaround"),
+        (lambda: param("t", "regex", "a{1000}{1000}"), "route.match[0].values"),
         (lambda: param("t", "regex", ""), "pattern is empty"),
         (lambda: param("t", "like", "x"), "route.match[0].op"),
         (lambda: make_match("cookie", "t", "exact", ["x"], "route.match[0]"), "route.match[0].source"),
@@ -155,47 +156,40 @@ def test_invalid_rules_are_refused_naming_the_field(build: Any, field: str) -> N
     assert field in str(caught.value)
 
 
-def test_ordinary_patterns_pass_the_shape_check() -> None:
+def test_ordinary_patterns_compile() -> None:
     for pattern in (r"^beta(-\d+)?$", r"^[a-z0-9-]+\.internal$", r"(?:v|ver)\d{1,3}", r"^(eu|us)-", r"a{2,5}b+"):
-        param("t", "regex", pattern)
-
-
-def test_a_hostile_pattern_shape_is_refused_before_it_could_take_seconds() -> None:
-    # (a+)+$ against "aaaa...b" backtracks exponentially; refused, it never runs.
-    with pytest.raises(InvalidInput):
-        param("t", "regex", "(a+)+$")
-    bounded = param("t", "regex", "a+$")
-    start = time.perf_counter()
-    assert not bounded.holds("a" * MAX_SUBJECT_CHARS + "b")
-    assert time.perf_counter() - start < 0.5
+        assert param("t", "regex", pattern).holds({"^(eu|us)-": "eu-west"}.get(pattern, "")) in (True, False)
+    assert param("t", "regex", r"^beta(-\d+)?$").holds("beta-12")
+    assert not param("t", "regex", r"^beta(-\d+)?$").holds("beta-x")
 
 
 @pytest.mark.parametrize(
-    ("pattern", "subject", "named"),
+    ("pattern", "forty_as"),
     [
-        # Small variable repetitions inside large ones: exponential all the same (5 s at 40
-        # characters for the first, 0.15 s at 22 for the second, doubling with each one more).
-        ("(a{2,5})+$", "a" * 40 + "b", "repetition inside a repetition"),
-        ("^(a?){40}a{40}$", "a" * 40, "repetition inside a repetition"),
-        ("((a?){5}){5}b", "a" * 25, "repetition inside a repetition"),
-        ("(?:x|xy){20}z", "x" * 20, "repeated alternation"),
-        # Three unbounded repetitions: cubic in the value's length (56 s on 1,024 characters).
-        (".*.*.*x", "a" * MAX_SUBJECT_CHARS, "3 unbounded repetitions"),
-        (r"^\d+-\d+-\d+-\d+$", "1" * MAX_SUBJECT_CHARS, "4 unbounded repetitions"),
+        # Each took Python's backtracking `re` from seconds to minutes on these values: RE2 runs in
+        # time linear in the value whatever the pattern, so they are accepted and answer at once.
+        ("(a+)+$", True),
+        ("(a{2,5})+$", True),
+        ("^(a?){40}a{40}$", True),
+        ("((a?){5}){5}b", False),
+        ("(?:x|xy){20}z", False),
+        (".*.*.*x", False),
+        (r"^\d+-\d+-\d+-\d+$", False),
     ],
 )
-def test_slow_shapes_the_first_check_let_through_are_refused(pattern: str, subject: str, named: str) -> None:
-    with pytest.raises(InvalidInput) as caught:
-        param("t", "regex", pattern)
-    assert named in str(caught.value), str(caught.value)
-
-
-def test_the_worst_accepted_shapes_fail_fast_on_the_longest_value() -> None:
-    for pattern in (".*a.*b", r"^\d+-\d+x", "(ab?){10}c", r"^beta(-\d+)?$"):
-        m = param("t", "regex", pattern)
+def test_patterns_that_backtrack_exponentially_in_python_answer_at_once(pattern: str, forty_as: bool) -> None:
+    m = param("t", "regex", pattern)
+    for subject in ("a" * MAX_SUBJECT_CHARS, "a" * (MAX_SUBJECT_CHARS - 1) + "b", "1" * MAX_SUBJECT_CHARS, "x" * 40):
         start = time.perf_counter()
-        assert not m.holds("a" * MAX_SUBJECT_CHARS if "d" not in pattern else "1" * MAX_SUBJECT_CHARS)
-        assert time.perf_counter() - start < 0.2, pattern
+        m.holds(subject)
+        assert time.perf_counter() - start < 0.05, (pattern, subject[:10])
+    assert m.holds("a" * 40) is forty_as
+
+
+def test_a_value_longer_than_the_cap_never_matches_a_regex() -> None:
+    m = param("t", "regex", "a+$")
+    assert m.holds("a" * MAX_SUBJECT_CHARS)
+    assert not m.holds("a" * (MAX_SUBJECT_CHARS + 1))
 
 
 def test_positions_names_and_the_count_limit() -> None:
