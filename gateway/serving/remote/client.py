@@ -327,11 +327,14 @@ class RemoteExecutor:
         stats.queue = Duration(queue_count, queue_ns)
         stats.by_batch_size = {int(size): Duration(int(count), int(ns)) for size, count, ns in batches}
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def attach(self, connection: RemoteConnection, version: RemoteVersion) -> None:
         """Point at a new connection (the executor restarted), holding the version there."""
         self.connection, self.version = connection, version
-        if not self._closed:
-            connection.hold(version.id, True)
+        connection.hold(version.id, True)
 
     async def close(self) -> None:
         if not self._closed:

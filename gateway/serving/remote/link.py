@@ -83,7 +83,8 @@ class ExecutorLink:
             await connection.close()
             return
         old, self.connection = self.connection, connection
-        executors = list(self._executors)
+        # Closed ones (unloaded, or the old side of a reload) may linger until collected: not wanted.
+        executors = [e for e in self._executors if not e.closed]
         # Models loaded at run time are not in a restarted executor's startup set: load them again.
         wanted = {(e.version.model, e.version.version) for e in executors}
         for model in sorted({m for m, v in wanted if (m, v) not in connection.versions}):
