@@ -126,6 +126,8 @@ async def serve(
         listener.close()
         await server.close()
         await catalog.close()
+        shadows = server.gate.counts
+        log.info("shadow requests: %d run, %d shed, %d late", shadows.run, shadows.shed, shadows.late)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ LATE_MARGIN_S = 0.02
 
 @dataclass(slots=True)
 class ShadowCounts:
-    """What became of the shadow requests that reached the gate (the executor's log says so at its end)."""
+    """What became of the shadow requests that reached the gate (the executor logs them when it drains)."""
 
     run: int = 0
     shed: int = 0
