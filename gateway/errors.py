@@ -33,12 +33,24 @@ class Overloaded(GatewayError):
     """The queue is full: the request was refused before it was queued."""
 
 
+class ShadowShed(Overloaded):
+    """A shadow copy refused by a busy executor process: its primaries come first.
+
+    The shadow lane counts it dropped, with no mark against the shadow version."""
+
+
 class QueueTimeout(GatewayError):
     """The request waited in the queue longer than its timeout_us."""
 
 
 class DeadlineExceeded(GatewayError):
     """The client's deadline passed before the request could run."""
+
+
+class ShadowLate(DeadlineExceeded):
+    """A shadow copy whose deadline passed while the executor process served primaries.
+
+    The shadow lane counts it timed out, with no mark against the shadow version."""
 
 
 class Draining(GatewayError):

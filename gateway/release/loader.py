@@ -95,6 +95,7 @@ class ModelLoader:
         # Sessions are built and warmed on a worker thread (the loop keeps serving
         # the versions loaded now); executors must be made on the loop.
         sessions = await asyncio.to_thread(self.builder.sessions, name)
+        await self.builder.prepare_remote(name)  # executor mode: the executor process loads it too
         return self.builder.assemble(sessions)
 
     async def load(self, name: str) -> ModelEntry:

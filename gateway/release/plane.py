@@ -28,6 +28,7 @@ from gateway.release.routing import Role
 from gateway.release.rules import Rule, first_match, resolve
 from gateway.release.shadow import CopySink, ModelRun, PrimaryActivity, ShadowCopy, ShadowLane, ShadowReport
 from gateway.release.state import ReleaseState, ReleaseTable, initial_state
+from gateway.serving.executor import for_shadows
 from gateway.serving.registry import LoadedVersion, Registry
 from gateway.tracing import Tracing
 from gateway.types import ParamValue, RequestRun, WireRequest
@@ -294,7 +295,7 @@ class ReleasePlane:
         if lane is None:
             loaded = self.registry.get(model, version)
             lane = self._lanes[(model, version)] = ShadowLane(
-                loaded.executor,
+                for_shadows(loaded.executor),
                 max_rows=loaded.spec.max_batch_size,
                 primary=self.primary,
                 model=model,

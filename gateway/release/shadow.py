@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from gateway.errors import DeadlineExceeded, QueueTimeout
+from gateway.errors import DeadlineExceeded, QueueTimeout, ShadowLate, ShadowShed
 from gateway.logthrottle import ThrottledLog, one_line
 from gateway.serving.batcher import concat_feeds, shape_key
 from gateway.serving.executor import Executor
@@ -97,7 +97,7 @@ class ShadowCounters:
     label them with: a new counter is a new outcome."""
 
     mirrored: int = 0
-    dropped: int = 0  # queue bound reached, or circuit open
+    dropped: int = 0  # queue bound reached, circuit open, or shed by a busy executor process
     failed: int = 0  # raised, or answered with the wrong shape
     timed_out: int = 0
     completed: int = 0
@@ -386,6 +386,16 @@ class ShadowLane:
                     own_s = time.monotonic() - start
                 else:
                     outputs, own_s, partner_s = await self._timed_pair(self.run_direct, partner, feeds)
+        except ShadowShed:
+            # The executor process was busy with primaries (its own and other workers'): not
+            # the shadow's failure, so no mark against it.
+            outcome = "dropped"
+            self.counters.dropped += n
+            self.breaker.probing = False
+        except ShadowLate:
+            outcome = "timed_out"  # primaries kept the executor process busy to the deadline
+            self.counters.timed_out += n
+            self.breaker.probing = False
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             outcome = "timed_out"
             self.counters.timed_out += n

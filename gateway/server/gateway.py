@@ -265,7 +265,13 @@ class Gateway:
             on_audit=None if notifier is None else notifier.audit,
         )
         self.loader = loader = ModelLoader(
-            ModelBuilder.from_settings(s, pool, self.metrics, remote=None if link is None else link.executor),
+            ModelBuilder.from_settings(
+                s,
+                pool,
+                self.metrics,
+                remote=None if link is None else link.executor,
+                remote_load=None if link is None else link.load,
+            ),
             registry,
             releases,
             ops,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 ExecutorFactory = Callable[[OnnxModel, ModelSpec, VersionStats, "VersionMetrics | None"], Executor]
 # Executor mode: the executor process's runner of a (model, version); KeyError when it has none.
 RemoteFactory = Callable[[str, str], Executor]
+# Executor mode: have the executor process serve a model as its files are now (before assemble).
+RemoteLoad = Callable[[str], Awaitable[None]]
 # A rule of a layer above on a model's spec, checked before any session is built:
 # (name, spec, versions, default version); raises GatewayError saying what is wrong.
 SpecCheck = Callable[[str, ModelSpec, list[str], str], None]
@@ -93,6 +95,7 @@ class ModelBuilder:
     checks: Sequence[SpecCheck] = ()
     # Set in a front end of `--executors 1`: every version runs in the executor process.
     remote: RemoteFactory | None = None
+    remote_load: RemoteLoad | None = None
 
     @classmethod
     def from_settings(
@@ -102,6 +105,7 @@ class ModelBuilder:
         metrics: GatewayMetrics | None,
         checks: Sequence[SpecCheck] = (),
         remote: RemoteFactory | None = None,
+        remote_load: RemoteLoad | None = None,
     ) -> ModelBuilder:
         chooser = ProviderChooser(
             settings.provider,
@@ -121,6 +125,7 @@ class ModelBuilder:
             metrics=metrics,
             checks=checks,
             remote=remote,
+            remote_load=remote_load,
         )
 
     def model_names(self) -> list[str]:
@@ -157,6 +162,12 @@ class ModelBuilder:
             models[version] = model
         return LoadedSessions(name, spec, models)
 
+    async def prepare_remote(self, name: str) -> None:
+        """Executor mode, after `sessions` and before `assemble`: the executor process loads the
+        model too (or reloads it if its files changed), so `assemble` finds its versions there."""
+        if self.remote_load is not None:
+            await self.remote_load(name)
+
     def assemble(self, sessions: LoadedSessions) -> ModelEntry:
         """Attach executors (on the event loop) and make the entry the registry serves."""
         name, spec = sessions.name, sessions.spec
@@ -187,8 +198,8 @@ class ModelBuilder:
             return self.remote(name, version)
         except KeyError:
             raise ModelLoadError(
-                f"{name} version {version}: the executor process does not serve it (it serves what it loaded "
-                "when it started): restart the gateway to serve a model added since, or use --executors off"
+                f"{name} version {version}: the executor process does not serve it: "
+                f"load it again (`gateway models load {name}`)"
             ) from None
 
     def note_provider(self) -> None:

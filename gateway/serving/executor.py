@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,6 +54,19 @@ class Executor(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Prioritised(Protocol):
+    """An executor shared beyond this process (the executor process's): shadow copies go
+    through `for_shadows()`, so that it can serve primary requests first."""
+
+    def for_shadows(self) -> Executor: ...
+
+
+def for_shadows(executor: Executor) -> Executor:
+    """What a shadow lane submits its copies to: `executor` itself, unless it ranks them lower."""
+    return executor.for_shadows() if isinstance(executor, Prioritised) else executor
 
 
 async def drain_and_close(executor: Executor, timeout_s: float = 30.0) -> None:

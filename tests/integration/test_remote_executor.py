@@ -27,7 +27,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gateway.errors import Code, DeadlineExceeded, InvalidInput, Overloaded, QueueTimeout, code_for
+from gateway.errors import (
+    Code,
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    QueueTimeout,
+    ShadowLate,
+    ShadowShed,
+    code_for,
+)
 from gateway.serving.remote.client import ExecutorLost, RemoteConnection
 from gateway.types import RunTiming
 from tests.support import MODELS, ROOT
@@ -217,6 +226,56 @@ def test_queue_full_deadline_and_timeout_cross_as_the_batchers_own_errors(execut
         await running
         assert connection.slots.in_use() == 0
         await connection.close()
+
+    asyncio.run(scenario())
+
+
+def test_shadow_requests_wait_for_every_front_ends_primaries_and_are_shed_past_the_bound(
+    executor: Executor,
+) -> None:
+    async def scenario() -> None:
+        primary_end = await RemoteConnection.connect(executor.address)  # one front end's primaries
+        shadow_end = await RemoteConnection.connect(executor.address)  # another's shadow copies
+        slow = primary_end.executor("slow", "1")
+        name = slow.version.inputs[0].name
+        big = {name: np.ones((512, 784), np.float32)}
+        copies = shadow_end.executor("slow", "1").for_shadows()
+        stop = time.monotonic() + 1.5
+        answered = 0
+
+        async def primaries() -> None:
+            nonlocal answered
+            while time.monotonic() < stop:
+                # Never refused: the shadows wait outside the version's queue (4 long).
+                await slow.submit(big, 512, None, None)
+                answered += 1
+
+        # Three primaries in flight (one running, two queued): the executor is hardly ever without one.
+        loops = [asyncio.ensure_future(primaries()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 1.0
+        results = await asyncio.gather(
+            *(copies.submit(big, 512, deadline, None) for _ in range(80)), return_exceptions=True
+        )
+        await asyncio.gather(*loops)
+        shed = [r for r in results if isinstance(r, ShadowShed)]
+        late = [r for r in results if isinstance(r, ShadowLate)]
+        ran = [r for r in results if isinstance(r, list)]
+        # 64 wait, then give up at their deadline (the primaries never stopping); the rest are shed at
+        # once. A copy may slip into an instant without primaries (one's reply out, the next on its way).
+        outcomes = [type(r).__name__ for r in results]
+        assert len(shed) + len(late) + len(ran) == 80 and len(ran) <= 2, outcomes
+        assert len(shed) >= 14 and len(late) >= 62, outcomes
+        assert code_for(shed[0])[0] == Code.RESOURCE_EXHAUSTED and answered > 0
+
+        # The executor idle: a shadow runs at once, equal to a primary run.
+        small = {name: np.ones((2, 784), np.float32)}
+        (got,) = await copies.submit(small, 2, time.monotonic() + 10, None)
+        (want,) = await slow.submit(small, 2, None, None)
+        np.testing.assert_array_equal(got, want)
+        assert primary_end.slots.in_use() == 0 and shadow_end.slots.in_use() == 0
+        await primary_end.close()
+        await shadow_end.close()
 
     asyncio.run(scenario())
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from gateway.config.spec import CompareSpec
+from gateway.errors import ShadowLate, ShadowShed
 from gateway.release.compare import PairWindow, compare_outputs
 from gateway.release.evidence import ModelEvidence
 from gateway.release.plane import DualRunSink, ShadowSink
@@ -40,9 +41,10 @@ def in_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]
 class LinearExecutor:
     """x @ WEIGHTS per row; records the rows of every run; can be made to fail."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, refuse: Exception | None = None) -> None:
         self.runs: list[int] = []
         self.fail = fail
+        self.refuse = refuse  # raised instead of running (what a busy executor process answers)
 
     async def submit(
         self,
@@ -52,6 +54,8 @@ class LinearExecutor:
         timeout_s: float | None,
         timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
+        if self.refuse is not None:
+            raise self.refuse
         self.runs.append(batch)
         if self.fail:
             raise RuntimeError("broken shadow")
@@ -205,6 +209,28 @@ async def test_the_bound_drops_copies_and_a_failing_batch_counts_every_copy() ->
     await settle(lane, tasks)
     assert executor.runs == [4]
     assert lane.counters.failed == 4 and lane.breaker.failures == 1  # one run, one strike
+
+
+@pytest.mark.parametrize(
+    ("refusal", "outcome"),
+    [(ShadowShed("busy"), "dropped"), (ShadowLate("late"), "timed_out")],
+    ids=["shed", "late"],
+)
+def test_an_executor_busy_with_primaries_counts_copies_dropped_or_late_never_against_the_shadow(
+    refusal: Exception, outcome: str
+) -> None:
+    async def scenario() -> None:
+        executor, sink, tasks = LinearExecutor(refuse=refusal), Collect(), set[asyncio.Task[None]]()
+        lane = ShadowLane(executor, max_rows=64, gather_s=0.002)
+        for round_ in range(8):  # more rounds than the breaker's threshold (5)
+            for i in range(3):
+                mirror(lane, request(round_ * 10 + i), sink, tasks)
+            await settle(lane, tasks)
+        counts = lane.counters
+        assert getattr(counts, outcome) == 24 and counts.failed == 0 and counts.completed == 0
+        assert lane.breaker.failures == 0 and not lane.breaker.is_open
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])

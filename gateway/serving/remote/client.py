@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import Draining, InvalidInput, Overloaded
+from gateway.serving.executor import Executor
 from gateway.serving.remote import records as rec
 from gateway.serving.remote.arena import Arena, SlotPool
 from gateway.serving.remote.channel import Channel, socket_path
@@ -49,17 +50,28 @@ class RemoteVersion:
     outputs: tuple[TensorSpec, ...]
 
 
+@dataclass(slots=True)
+class _Untracked:
+    """The owner of a call no version counts (a load)."""
+
+    in_flight: int = 0
+
+
 @dataclass(slots=True, eq=False)
 class _Call:
     future: asyncio.Future[list[np.ndarray]]
     slot: int
-    owner: RemoteExecutor
+    owner: RemoteExecutor | _Untracked
     timing: RunTiming | None
     cancelled: bool = field(default=False)
 
 
 def _specs(described: Sequence[Sequence[Any]]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(str(name), str(datatype), tuple(shape)) for name, datatype, shape in described)
+
+
+def _version(v: dict[str, Any]) -> RemoteVersion:
+    return RemoteVersion(int(v["id"]), v["model"], v["version"], _specs(v["inputs"]), _specs(v["outputs"]))
 
 
 class RemoteConnection:
@@ -71,7 +83,7 @@ class RemoteConnection:
         self.executor_pid = int(hello["pid"])
         self.versions: dict[tuple[str, str], RemoteVersion] = {}
         for v in hello["versions"]:
-            info = RemoteVersion(int(v["id"]), v["model"], v["version"], _specs(v["inputs"]), _specs(v["outputs"]))
+            info = _version(v)
             self.versions[(info.model, info.version)] = info
         self.lost = False
         # Called once when the executor goes (not on close()): the link connects again.
@@ -110,7 +122,40 @@ class RemoteConnection:
         info = self.versions.get((model, version))
         if info is None:
             raise KeyError(f"the executor does not serve {model} version {version}")
-        return RemoteExecutor(self, info)
+        executor = RemoteExecutor(self, info)
+        self.hold(info.id, True)
+        return executor
+
+    def hold(self, version_id: int, held: bool) -> None:
+        """Tell the executor an executor of this version was made (or closed): it retires a
+        version no front end holds."""
+        if not self.lost and not self.channel.closed:
+            self.channel.send(rec.encode_hold(version_id, held))
+
+    async def load(self, model: str) -> list[RemoteVersion]:
+        """Have the executor serve `model` as its files are now (built afresh only if they changed
+        since its last load there); its versions replace this connection's view of the model.
+
+        Raises the executor's ModelLoadError (naming the file), or ExecutorLost."""
+        if self.lost:
+            raise ExecutorLost(f"the executor process (pid {self.executor_pid}) is gone")
+        slot = self.slots.take()
+        if slot is None:
+            raise Overloaded(f"all {self.arena.slots} shared-memory slots are in use: try again later")
+        try:
+            name = np.frombuffer(model.encode("utf-8"), np.uint8)
+            rec.write_tensors(self.arena.view, self.arena.base(slot), self.arena.slot_bytes, [name])
+        except BaseException:
+            self.slots.free(slot)
+            raise
+        seq = self.next_seq()
+        (described,) = await self.start_call(_Untracked(), slot, rec.encode_load(slot, seq), seq, None).future
+        versions = [_version(v) for v in json.loads(described.tobytes())]
+        for key in [k for k in self.versions if k[0] == model]:
+            del self.versions[key]
+        for info in versions:
+            self.versions[(info.model, info.version)] = info
+        return versions
 
     def in_flight(self) -> int:
         return len(self._calls)
@@ -122,7 +167,9 @@ class RemoteConnection:
         self._seq += 1
         return self._seq
 
-    def start_call(self, owner: RemoteExecutor, slot: int, record: bytes, seq: int, timing: RunTiming | None) -> _Call:
+    def start_call(
+        self, owner: RemoteExecutor | _Untracked, slot: int, record: bytes, seq: int, timing: RunTiming | None
+    ) -> _Call:
         """Send a request whose inputs are in `slot`: from here the call table owns the slot."""
         call = _Call(asyncio.get_running_loop().create_future(), slot, owner, timing)
         self._calls[seq] = call
@@ -215,7 +262,10 @@ class RemoteExecutor:
         deadline: float | None,
         timeout_s: float | None,
         timing: RunTiming | None = None,
+        *,
+        shadow: bool = False,
     ) -> list[np.ndarray]:
+        """`shadow`: a shadow copy, which the executor runs only while no primary request is in it."""
         connection = self.connection
         if self._closed:
             raise Draining("the model is unloading")
@@ -233,7 +283,7 @@ class RemoteExecutor:
             rec.write_tensors(arena.view, arena.base(slot), arena.slot_bytes, arrays)
             seq = connection.next_seq()
             record = rec.encode_request(
-                slot, seq, self.version.id, len(arrays), batch, deadline, timeout_s, timing is not None
+                slot, seq, self.version.id, len(arrays), batch, deadline, timeout_s, timing is not None, shadow
             )
         except rec.SlotTooSmall as exc:
             connection.slots.free(slot)
@@ -254,6 +304,10 @@ class RemoteExecutor:
         finally:
             del call
 
+    def for_shadows(self) -> Executor:
+        """This version's runner for shadow copies: the same connection, at the lower priority."""
+        return ShadowRunner(self)
+
     async def pull_statistics(self, stats: VersionStats) -> None:
         """Put the executor's counts of this version's runs into `stats`: its model runs,
         their compute times by batch size, and the queue times of every front end's requests
@@ -273,5 +327,44 @@ class RemoteExecutor:
         stats.queue = Duration(queue_count, queue_ns)
         stats.by_batch_size = {int(size): Duration(int(count), int(ns)) for size, count, ns in batches}
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def attach(self, connection: RemoteConnection, version: RemoteVersion) -> None:
+        """Point at a new connection (the executor restarted), holding the version there."""
+        self.connection, self.version = connection, version
+        connection.hold(version.id, True)
+
     async def close(self) -> None:
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            self.connection.hold(self.version.id, False)
+
+
+class ShadowRunner:
+    """A RemoteExecutor's shadow copies: sent marked SHADOW, so the executor serves primaries first.
+
+    It goes through its owner, so it follows the owner to a restarted executor."""
+
+    def __init__(self, owner: RemoteExecutor) -> None:
+        self.owner = owner
+
+    async def submit(
+        self,
+        feeds: Tensors,
+        batch: int,
+        deadline: float | None,
+        timeout_s: float | None,
+        timing: RunTiming | None = None,
+    ) -> list[np.ndarray]:
+        return await self.owner.submit(feeds, batch, deadline, timeout_s, timing, shadow=True)
+
+    def queue_depth(self) -> int:
+        return self.owner.queue_depth()
+
+    def busy(self) -> bool:
+        return self.owner.busy()
+
+    async def close(self) -> None:
+        """The owner's to close (it is the version's executor)."""

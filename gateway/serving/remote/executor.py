@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.config.settings import GatewaySettings
-from gateway.serving.builder import ModelBuilder
-from gateway.serving.executor import drain_and_close
+from gateway.serving.builder import LoadedSessions, ModelBuilder
 from gateway.serving.metrics import GatewayMetrics
+from gateway.serving.remote.catalog import Build, Catalog, fingerprint
 from gateway.serving.remote.server import ExecutorServer, Served, listen, slot_bytes_for
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,39 @@ def load(builder: ModelBuilder) -> list[Served]:
     """Every version of every model to load, numbered in load order (the ids front ends use)."""
     served: list[Served] = []
     for name in builder.model_names():
-        entry = builder.assemble(builder.sessions(name))
-        for version in entry.sorted_versions():
-            loaded = entry.versions[version]
-            model = loaded.model
-            served.append(
-                Served(len(served), name, version, model.inputs, model.outputs, loaded.executor, loaded.stats)
-            )
+        served += versions_of(builder, builder.sessions(name), len(served))
     return served
+
+
+def versions_of(builder: ModelBuilder, sessions: LoadedSessions, first_id: int) -> list[Served]:
+    """A built model's versions with executors attached (on the loop), numbered from `first_id`."""
+    entry = builder.assemble(sessions)
+    served: list[Served] = []
+    for version in entry.sorted_versions():
+        loaded = entry.versions[version]
+        model = loaded.model
+        served.append(
+            Served(
+                first_id + len(served),
+                sessions.name,
+                version,
+                model.inputs,
+                model.outputs,
+                loaded.executor,
+                loaded.stats,
+            )
+        )
+    return served
+
+
+def run_time_builder(builder: ModelBuilder) -> Build:
+    """Loads at run time: sessions built and warmed on a thread (the loop keeps serving), then
+    executors attached on the loop (the catalog numbers the versions)."""
+
+    async def build(name: str) -> list[Served]:
+        return versions_of(builder, await asyncio.to_thread(builder.sessions, name), 0)
+
+    return build
 
 
 def settings_of(args: argparse.Namespace) -> GatewaySettings:
@@ -71,9 +96,12 @@ async def serve(
     directory and are merged with the front ends' own."""
     with ThreadPoolExecutor(max_workers=64, thread_name_prefix="ort") as pool:
         builder = ModelBuilder.from_settings(settings, pool, metrics=metrics)
+        repository = builder.repository
+        # Fingerprints before the builds: a file changed meanwhile makes the next load rebuild.
+        fingerprints = {name: fingerprint(repository.model_dir(name)) for name in builder.model_names()}
         versions = load(builder)
         builder.note_provider()
-        repository = builder.repository
+        catalog = Catalog(versions, fingerprints, run_time_builder(builder), repository.model_dir)
         slot_bytes = slot_bytes or max(
             slot_bytes_for(
                 v.inputs,
@@ -83,7 +111,7 @@ async def serve(
             )
             for v in versions
         )
-        server = ExecutorServer(versions, slot_bytes)
+        server = ExecutorServer(catalog, slot_bytes)
         listener = listen(address)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -97,7 +125,9 @@ async def serve(
         accepting.cancel()
         listener.close()
         await server.close()
-        await asyncio.gather(*(drain_and_close(v.executor) for v in versions))
+        await catalog.close()
+        shadows = server.gate.counts
+        log.info("shadow requests: %d run, %d shed, %d late", shadows.run, shadows.shed, shadows.late)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

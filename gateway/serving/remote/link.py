@@ -17,9 +17,9 @@ import logging
 import weakref
 from collections.abc import Iterable
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ModelLoadError
 from gateway.serving.registry import LoadedVersion
-from gateway.serving.remote.client import RemoteConnection, RemoteExecutor
+from gateway.serving.remote.client import ExecutorLost, RemoteConnection, RemoteExecutor
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ STATISTICS_WAIT_S = 2.0
 # process loads and warms its models), and a refused connect costs microseconds.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 0.5
+# A run-time load waits this long for the executor to build and warm the model's sessions.
+LOAD_WAIT_S = 120.0
 
 
 class ExecutorLink:
@@ -53,6 +55,22 @@ class ExecutorLink:
         self._executors.add(executor)
         return executor
 
+    async def load(self, model: str) -> None:
+        """Before a run-time load (or reload) builds this front end's versions of `model`: have the
+        executor serve it as its files are now, within LOAD_WAIT_S. ModelLoadError otherwise."""
+        try:
+            async with asyncio.timeout(LOAD_WAIT_S):
+                await self.connection.load(model)
+        except TimeoutError:
+            raise ModelLoadError(
+                f"{model}: the executor process did not finish loading it within {LOAD_WAIT_S:.0f} s "
+                "(its log says why); nothing changed here: try again"
+            ) from None
+        except ExecutorLost:
+            raise ModelLoadError(
+                f"{model}: the executor process went away while loading it (it is being restarted): try again"
+            ) from None
+
     def _lost(self) -> None:
         if self._closed or (self._task is not None and not self._task.done()):
             return
@@ -65,14 +83,24 @@ class ExecutorLink:
             await connection.close()
             return
         old, self.connection = self.connection, connection
+        # Closed ones (unloaded, or the old side of a reload) may linger until collected: not wanted.
+        executors = [e for e in self._executors if not e.closed]
+        # Models loaded at run time are not in a restarted executor's startup set: load them again.
+        wanted = {(e.version.model, e.version.version) for e in executors}
+        for model in sorted({m for m, v in wanted if (m, v) not in connection.versions}):
+            try:
+                async with asyncio.timeout(LOAD_WAIT_S):
+                    await connection.load(model)
+            except (GatewayError, TimeoutError) as exc:
+                log.error("the restarted executor cannot load %s: %s", model, exc)
         missing: list[str] = []
-        for executor in list(self._executors):
+        for executor in executors:
             info = connection.versions.get((executor.version.model, executor.version.version))
             if info is None:
                 # Left on the lost connection: its requests answer UNAVAILABLE.
                 missing.append(f"{executor.version.model} {executor.version.version}")
                 continue
-            executor.connection, executor.version = connection, info
+            executor.attach(connection, info)
         connection.on_lost = self._lost
         self.reconnects += 1
         await old.close()

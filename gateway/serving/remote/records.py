@@ -30,9 +30,12 @@ from gateway.errors import (
     GatewayError,
     InvalidInput,
     ModelExecutionError,
+    ModelLoadError,
     ModelNotFound,
     Overloaded,
     QueueTimeout,
+    ShadowLate,
+    ShadowShed,
 )
 
 # Record kinds (the first byte of every record).
@@ -45,9 +48,18 @@ ARENA: Final = 5  # front end -> executor, once: the arena's geometry, with its 
 # executor's batcher counts every front end's runs), answered as an OK reply whose two
 # int64 tensors, STATS_COUNTERS and one (batch size, count, ns) row per size, are in the slot.
 STATS: Final = 6
+# Run-time loads (gateway.serving.remote.catalog). LOAD: a request record whose one uint8
+# tensor is the model's name, answered by an OK reply whose one uint8 tensor is the JSON list
+# of its versions (as in HELLO). HOLD and RELEASE (no reply): a front end's executor of a
+# version was made or closed; a version no one holds is retired.
+LOAD: Final = 7
+HOLD: Final = 8
+RELEASE: Final = 9
 
 # Request flags.
 TRACED: Final = 1  # the reply carries the batch's times (types.RunTiming)
+# A shadow copy: the executor runs it only while no primary request is in it (server.ShadowGate).
+SHADOW: Final = 2
 
 # Every record on the channel is RECORD_BYTES long, so one message may carry several
 # (gateway.serving.remote.channel sends those of one loop pass together).
@@ -78,14 +90,18 @@ _DTYPE_CODE: Final[dict[np.dtype[Any], int]] = {d: i for i, d in enumerate(DTYPE
 OK: Final = 0
 CANCELLED: Final = 1  # the final reply to a cancel: the request was never answered
 INTERNAL: Final = 2  # any other exception in the executor (its log has the details)
+# A subclass comes before its base: the first match names the code.
 _ERRORS: Final[tuple[type[GatewayError], ...]] = (
     InvalidInput,
     ModelNotFound,
+    ShadowShed,
     Overloaded,
     QueueTimeout,
+    ShadowLate,
     DeadlineExceeded,
     Draining,
     ModelExecutionError,
+    ModelLoadError,
 )
 _FIRST_ERROR: Final = 3
 
@@ -134,10 +150,11 @@ def encode_request(
     deadline: float | None,
     timeout_s: float | None,
     traced: bool = False,
+    shadow: bool = False,
 ) -> bytes:
     return REQUEST_RECORD.pack(
         REQUEST,
-        TRACED if traced else 0,
+        (TRACED if traced else 0) | (SHADOW if shadow else 0),
         count,
         slot,
         seq,
@@ -154,6 +171,15 @@ STATS_COUNTERS: Final = ("execution_count", "compute_count", "compute_ns", "queu
 
 def encode_stats(slot: int, seq: int, version: int) -> bytes:
     return REQUEST_RECORD.pack(STATS, 0, 0, slot, seq, version, 0, NO_TIME, NO_TIME)
+
+
+def encode_load(slot: int, seq: int) -> bytes:
+    return REQUEST_RECORD.pack(LOAD, 0, 1, slot, seq, 0, 0, NO_TIME, NO_TIME)
+
+
+def encode_hold(version: int, held: bool) -> bytes:
+    """HOLD (`held`) or RELEASE of a version id."""
+    return REQUEST_RECORD.pack(HOLD if held else RELEASE, 0, 0, 0, 0, version, 0, NO_TIME, NO_TIME)
 
 
 def encode_cancel(slot: int, seq: int) -> bytes:

@@ -23,16 +23,22 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gateway.errors import InvalidInput, ModelExecutionError, ModelNotFound
+from gateway.errors import InvalidInput, ModelExecutionError, ModelNotFound, ShadowLate, ShadowShed
 from gateway.serving.executor import Executor
 from gateway.serving.remote import records as rec
 from gateway.serving.remote.arena import Arena, round_to_page
 from gateway.serving.remote.channel import Channel, recv_with_fds, socket_path
+from gateway.serving.remote.priority import ShadowGate
+from gateway.serving.repository import check_name
 from gateway.serving.statistics import VersionStats
 from gateway.types import RunTiming, TensorSpec
+
+if TYPE_CHECKING:
+    from gateway.serving.remote.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +98,12 @@ def slot_bytes_for(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], 
 
 
 class ExecutorServer:
-    def __init__(self, versions: Sequence[Served], slot_bytes: int) -> None:
-        self.versions = list(versions)
+    def __init__(self, catalog: Catalog, slot_bytes: int) -> None:
+        self.catalog = catalog
         self.slot_bytes = slot_bytes
-        self._hello = (
-            bytes([rec.HELLO])
-            + json.dumps(
-                {"pid": os.getpid(), "slot_bytes": slot_bytes, "versions": [v.describe() for v in versions]}
-            ).encode()
-        )
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.gate = ShadowGate()  # primaries first: when shadow copies may run
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept front ends until cancelled."""
@@ -124,7 +125,7 @@ class ExecutorServer:
         fds: list[int] = []
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-                await loop.sock_sendall(sock, self._hello)
+                await loop.sock_sendall(sock, self._hello())
                 data, fds = await recv_with_fds(sock, rec.RECORD_BYTES, 1)
             if not fds:
                 raise ValueError("the arena record came without its descriptor")
@@ -139,8 +140,17 @@ class ExecutorServer:
             return
         self.connections.add(Connection(self, sock, arena))
 
+    def _hello(self) -> bytes:
+        """The versions served now (run-time loads included), for a front end that connects."""
+        versions = [v.describe() for v in self.catalog.current_versions()]
+        return (
+            bytes([rec.HELLO])
+            + json.dumps({"pid": os.getpid(), "slot_bytes": self.slot_bytes, "versions": versions}).encode()
+        )
+
     def lost(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        self.catalog.drop(connection)
         self._spawn(connection.release())
 
     async def close(self) -> None:
@@ -172,16 +182,53 @@ class Connection:
                 task.cancel()  # the batcher drops it if not yet dispatched; the task then replies CANCELLED
         elif kind == rec.STATS:
             self._statistics(rec.decode_request(data))
+        elif kind == rec.HOLD:
+            self.server.catalog.hold(self, rec.decode_request(data).version)
+        elif kind == rec.RELEASE:
+            self.server.catalog.release(self, rec.decode_request(data).version)
+        elif kind == rec.LOAD:
+            self._load(rec.decode_request(data))
+
+    def _load(self, request: rec.Request) -> None:
+        """Load a model (its name in the slot) at run time; the reply's one uint8 tensor is the
+        JSON list of its versions (as in HELLO). Cancelled with the front end's other requests."""
+        if request.slot >= self.arena.slots:
+            log.warning("a front end named slot %d of %d: ignored", request.slot, self.arena.slots)
+            return
+        task = self._loop.create_task(self._run_load(request))
+        self.tasks[request.seq] = task
+        task.add_done_callback(lambda _: self.tasks.pop(request.seq, None))
+
+    async def _run_load(self, request: rec.Request) -> None:
+        arena = self.arena
+        try:
+            (name,) = rec.read_tensors(arena.view, arena.base(request.slot), arena.slot_bytes, 1)
+            model = name.tobytes().decode("utf-8")
+            del name  # a view of the slot
+            served = await self.server.catalog.load(check_name("model", model))
+            described = json.dumps([v.describe() for v in served]).encode()
+            rec.write_tensors(
+                arena.view, arena.base(request.slot), arena.slot_bytes, [np.frombuffer(described, np.uint8)]
+            )
+        except (ValueError, UnicodeDecodeError, rec.SlotTooSmall) as exc:
+            self._error(request, InvalidInput(f"bad load record: {exc}"))
+            return
+        except Exception as exc:
+            self._error(request, exc)
+            return
+        if not self.channel.closed:
+            self.channel.send(rec.encode_reply(request.slot, request.seq, rec.OK, 1))
 
     def _statistics(self, request: rec.Request) -> None:
         """A version's counters, as two int64 tensors in the request's slot (a rare call: no task)."""
         if request.slot >= self.arena.slots:
             log.warning("a front end named slot %d of %d: ignored", request.slot, self.arena.slots)
             return
-        if request.version >= len(self.server.versions):
+        served = self.server.catalog.get(request.version)
+        if served is None:
             self._error(request, ModelNotFound(f"the executor has no version with id {request.version}"))
             return
-        s = self.server.versions[request.version].stats
+        s = served.stats
         counters = np.array(
             [s.execution_count, s.compute_infer.count, s.compute_infer.ns, s.queue.count, s.queue.ns], np.int64
         )
@@ -200,10 +247,10 @@ class Connection:
         if request.slot >= self.arena.slots:
             log.warning("a front end named slot %d of %d: ignored", request.slot, self.arena.slots)
             return
-        if request.version >= len(self.server.versions):
+        served = self.server.catalog.get(request.version)
+        if served is None:
             self._error(request, ModelNotFound(f"the executor has no version with id {request.version}"))
             return
-        served = self.server.versions[request.version]
         try:
             arena = self.arena
             arrays = rec.read_tensors(arena.view, arena.base(request.slot), arena.slot_bytes, request.tensors)
@@ -213,15 +260,40 @@ class Connection:
             self._error(request, InvalidInput(f"bad request record: {exc}"))
             return
         feeds = {spec.name: a for spec, a in zip(served.inputs, arrays, strict=True)}
-        task = self._loop.create_task(self._run(request, served.executor, feeds))
+        if request.flags & rec.SHADOW:
+            task = self._loop.create_task(self._run_shadow(request, served.executor, feeds))
+        else:
+            self.server.gate.primary_started()  # until its task ends (_ended)
+            task = self._loop.create_task(self._run(request, served.executor, feeds))
         self.tasks[request.seq] = task
         task.add_done_callback(functools.partial(self._ended, request))
 
     def _ended(self, request: rec.Request, task: asyncio.Task[None]) -> None:
         """A request's task ended. A cancelled one (perhaps before it ever ran) replies here."""
         self.tasks.pop(request.seq, None)
+        if not request.flags & rec.SHADOW:
+            self.server.gate.primary_ended()
         if task.cancelled():
             self._reply(request, rec.CANCELLED, "cancelled")
+
+    async def _run_shadow(self, request: rec.Request, executor: Executor, feeds: dict[str, np.ndarray]) -> None:
+        """A shadow copy: it waits for its turn (no primary in the executor), then runs as any request."""
+        gate = self.server.gate
+        try:
+            await gate.admit(rec.optional_time(request.deadline))
+        except BaseException as exc:
+            # No frame of a refused or cancelled shadow may keep views of the slot (see release).
+            del feeds
+            if not isinstance(exc, (ShadowShed, ShadowLate)):
+                raise
+            self._error(request, exc)
+            return
+        run = self._run(request, executor, feeds)
+        del feeds  # the run's own frame lets go of them when it ends
+        try:
+            await run
+        finally:
+            gate.done()
 
     async def _run(self, request: rec.Request, executor: Executor, feeds: dict[str, np.ndarray]) -> None:
         timing = RunTiming() if request.flags & rec.TRACED else None
