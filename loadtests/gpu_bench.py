@@ -5,10 +5,16 @@
 For `mlp` and `convnet` (repeat --model for others): onnxruntime in-process
 through IO binding (gateway.serving.cuda.runner) at batch 1, 16 and 64, the compute
 limit; then `gateway serve --provider cuda --workers 1` on 127.0.0.1, batching
-off and on, under closed-loop load at concurrency 1, 16 and 64 (one row per
-request), driven by `gateway bench`'s own machinery (loadtests.bench and
-loadtests.loadgen: client processes, interleaved repeats, medians). Prints the
-card, the versions, and one compact table; writes the numbers as JSON.
+off and on (in-process: `--executors off`), and `gateway serve --executors 1
+--workers 12` (twelve front ends feeding one executor process that batches for
+all of them; `--exec-workers` changes the twelve, and `--workers 12
+--exec-workers 12` compares the two modes at the same worker count), under
+closed-loop load at concurrency 1, 16, 64 and 256 (one row per request), driven
+by `gateway bench`'s own machinery (loadtests.bench and loadtests.loadgen:
+client processes, interleaved repeats, medians). Each gateway point reports its
+mean batch (rows per model run) and the executor's busy share (its time in
+model runs over the point's wall time). Prints the card, the versions, and one
+compact table; writes the numbers as JSON.
 
 ResNet-50-class models are not bundled (the repository stays small): add one
 to a model repository and name it with --model.
@@ -173,7 +179,8 @@ def measure_in_process(args: argparse.Namespace, model: str, *, graphs: bool) ->
 
 
 def gateway_summary(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
-    """`gateway bench`'s gateway-nobatch and gateway targets: `gateway serve --workers 1`, batching off and on."""
+    """`gateway bench`'s gateway-nobatch, gateway and gateway-exec targets: `gateway serve --workers W`,
+    batching off and on in process, and `--executors 1` with `--exec-workers` front ends."""
     from loadtests.bench.cli import BenchOptions
     from loadtests.bench.sweep import run_bench
 
@@ -184,8 +191,11 @@ def gateway_summary(args: argparse.Namespace, model: str) -> list[dict[str, Any]
         duration=args.duration,
         warmup=args.warmup,
         repeats=args.repeats,
-        baselines="gateway-nobatch,gateway",
-        workers=1,  # one worker per GPU: each process holds its own CUDA context
+        baselines="gateway-nobatch,gateway,gateway-exec",
+        # In process, one worker per GPU (each process holds its own CUDA context); with an
+        # executor, many front ends and the one context in the executor.
+        workers=args.workers,
+        exec_workers=args.exec_workers,
         out=args.out,
         provider=args.provider,
     ).resolve()
@@ -220,6 +230,7 @@ def format_table(results: dict[str, Any]) -> str:
     head = ["model", "c", "ort rows/s", "ort p99"]
     head += ["graphs rows/s", "graphs p99"] if graphs else []
     head += ["off req/s", "off p99", "on req/s", "on p99", "on batch", "on/off", "on/ort"]
+    head += ["exec req/s", "exec p99", "exec batch", "exec busy", "exec/on"]
     rows = []
     for model, result in results["models"].items():
         ort_by_batch = {p["batch"]: p for p in result["ort"]}
@@ -240,11 +251,23 @@ def format_table(results: dict[str, Any]) -> str:
                 _ratio(on, off),
                 _ratio(on, ort.get("rows_per_s")),
             ]
+            executor = _median(result["gateway"], "gateway-exec", c, "throughput_rps")
+            busy = _median(result["gateway"], "gateway-exec", c, "executor_busy_share")
+            line += [
+                _num(executor),
+                _num(_median(result["gateway"], "gateway-exec", c, "p99_ms"), 2),
+                _num(_median(result["gateway"], "gateway-exec", c, "mean_batch"), 1),
+                "-" if busy is None else f"{busy:.0%}",
+                _ratio(executor, on),
+            ]
             rows.append(line)
     notes = [
         "ort: in-process onnxruntime, IO binding, one run after another at batch = c; p99 in ms per run",
-        "off/on: the gateway (--workers 1) with batching off/on, c requests of one row in flight; p99 in ms",
+        f"off/on: the gateway (--workers {results['workers']}, --executors off) with batching off/on, "
+        "c requests of one row in flight; p99 in ms; batch: rows per model run",
         "on/ort: gateway rows/s over in-process rows/s at the same batch",
+        f"exec: the gateway with one executor process (--executors 1) fed by {results['exec_workers']} "
+        "front-end worker(s); busy: the executor's time in model runs over wall time; exec/on: req/s ratio",
     ]
     return "\n".join([to_text(table(None, head, rows, plain=True)), "", *notes])
 
@@ -258,7 +281,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--models", type=Path, default=Path("models"), help="model repository [models]")
     parser.add_argument("--model", action="append", default=None, help=f"repeatable [{', '.join(MODELS)}]")
-    parser.add_argument("--concurrency", default="1,16,64", help="requests in flight; also the in-process batches")
+    parser.add_argument(
+        "--concurrency", default="1,16,64,256", help="requests in flight; also the in-process batches [1,16,64,256]"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="front-end workers, in-process targets [1]")
+    parser.add_argument(
+        "--exec-workers", type=int, default=12, help="front-end workers feeding the one executor process [12]"
+    )
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per point [3]")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds discarded before each point [1]")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the gateway sweep [2]")
@@ -274,6 +303,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--concurrency: give positive integers, e.g. 1,16,64")
     if args.duration <= 0 or args.warmup < 0 or args.repeats < 1:
         parser.error("--duration must be > 0, --warmup >= 0, --repeats >= 1")
+    if args.workers < 1 or args.exec_workers < 1:
+        parser.error("--workers and --exec-workers: give a number of processes >= 1, e.g. --exec-workers 12")
     return args
 
 
@@ -287,7 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gpu_bench: no usable CUDA GPU here: {check.reason}", file=sys.stderr)
             return NO_GPU_EXIT
     models = list(args.model or MODELS)
-    results: dict[str, Any] = {"provider": args.provider, "concurrency": args.concurrency, "models": {}}
+    results: dict[str, Any] = {
+        "provider": args.provider,
+        "concurrency": args.concurrency,
+        "workers": args.workers,
+        "exec_workers": args.exec_workers,
+        "models": {},
+    }
     try:
         for model in models:
             result: dict[str, Any] = {}

@@ -26,6 +26,7 @@ Examples:
   gateway bench --server-cpus 0-3 --client-cpus 4-7 --workers 4
   gateway bench --compare 1 2 --concurrency 1,16,64 --slo-ms 5   # two versions, same load, interleaved
   gateway bench --concurrency 1,16,64 --baselines gateway,gateway-rest-json,gateway-rest-binary  # gRPC vs REST
+  gateway bench --model mlp --workers 2 --concurrency 64,256 --baselines gateway,gateway-exec  # executor on/off
 
 \b
 Shadow overhead on the primary at half load, in two runs (the second's --rates is half
@@ -66,6 +67,7 @@ class BenchOptions:
     channels: int = 4
     baselines: str = DEFAULT_TARGETS
     workers: int | None = None
+    exec_workers: int | None = None
     intra_op_threads: int | None = None
     server_cpus: str | None = None
     client_cpus: str | None = None
@@ -112,6 +114,9 @@ class BenchOptions:
             # machine), so an unpinned default would quietly spill onto the client cores.
             per_worker = len(cpus.server) // max(1, self.workers or 1) if cpus.server else 0
             intra_op_threads = max(1, per_worker) if cpus.server else 0
+        # The executor alone runs the models of every worker: it gets the server's cores, as W in-process
+        # workers get them together.
+        exec_threads = self.intra_op_threads if self.intra_op_threads is not None else len(cpus.server or ())
         return BenchConfig(
             models=self.models,
             model=self.model,
@@ -126,7 +131,9 @@ class BenchOptions:
             channels=self.channels,
             targets=targets,
             workers=self.workers,
+            exec_workers=self.exec_workers,
             intra_op_threads=intra_op_threads,
+            exec_intra_op_threads=exec_threads,
             out=self.out,
             smoke=self.smoke,
             server_cpus=cpus.server,
@@ -184,14 +191,22 @@ DEFAULTS = BenchOptions()
     show_default=True,
     help="Targets, run in this order each repeat: ort (in-process onnxruntime), bare (grpc.aio, no compute), "
     "naive (grpc.aio + protobuf + one onnxruntime session per request: the server you would write first), "
-    "gateway-nobatch, gateway, gateway-shadow (a shadow at 100%: needs --shadow), gateway-rest-json and "
-    "gateway-rest-binary (the gateway over its REST binding: JSON tensors, or Triton's binary extension).",
+    "gateway-nobatch, gateway (in-process batching: --executors off), gateway-exec (one executor process "
+    "batching for every worker: --executors 1; reports its busy share), gateway-shadow (a shadow at 100%: "
+    "needs --shadow), gateway-rest-json and gateway-rest-binary (the gateway over its REST binding: JSON "
+    "tensors, or Triton's binary extension).",
 )
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
     help="Passed to `gateway serve --workers`; bare and naive run as many processes.",
+)
+@click.option(
+    "--exec-workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="gateway-exec's `--workers`, where it should differ from the other targets'. [default: --workers]",
 )
 @click.option(
     "--intra-op-threads",

@@ -12,6 +12,7 @@ TARGETS = (
     "naive",
     "gateway-nobatch",
     "gateway",
+    "gateway-exec",
     "gateway-shadow",
     "gateway-rest-json",
     "gateway-rest-binary",
@@ -19,6 +20,10 @@ TARGETS = (
 # The gateway as configured, driven over its REST binding instead of gRPC, per body format.
 REST_TARGETS: dict[str, Literal["json", "binary"]] = {"gateway-rest-json": "json", "gateway-rest-binary": "binary"}
 DEFAULT_TARGETS = "ort,bare,naive,gateway-nobatch,gateway"
+# The gateway with one executor process (`gateway serve --executors 1`): every worker hands its
+# requests to it and it batches them together. Every other gateway target runs `--executors off`,
+# so `gateway` against `gateway-exec` is in-process against executor mode, whatever the host.
+EXECUTOR_TARGETS = frozenset({"gateway-exec"})
 
 
 @dataclass(slots=True, kw_only=True)
@@ -37,7 +42,12 @@ class BenchConfig:
     # Run in this order each repeat; "vA" (from --compare) is the gateway with requests pinned to version A.
     targets: list[str]
     workers: int | None = None
+    # gateway-exec's `--workers` where it differs from the other targets' (loadtests.gpu_bench: twelve
+    # front ends and one executor against one in-process worker); None: the same as `workers`.
+    exec_workers: int | None = None
     intra_op_threads: int = 0
+    # gateway-exec's onnxruntime threads (its executor's): 0 is onnxruntime's default.
+    exec_intra_op_threads: int = 0
     out: Path
     smoke: bool = False
     server_cpus: list[int] | None

@@ -19,6 +19,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from loadtests.bench.config import EXECUTOR_TARGETS
 from loadtests.bench.summary import label
 
 # Other processes busy on the bench's CPUs for this share of a point's window: its numbers are suspect.
@@ -45,6 +46,10 @@ RATIO_TITLES = {
     "rest_binary_over_gateway_rps": "REST binary / gRPC (gateway), req/s",
     "rest_json_over_gateway_p50": "REST JSON / gRPC (gateway), p50",
     "rest_binary_over_gateway_p50": "REST binary / gRPC (gateway), p50",
+    "exec_over_gateway_rps": "gateway-exec / gateway, req/s",
+    "exec_over_gateway_p50": "gateway-exec / gateway, p50",
+    "exec_over_gateway_p99": "gateway-exec / gateway, p99",
+    "exec_over_gateway_batch": "gateway-exec / gateway, mean batch",
 }
 
 Entry = dict[str, Any]
@@ -98,6 +103,8 @@ def progress_line(row: Entry, repeats: int) -> str:
         parts.append(f"{row['server_cpu_ms_per_1k']:.0f} ms/1k req")
     if "mean_batch" in row:
         parts.append(f"batch {row['mean_batch']:.1f}")
+    if "executor_busy_share" in row:
+        parts.append(f"exec busy {row['executor_busy_share']:4.0%}")
     if "shadow_rows_per_row" in row:
         parts.append(f"mirrored {row['shadow_rows_per_row']:.2f}")
     if row["mode"] == "open":
@@ -141,6 +148,7 @@ def _target_table(target: str, entries: Sequence[Entry]) -> Table:
     def plain(entry: Entry, metric: str, fmt: Callable[[float], str]) -> str:
         return fmt(entry[metric]["median"]) if metric in entry else "-"
 
+    busy = target in EXECUTOR_TARGETS
     rows = []
     for e in entries:
         batch = str(e["batch"]) if target == "ort" else plain(e, "mean_batch", lambda v: f"{v:.1f}")
@@ -158,11 +166,14 @@ def _target_table(target: str, entries: Sequence[Entry]) -> Table:
                 "-" if target == "ort" else plain(e, "server_cpu_ms_per_1k", _count),
                 batch,
             ]
+            + ([plain(e, "executor_busy_share", _share)] if busy else [])
         )
     what = " (model runs; latency per batch run)" if target == "ort" else ""
     headers = ["point", "req/s [min-max]", "rows/s", "p50 ms", "p90 ms", "p99 ms [min-max]", "errors"]
-    # srv-cpu ms/1k req: the server's CPU time per 1,000 requests; mean batch: rows per model run.
+    # srv-cpu ms/1k req: the server's CPU time per 1,000 requests; mean batch: rows per model run;
+    # exec busy: the executor's time in model runs over the point's wall time (executor targets only).
     headers += ["cli-cpu", "srv-cpu", "srv-cpu ms/1k req", "batch" if target == "ort" else "mean batch"]
+    headers += ["exec busy"] if busy else []
     return table(f"{target}{what}: median of {entries[0]['repeats']} repeat(s)", headers, rows)
 
 

@@ -18,6 +18,7 @@ SUMMARY_METRICS = (
     "server_cpu_share",
     "server_cpu_ms_per_1k",  # server CPU time (ms, all cores) per 1,000 requests answered; servers only
     "mean_batch",
+    "executor_busy_share",  # gateway-exec: the executor's time in model runs / wall time
     "success_ratio",
     "shadow_rows_per_row",
     "other_cpu_share",
@@ -107,6 +108,12 @@ def compute_ratios(
         "rest_binary_over_gateway_rps": per_c(("gateway-rest-binary", "throughput_rps"), ("gateway", "throughput_rps")),
         "rest_json_over_gateway_p50": per_c(("gateway-rest-json", "p50_ms"), ("gateway", "p50_ms")),
         "rest_binary_over_gateway_p50": per_c(("gateway-rest-binary", "p50_ms"), ("gateway", "p50_ms")),
+        # Executor mode against in-process batching, at the same concurrency (and worker count unless
+        # --exec-workers says otherwise).
+        "exec_over_gateway_rps": per_c(("gateway-exec", "throughput_rps"), ("gateway", "throughput_rps")),
+        "exec_over_gateway_p50": per_c(("gateway-exec", "p50_ms"), ("gateway", "p50_ms")),
+        "exec_over_gateway_p99": per_c(("gateway-exec", "p99_ms"), ("gateway", "p99_ms")),
+        "exec_over_gateway_batch": per_c(("gateway-exec", "mean_batch"), ("gateway", "mean_batch")),
         "peak": {
             name: value
             for name, value in {
@@ -127,6 +134,9 @@ def compute_ratios(
                 ),
                 "rest_binary_over_gateway_rps": _ratio(
                     _peak(summary, "gateway-rest-binary", "throughput_rps"), _peak(summary, "gateway", "throughput_rps")
+                ),
+                "exec_over_gateway_rps": _ratio(
+                    _peak(summary, "gateway-exec", "throughput_rps"), _peak(summary, "gateway", "throughput_rps")
                 ),
             }.items()
             if value is not None

@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from gateway.errors import GatewayError
-from loadtests.bench.config import REST_TARGETS, TARGETS, BenchConfig
+from loadtests.bench.config import EXECUTOR_TARGETS, REST_TARGETS, TARGETS, BenchConfig
 from loadtests.bench.cpus import busy_cpu_seconds, format_cpus, pinning_tool
 from loadtests.bench.environment import environment
 from loadtests.bench.report import progress_line
@@ -78,6 +78,8 @@ class Bench:
             return gateway_command(self.config, batching=True, state_dir=scratch / "state", models=models)
         if target in REST_TARGETS:
             return gateway_command(self.config, batching=True, state_dir=scratch / "state", http=True)
+        if target in EXECUTOR_TARGETS:
+            return gateway_command(self.config, batching=True, state_dir=scratch / "state", executor=True)
         batching = target == "gateway" or target in self.version_payloads
         return gateway_command(self.config, batching=batching, state_dir=scratch / "state")
 
@@ -99,7 +101,8 @@ class Bench:
                         spec = dataclasses.replace(spec, payload=self.version_payloads[target])
                     if rest is not None:
                         spec = dataclasses.replace(spec, address=server.http, payload=b"", rest=rest)
-                    point = pool.run(spec, self.observer(server, probe, version, shadow))
+                    observer = self.observer(server, probe, version, shadow, executor=target in EXECUTOR_TARGETS)
+                    point = pool.run(spec, observer)
                     self.record(target, repeat, point)
                     if server.exited():
                         raise click.ClickException(f"{target} exited during the run:\n{server.tail()}")
@@ -136,9 +139,22 @@ class Bench:
         return len(self.config.server_cpus or os.sched_getaffinity(0))
 
     def observer(
-        self, server: ServerProcess, probe: StatsProbe | None, version: str, shadow: str | None = None
+        self,
+        server: ServerProcess,
+        probe: StatsProbe | None,
+        version: str,
+        shadow: str | None = None,
+        *,
+        executor: bool = False,
     ) -> Observer:
-        """What the server did over a point's window: its CPU, the machine's, mean batch, shadow copies run."""
+        """What the server did over a point's window: its CPU, the machine's, mean batch, shadow copies run,
+        and with an executor process the share of the window it spent running the model.
+
+        Mean batch is rows run per model run, both from the process that runs the model: with an
+        executor its counts cover every worker's requests (a worker's `inference_count` covers only
+        its own, so dividing that by the executor's runs would understate the batch W times); without
+        one, the probe's single connection reads one worker throughout, whose rows and runs go together.
+        """
         cores = self.server_cores()
         watched = self.watched_cpus()
 
@@ -157,8 +173,14 @@ class Bench:
                 "server_cpu_share": (cpu1 - cpu0) / ((end - start) * cores),
                 "machine_busy_s": busy1 - busy0,
             }
-            if stats0 and stats1 and stats1.executions > stats0.executions:
-                extra["mean_batch"] = (stats1.inferences - stats0.inferences) / (stats1.executions - stats0.executions)
+            if stats0 and stats1 and stats1.executions > stats0.executions and stats1.rows_run >= stats0.rows_run:
+                # (Counts that went down: the executor restarted within the window; no figure then.)
+                runs = stats1.executions - stats0.executions
+                extra["mean_batch"] = (stats1.rows_run - stats0.rows_run) / runs
+                if executor and stats1.compute_ns >= stats0.compute_ns:
+                    # The executor's time in model runs over the window's wall time: near 1, the model
+                    # (the device) is the bottleneck; well below, the front ends or the transport are.
+                    extra["executor_busy_share"] = (stats1.compute_ns - stats0.compute_ns) / ((end - start) * 1e9)
             if stats0 and stats1 and shadow0 and shadow1 and stats1.rows_run > stats0.rows_run:
                 # 1.0: every primary row was mirrored and run; less: the shadow lane dropped copies.
                 extra["shadow_rows_per_row"] = (shadow1.rows_run - shadow0.rows_run) / (
@@ -276,6 +298,13 @@ def _announce(config: BenchConfig, signature: ModelSignature, notes: list[str]) 
     )
     if "gateway-shadow" in config.targets:
         echo(f"gateway-shadow: stable v{signature.version}, v{config.shadow} mirrored at 100% (a copy of the model)")
+    if EXECUTOR_TARGETS & set(config.targets):
+        workers = config.exec_workers if config.exec_workers is not None else config.workers
+        echo(
+            f"gateway-exec: one executor process for {workers if workers is not None else 'the default'} "
+            f"worker(s) (--executors 1), onnxruntime threads {config.exec_intra_op_threads or 'default'}; "
+            "the other gateway targets run --executors off"
+        )
     echo(f"expected run time about {config.estimate_s():.0f} s")
     for note in notes:
         echo(f"note: {note}")

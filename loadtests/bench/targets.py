@@ -70,12 +70,20 @@ def server_process(name: str, command: Sequence[str], cpus: Sequence[int] | None
 
 
 def gateway_command(
-    config: BenchConfig, *, batching: bool, state_dir: Path, models: Path | None = None, http: bool = False
+    config: BenchConfig,
+    *,
+    batching: bool,
+    state_dir: Path,
+    models: Path | None = None,
+    http: bool = False,
+    executor: bool = False,
 ) -> list[str]:
     """`gateway serve` for one target: on 127.0.0.1, a port the OS picks, no metrics, no control API.
 
     `http`: the REST binding on a port the OS picks too (REST's fixed default would collide
-    like the control API's); without it, REST is off.
+    like the control API's); without it, REST is off. `executor`: one executor process runs
+    the models for every worker (`--executors 1`, with `exec_workers` workers when given);
+    without it `--executors off`, so `auto` never turns one on behind a target's back on a GPU host.
     """
     c = config
     args = ["--models", str(models or c.models), "--load", c.model, "--host", "127.0.0.1", "--port", "0"]
@@ -89,10 +97,13 @@ def gateway_command(
     # The control API's and the dashboard's fixed default ports would collide with anything
     # else on the machine (a gateway already running there: the bench failed to start).
     args += ["--control-port", "-1", "--dashboard-port", "-1"]
-    if c.intra_op_threads:
-        args += ["--intra-op-threads", str(c.intra_op_threads)]
-    if c.workers is not None:
-        args += ["--workers", str(c.workers)]
+    threads = c.exec_intra_op_threads if executor else c.intra_op_threads
+    if threads:
+        args += ["--intra-op-threads", str(threads)]
+    workers = c.exec_workers if executor and c.exec_workers is not None else c.workers
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    args += ["--executors", "1" if executor else "off"]
     if not batching:
         args += ["--batching", "off"]
     return launch.serve_command(args)
@@ -164,6 +175,7 @@ class StatsSample:
     inferences: int  # rows answered to clients
     executions: int  # model runs
     rows_run: int  # rows the model computed, shadow copies included (from the per-batch-size counts)
+    compute_ns: int  # time spent in model runs (the executor's, in executor mode)
 
 
 class StatsProbe:
@@ -194,6 +206,7 @@ class StatsProbe:
             inferences=sum(s.inference_count for s in stats),
             executions=sum(s.execution_count for s in stats),
             rows_run=sum(b.batch_size * b.compute_infer.count for s in stats for b in s.batch_stats),
+            compute_ns=sum(s.inference_stats.compute_infer.ns for s in stats),
         )
 
     def close(self) -> None:

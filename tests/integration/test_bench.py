@@ -465,3 +465,68 @@ def test_the_bench_runs_beside_a_gateway_holding_the_default_ports(tmp_path: Pat
                 holder.listen(1)
         result = gateway_bench("--smoke", "--baselines", "gateway", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_executor_target_reports_mean_batch_and_busy_share(tmp_path: Path) -> None:
+    # Executors on against off at the same worker count: gateway-exec is `gateway serve --executors 1`.
+    result = gateway_bench(
+        *("--smoke", "--model", "mlp", "--workers", "2", "--baselines", "gateway,gateway-exec"),
+        *("--out", str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    exec_points = [p for p in data["points"] if p["target"] == "gateway-exec"]
+    assert {p["offered"] for p in exec_points} == {1.0, 8.0}
+    for point in exec_points:
+        assert point["completed"] > 0 and point["errors"] == {}, point
+        # Rows per model run, from the executor's counts (every worker's requests): at least one row a run,
+        # at most what was in flight.
+        assert 1.0 <= point["mean_batch"] <= point["offered"], point
+        # The executor's time in model runs over the window: it ran something, and no more than the window.
+        assert 0.0 < point["executor_busy_share"] <= 1.05, point
+    # In-process batching has no executor, so no busy share.
+    assert not any("executor_busy_share" in p for p in data["points"] if p["target"] == "gateway")
+    exec_summary = [e for e in data["summary"] if e["target"] == "gateway-exec"]
+    assert all(e["executor_busy_share"]["median"] > 0 for e in exec_summary)
+    ratios = data["ratios"]
+    for key in ("exec_over_gateway_rps", "exec_over_gateway_p50", "exec_over_gateway_p99"):
+        assert set(ratios[key]) == {"1", "8"}, key
+        assert all(math.isfinite(v) and v > 0 for v in ratios[key].values()), key
+    assert "exec busy" in result.stdout and "gateway-exec / gateway, req/s" in result.stdout
+    assert "gateway-exec: one executor process for 2 worker(s)" in result.stdout
+
+
+def test_executor_target_runs_one_executor_and_the_others_none(tmp_path: Path) -> None:
+    from loadtests.bench.cli import BenchOptions
+    from loadtests.bench.targets import gateway_command
+
+    def flag(command: list[str], name: str) -> str:
+        return command[command.index(name) + 1]
+
+    config = BenchOptions(models=MODELS, workers=2, server_cpus="0", client_cpus="0").resolve()
+    in_process = gateway_command(config, batching=True, state_dir=tmp_path)
+    executor = gateway_command(config, batching=True, state_dir=tmp_path, executor=True)
+    # `auto` would start an executor on a GPU host: the in-process targets say off.
+    assert flag(in_process, "--executors") == "off" and flag(executor, "--executors") == "1"
+    assert flag(in_process, "--workers") == flag(executor, "--workers") == "2"
+    # --exec-workers: the executor's front ends only (the GPU bench's 12 workers against 1 in-process).
+    apart = BenchOptions(models=MODELS, workers=1, exec_workers=12, server_cpus="0", client_cpus="0").resolve()
+    assert flag(gateway_command(apart, batching=True, state_dir=tmp_path), "--workers") == "1"
+    assert flag(gateway_command(apart, batching=True, state_dir=tmp_path, executor=True), "--workers") == "12"
+
+
+def test_executor_ratios_and_busy_column() -> None:
+    points = [
+        {**_point("gateway", 64, 1000.0, 20.0), "mean_batch": 4.0},
+        {**_point("gateway-exec", 64, 1500.0, 10.0), "mean_batch": 24.0, "executor_busy_share": 0.5},
+    ]
+    summary = summarize(points)
+    ratios = compute_ratios(summary, [64], [])
+    assert ratios["exec_over_gateway_rps"] == {"64": pytest.approx(1.5)}
+    assert ratios["exec_over_gateway_p99"] == {"64": pytest.approx(0.5)}
+    assert ratios["exec_over_gateway_batch"] == {"64": pytest.approx(6.0)}
+    text = to_text(report(summary, ratios, ["gateway", "gateway-exec"]))
+    gateway_table, exec_table = text.split("gateway-exec: median")[0], text.split("gateway-exec: median")[1]
+    assert "exec busy" not in gateway_table
+    assert "exec busy" in exec_table.split("ratios")[0] and "50%" in exec_table
+    assert "gateway-exec / gateway, mean batch" in text and "c=64: 6.0" in text

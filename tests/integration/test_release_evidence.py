@@ -4,6 +4,11 @@ Stable v1 with canary v2 at 30% (every canary request also run on v1 for
 agreement) and v3 shadowing at 100%. After feedback for every row, the
 report's accuracy and agreement for each version equal the figures computed
 offline with onnxruntime on exactly the rows that version saw.
+
+Both with the models run in the gateway's own process and in an executor
+process (`gateway serve --executors 1`): the release plane (routing, the
+canary's comparisons, the shadow's mirror, the labels' join) is the front
+end's and must not notice where the model runs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import tritonclient.grpc as tc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
-from tests.support import MODELS, Running, gateway_in_thread
+from tests.support import MODELS, Process, Running, gateway_in_thread, gateway_process
 
 RELEASE = """
 [release]
@@ -32,14 +37,23 @@ shadows = { "3" = 1.0 }
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+@pytest.fixture(scope="module", params=["in-process", "executor"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running | Process]:
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(MODELS / "digits", root / "digits")
     spec = root / "digits" / "model.toml"
     spec.write_text(spec.read_text().split("[release]")[0] + RELEASE)
-    with gateway_in_thread(root) as running:
-        yield running
+    if request.param == "in-process":
+        with gateway_in_thread(root) as running:
+            yield running
+        return
+    # One front end (its evidence is the report at once: no other worker's to wait for) and one executor
+    # running every version, shadow included.
+    args = ("--models", str(root), "--workers", "1", "--executors", "1")
+    with gateway_process(*args, timeout=120) as process:
+        yield process
+        # The executor really ran the models: the worker built no batcher of its own.
+        assert any("on the executor process" in line for line in process.lines), process.lines[-20:]
 
 
 def offline_labels(version: str, x: np.ndarray) -> np.ndarray:
@@ -58,7 +72,7 @@ def wait_for_shadows(control: rgrpc.ReleaseServiceStub) -> rpb.Report:
         time.sleep(0.05)
 
 
-def test_accuracy_and_agreement_equal_offline_on_the_same_rows(server: Running) -> None:
+def test_accuracy_and_agreement_equal_offline_on_the_same_rows(server: Running | Process) -> None:
     data = np.load(MODELS / "digits" / "heldout.npz")
     x, y = data["X"], data["y"]
     client = tc.InferenceServerClient(server.address)
@@ -121,7 +135,7 @@ def test_accuracy_and_agreement_equal_offline_on_the_same_rows(server: Running) 
     assert by_version["3"].accuracy < by_version["1"].accuracy
 
 
-def test_pinned_requests_bypass_the_split_and_traffic_changes_apply(server: Running) -> None:
+def test_pinned_requests_bypass_the_split_and_traffic_changes_apply(server: Running | Process) -> None:
     client = tc.InferenceServerClient(server.address)
     inp = tc.InferInput("pixels", [1, 64], "FP32")
     inp.set_data_from_numpy(np.zeros((1, 64), np.float32))

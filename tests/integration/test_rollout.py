@@ -5,6 +5,10 @@ v2 (more accurate) is promoted through every step, v3 (less accurate) is
 rolled back, and the audit log shows each step with its evidence. A kill -9
 in the middle of a rollout resumes at the stored step, and the weights the
 restarted gateway serves are the stored ones.
+
+The promotion and the rollback run both with the models in the gateway's own
+process (`--executors off`) and in an executor process (`--executors 1`): the
+release plane is the front end's and works unchanged (issue 14).
 """
 
 from __future__ import annotations
@@ -108,22 +112,40 @@ def expected_canary_keys(weight_bp: int, n: int = 400) -> set[str]:
     return {f"user-{i}" for i in range(n) if route_point(f"user-{i}") * 10_000 < weight_bp}
 
 
-def test_v2_is_promoted_step_by_step_surviving_a_kill_and_v3_is_rolled_back(repo: Path, tmp_path: Path) -> None:
+# Where the models run: in each worker (off), or in one executor process the workers feed (1).
+EXECUTORS = pytest.mark.parametrize("executors", ["off", "1"])
+
+
+def ran_on_the_executor(server: Process) -> bool:
+    """Whether the worker built its versions on the executor process's runners (it logs so)."""
+    return any("on the executor process" in line for line in server.lines)
+
+
+@EXECUTORS
+def test_v2_is_promoted_step_by_step_surviving_a_kill_and_v3_is_rolled_back(
+    repo: Path, tmp_path: Path, executors: str
+) -> None:
     state = tmp_path / "state"
-    args = ("--models", str(repo), "--workers", "1", "--state-dir", str(state))
-    with gateway_process(*args) as server:
+    args = ("--models", str(repo), "--workers", "1", "--executors", executors, "--state-dir", str(state))
+    with gateway_process(*args, timeout=120) as server:
         traffic = Traffic(server, seed=1)
         started = traffic.control.StartRollout(rpb.StartRolloutRequest(model="digits", candidate="2", reason="v2"))
         assert (started.phase, started.step, started.canary, started.canary_weight_bp) == ("progressing", 0, "2", 2000)
         at_step_1 = traffic.until(lambda r: r.step >= 1)
         assert at_step_1.canary_weight_bp == 5000
-        server.proc.kill()  # kill -9 in the middle of the rollout
+        assert ran_on_the_executor(server) == (executors == "1")
+        server.proc.kill()  # kill -9 in the middle of the rollout (with an executor: of the supervisor)
         server.proc.wait(10)
-    with gateway_process(*args) as server:
+    with gateway_process(*args, timeout=120) as server:
         traffic.connect(server)
         resumed = traffic.release()
         assert (resumed.phase, resumed.step, resumed.canary_weight_bp) == ("progressing", 1, 5000)
-        assert served_canary_keys(server) == expected_canary_keys(5000)
+        served = served_canary_keys(server)
+        # The controller may take the next step while these 400 requests run (the evidence from before
+        # the kill can suffice): then the keys of both weights, as routing by key is monotone in the weight.
+        now = traffic.release().canary_weight_bp
+        # (Still at 5000, as nearly always: exactly its keys.)
+        assert expected_canary_keys(5000) <= served <= expected_canary_keys(now), (now, sorted(served))
         done = traffic.until(lambda r: r.phase == "succeeded")
         assert (done.stable, done.canary, done.canary_weight_bp) == ("2", "", 0)
 
@@ -146,9 +168,12 @@ def test_v2_is_promoted_step_by_step_surviving_a_kill_and_v3_is_rolled_back(repo
         last = audit(traffic)[-1]
         assert (last.action, last.actor) == ("rollback", "controller")
         checks = {c["check"]: c for c in json.loads(last.evidence_json)}
-        assert checks["accuracy"]["verdict"] == "fail"
-        assert checks["accuracy"]["high"] < -0.02
-        assert served_canary_keys(server) == set()
+        # On accuracy: the unpaired check or the paired one (the canary's rows also run on the stable
+        # version), whichever is sure first; which one depends on the traffic, in either mode.
+        failed = [checks[k] for k in ("accuracy", "accuracy_paired") if k in checks and checks[k]["verdict"] == "fail"]
+        assert failed and all(check["high"] < -0.02 for check in failed), last.evidence_json
+        assert (served := served_canary_keys(server)) == set(), (len(served), traffic.release())
+        assert ran_on_the_executor(server) == (executors == "1")
 
 
 def test_refused_operations_are_audited(repo: Path, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Versions of one model with the same inputs: v1 behaves; the others raise,
 answer the wrong shape, run 10x slower, or hang. With each mirrored at 100%,
 the primary's answers are byte-identical to a run without shadows, and the
-shadow's trouble shows up only in its counters.
+shadow's trouble shows up only in its counters. The byte-identical check runs
+both in process and with the versions in an executor process (`--executors 1`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,7 +22,7 @@ from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
 from tests.integration.test_overload import request
 from tests.onnx_models import write_spin_model
-from tests.support import Running, gateway_in_thread
+from tests.support import Process, Running, gateway_in_thread, gateway_process
 
 VARIANTS = {
     "1": {},
@@ -32,15 +34,34 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     for version, options in VARIANTS.items():
         write_spin_model(root / "spin" / version / "model.onnx", **options)  # type: ignore[arg-type]
     (root / "spin" / "model.toml").write_text(
         'max_batch_size = 8\n[batching]\nmax_queue_delay_us = 0\nexecution = "thread"\n[release]\nstable = "1"\n'
     )
-    with gateway_in_thread(root, metrics_port=0) as running:
+    return root
+
+
+@pytest.fixture(scope="module")
+def in_process(repo: Path) -> Iterator[Running]:
+    with gateway_in_thread(repo, metrics_port=0) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def executor(repo: Path) -> Iterator[Process]:
+    # The shadows run in the executor process, beside the primary: their faults must stay theirs there too.
+    with gateway_process("--models", str(repo), "--workers", "1", "--executors", "1", timeout=120) as process:
+        yield process
+        assert any("on the executor process" in line for line in process.lines), process.lines[-20:]
+
+
+@pytest.fixture(scope="module", params=["in_process", "executor"])
+def server(request: pytest.FixtureRequest) -> Running | Process:
+    found: Running | Process = request.getfixturevalue(request.param)
+    return found
 
 
 def primary_answers(stub: service_pb2_grpc.GRPCInferenceServiceStub, n: int = 30) -> list[bytes]:
@@ -69,7 +90,9 @@ def settle(control: rgrpc.ReleaseServiceStub, version: str, timeout: float = 15.
     [("2", "failed"), ("3", "failed"), ("4", "completed"), ("5", "timed_out")],
     ids=["raises", "wrong-shape", "10x-slower", "hangs"],
 )
-def test_primary_answers_are_byte_identical_with_a_faulty_shadow(server: Running, version: str, expect: str) -> None:
+def test_primary_answers_are_byte_identical_with_a_faulty_shadow(
+    server: Running | Process, version: str, expect: str
+) -> None:
     with grpc.insecure_channel(server.address) as channel, grpc.insecure_channel(server.control) as control_channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         control = rgrpc.ReleaseServiceStub(control_channel)
@@ -95,7 +118,8 @@ def scrape(server: Running) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{server.gateway.metrics_port}/metrics").read().decode()
 
 
-def test_always_failing_shadow_opens_its_circuit_and_is_probed_after_backoff(server: Running) -> None:
+def test_always_failing_shadow_opens_its_circuit_and_is_probed_after_backoff(in_process: Running) -> None:
+    server = in_process  # (it reads the in-process gateway's metrics port)
     with grpc.insecure_channel(server.address) as channel, grpc.insecure_channel(server.control) as control_channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         control = rgrpc.ReleaseServiceStub(control_channel)
