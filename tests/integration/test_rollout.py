@@ -20,6 +20,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -112,6 +113,16 @@ def expected_canary_keys(weight_bp: int, n: int = 400) -> set[str]:
     return {f"user-{i}" for i in range(n) if route_point(f"user-{i}") * 10_000 < weight_bp}
 
 
+def accuracy_answer(checks: dict[str, dict[str, Any]], verdict: str) -> dict[str, Any]:
+    """The check that gave the accuracy question its `verdict`: the policy answers it on either
+    of two checks (docs/promotion.md), the two arms' labelled requests (`accuracy`) or the labelled
+    rows both versions ran (`accuracy_paired`), whichever decides first; on a loaded machine
+    that was the paired one as often as not, the other still inconclusive."""
+    decided = [checks[name] for name in ("accuracy", "accuracy_paired") if checks[name]["verdict"] == verdict]
+    assert decided, {name: checks[name] for name in ("accuracy", "accuracy_paired")}
+    return decided[0]
+
+
 # Where the models run: in each worker (off), or in one executor process the workers feed (1).
 EXECUTORS = pytest.mark.parametrize("executors", ["off", "1"])
 
@@ -157,8 +168,8 @@ def test_v2_is_promoted_step_by_step_surviving_a_kill_and_v3_is_rolled_back(
         assert [json.loads(r.after_json)["canary_weight_bp"] for r in steps] == [5000, 10_000]
         for record in steps:
             checks = {c["check"]: c for c in json.loads(record.evidence_json)}
-            assert checks["accuracy"]["verdict"] == "pass" and checks["error_rate"]["verdict"] == "pass"
-            assert checks["accuracy"]["samples"] >= 100
+            assert checks["error_rate"]["verdict"] == "pass", checks["error_rate"]
+            assert accuracy_answer(checks, "pass")["samples"] >= 100, checks
         assert records[-1].action == "promote" and json.loads(records[-1].after_json)["stable"] == "2"
 
         # Now v3, the deliberately worse version: rolled back on accuracy.

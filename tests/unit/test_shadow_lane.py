@@ -477,7 +477,9 @@ class Timed(Collect):
 @in_loop
 async def test_a_paired_timing_runs_each_batch_on_both_versions_in_random_order() -> None:
     log: list[str] = []
-    executor, sink, tasks = LinearExecutor(), Timed(Named("partner", log, delay_s=0.006)), set[asyncio.Task[None]]()
+    # The partner sleeps 25 times as long as this lane's version: a thread woken late on a busy
+    # machine (CI's two cores) stays far from swapping the two times.
+    executor, sink, tasks = LinearExecutor(), Timed(Named("partner", log, delay_s=0.05)), set[asyncio.Task[None]]()
     lane = ShadowLane(executor, max_rows=64, gather_s=0.0, run_direct=Named("own", log, delay_s=0.002))
     for i in range(40):
         mirror(lane, request(i), sink, tasks)
@@ -493,6 +495,35 @@ async def test_a_paired_timing_runs_each_batch_on_both_versions_in_random_order(
     # Each time is its own version's run: the partner's is the slower one every time.
     assert all(0.002 <= s < p for s, p in sink.times), sink.times
     assert lane.counters.completed == 40 and lane.counters.failed == 0
+
+
+class BusyLoop(Named):
+    """A model run that, as it starts, gives the event loop `hold_s` of blocking work: the loop
+    is busy serving (as a gateway's is) when the run's answer comes back to it."""
+
+    def __init__(self, name: str, log: list[str], loop: asyncio.AbstractEventLoop, hold_s: float) -> None:
+        super().__init__(name, log, delay_s=0.01)
+        self.loop, self.hold_s = loop, hold_s
+
+    def __call__(self, feeds: Tensors) -> list[np.ndarray]:
+        # Queued before the run's own answer, so the loop takes that answer only after this.
+        self.loop.call_soon_threadsafe(time.sleep, self.hold_s)
+        return super().__call__(feeds)
+
+
+@in_loop
+async def test_a_paired_timing_times_the_runs_not_the_event_loops_hand_off() -> None:
+    log: list[str] = []
+    loop = asyncio.get_running_loop()
+    sink, tasks = Timed(BusyLoop("partner", log, loop, hold_s=0.5)), set[asyncio.Task[None]]()
+    lane = ShadowLane(LinearExecutor(), max_rows=64, gather_s=0.0, run_direct=BusyLoop("own", log, loop, hold_s=0.5))
+    began = time.monotonic()
+    mirror(lane, request(0), sink, tasks)
+    await settle(lane, tasks)
+    assert time.monotonic() - began >= 1.0  # the loop was held twice, after each run
+    # Each run sleeps 10 ms: its time is that, not the half second the loop took to see it done.
+    ((own_s, partner_s),) = sink.times
+    assert 0.01 <= own_s < 0.25 and 0.01 <= partner_s < 0.25, sink.times
 
 
 @in_loop
