@@ -17,9 +17,11 @@ import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -30,8 +32,9 @@ from tests.support import Process, gateway_process
 
 START_TIMEOUT_S = 180.0
 SPEC = 'max_batch_size = 8\n[batching]\nmax_queue_delay_us = 0\nexecution = "thread"\n'
-# ~25 us an iteration here: 240,000 iterations keep the executor busy for ~6 s.
-LONG_SPIN = 240_000
+# How long the long primary keeps the executor busy: the checks below take 3-5 s on a loaded
+# 2-core host (short primaries, the copies' deadlines, their outcomes published).
+LONG_BUSY_S = 8.0
 SHORT_SPIN = 10
 OUTCOMES = ("mirrored", "dropped", "failed", "timed_out", "completed")
 
@@ -47,6 +50,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     args = ("--models", str(root), "--workers", "2", "--executors", "1", "--metrics-port", "0")
     with gateway_process(*args, timeout=START_TIMEOUT_S) as server:
         yield server
+
+
+def long_spin(tmp: Path) -> int:
+    """Iterations that keep the executor busy for LONG_BUSY_S on this machine, now: one
+    iteration took 4 us on a quiet host and 25 us on a loaded one, so a fixed count either
+    ended before the checks (quiet: the test proved nothing) or ran far longer than needed."""
+    write_spin_model(tmp / "probe.onnx")
+    session = ort.InferenceSession(str(tmp / "probe.onnx"), providers=["CPUExecutionProvider"])
+    x, probe = np.zeros((1, 4), np.float32), 20_000
+    runs = []
+    for _ in range(5):
+        begin = time.perf_counter()
+        session.run(None, {"x": x, "spin": np.array([[probe]], np.int64)})
+        runs.append(time.perf_counter() - begin)
+    return int(LONG_BUSY_S * probe / max(min(runs), 1e-6))
 
 
 def spin_request(model: str, spin: int) -> service_pb2.ModelInferRequest:
@@ -102,14 +120,15 @@ async def short_primaries(server: Process, connections: int, each: int) -> list[
     return [s for latencies in per_connection for s in latencies]
 
 
-def test_shadow_copies_wait_for_every_workers_primaries_in_the_executor(served: Process) -> None:
+def test_shadow_copies_wait_for_every_workers_primaries_in_the_executor(served: Process, tmp_path: Path) -> None:
+    spins = long_spin(tmp_path)
     control = rgrpc.ReleaseServiceStub(grpc.insecure_channel(served.control))
     control.AddShadow(rpb.AddShadowRequest(model="spin", version="2", fraction=1.0), timeout=30)
 
     async def while_busy() -> tuple[list[float], bool, dict[str, float]]:
         async with grpc.aio.insecure_channel(served.address) as channel:
             infer = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            long_call = asyncio.ensure_future(infer.ModelInfer(spin_request("busy", LONG_SPIN), timeout=120))
+            long_call = asyncio.ensure_future(infer.ModelInfer(spin_request("busy", spins), timeout=120))
             await asyncio.sleep(0.5)  # the long primary is in the executor now
             latencies = await short_primaries(served, connections=8, each=3)
             # Past every copy's deadline (its primary's: 1 s), with the long primary still running.
