@@ -166,7 +166,7 @@ class DynamicBatcher:
         if not self._pass_open:
             self._pass_open = True
             loop.call_soon(self._end_pass)
-        self._holding.arrival(overlapping)
+        self._holding.arrival(overlapping, now)
         if not overlapping and self._holding.alone() and runs_inline(self.execution, self.model, batch):
             # Nothing queued or running, and no load that a hold would wait for: run now,
             # on the loop, without the queue's hop through the dispatcher (at c=1 that hop
@@ -437,6 +437,7 @@ class DynamicBatcher:
         self._slots.release()
 
     def _account(self, rows: int, compute_ns: int) -> None:
+        self._holding.ran(compute_ns / 1e9)
         self.stats.record_execution(rows, compute_ns)
         if self.metrics is not None:
             self.metrics.compute_seconds.observe(compute_ns / 1e9)

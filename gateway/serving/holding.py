@@ -29,7 +29,10 @@ throughput, a state that sustains itself (measured: half the runs of the c=64
 test started in it and stayed). So between the lone client and clear overlap,
 a dispatch still holds now and then as a probe, paced like the fruitless holds
 above; a probe that gains rows makes those rows overlapping arrivals, which
-lifts the average to where holding is the rule. A lone client never probes.
+lifts the average to where holding is the rule. A lone client never probes, and
+neither does a model that has been running only a small share of the time
+(MIN_BUSY): a sequence of requests (a load-test gate timing each version) must
+not wait a timer tick for company that is not coming.
 
 A hold lasts while rows keep coming: one timer tick at a time, ended by the
 first tick in which nothing arrived, by the batch reaching its target size,
@@ -50,6 +53,14 @@ MIN_OVERLAP = 1 / 16
 # Below this share a request may skip the queue and run at once (DynamicBatcher.submit):
 # well under MIN_OVERLAP, so a load that holds pay for never drifts onto that path.
 ALONE_OVERLAP = 1 / 256
+# Probes (holds below MIN_OVERLAP) only while the model ran at least this share of the
+# wall time between arrivals (an average over about the last 32): in the saturated state
+# they exist for, a 0.5 ms model at ~450 requests a second ran ~22 % of the time (and more
+# once batches grow); the load-test gate replaying requests one by one measured 10-16 % on
+# its versions, and a probe's 1 ms tick there was the stable version's p99 (the gate then
+# passed a candidate 30x slower: tests/integration/test_capture_gate.py).
+MIN_BUSY = 0.2
+BUSY_WEIGHT = 1 / 32
 
 
 def timer_tick_s(loop: asyncio.AbstractEventLoop) -> float:
@@ -65,7 +76,7 @@ def timer_tick_s(loop: asyncio.AbstractEventLoop) -> float:
 class HoldPolicy:
     """Whether the next dispatch with nothing running holds its batch open, learned from outcomes."""
 
-    __slots__ = ("_fruitless", "_overlap", "_pause", "_probing", "max_hold_s", "tick_s")
+    __slots__ = ("_busy", "_fruitless", "_last", "_overlap", "_pause", "_probing", "_ran_s", "max_hold_s", "tick_s")
 
     def __init__(self, max_hold_s: float, tick_s: float) -> None:
         # A hold shorter than one tick cannot be timed: round it up, so a configured
@@ -76,10 +87,22 @@ class HoldPolicy:
         self._fruitless = 0  # fruitless holds in a row
         self._overlap = 0.0  # recent share of arrivals that found others queued or running
         self._probing = False  # the hold under way was a probe (too little overlap to bet on)
+        self._busy = 0.0  # recent share of the time between arrivals the model spent running
+        self._ran_s = 0.0  # run time since the last arrival
+        self._last: float | None = None  # the last arrival's time
 
-    def arrival(self, overlapping: bool) -> None:
-        """A request arrived; `overlapping`: others were queued or running."""
+    def arrival(self, overlapping: bool, now: float) -> None:
+        """A request arrived at `now` (monotonic seconds); `overlapping`: others were queued or running."""
         self._overlap += ((1.0 if overlapping else 0.0) - self._overlap) * OVERLAP_WEIGHT
+        if self._last is not None and now > self._last:
+            share = min(1.0, self._ran_s / (now - self._last))
+            self._busy += (share - self._busy) * BUSY_WEIGHT
+        self._last = now
+        self._ran_s = 0.0
+
+    def ran(self, seconds: float) -> None:
+        """The model ran for `seconds` (a batch, or a request run at once)."""
+        self._ran_s += seconds
 
     def alone(self) -> bool:
         """Whether requests have recently come one at a time (nothing for a hold to gather)."""
@@ -88,10 +111,13 @@ class HoldPolicy:
     def should_hold(self) -> bool:
         if self.max_hold_s <= 0 or self.alone():
             return False
+        probing = self._overlap < MIN_OVERLAP
+        if probing and self._busy < MIN_BUSY:
+            return False  # not a saturated machine: nothing for a probe to find
         if self._pause > 0:
             self._pause -= 1
             return False
-        self._probing = self._overlap < MIN_OVERLAP
+        self._probing = probing
         return True
 
     def outcome(self, gained_rows: int) -> None:
