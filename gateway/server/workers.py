@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -115,6 +116,12 @@ def _worker_main(settings: GatewaySettings, index: int, events: Queue[tuple[str,
         await gateway.wait_stopped()
         return True
 
+    _run_or_exit(settings, run)
+
+
+def _run_or_exit(settings: GatewaySettings, run: Callable[[], Coroutine[Any, Any, bool]]) -> None:
+    """Run a child process's start-and-serve coroutine on its loop; exit WORKER_START_FAILED
+    when it could not start (it has told the supervisor why)."""
     if settings.loop == "uvloop":
         import uvloop
 
@@ -154,16 +161,7 @@ def _executor_main(settings: GatewaySettings, address: str, events: Queue[tuple[
             return False
         return True
 
-    if settings.loop == "uvloop":
-        import uvloop
-
-        started = uvloop.run(run())
-    else:
-        import asyncio
-
-        started = asyncio.run(run())
-    if not started:
-        sys.exit(WORKER_START_FAILED)
+    _run_or_exit(settings, run)
 
 
 def front_end(settings: GatewaySettings, address: str) -> GatewaySettings:

@@ -219,14 +219,21 @@ class Connection:
         if not self.channel.closed:
             self.channel.send(rec.encode_reply(request.slot, request.seq, rec.OK, 1))
 
-    def _statistics(self, request: rec.Request) -> None:
-        """A version's counters, as two int64 tensors in the request's slot (a rare call: no task)."""
+    def _served(self, request: rec.Request) -> Served | None:
+        """The version a record names, or None (a slot out of range is ignored, an unknown
+        version answered NOT_FOUND)."""
         if request.slot >= self.arena.slots:
             log.warning("a front end named slot %d of %d: ignored", request.slot, self.arena.slots)
-            return
+            return None
         served = self.server.catalog.get(request.version)
         if served is None:
             self._error(request, ModelNotFound(f"the executor has no version with id {request.version}"))
+        return served
+
+    def _statistics(self, request: rec.Request) -> None:
+        """A version's counters, as two int64 tensors in the request's slot (a rare call: no task)."""
+        served = self._served(request)
+        if served is None:
             return
         s = served.stats
         counters = np.array(
@@ -244,12 +251,8 @@ class Connection:
         self.channel.send(rec.encode_reply(request.slot, request.seq, rec.OK, 2))
 
     def _request(self, request: rec.Request) -> None:
-        if request.slot >= self.arena.slots:
-            log.warning("a front end named slot %d of %d: ignored", request.slot, self.arena.slots)
-            return
-        served = self.server.catalog.get(request.version)
+        served = self._served(request)
         if served is None:
-            self._error(request, ModelNotFound(f"the executor has no version with id {request.version}"))
             return
         try:
             arena = self.arena
