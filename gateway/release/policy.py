@@ -345,7 +345,12 @@ def run_checks(
         if step and name == PREDICTION_DRIFT:
             continue  # judged on the whole rollout's copies: a step keeps no base of the shift
 
-        alpha = check_alpha(spec, name, step)
+        # Every check but drift asks a one-sided question (at most, or at least, its bound), and
+        # a verdict errs only where the CS misses on one side: failing a candidate within its
+        # bound needs the end on the bound's far side to have crossed the truth, and passing
+        # one beyond it the other end. Each side may so spend the check's whole alpha: the
+        # two-sided CS at 2 alpha. Drift bounds a size, |shift|, whose CS may miss either way.
+        alpha = check_alpha(spec, name, step) * (1 if name == PREDICTION_DRIFT else 2)
         log_scale = False
         if name == ERROR_RATE:
             n = min(s.requests, c.requests)
@@ -370,13 +375,13 @@ def run_checks(
             bound = -spec.max_accuracy_drop
         elif name == ACCURACY_PAIRED:
             n = pair.labelled
-            interval = paired_difference_cs(n, pair.label_diff, pair.label_discordant, alpha, spec.min_samples)
+            interval = paired_difference_cs(n, pair.label_diff, pair.label_discordant, alpha)
             verdict = at_least(interval, -spec.max_accuracy_drop)
             value = pair.label_diff / n if n else math.nan
             bound = -spec.max_accuracy_drop
         elif name == PREDICTION_DRIFT:
             n = evidence.shift.rows
-            value, interval = evidence.shift.largest(alpha, spec.min_samples)
+            value, interval = evidence.shift.largest(alpha)
             verdict = at_most(interval, spec.max_drift)
             bound = spec.max_drift
         else:

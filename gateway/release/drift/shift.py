@@ -65,7 +65,7 @@ class ClassShift:
             shift._add(int(data["rows"]), np.asarray(data["diff"]), np.asarray(data["discordant"]))
         return shift
 
-    def largest(self, alpha: float, t_opt: int) -> tuple[float, Interval]:
+    def largest(self, alpha: float) -> tuple[float, Interval]:
         """max_k |d_k| and its confidence interval (alpha split across the K classes)."""
         if self.diff is None or self.discordant is None or not self.rows:
             return float("nan"), Interval(0.0, 1.0)
@@ -73,7 +73,7 @@ class ClassShift:
         value = float(np.abs(self.diff).max() / self.rows)
         low = high = 0.0
         for d, m in zip(self.diff.tolist(), self.discordant.tolist(), strict=True):
-            cs = paired_difference_cs(self.rows, d, m, alpha / k, t_opt)
+            cs = paired_difference_cs(self.rows, d, m, alpha / k)
             high = max(high, abs(cs.low), abs(cs.high))
             low = max(low, 0.0 if cs.low <= 0 <= cs.high else min(abs(cs.low), abs(cs.high)))
         return value, Interval(low, high)
