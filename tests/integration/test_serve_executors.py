@@ -2,7 +2,8 @@
 
 Answers must equal in-process onnxruntime on the same rows over 10,000 requests of
 mixed shapes and versions from several connections; the batcher's promises (queue
-bound, timeout_us, deadlines) hold through the real server; a kill -9 of the executor
+bound, timeout_us, deadlines, a request its client cancels never run) hold through
+the real server; a kill -9 of the executor
 answers UNAVAILABLE and serving resumes without restarting a front end; a kill -9 of
 a front end leaves the gateway serving and the executor unmaps its arena; SIGTERM
 drains the workers, then the executor. Nothing of ours is left in /dev/shm.
@@ -29,6 +30,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.protocol.pb import release_pb2 as rpb
 from gateway.protocol.pb import release_pb2_grpc as rgrpc
+from tests.integration.test_serve_executors_shadows import LONG_BUSY_S, long_spin, spin_request
+from tests.onnx_models import write_spin_model
 from tests.support import MODELS, Process, gateway_process
 
 START_TIMEOUT_S = 180.0
@@ -44,6 +47,16 @@ max_queue_size = 4
 instances = 1
 execution = "thread"
 """
+# One run at a time, and no waiting for company: a queued request stays queued while the
+# model runs a long spin (cancellation).
+SPIN_SPEC = """
+max_batch_size = 8
+
+[batching]
+enabled = true
+max_queue_delay_us = 0
+instances = 1
+"""
 TARGETS = [("digits", "1"), ("digits", "2"), ("digits", "3"), ("mlp", "1")]
 
 
@@ -55,6 +68,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "slow").mkdir()
     shutil.copytree(MODELS / "mlp" / "1", root / "slow" / "1")
     (root / "slow" / "model.toml").write_text(SLOW_SPEC)
+    write_spin_model(root / "spin" / "1" / "model.onnx")
+    (root / "spin" / "model.toml").write_text(SPIN_SPEC)
     return root
 
 
@@ -226,6 +241,41 @@ def test_queue_full_timeout_and_deadline_through_the_real_server(served: Process
             assert len((await infer.ModelInfer(small, timeout=60)).outputs) == 1
 
     asyncio.run(scenario())
+
+
+def executed_rows(server: Process, model: str) -> int:
+    """Rows the executor has run for `model` version 1: its batches, by size."""
+    statistics = stub(server, "stats").ModelStatistics(
+        service_pb2.ModelStatisticsRequest(name=model, version="1"), timeout=10
+    )
+    (stats,) = statistics.model_stats
+    return sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats)
+
+
+def test_a_request_cancelled_by_its_client_is_not_run_in_the_executor(served: Process, tmp_path: Path) -> None:
+    # A run of at least half a second on this machine now (measured: a fixed count ran 4 us
+    # an iteration quiet and 25 us loaded) keeps the model busy while B waits in the executor.
+    long = max(1, round(long_spin(tmp_path) * 0.5 / LONG_BUSY_S))
+    before = executed_rows(served, "spin")
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(served.address) as channel:
+            infer = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            busy = infer.ModelInfer(spin_request("spin", long), timeout=60)
+            await asyncio.sleep(0.05)
+            cancelled = infer.ModelInfer(spin_request("spin", 0), timeout=60)
+            await asyncio.sleep(0.1)  # B is queued in the executor (30 ms sufficed on a loaded host)
+            assert cancelled.cancel()  # the client gives up: the call ends with CANCELLED
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await asyncio.sleep(0.02)
+            kept = infer.ModelInfer(spin_request("spin", 0), timeout=60)
+            assert len((await busy).outputs) == 1 and len((await kept).outputs) == 1
+
+    asyncio.run(scenario())
+    # The front end told the executor, which dropped B before any batch took it: had it run
+    # (alone, or in one batch with C), three rows would have been.
+    assert executed_rows(served, "spin") - before == 2
 
 
 def test_kill_9_of_a_front_end_keeps_the_gateway_serving_and_frees_its_arena(served: Process) -> None:
