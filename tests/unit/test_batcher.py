@@ -244,6 +244,25 @@ def test_requests_arriving_together_are_batched_even_when_inline() -> None:
     asyncio.run(scenario())
 
 
+def test_one_caller_sending_requests_one_after_another_never_waits_for_company() -> None:
+    """The load-test gate times versions one request at a time from one task: each answer
+    comes inline, and the next request, sent in the same pass of the loop, is not company
+    (counted as such, a hold's timer tick became the candidate's p99 and the gate refused it)."""
+
+    async def scenario() -> None:
+        model = StandIn()
+        batcher = make(model, execution="inline", max_queue_delay_us=2000)
+        for n in range(200):
+            call = batcher.submit(rows(1, value=n), 1, None, None)
+            with pytest.raises(StopIteration) as finished:
+                call.send(None)  # runs at once: never queued, never held
+            np.testing.assert_array_equal(finished.value.value[0], np.full((1, 3), 2.0 * n, np.float32))
+        assert model.batches == [1] * 200
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_lone_request_that_fails_gets_its_error() -> None:
     async def scenario() -> None:
         for model, message in ((StandIn(fail=True), "model run failed: boom"), (StandIn(wrong_rows=True), "'y'")):
