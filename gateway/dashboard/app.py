@@ -4,13 +4,17 @@ Read-only: nothing here changes a release. Authentication is the control API's: 
 composition root hands in `identify` (the control API's token check, any role may read);
 None means the control API has no tokens, and then, as the control API, the dashboard is
 only served on loopback (the caller checks the bind). A token is given once through the
-login form and kept in an HttpOnly, SameSite=Strict cookie, or sent as `Authorization:
-Bearer`. Without either a page answers the login form and the JSON 401, with no data.
+login form, which answers with a session: a random id in an HttpOnly, SameSite=Strict
+cookie, never the token itself (a copied cookie or a browser profile gives away one
+session, which logout or SESSION_S ends, not a credential for the control API). Or the
+token is sent as `Authorization: Bearer`. Without either a page answers the login form and
+the JSON 401, with no data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -32,6 +36,10 @@ from gateway.errors import Unauthenticated
 Identify = Callable[[str], object]
 
 COOKIE = "gateway_dashboard"
+# How long a login lasts, and how many are kept (the oldest is dropped past it). Sessions
+# live in this process (the dashboard is served by one): a restart logs everyone out.
+SESSION_S = 12 * 3600.0
+MAX_SESSIONS = 1024
 # The login form's body is one token: anything larger is not one.
 MAX_LOGIN_BYTES = 4096
 # The pages load scripts and styles from /static only; no inline script, no framing.
@@ -61,19 +69,55 @@ def _json(content: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(content, status_code=status, headers=HEADERS)
 
 
+class Sessions:
+    """Logins of the dashboard: a random id for each, standing for the token it was given."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tokens: dict[str, tuple[str, float]] = {}  # id -> (token, expiry); oldest first
+
+    def start(self, token: str) -> str:
+        now = self._clock()
+        for sid in [sid for sid, (_, until) in self._tokens.items() if until <= now]:
+            del self._tokens[sid]
+        while len(self._tokens) >= MAX_SESSIONS:
+            del self._tokens[next(iter(self._tokens))]
+        sid = secrets.token_urlsafe(32)
+        self._tokens[sid] = (token, now + SESSION_S)
+        return sid
+
+    def token(self, sid: str) -> str | None:
+        """The token a live session stands for (checked again on every request, so a token
+        taken out of the gateway's configuration ends its sessions at the next restart)."""
+        found = self._tokens.get(sid)
+        if found is None:
+            return None
+        if found[1] <= self._clock():
+            del self._tokens[sid]
+            return None
+        return found[0]
+
+    def end(self, sid: str) -> None:
+        self._tokens.pop(sid, None)
+
+
 class Dashboard:
     def __init__(self, sources: Sources, history: History, identify: Identify | None, secure_cookie: bool) -> None:
         self.sources = sources
         self.history = history
         self.identify = identify
         self.secure_cookie = secure_cookie  # served over TLS: the cookie never travels in the clear
+        self.sessions = Sessions()
 
     def allowed(self, request: Request) -> bool:
         if self.identify is None:
             return True
         header = request.headers.get("authorization", "")
         if not header and (cookie := request.cookies.get(COOKIE)):
-            header = f"Bearer {cookie}"
+            token = self.sessions.token(cookie)
+            if token is None:
+                return False
+            header = f"Bearer {token}"
         try:
             self.identify(header)
         except Unauthenticated:
@@ -120,10 +164,21 @@ class Dashboard:
         except Unauthenticated:
             return _page("login.html", 401, "That token is not known to this gateway.")
         response = RedirectResponse(_local(request.query_params.get("next", "/")), 303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=self.secure_cookie, path="/")
+        session = self.sessions.start(token)
+        response.set_cookie(
+            COOKIE,
+            session,
+            max_age=int(SESSION_S),
+            httponly=True,
+            samesite="strict",
+            secure=self.secure_cookie,
+            path="/",
+        )
         return response
 
     async def logout(self, request: Request) -> Response:
+        if cookie := request.cookies.get(COOKIE):
+            self.sessions.end(cookie)
         response = RedirectResponse("/", 303)
         response.delete_cookie(COOKIE, path="/")
         return response

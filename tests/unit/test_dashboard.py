@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.control.auth import Authenticator, parse_tokens
-from gateway.dashboard.app import COOKIE, build_app
+from gateway.dashboard.app import COOKIE, MAX_SESSIONS, SESSION_S, Sessions, build_app
 from gateway.dashboard.data import History, Json, Sources, sample, version_json
 from gateway.release.evidence import VersionReport
 
@@ -149,11 +149,34 @@ def test_a_read_or_write_token_opens_the_pages_by_header_or_by_the_login_forms_c
     assert login.status_code == 303 and login.headers["location"] == "/models/digits"
     cookie = login.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
-    web.cookies.set(COOKIE, READ)
+    # The cookie holds a session, never the token.
+    session = login.cookies[COOKIE]
+    assert READ not in cookie and len(session) >= 40
+    web.cookies.set(COOKIE, session)
     page = web.get("/models/digits")
     assert page.status_code == 200 and "model.js" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert web.post("/logout").headers["set-cookie"].startswith(f'{COOKIE}="";')
+    # Logged out, the session is gone from the server too: a kept copy of the cookie is refused.
+    web.cookies.set(COOKIE, session)
+    assert web.get("/api/overview").status_code == 401
+    # And a token put in the cookie by hand is not a session.
+    web.cookies.set(COOKIE, READ)
+    assert web.get("/api/overview").status_code == 401
+
+
+def test_sessions_end_after_their_time_and_the_oldest_goes_past_the_cap() -> None:
+    now = [0.0]
+    sessions = Sessions(clock=lambda: now[0])
+    first = sessions.start(READ)
+    assert sessions.token(first) == READ and sessions.token("made-up") is None
+    now[0] = SESSION_S - 1
+    assert sessions.token(first) == READ
+    now[0] = SESSION_S
+    assert sessions.token(first) is None
+    kept = [sessions.start(WRITE) for _ in range(MAX_SESSIONS)]
+    newest = sessions.start(READ)
+    assert sessions.token(kept[0]) is None and sessions.token(kept[1]) == WRITE and sessions.token(newest) == READ
 
 
 @pytest.mark.parametrize("target", ["https://elsewhere.example/", "//elsewhere.example/", "/\\elsewhere", "models"])
