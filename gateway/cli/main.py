@@ -112,7 +112,11 @@ def main() -> None:
 )
 @click.option("--load", "load", multiple=True, help="Load only this model (repeatable). [default: every model]")
 @click.option("--max-message-bytes", type=int, help="Largest request/response accepted. [default: 64 MiB]")
-@click.option("--max-inflight", type=int, help="Calls in flight per process; more are refused at once. [default: 1024]")
+@click.option(
+    "--max-inflight",
+    type=int,
+    help="Inference calls in flight per process; more are refused at once (RESOURCE_EXHAUSTED). [default: 1024]",
+)
 @click.option("--max-streams", type=int, help="Open streams per process, apart from --max-inflight. [default: 256]")
 @click.option(
     "--stream-idle", "stream_idle_s", type=float, help="End a stream idle this many seconds; 0: never. [default: 300]"

@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 from gateway import SERVER_NAME, __version__
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, ModelNotFound, PermissionDenied
+from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, PermissionDenied
 from gateway.protocol import codec
 from gateway.protocol.capture import CaptureWriter
 from gateway.protocol.encoder import ResponseEncoder
@@ -90,6 +90,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         capture: CaptureWriter | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
         tracing: Tracing | None = None,
+        max_inflight: int = 1 << 30,
     ) -> None:
         self.dataplane = dataplane
         self.registry = registry
@@ -97,6 +98,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.limits = limits
         self.encoder = ResponseEncoder()
         self.tracing = tracing  # None: tracing off, and no call pays more than this one test
+        # ModelInfer calls in flight, and their cap (--max-inflight). Counted here, not left
+        # to gRPC's maximum_concurrent_rpcs: that one counts every call on the port, so at
+        # the cap it refused the health checks that liveness probes send (a busy process
+        # looked dead), and it also gave unary calls the places kept for streams.
+        self.max_inflight = max_inflight
+        self._inflight = 0
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -127,19 +134,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
         # Answered as bytes (see gateway.protocol.encoder); registered with no response serializer.
-        if self.tracing is not None:
-            return await self._traced_infer(self.tracing, request, context)
-        wire = codec.decode_infer(request, deadline_of(context), self.limits)
-        wire.headers = context.invocation_metadata  # read only if a routing rule asks (gateway.release.rules)
-        if self.capture is None:
-            return self.encoder.encode(await self.dataplane.infer(wire))
-        start = time.perf_counter()
-        answer = await self.dataplane.infer(wire)
-        response = self.encoder.encode(answer)
-        # The stable version's answers are the reference a replay compares with.
-        if answer.parameters.get("role") == "stable" and self.capture.wanted():
-            self.capture.record(request.SerializeToString(), response, time.perf_counter() - start)
-        return response
+        if self._inflight >= self.max_inflight:
+            raise Overloaded(
+                f"{self._inflight} inference calls in flight in this process, its limit (--max-inflight): "
+                "try again later, or on another replica"
+            )
+        self._inflight += 1
+        try:
+            if self.tracing is not None:
+                return await self._traced_infer(self.tracing, request, context)
+            wire = codec.decode_infer(request, deadline_of(context), self.limits)
+            wire.headers = context.invocation_metadata  # read only if a routing rule asks (gateway.release.rules)
+            if self.capture is None:
+                return self.encoder.encode(await self.dataplane.infer(wire))
+            start = time.perf_counter()
+            answer = await self.dataplane.infer(wire)
+            response = self.encoder.encode(answer)
+            # The stable version's answers are the reference a replay compares with.
+            if answer.parameters.get("role") == "stable" and self.capture.wanted():
+                self.capture.record(request.SerializeToString(), response, time.perf_counter() - start)
+            return response
+        finally:
+            self._inflight -= 1
 
     async def _traced_infer(self, tracing: Tracing, request: pb.ModelInferRequest, context: Context) -> bytes:
         """ModelInfer with its span (the sampler may drop it: then as untraced)."""

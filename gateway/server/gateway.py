@@ -90,6 +90,10 @@ KEEPALIVE_TIME_S = 60
 KEEPALIVE_TIMEOUT_S = 20
 # Calls still running when a connection reaches max_connection_age_s get this long to end.
 CONNECTION_AGE_GRACE_S = 60
+# Places on the inference port beyond every cap of ours: for health checks (Kubernetes'
+# probes call Health.Check here) and the other short unary calls, while ModelInfer is at
+# max_inflight. Calls refused at a cap hold one only for the moment of their refusal.
+HEALTH_RESERVE = 32
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -338,9 +342,11 @@ class Gateway:
         server = aio.server(
             migration_thread_pool=None,
             options=inference_options(s),
-            # Streams and health watchers have caps of their own (the guard's), so unary
-            # calls always keep max_inflight.
-            maximum_concurrent_rpcs=s.max_inflight + s.max_streams + s.max_watchers,
+            # The flood past every cap is refused by gRPC before any Python runs. Within it:
+            # ModelInfer keeps max_inflight (the servicer counts), streams and health watchers
+            # their own caps (the guard's), and HEALTH_RESERVE places are left for the health
+            # checks probes send and the other short calls, however busy inference is.
+            maximum_concurrent_rpcs=s.max_inflight + s.max_streams + s.max_watchers + HEALTH_RESERVE,
         )
         # Handlers are wrapped once here rather than by interceptors, which cost every call.
         # The guard sits inside the error mapping: it ends streams with its own status.
@@ -354,7 +360,10 @@ class Gateway:
             wrappers.append(RequestLog(REQUEST_LOG_EVERY))
         services = WrappedRegistration(server, wrappers)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(dataplane, registry, self.capture, WireLimits.from_settings(s), self.tracing), services
+            InferenceServicer(
+                dataplane, registry, self.capture, WireLimits.from_settings(s), self.tracing, s.max_inflight
+            ),
+            services,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -224,3 +225,40 @@ def test_a_connection_is_asked_to_reconnect_after_its_max_age() -> None:
                 time.sleep(0.05)
             # Calls go on over a fresh connection.
             assert stub.ModelInfer(digits_request(), timeout=10).model_name == "digits"
+
+
+def test_a_saturated_process_still_answers_health_checks_and_refuses_the_call_over_max_inflight(
+    tmp_path: Path,
+) -> None:
+    """Kubernetes' liveness and readiness probes call Health.Check on the inference port: a
+    process whose calls fill max_inflight, and whose streams and watchers fill theirs, must
+    still answer them (it is busy, not dead), and the call over the cap is refused at once,
+    naming the setting."""
+    caps = {"max_inflight": 4, "max_streams": 2, "max_watchers": 1}
+    with gateway_in_thread(spin_repo(tmp_path, 16), **caps) as running:
+
+        async def scenario() -> None:
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+                streams = await open_streams(stub, 2, request(0))
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+                busy = [stub.ModelInfer(request(HEAD_SPIN), timeout=60) for _ in range(4)]
+                await asyncio.sleep(0.5)  # all four in flight: one runs, three queue
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.ModelInfer(request(0), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-inflight" in (refused.value.details() or ""), refused.value.details()
+                for _ in range(3):
+                    answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                for call in busy:
+                    assert (await call).model_name == "spin"
+                # Freed, the places serve calls again.
+                assert (await stub.ModelInfer(request(0), timeout=10)).model_name == "spin"
+                watch.cancel()
+                for s in streams:
+                    s.close()
+
+        asyncio.run(scenario())
