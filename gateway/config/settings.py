@@ -214,6 +214,8 @@ class GatewaySettings:
     # Set by the supervisor for each front-end worker: where its executor listens (@NAME: an
     # abstract Unix socket). Empty: models run in this process.
     executor_address: str = ""
+    # Set with it: how many front ends share that executor (and so each model's one queue).
+    executor_front_ends: int = 0
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -449,11 +449,15 @@ class Gateway:
         # Rollout phases are shown by one process of a multi-worker gateway: the one whose
         # control API and controller change them (worker 0), so workers never disagree.
         shows_rollouts = self.settings.worker_index <= 0
+        # With an executor each model has one queue, there, for every front end: each reports
+        # its share of the capacity, so the workers' sum is the queue's size (as the depth's
+        # sum is what waits in it), not that times the number of front ends.
+        share = 1 / self.settings.executor_front_ends if self.settings.executor_front_ends > 1 else 1.0
         while True:
             loaded: dict[str, list[str]] = {}
             for v in registry:
                 self.metrics.set_queue_depth(v.name, v.version, v.executor.queue_depth())
-                self.metrics.set_queue_capacity(v.name, v.version, v.spec.batching.max_queue_size)
+                self.metrics.set_queue_capacity(v.name, v.version, v.spec.batching.max_queue_size * share)
                 loaded.setdefault(v.name, []).append(v.version)
             for model in releases.table.models():
                 self.release_metrics.sync(releases.report(model, local=True))

@@ -164,12 +164,13 @@ def _executor_main(settings: GatewaySettings, address: str, events: Queue[tuple[
     _run_or_exit(settings, run)
 
 
-def front_end(settings: GatewaySettings, address: str) -> GatewaySettings:
-    """A worker's settings when its models run in the executor at `address`."""
+def front_end(settings: GatewaySettings, address: str, front_ends: int) -> GatewaySettings:
+    """A worker's settings when its models run in the executor at `address`, with `front_ends` in all."""
     return dataclasses.replace(
         settings,
         executors="off",
         executor_address=address,
+        executor_front_ends=front_ends,
         provider="cpu",
         cuda_graphs=False,
         intra_op_threads=1,
@@ -227,8 +228,8 @@ class Supervisor:
         if self.executors:
             # Front ends keep a CPU session of each version for its signature (and a shadow's
             # direct run); the executor owns the device and the threads.
-            self.first_worker_settings = front_end(self.first_worker_settings, self.executor_address)
-            self.worker_settings = front_end(self.worker_settings, self.executor_address)
+            self.first_worker_settings = front_end(self.first_worker_settings, self.executor_address, count)
+            self.worker_settings = front_end(self.worker_settings, self.executor_address, count)
         self._executor_stopping = False
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Queue[tuple[str, int, str]] = self._ctx.Queue()

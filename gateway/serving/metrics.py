@@ -156,5 +156,5 @@ class GatewayMetrics:
     def set_queue_depth(self, model: str, version: str, depth: int) -> None:
         self.queue_depth.labels(model, version).set(depth)
 
-    def set_queue_capacity(self, model: str, version: str, capacity: int) -> None:
+    def set_queue_capacity(self, model: str, version: str, capacity: float) -> None:
         self.queue_capacity.labels(model, version).set(capacity)

@@ -243,6 +243,23 @@ def test_queue_full_timeout_and_deadline_through_the_real_server(served: Process
     asyncio.run(scenario())
 
 
+def test_the_queue_capacity_metric_is_the_one_queue_in_the_executor(served: Process) -> None:
+    """Both front ends report the slow model; its queue (max_queue_size 4) is the executor's
+    one: the supervisor's merged gauge says 4, not 4 a worker summed to 8, so an alert on
+    depth over capacity fires when that queue fills."""
+    url = f"http://127.0.0.1:{served.launched.metrics_port}/metrics"
+    pattern = re.compile(r'^gateway_queue_capacity\{model="slow",version="1"\} (\S+)$', re.M)
+
+    def capacity() -> float | None:
+        found = pattern.search(urllib.request.urlopen(url, timeout=10).read().decode())
+        return float(found.group(1)) if found else None
+
+    # Sampled by each worker every QUEUE_SAMPLE_S: both have reported once the sum is stable.
+    assert wait_until(lambda: capacity() is not None, 10)
+    time.sleep(1.5)
+    assert capacity() == 4.0
+
+
 def executed_rows(server: Process, model: str) -> int:
     """Rows the executor has run for `model` version 1: its batches, by size."""
     statistics = stub(server, "stats").ModelStatistics(

@@ -55,6 +55,7 @@ def test_auto_is_off_on_a_cpu_host_and_one_starts_front_ends_on_every_core() -> 
     assert worker_count(one) >= 1
     assert worker_count(GatewaySettings(provider="cpu", executors=1, workers=3)) == 3
     # A worker of such a gateway runs its models through the executor and starts none itself.
-    worker = front_end(one, "@gateway-1-exec0")
+    worker = front_end(one, "@gateway-1-exec0", 3)
     assert executor_count(worker) == 0
     assert (worker.executor_address, worker.provider, worker.intra_op_threads) == ("@gateway-1-exec0", "cpu", 1)
+    assert worker.executor_front_ends == 3  # its share of each model's one queue (the capacity metric)
