@@ -226,6 +226,7 @@ class GatewaySettings:
                 raise ConfigError(f"{name}: {value} is not a valid port")
         check_choice("log_level", self.log_level.upper(), LogLevel)
         check_number("workers", self.workers, 0, MAX_WORKERS)
+        check_number("executor_front_ends", self.executor_front_ends, 0, MAX_WORKERS)
         # gRPC keeps message sizes and the concurrent-call cap in C ints.
         check_number("max_message_bytes", self.max_message_bytes, 1024, INT32_MAX)
         check_number("max_inflight", self.max_inflight, 1, INT32_MAX)
