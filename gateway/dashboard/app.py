@@ -87,8 +87,8 @@ class Sessions:
         return sid
 
     def token(self, sid: str) -> str | None:
-        """The token a live session stands for (checked again on every request, so a token
-        taken out of the gateway's configuration ends its sessions at the next restart)."""
+        """The token a live session stands for; the caller checks it again on every request,
+        so a session is never worth more than its token."""
         found = self._tokens.get(sid)
         if found is None:
             return None

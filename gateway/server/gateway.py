@@ -452,7 +452,7 @@ class Gateway:
         # With an executor each model has one queue, there, for every front end: each reports
         # its share of the capacity, so the workers' sum is the queue's size (as the depth's
         # sum is what waits in it), not that times the number of front ends.
-        share = 1 / self.settings.executor_front_ends if self.settings.executor_front_ends > 1 else 1.0
+        share = 1 / max(1, self.settings.executor_front_ends)
         while True:
             loaded: dict[str, list[str]] = {}
             for v in registry:

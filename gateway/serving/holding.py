@@ -29,10 +29,10 @@ throughput, a state that sustains itself (measured: half the runs of the c=64
 test started in it and stayed). So between the lone client and clear overlap,
 a dispatch still holds now and then as a probe, paced like the fruitless holds
 above; a probe that gains rows makes those rows overlapping arrivals, which
-lifts the average to where holding is the rule. A lone client never probes, and
-neither does a model that has been running only a small share of the time
-(MIN_BUSY): a sequence of requests (a load-test gate timing each version) must
-not wait a timer tick for company that is not coming.
+lifts the average to where holding is the rule. A lone client never probes (one
+caller's requests sent one after another are never company: DynamicBatcher.submit
+counts only other tasks' arrivals), and neither does a model that has been running
+only a small share of the time (MIN_BUSY): there is no saturation for a probe to find.
 
 A hold lasts while rows keep coming: one timer tick at a time, ended by the
 first tick in which nothing arrived, by the batch reaching its target size,
@@ -56,9 +56,10 @@ ALONE_OVERLAP = 1 / 256
 # Probes (holds below MIN_OVERLAP) only while the model ran at least this share of the
 # wall time between arrivals (an average over about the last 32): in the saturated state
 # they exist for, a 0.5 ms model at ~450 requests a second ran ~22 % of the time (and more
-# once batches grow); the load-test gate replaying requests one by one measured 10-16 % on
-# its versions, and a probe's 1 ms tick there was the stable version's p99 (the gate then
-# passed a candidate 30x slower: tests/integration/test_capture_gate.py).
+# once batches grow). Added when the load-test gate's one-by-one replay (10-16 % busy) got
+# probes whose 1 ms ticks became its p99; the cause there was deeper (the gate's next
+# request counted as company, fixed in DynamicBatcher.submit), and this stays as the
+# guard that a model seldom running is never held for a probe.
 MIN_BUSY = 0.2
 BUSY_WEIGHT = 1 / 32
 
